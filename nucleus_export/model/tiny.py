@@ -1,0 +1,123 @@
+"""The embedded tiny model: the real architecture at a toy size, written once in the real checkpoint layout.
+
+`--model tiny` resolves to a cached folder holding config.json, sharded safetensors and the index json, made by
+diffusers' own `save_pretrained`, so every command runs through the same loading code as the 17B checkpoint.
+Weights are drawn from a seeded numpy generator per tensor name, so the checkpoint is identical on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nucleus_export.model.config import ModelConfig
+
+TINY_SPEC = "tiny"
+
+# GQA (4 query heads on 2 K/V heads), three dense blocks then two MoE blocks with different capacity factors,
+# eight experts; the same in/out channel layout and patch size as the real model.
+TINY_CONFIG: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 5,
+    "attention_head_dim": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "joint_attention_dim": 64,
+    "axes_dims_rope": [8, 12, 12],
+    "mlp_ratio": 4.0,
+    "moe_enabled": True,
+    "dense_moe_strategy": "leave_first_three_blocks_dense",
+    "num_experts": 8,
+    "moe_intermediate_dim": 64,
+    "capacity_factors": [0.0, 0.0, 0.0, 4.0, 2.0],
+    "use_sigmoid": False,
+    "route_scale": 2.5,
+}
+
+TINY_SEED = 0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NUCLEUS_EXPORT_CACHE", Path.home() / ".cache" / "nucleus-export"))
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Deterministic init that keeps activations O(1) through the blocks and gives the router distinct scores."""
+    rng = np.random.default_rng(_tensor_seed(seed, name))
+    if name.endswith("norm.weight") or ".norm_" in name or name.startswith("txt_norm"):
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name.endswith("bias"):
+        return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    if name.endswith("gate_up_proj") or name.endswith("down_proj"):
+        fan_in = shape[1]
+    elif name.endswith("img_mlp.gate.weight"):
+        # Router logits of a few units: softmax scores well apart, so top-C choices are not decided by rounding.
+        return (4.0 / np.sqrt(shape[1]) * rng.standard_normal(shape)).astype(np.float32)
+    else:
+        fan_in = shape[-1]
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+
+def write_checkpoint(
+    out_dir: Path,
+    config: dict[str, Any] | None = None,
+    seed: int = TINY_SEED,
+    max_shard_size: str = "2MB",
+    dtype: str = "float32",
+) -> Path:
+    """Write a random checkpoint of the real architecture in diffusers' layout (config, shards, index).
+
+    Args:
+        out_dir: destination folder; written through a temporary sibling and renamed into place.
+        config: architecture overrides on top of TINY_CONFIG.
+        seed: weight seed.
+        max_shard_size: diffusers' shard size limit; small by default so the tiny model has several shards.
+        dtype: "float32" or "bfloat16" weights.
+
+    Returns:
+        out_dir.
+    """
+    import torch
+    from diffusers import NucleusMoEImageTransformer2DModel
+
+    model_config = ModelConfig.from_dict({**TINY_CONFIG, **(config or {})})
+    with torch.device("meta"):
+        meta = NucleusMoEImageTransformer2DModel.from_config(model_config.to_dict())
+    model = NucleusMoEImageTransformer2DModel.from_config(model_config.to_dict())
+    state = {
+        name: torch.from_numpy(random_weight(name, tuple(p.shape), seed)) for name, p in meta.state_dict().items()
+    }
+    model.load_state_dict(state, strict=True)
+    model = model.to(getattr(torch, dtype))
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny_checkpoint() -> Path:
+    """The cached tiny checkpoint, written on first use."""
+    key = ModelConfig.from_dict(TINY_CONFIG).config_hash()
+    path = cache_root() / f"tiny-{key}-seed{TINY_SEED}"
+    if not (path / "config.json").is_file():
+        write_checkpoint(path)
+    return path

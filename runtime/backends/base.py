@@ -1,0 +1,60 @@
+"""The interface every inference backend implements.
+
+The pipeline never touches backend objects directly: it asks the backend for text K/V once per (prompt, mask, grid)
+and keeps the returned handle in the cache; each denoising step passes that handle back. A handle may live in
+device memory (TensorRT binds it as the denoiser's `text_kv` input once, no per-step copy) or be a numpy array
+(ONNX Runtime). Handles report their size so the cache can bound itself in bytes.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+
+class TextKVHandle(abc.ABC):
+    """Opaque text K/V as produced by `Backend.compute_text_kv`; consumed only by the same backend."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, ...]: ...
+
+    def to_numpy(self) -> np.ndarray:
+        """Host copy, for tests and debugging."""
+        raise NotImplementedError
+
+
+class Backend(abc.ABC):
+    """Runs the two graphs of a bundle (contract in ../shared/DESIGN.md and README "Artifact contract")."""
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    def compute_text_kv(
+        self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
+    ) -> TextKVHandle:
+        """encoder_hidden_states [B,T,D] float32, rope tables [T, head_dim/2] -> text_kv [L,2,B,T,Hkv,Dh]."""
+
+    @abc.abstractmethod
+    def denoise(
+        self,
+        hidden_states: np.ndarray,
+        timestep: np.ndarray,
+        img_rope_cos: np.ndarray,
+        img_rope_sin: np.ndarray,
+        text_kv: TextKVHandle,
+        encoder_hidden_states_mask: np.ndarray,
+    ) -> np.ndarray:
+        """One transformer forward: hidden_states [B,S,C_in], timestep [B] (t/1000) -> sample [B,S,C_out]."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory and sessions."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name}
