@@ -1,0 +1,156 @@
+"""Which TensorRT flavour builds the engines: full TensorRT (`tensorrt`, datacenter GPUs) or TensorRT-RTX
+(`tensorrt_rtx`, RTX/edge GPUs). Both expose the same Python builder API, so the rest of the build takes the module
+as a value (`Backend.trt`) and has one code path.
+
+Modules are imported lazily: the package imports without either, and the error names the extra to install.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+
+from nucleus_export.errors import NucleusExportError, UsageError
+
+logger = logging.getLogger("nucleus_export")
+
+TENSORRT = "tensorrt"
+TENSORRT_RTX = "tensorrt-rtx"
+AUTO = "auto"
+BACKEND_CHOICES = (AUTO, TENSORRT, TENSORRT_RTX)
+
+# Python module and pip extra (pyproject [project.optional-dependencies]) of each backend.
+_MODULES = {TENSORRT: "tensorrt", TENSORRT_RTX: "tensorrt_rtx"}
+_EXTRAS = {TENSORRT: "trt", TENSORRT_RTX: "rtx"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A resolved backend: its name, the imported module and facts the build depends on.
+
+    Attributes:
+        name: "tensorrt" or "tensorrt-rtx".
+        trt: the imported module (`tensorrt` or `tensorrt_rtx`); same builder API.
+        version: the module's version string.
+        needs_gpu: full TensorRT builds by timing kernels on the GPU; TensorRT-RTX compiles ahead of time on the CPU.
+        always_strongly_typed: TensorRT-RTX networks are strongly typed whatever the flags.
+        uses_timing_cache: TensorRT-RTX >= 1.2 turns timing-cache calls into no-ops (its AOT build does no timing).
+    """
+
+    name: str
+    trt: ModuleType
+    version: str
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.name == TENSORRT
+
+    @property
+    def always_strongly_typed(self) -> bool:
+        return self.name == TENSORRT_RTX
+
+    @property
+    def uses_timing_cache(self) -> bool:
+        return self.name == TENSORRT
+
+    @property
+    def extra(self) -> str:
+        return _EXTRAS[self.name]
+
+
+def install_hint(name: str) -> str:
+    return f"pip install 'nucleus-export[{_EXTRAS[name]}]'"
+
+
+def _import(name: str) -> ModuleType | None:
+    """Import a backend's module, or None when it is not installed (any ImportError: a broken install counts)."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        logger.debug("cannot import %s: %s", _MODULES[name], exc)
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports, 0 without a driver or GPU.
+
+    Asks the driver API directly (libcuda's cuInit/cuDeviceGetCount) so the check needs neither torch.cuda nor
+    cuda-python and never creates a context on the device. CUDA_VISIBLE_DEVICES is honoured by the driver itself.
+    """
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0
+    try:
+        if lib.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int(0)
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    except AttributeError:
+        return 0
+
+
+def _gpu_visible() -> bool:
+    # NUCLEUS_EXPORT_ASSUME_NO_GPU lets tests exercise the "no GPU" path on a machine that has one.
+    if os.environ.get("NUCLEUS_EXPORT_ASSUME_NO_GPU"):
+        return False
+    return cuda_device_count() > 0
+
+
+def resolve_backend(choice: str = AUTO) -> Backend:
+    """Pick and import the backend for `--backend`.
+
+    auto: full TensorRT when it is installed and a GPU is visible (it needs one to build), else TensorRT-RTX (builds
+    on the CPU), else an error naming both extras.
+
+    Raises:
+        UsageError: unknown choice.
+        NucleusExportError: the chosen module is missing, or full TensorRT was chosen without a GPU.
+    """
+    if choice not in BACKEND_CHOICES:
+        raise UsageError(f"unknown backend '{choice}'.", f"use one of {', '.join(BACKEND_CHOICES)}.")
+    if choice == AUTO:
+        if _gpu_visible():
+            module = _import(TENSORRT)
+            if module is not None:
+                return Backend(TENSORRT, module, module.__version__)
+        module = _import(TENSORRT_RTX)
+        if module is not None:
+            return Backend(TENSORRT_RTX, module, module.__version__)
+        if _import(TENSORRT) is not None:
+            raise NucleusExportError(
+                "TensorRT is installed but no CUDA GPU is visible, and full TensorRT needs one to build engines; "
+                "TensorRT-RTX (which builds on the CPU) is not installed.",
+                f"run on a machine with an NVIDIA GPU, or {install_hint(TENSORRT_RTX)} to build RTX engines on the CPU.",
+            )
+        raise NucleusExportError(
+            "no TensorRT is installed: building engines needs TensorRT (datacenter GPUs) or TensorRT-RTX (RTX GPUs).",
+            f"{install_hint(TENSORRT_RTX)} (builds on the CPU) or {install_hint(TENSORRT)} (needs a GPU), "
+            "or use `nucleus-export export` for ONNX only.",
+        )
+    module = _import(choice)
+    if module is None:
+        raise NucleusExportError(
+            f"--backend {choice} was requested but the `{_MODULES[choice]}` module is not installed.",
+            f"{install_hint(choice)}, or pick another --backend.",
+        )
+    backend = Backend(choice, module, module.__version__)
+    if backend.needs_gpu and not _gpu_visible():
+        raise NucleusExportError(
+            "--backend tensorrt needs a CUDA GPU to build (full TensorRT times kernels on the device), and none is "
+            "visible (no driver, no device, or CUDA_VISIBLE_DEVICES hides it).",
+            f"run on a GPU machine, or use --backend tensorrt-rtx ({install_hint(TENSORRT_RTX)}), which builds on the CPU.",
+        )
+    return backend

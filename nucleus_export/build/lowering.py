@@ -1,0 +1,256 @@
+"""Graph rewrites applied to an exported bundle graph before TensorRT parses it (pure functions on onnx.ModelProto).
+
+- `lower_moe_native`: replaces the `nucleus` custom nodes (ExpertChoiceRouter, MoECombine) by an exact subgraph of
+  layers every TensorRT parser supports, and removes their function bodies.
+- `prepare_for_plugins`: keeps the custom nodes for the plugin library and removes their function bodies, so a node
+  can only become a plugin layer (a missing plugin fails the parse instead of silently inlining the slow reference).
+- `emulate_bf16_in_fp32`: turns a bfloat16 graph into a float32 graph that rounds every former bf16 tensor to
+  bf16, so ONNX Runtime on the CPU (which has no bf16 MatMul) can estimate bf16 quality.
+
+Why the lowering looks the way it does (facts checked with TensorRT-RTX 1.7.1 on the CPU, see README-facts.md):
+- ScatterElements / ScatterND with reduction="add" are rejected by the parser ("Unsupported reduction type"), so the
+  reference bodies (scatter-add) cannot be used. ScatterElements *without* reduction builds; it is exact whenever the
+  indices it writes are distinct, which holds within one (batch row, expert): top-C returns C distinct tokens.
+- OneHot needs a build-time depth; `Equal(Unsqueeze(idx, -1), Range(0, S))` builds with a dynamic S.
+- TopK accepts a K computed in the graph from the dynamic S with integer Shape/Mul/Add/Div/Max ops.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+NUCLEUS_DOMAIN = "nucleus"
+ROUTER_OP = "ExpertChoiceRouter"
+COMBINE_OP = "MoECombine"
+MOE_OPS = (ROUTER_OP, COMBINE_OP)
+
+# The contract's epsilon in the per-token normalization (docs/contract.md, ExpertChoiceRouter.gating).
+GATING_EPS = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringReport:
+    """What a rewrite did: how many custom nodes of each op it replaced or kept."""
+
+    mode: str
+    nodes: dict[str, int]
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def count_moe_nodes(model: onnx.ModelProto) -> dict[str, int]:
+    """Number of nucleus custom nodes per op type in the main graph."""
+    counts = {op: 0 for op in MOE_OPS}
+    for node in model.graph.node:
+        if node.domain == NUCLEUS_DOMAIN and node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts
+
+
+class _Emitter:
+    """Creates uniquely named nodes and constants for one replaced node."""
+
+    def __init__(self, prefix: str, taken: set[str]):
+        self.prefix = prefix
+        self.taken = taken
+        self.nodes: list[onnx.NodeProto] = []
+
+    def name(self, hint: str) -> str:
+        base = f"{self.prefix}/{hint}"
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, hint: str | None = None, **attrs) -> list[str]:
+        outs = [self.name(f"{hint or op_type}_out{i}") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(hint or op_type), **attrs))
+        return outs
+
+    def one(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        return self.op(op_type, inputs, 1, hint, **attrs)[0]
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        # Constant nodes rather than initializers: the rewrite stays local to the node list.
+        out = self.name(hint)
+        self.nodes.append(
+            helper.make_node("Constant", [], [out], name=self.name(hint + "_node"), value=numpy_helper.from_array(value))
+        )
+        return out
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _router_nodes(node: onnx.NodeProto, em: _Emitter) -> None:
+    a = _attrs(node)
+    num = int(a["capacity_numerator"])
+    den = int(a["capacity_denominator"])
+    score_function = a.get("score_function", b"softmax")
+    score_function = score_function.decode() if isinstance(score_function, bytes) else str(score_function)
+    route_scale = float(a.get("route_scale", 1.0))
+    if num <= 0 or den <= 0:
+        raise ValueError(f"{node.name}: capacity_numerator/denominator must be positive, got {num}/{den}")
+    if score_function not in ("softmax", "sigmoid"):
+        raise ValueError(f"{node.name}: unknown score_function {score_function!r}")
+    logits = node.input[0]
+    token_indices, gating = node.output[0], node.output[1]
+
+    # Scores in float32 whatever the logits' dtype: the router stays high precision (DESIGN.md, Precision).
+    x = em.one("Cast", [logits], "logits_f32", to=TensorProto.FLOAT)
+    scores = em.one("Softmax", [x], "scores", axis=-1) if score_function == "softmax" else em.one("Sigmoid", [x], "scores")
+    scores_t = em.one("Transpose", [scores], "scores_t", perm=[0, 2, 1])  # [B, E, S]
+
+    # C = max(1, ceil(num * S / (den * E))) = max(1, (num * S + den * E - 1) // (den * E)), all int64 [1].
+    shape = em.one("Shape", [logits], "logits_shape")
+    s = em.one("Gather", [shape, em.const(_i64(1), "axis_s")], "S", axis=0)
+    e = em.one("Gather", [shape, em.const(_i64(2), "axis_e")], "E", axis=0)
+    den_e = em.one("Mul", [e, em.const(_i64(den), "den")], "den_E")
+    num_s = em.one("Mul", [s, em.const(_i64(num), "num")], "num_S")
+    ceil_num = em.one("Sub", [em.one("Add", [num_s, den_e], "num_S_plus_den_E"), em.const(_i64(1), "one")], "ceil_num")
+    c = em.one("Max", [em.one("Div", [ceil_num, den_e], "ceil_div"), em.const(_i64(1), "min_c")], "C")
+
+    values, indices = em.op("TopK", [scores_t, c], 2, "topk", axis=-1, largest=1, sorted=1)  # [B, E, C] each
+    em.nodes.append(helper.make_node("Identity", [indices], [token_indices], name=em.name("token_indices")))
+
+    # Per-token sum of the scores of the (expert, slot) pairs that chose the token. A mask [B, E, S] written with
+    # ScatterElements (no reduction: the C tokens of one expert are distinct, so no write collides) selects them.
+    zeros = em.one("ConstantOfShape", [em.one("Shape", [scores_t], "scores_t_shape")], "zeros",
+                   value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    ones = em.one("ConstantOfShape", [em.one("Shape", [values], "values_shape")], "ones",
+                  value=numpy_helper.from_array(np.ones(1, np.float32)))
+    mask = em.one("ScatterElements", [zeros, indices, ones], "chosen_mask", axis=2)
+    chosen = em.one("Mul", [scores_t, mask], "chosen_scores")
+    denom = em.one("ReduceSum", [chosen, em.const(_i64(1), "reduce_e")], "token_denominator", keepdims=0)  # [B, S]
+    # Back to [B, E, C]: an exact gather of each chosen token's denominator.
+    flat_idx = em.one("Reshape", [indices, em.const(_i64(0, -1), "flat_shape")], "flat_indices")  # [B, E*C]
+    denom_at = em.one("GatherElements", [denom, flat_idx], "denominator_at", axis=1)
+    denom_at = em.one("Reshape", [denom_at, em.one("Shape", [indices], "indices_shape")], "denominator_bec")
+    denom_eps = em.one("Add", [denom_at, em.const(np.array(GATING_EPS, np.float32), "eps")], "denominator_eps")
+    normalized = em.one("Div", [values, denom_eps], "normalized")
+    em.nodes.append(
+        helper.make_node("Mul", [normalized, em.const(np.array(route_scale, np.float32), "route_scale")], [gating],
+                         name=em.name("gating"))
+    )
+
+
+def _combine_nodes(node: onnx.NodeProto, em: _Emitter) -> None:
+    shared, expert_output, token_indices, gating = node.input[:4]
+    output = node.output[0]
+    # weighted[e, b, c] = cast_to_compute(float32(expert_output[e, b, c]) * gating[b, e, c]) as in the contract.
+    gating_ebc = em.one("Transpose", [gating], "gating_ebc", perm=[1, 0, 2])
+    gating_ebc1 = em.one("Unsqueeze", [gating_ebc, em.const(_i64(-1), "last_axis")], "gating_ebc1")
+    expert_f32 = em.one("Cast", [expert_output], "expert_f32", to=TensorProto.FLOAT)
+    weighted = em.one("CastLike", [em.one("Mul", [expert_f32, gating_ebc1], "weighted_f32"), shared], "weighted")
+    # [E, B, C, H] -> [B, E*C, H]
+    weighted_b = em.one("Transpose", [weighted], "weighted_becH", perm=[1, 0, 2, 3])
+    shared_shape = em.one("Shape", [shared], "shared_shape")
+    b_dim = em.one("Slice", [shared_shape, em.const(_i64(0), "s0"), em.const(_i64(1), "s1")], "B")
+    h_dim = em.one("Slice", [shared_shape, em.const(_i64(2), "s2"), em.const(_i64(3), "s3")], "H")
+    s_dim = em.one("Squeeze", [em.one("Slice", [shared_shape, em.const(_i64(1), "t1"), em.const(_i64(2), "t2")], "S1")], "S")
+    flat_shape = em.one("Concat", [b_dim, em.const(_i64(-1), "minus_one"), h_dim], "flat_shape", axis=0)
+    weighted_flat = em.one("Reshape", [weighted_b, flat_shape], "weighted_flat")
+    # one_hot[b, s, k] = (token_indices[b].flat[k] == s), built with a dynamic S (OneHot needs a constant depth).
+    flat_idx = em.one("Reshape", [token_indices, em.const(_i64(0, -1), "idx_flat_shape")], "idx_flat")  # [B, E*C]
+    idx_b1k = em.one("Unsqueeze", [flat_idx, em.const(_i64(1), "axis1")], "idx_b1k")
+    positions = em.one("Range", [em.const(np.array(0, np.int64), "r0"), s_dim, em.const(np.array(1, np.int64), "r1")], "positions")
+    positions_s1 = em.one("Unsqueeze", [positions, em.const(_i64(-1), "axis_last")], "positions_s1")
+    hit = em.one("Equal", [positions_s1, idx_b1k], "one_hot_bool")  # [B, S, E*C]
+    one_hot = em.one("CastLike", [hit, shared], "one_hot")
+    # Exact in any dtype: each product is x * 1 or x * 0; the sum runs in the GEMM accumulator.
+    combined = em.one("MatMul", [one_hot, weighted_flat], "combined")
+    em.nodes.append(helper.make_node("Add", [shared, combined], [output], name=em.name("output")))
+
+
+def _rewrite(model: onnx.ModelProto, replace: dict[str, object]) -> onnx.ModelProto:
+    out = copy.deepcopy(model)
+    graph = out.graph
+    taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+    taken |= {i.name for i in graph.input} | {o.name for o in graph.output}
+    new_nodes: list[onnx.NodeProto] = []
+    for i, node in enumerate(graph.node):
+        fn = replace.get(node.op_type) if node.domain == NUCLEUS_DOMAIN else None
+        if fn is None:
+            new_nodes.append(node)
+            continue
+        em = _Emitter(node.name or f"{node.op_type}_{i}", taken)
+        fn(node, em)
+        new_nodes.extend(em.nodes)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return out
+
+
+def _drop_functions(model: onnx.ModelProto, ops: Iterable[str]) -> None:
+    ops = set(ops)
+    keep = [f for f in model.functions if not (f.domain == NUCLEUS_DOMAIN and f.name in ops)]
+    del model.functions[:]
+    model.functions.extend(keep)
+    used = {n.domain for n in model.graph.node} | {n.domain for f in model.functions for n in f.node}
+    if NUCLEUS_DOMAIN not in used:
+        keep_ops = [o for o in model.opset_import if o.domain != NUCLEUS_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(keep_ops)
+
+
+def lower_moe_native(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every nucleus.ExpertChoiceRouter / nucleus.MoECombine node with native ONNX ops TensorRT builds.
+
+    Exact with respect to docs/contract.md: token indices are equal (same TopK), gating and the combined output are
+    equal up to float summation order (the per-token sums and the combine add the same terms in another order).
+
+    Args:
+        model: a bundle graph as exported ("functions" lowering); not modified.
+
+    Returns:
+        A new model without nucleus nodes or functions.
+    """
+    lowered = _rewrite(model, {ROUTER_OP: _router_nodes, COMBINE_OP: _combine_nodes})
+    _drop_functions(lowered, MOE_OPS)
+    left = [n.op_type for n in lowered.graph.node if n.domain == NUCLEUS_DOMAIN]
+    if left:
+        raise ValueError(f"nucleus ops without a native lowering: {sorted(set(left))}")
+    return lowered
+
+
+def prepare_for_plugins(model: onnx.ModelProto, plugin_namespace: str = "", plugin_version: str = "1") -> onnx.ModelProto:
+    """Keep the nucleus custom nodes so TensorRT's ONNX parser turns each into a plugin layer.
+
+    The parser inlines a model-local function whenever one exists, unless OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE is
+    set *and* a creator of that name is registered; with a library that lacks an op it would silently inline the
+    reference body (which then fails on its scatter-add). Dropping the bodies leaves the parser one route: its
+    fallback plugin importer, which looks the creator up by op_type, the node's `plugin_version` attribute (default
+    "1") and `plugin_namespace` attribute (default ""), and passes the other attributes as plugin fields. A missing
+    plugin then fails the parse with "Plugin not found" at the node, which the builder reports by op name.
+
+    Args:
+        model: a bundle graph as exported; not modified.
+        plugin_namespace: namespace the plugin creators are registered under.
+        plugin_version: creator version.
+
+    Returns:
+        A new model whose nucleus nodes carry plugin_version/plugin_namespace and no function bodies.
+    """
+    out = copy.deepcopy(model)
+    for node in out.graph.node:
+        if node.domain == NUCLEUS_DOMAIN and node.op_type in MOE_OPS:
+            names = {a.name for a in node.attribute}
+            if "plugin_version" not in names:
+                node.attribute.append(helper.make_attribute("plugin_version", plugin_version))
+            if "plugin_namespace" not in names:
+                node.attribute.append(helper.make_attribute("plugin_namespace", plugin_namespace))
+    keep = [f for f in out.functions if not (f.domain == NUCLEUS_DOMAIN and f.name in MOE_OPS)]
+    del out.functions[:]
+    out.functions.extend(keep)
+    return out
