@@ -154,6 +154,7 @@ def write_json_atomic(path: Path, payload: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(payload)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

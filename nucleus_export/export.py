@@ -1,0 +1,280 @@
+"""`export`: checkpoint -> bundle (text_kv.onnx, denoiser.onnx, scheduler_config.json, manifest.json).
+
+The graphs are built directly from the checkpoint's tensors (nucleus_export.graph), streamed one at a time, and
+written into a temporary folder that is renamed into place only once everything, the ONNX checker included, passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from rich.progress import Progress
+
+from nucleus_export import __version__
+from nucleus_export.errors import NucleusExportError, UsageError
+from nucleus_export.graph.builder import ONNX_TYPE_NAMES, ExternalDataWriter, GraphBuilder
+from nucleus_export.graph.denoiser import DenoiserBuilder
+from nucleus_export.graph.layers import LayerEmitter
+from nucleus_export.graph.precision import GraphPrecision
+from nucleus_export.graph.text_kv import build_text_kv
+from nucleus_export.log import console
+from nucleus_export.model.checkpoint import Checkpoint
+from nucleus_export.resolutions import aspect_resolutions, patch_grid
+from nucleus_runtime import rope
+from nucleus_runtime.bundle import (
+    DENOISER,
+    MANIFEST_NAME,
+    SCHEDULER_CONFIG_NAME,
+    TEXT_KV,
+    Manifest,
+    Profiles,
+    TensorSpec,
+    file_record,
+    write_json_atomic,
+)
+
+logger = logging.getLogger("nucleus_export")
+
+# Protobuf refuses messages over 2 GiB; stay clear of it with the graph's own bytes on top of the weights.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+DEFAULT_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "time_shift_type": "exponential",
+    "stochastic_sampling": False,
+}
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    """What to export.
+
+    Attributes:
+        precision: GEMM compute dtype and optional FP8 scales.
+        resolutions: (height, width) pixel sizes the graphs must serve; default: seven aspect ratios at 1024.
+        opt_resolution: the size engines are tuned for (default 1024x1024 if served, else the first).
+        max_batch: largest batch (2 = prompt and negative prompt as one batch).
+        max_text_len: longest prompt in tokens; opt_text_len: typical prompt length.
+        external_data: force (True) or forbid (False) ONNX external data; None decides by size.
+    """
+
+    precision: GraphPrecision = dataclasses.field(default_factory=GraphPrecision)
+    resolutions: list[tuple[int, int]] = dataclasses.field(default_factory=aspect_resolutions)
+    opt_resolution: tuple[int, int] | None = None
+    max_batch: int = 2
+    max_text_len: int = 1024
+    opt_text_len: int = 128
+    external_data: bool | None = None
+
+
+def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
+    config = checkpoint.config
+    if not options.resolutions:
+        raise UsageError("no resolutions given.", "pass --resolutions HxW[,HxW...].")
+    resolutions = list(dict.fromkeys(tuple(r) for r in options.resolutions))
+    grids = [patch_grid(config, h, w) for h, w in resolutions]
+    opt = tuple(options.opt_resolution) if options.opt_resolution else ((1024, 1024) if (1024, 1024) in resolutions else resolutions[0])
+    if opt not in resolutions:
+        raise UsageError(f"optimization resolution {opt[0]}x{opt[1]} is not among the served resolutions.", "add it to --resolutions.")
+    if options.max_batch < 1:
+        raise UsageError(f"max batch {options.max_batch} is below 1.", "use --max-batch 2 for CFG as one batch.")
+    if not 1 <= options.opt_text_len <= options.max_text_len:
+        raise UsageError(
+            f"text length profile 1..{options.opt_text_len}..{options.max_text_len} is impossible.",
+            "use 1 <= --opt-text-len <= --max-text-len.",
+        )
+    for (h, w), (rows, cols) in zip(resolutions, grids):
+        if rope.text_position_offset(rows, cols) + options.max_text_len > rope.MAX_POSITIONS:
+            raise UsageError(
+                f"text length {options.max_text_len} at {h}x{w} runs past the model's {rope.MAX_POSITIONS} rope positions.",
+                "lower --max-text-len or drop that resolution.",
+            )
+    return Profiles(
+        batch=(1, min(2, options.max_batch), options.max_batch),
+        text_len=(1, options.opt_text_len, options.max_text_len),
+        resolutions=resolutions,
+        grids=grids,
+        opt_resolution=opt,
+    )
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"nucleus-export": __version__}
+    for dist in ("onnx", "onnxruntime", "torch", "diffusers", "numpy", "tensorrt", "tensorrt-rtx", "polygraphy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    return versions
+
+
+def _estimated_weight_bytes(checkpoint: Checkpoint, precision: GraphPrecision) -> int:
+    itemsize = precision.np_dtype.itemsize
+    return sum(math.prod(checkpoint.weights.shape(n)) * itemsize for n in checkpoint.weights)
+
+
+def _io_specs(model: onnx.ModelProto) -> dict[str, dict[str, TensorSpec]]:
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        return TensorSpec(ONNX_TYPE_NAMES[tensor.elem_type], dims)
+
+    return {
+        "inputs": {v.name: spec(v) for v in model.graph.input},
+        "outputs": {v.name: spec(v) for v in model.graph.output},
+    }
+
+
+def write_graph(
+    out_dir: Path,
+    name: str,
+    checkpoint: Checkpoint,
+    precision: GraphPrecision,
+    build,
+    external: bool,
+) -> onnx.ModelProto:
+    """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`), check it."""
+    writer = ExternalDataWriter(out_dir / f"{name}.onnx.data") if external else None
+    g = GraphBuilder(name, external_data=writer)
+    try:
+        build(g, LayerEmitter(g, checkpoint.weights, precision))
+    finally:
+        if writer:
+            writer.close()
+    model = g.make_model(__version__)
+    path = out_dir / f"{name}.onnx"
+    onnx.save_model(model, path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise NucleusExportError(f"the exported {name}.onnx fails the ONNX checker: {exc}", "report this as a bug.") from None
+    return model
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces out_dir, on failure it is removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UsageError(f"output folder {out_dir} already exists.", "pass --force to overwrite it, or choose another --out.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def scheduler_config(checkpoint: Checkpoint) -> dict:
+    """The pipeline's scheduler config when the model is a pipeline root, else the Nucleus default."""
+    if checkpoint.scheduler_dir and (checkpoint.scheduler_dir / "scheduler_config.json").is_file():
+        return json.loads((checkpoint.scheduler_dir / "scheduler_config.json").read_text())
+    return dict(DEFAULT_SCHEDULER_CONFIG)
+
+
+def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOptions) -> Manifest:
+    """Write graphs, scheduler config and manifest into an existing (temporary) folder."""
+    config = checkpoint.config
+    profiles = build_profiles(checkpoint, options)
+    precision = options.precision
+    external = (
+        options.external_data
+        if options.external_data is not None
+        else _estimated_weight_bytes(checkpoint, precision) > EXTERNAL_DATA_THRESHOLD
+    )
+    logger.info(
+        "exporting %s layers (%d MoE) at %s, %d resolutions, external data: %s",
+        config.num_layers,
+        len(config.moe_layers),
+        precision.label,
+        len(profiles.resolutions),
+        "yes" if external else "no",
+    )
+    io = {}
+    with Progress(console=console, transient=True) as progress:
+        for name in (TEXT_KV, DENOISER):
+            task = progress.add_task(f"export {name}.onnx", total=config.num_layers)
+
+            def advance(_idx: int, task=task) -> None:
+                progress.advance(task)
+
+            if name == TEXT_KV:
+                # text_kv runs once per prompt: never quantized.
+                model = write_graph(
+                    out_dir, name, checkpoint, GraphPrecision(precision.compute), lambda g, e: build_text_kv(g, e, config, advance), external
+                )
+            else:
+                model = write_graph(
+                    out_dir,
+                    name,
+                    checkpoint,
+                    precision,
+                    lambda g, e: DenoiserBuilder(g, e, config, profiles.image_tokens[2]).build(advance),
+                    external,
+                )
+            io[name] = _io_specs(model)
+            logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
+            del model
+    write_json_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
+    files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    quantization = None
+    if precision.fp8:
+        write_json_atomic(out_dir / "fp8_scales.json", precision.fp8.to_json())
+        files.append("fp8_scales.json")
+        quantization = {
+            "scheme": "fp8_e4m3",
+            "weights": "per output channel (per expert and channel for routed experts), from the weights",
+            "activations": "per tensor, calibrated",
+            "scales_file": "fp8_scales.json",
+            "calibration": precision.fp8.calibration,
+            "not_quantized": ["router gate", "norms", "softmax", "rope", "timestep/modulation/io projections", "text_kv"],
+        }
+    manifest = Manifest(
+        model_config=config.to_dict(),
+        config_hash=config.config_hash(),
+        precision=precision.compute,
+        moe_lowering="functions",
+        profiles=profiles,
+        io=io,
+        files={f: file_record(out_dir, f) for f in sorted(set(files))},
+        quantization=quantization,
+        tools=_tool_versions(),
+    )
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def export_bundle(checkpoint: Checkpoint, out_dir: Path, options: ExportOptions, force: bool = False) -> Manifest:
+    """Export a checkpoint into a new bundle folder (atomically; refuses an existing folder unless force)."""
+    with atomic_output_dir(out_dir, force) as tmp:
+        manifest = write_bundle_files(tmp, checkpoint, options)
+    logger.info("bundle written to %s", out_dir)
+    return manifest

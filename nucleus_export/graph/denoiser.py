@@ -1,0 +1,186 @@
+"""The denoiser graph: one transformer forward with the text K/V given as an input (no text projections)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from nucleus_export.graph import moe_ops
+from nucleus_export.graph.builder import GraphBuilder
+from nucleus_export.graph.layers import LayerEmitter
+from nucleus_export.model.config import ModelConfig
+
+B, S, T = "batch", "image_tokens", "text_len"
+MASK_BIAS = -1e30  # exp underflows to exactly 0 in float32, like SDPA's boolean mask
+
+
+def timestep_frequencies(dim: int) -> np.ndarray:
+    """diffusers' get_timestep_embedding frequencies (flip_sin_to_cos, shift 0), computed by torch for bit-equality."""
+    import torch
+
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half
+    return torch.exp(exponent).numpy()
+
+
+class DenoiserBuilder:
+    """Emits the denoiser graph of the artifact contract (docs/contract.md).
+
+    Args:
+        g: graph to fill.
+        emit: layer emitter bound to the checkpoint and precision.
+        config: architecture.
+        max_image_tokens: largest S the graph must serve (capacity fractions are checked up to it).
+    """
+
+    def __init__(self, g: GraphBuilder, emit: LayerEmitter, config: ModelConfig, max_image_tokens: int):
+        self.g, self.emit, self.config = g, emit, config
+        self.max_image_tokens = max_image_tokens
+        self.quantize = emit.precision.fp8 is not None
+
+    def build(self, on_block: Callable[[int], None] = lambda idx: None) -> None:
+        g, emit, c = self.g, self.emit, self.config
+        hidden = g.input("hidden_states", TensorProto.FLOAT, [B, S, c.in_channels])
+        timestep = g.input("timestep", TensorProto.FLOAT, [B])
+        self.img_cos = g.input("img_rope_cos", TensorProto.FLOAT, [S, c.rope_dim])
+        self.img_sin = g.input("img_rope_sin", TensorProto.FLOAT, [S, c.rope_dim])
+        self.text_kv = g.input(
+            "text_kv", emit.precision.onnx_type, [c.num_layers, 2, B, T, c.kv_heads, c.attention_head_dim]
+        )
+        mask = g.input("encoder_hidden_states_mask", TensorProto.INT64, [B, T])
+
+        x = emit.to_f32(emit.linear(emit.to_compute(hidden), "img_in", bias=True))
+        self.temb = self.time_embedding(timestep)
+        self.temb_silu_cd = emit.to_compute(emit.silu(self.temb))
+        self.mask_bias = self.attention_bias(x, mask)
+        for idx in range(c.num_layers):
+            g.scope = f"transformer_blocks.{idx}"
+            x = self.block(x, idx)
+            on_block(idx)
+        g.scope = "norm_out"
+        shift_scale = emit.to_f32(emit.linear(self.temb_silu_cd, "norm_out.linear", bias=True))
+        scale, shift = g.op("Split", [shift_scale], n_out=2, axis=-1, num_outputs=2)
+        axis1 = g.const([1], np.int64)
+        normed = emit.layer_norm(x, c.hidden_size)
+        x = g.op("Add", [self.modulate(normed, g.op("Unsqueeze", [scale, axis1])), g.op("Unsqueeze", [shift, axis1])])
+        sample = emit.to_f32(emit.linear(emit.to_compute(x), "proj_out"))
+        g.scope = ""
+        g.output(sample, "sample", TensorProto.FLOAT, [B, S, c.output_channels])
+
+    # ---- pieces ------------------------------------------------------------------------------------------------
+
+    def time_embedding(self, timestep: str) -> str:
+        g, emit = self.g, self.emit
+        g.scope = "time_text_embed"
+        freqs = g.const(timestep_frequencies(self.config.hidden_size)[None, :])
+        angles = g.op("Mul", [g.op("Mul", [g.op("Unsqueeze", [timestep, g.const([1], np.int64)]), freqs]), g.const(1000.0)])
+        proj = g.op("Concat", [g.op("Cos", [angles]), g.op("Sin", [angles])], axis=-1, hint="time_proj")
+        h = emit.linear(emit.to_compute(proj), "time_text_embed.timestep_embedder.linear_1", bias=True)
+        h = emit.linear(emit.silu(h), "time_text_embed.timestep_embedder.linear_2", bias=True)
+        return emit.rms_norm(emit.to_f32(h), "time_text_embed.norm.weight")
+
+    def attention_bias(self, x: str, mask: str) -> str:
+        """[B,1,1,1,S+T] additive bias: 0 for image tokens and real text tokens, MASK_BIAS for padding."""
+        g = self.g
+        text_bias = g.op("Mul", [g.op("Cast", [g.op("Equal", [mask, g.const(0, np.int64)])], to=TensorProto.FLOAT), g.const(MASK_BIAS)])
+        image_zeros = g.op("ConstantOfShape", [g.op("Shape", [x], start=0, end=2)])
+        joint = g.op("Concat", [image_zeros, text_bias], axis=1)
+        return g.op("Unsqueeze", [joint, g.const([1, 2, 3], np.int64)], hint="attention_bias")
+
+    def modulate(self, normed: str, scale: str) -> str:
+        return self.g.op("Mul", [normed, self.g.op("Add", [scale, self.g.const(1.0)])])
+
+    def block(self, x: str, idx: int) -> str:
+        g, emit, c = self.g, self.emit, self.config
+        block = f"transformer_blocks.{idx}"
+        mod = emit.to_f32(emit.linear(self.temb_silu_cd, f"{block}.img_mod.1", bias=True))
+        axis1 = g.const([1], np.int64)
+        scale1, gate1, scale2, gate2 = (
+            g.op("Unsqueeze", [part, axis1]) for part in g.op("Split", [mod], n_out=4, axis=-1, num_outputs=4)
+        )
+        gate1, gate2 = (g.op("Tanh", [g.op("Clip", [gate, g.const(-2.0), g.const(2.0)])]) for gate in (gate1, gate2))
+
+        attn = emit.to_f32(self.attention(self.modulate(emit.layer_norm(x, c.hidden_size), scale1), idx))
+        x = g.op("Add", [x, g.op("Mul", [gate1, attn])], hint="attn_residual")
+
+        normed = emit.layer_norm(x, c.hidden_size)
+        modulated = self.modulate(normed, scale2)
+        if c.is_moe(idx):
+            mlp = self.moe(modulated, normed, idx)
+        else:
+            mlp = emit.feed_forward(emit.to_compute(modulated), f"{block}.img_mlp", self.quantize)
+        return g.op("Add", [x, g.op("Mul", [gate2, emit.to_f32(mlp)])], hint="mlp_residual")
+
+    def attention(self, x_f32: str, idx: int) -> str:
+        g, emit, c = self.g, self.emit, self.config
+        attn = f"transformer_blocks.{idx}.attn"
+        heads, kv_heads, dim = c.num_attention_heads, c.kv_heads, c.attention_head_dim
+        x = emit.to_compute(x_f32)
+
+        def projected(name: str, n_heads: int, norm: str) -> str:
+            h = emit.split_heads(emit.to_f32(emit.linear(x, f"{attn}.{name}", quantize=self.quantize)), n_heads, dim)
+            h = emit.rms_norm(h, f"{attn}.{norm}.weight")
+            return emit.to_compute(emit.rope(h, self.img_cos, self.img_sin, n_heads, dim))
+
+        query = projected("to_q", heads, "norm_q")
+        key = projected("to_k", kv_heads, "norm_k")
+        value = emit.split_heads(emit.linear(x, f"{attn}.to_v", quantize=self.quantize), kv_heads, dim)
+
+        layer_kv = g.op("Gather", [self.text_kv, g.const(idx, np.int64)], axis=0)
+        text_key = g.op("Gather", [layer_kv, g.const(0, np.int64)], axis=0)
+        text_value = g.op("Gather", [layer_kv, g.const(1, np.int64)], axis=0)
+        joint_key = g.op("Concat", [key, text_key], axis=1)
+        joint_value = g.op("Concat", [value, text_value], axis=1)
+
+        # GQA without repeating K/V: query heads grouped per K/V head [B, Hkv, G, S, D] against K/V [B, Hkv, 1, ., D].
+        groups = heads // kv_heads
+        axis2 = g.const([2], np.int64)
+        q = g.op("Transpose", [g.op("Reshape", [query, g.const([0, 0, kv_heads, groups, dim], np.int64)])], perm=[0, 2, 3, 1, 4])
+        k = g.op("Unsqueeze", [g.op("Transpose", [joint_key], perm=[0, 2, 3, 1]), axis2])
+        v = g.op("Unsqueeze", [g.op("Transpose", [joint_value], perm=[0, 2, 1, 3]), axis2])
+        scores = g.op("Mul", [emit.to_f32(g.op("MatMul", [q, k], hint="attn_scores")), g.const(1.0 / math.sqrt(dim))])
+        probs = g.op("Softmax", [g.op("Add", [scores, self.mask_bias])], axis=-1)
+        context = g.op("MatMul", [emit.to_compute(probs), v], hint="attn_context")
+        merged = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 3, 1, 2, 4]), g.const([0, 0, heads * dim], np.int64)])
+        return emit.linear(merged, f"{attn}.to_out.0", quantize=self.quantize)
+
+    def moe(self, modulated_f32: str, normed_f32: str, idx: int) -> str:
+        g, emit, c = self.g, self.emit, self.config
+        mlp = f"transformer_blocks.{idx}.img_mlp"
+        temb = g.op("Expand", [g.op("Unsqueeze", [self.temb, g.const([1], np.int64)]), g.op("Shape", [normed_f32])])
+        router_input = g.op("Concat", [temb, normed_f32], axis=-1, hint="router_input")
+        logits = g.op("MatMul", [router_input, emit.tensor(f"{mlp}.gate.weight", transpose=True)], hint=f"{mlp}.gate")
+        indices, gating = moe_ops.expert_choice_router(
+            g,
+            logits,
+            c.capacity_fraction(idx, self.max_image_tokens),
+            "sigmoid" if c.use_sigmoid else "softmax",
+            c.route_scale,
+        )
+
+        x = emit.to_compute(modulated_f32)
+        hidden = c.hidden_size
+        batch = g.op("Shape", [x], start=0, end=1)
+        tokens = g.op("Shape", [x], start=1, end=2)
+        scalar = g.const([], np.int64)
+        batch_offsets = g.op(
+            "Mul",
+            [g.op("Range", [g.const(0, np.int64), g.op("Reshape", [batch, scalar]), g.const(1, np.int64)]), tokens],
+        )
+        global_indices = g.op(
+            "Add",
+            [g.op("Transpose", [indices], perm=[1, 0, 2]), g.op("Reshape", [batch_offsets, g.const([1, -1, 1], np.int64)])],
+        )
+        rows = g.op("Reshape", [global_indices, g.const([c.num_experts, -1], np.int64)])
+        dispatched = g.op("Gather", [g.op("Reshape", [x, g.const([-1, hidden], np.int64)]), rows], axis=0, hint="dispatch")
+
+        up = emit.expert_matmul(dispatched, f"{mlp}.experts.gate_up_proj", self.quantize)
+        down = emit.expert_matmul(emit.swiglu(up, gate_first=True), f"{mlp}.experts.down_proj", self.quantize)
+        per_row = g.op("Concat", [g.const([c.num_experts], np.int64), batch, g.const([-1, hidden], np.int64)], axis=0)
+        expert_output = g.op("Reshape", [down, per_row], hint="expert_output")
+
+        shared = emit.feed_forward(x, f"{mlp}.shared_expert", self.quantize)
+        return moe_ops.moe_combine(g, shared, expert_output, indices, gating)

@@ -1,0 +1,126 @@
+"""Layer emitters shared by the text_kv and denoiser graphs, each reading its weights from the checkpoint.
+
+Conventions: "f32" values are float32; "cd" values are in the compute dtype. GEMMs take and give cd; norms, RoPE,
+softmax, modulation and the residual stream are float32, with explicit casts so a strongly typed TensorRT network
+computes exactly what the graph says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+from onnx import TensorProto
+
+from nucleus_export.graph.builder import GraphBuilder
+from nucleus_export.graph.precision import GraphPrecision, quantize_per_channel
+from nucleus_export.model.checkpoint import WeightStore
+
+
+@dataclasses.dataclass
+class LayerEmitter:
+    """Emits layers into `g`, streaming weights from `weights` in the precision of `precision`."""
+
+    g: GraphBuilder
+    weights: WeightStore
+    precision: GraphPrecision
+
+    # ---- dtype plumbing ----------------------------------------------------------------------------------------
+
+    def to_compute(self, value: str) -> str:
+        return value if self.precision.compute == "fp32" else self.g.cast(value, self.precision.onnx_type)
+
+    def to_f32(self, value: str) -> str:
+        return value if self.precision.compute == "fp32" else self.g.cast(value, TensorProto.FLOAT)
+
+    def tensor(self, name: str, dtype: np.dtype | None = None, transpose: bool = False) -> str:
+        """A checkpoint tensor as an initializer (optionally transposed to [in, out] for MatMul)."""
+        array = self.weights.read(name)
+        if transpose:
+            array = array.T
+        return self.g.weight(name + (".T" if transpose else ""), array.astype(dtype or np.float32))
+
+    # ---- GEMMs -------------------------------------------------------------------------------------------------
+
+    def _quantize_activation(self, x_cd: str, gemm: str) -> str:
+        scale = self.g.const(self.precision.fp8.activation_scale(gemm), self.precision.np_dtype)
+        zero = self.g.const(0, ml_dtypes.float8_e4m3fn)
+        q = self.g.op("QuantizeLinear", [x_cd, scale, zero], hint=f"{gemm}.input_quant")
+        return self.g.op("DequantizeLinear", [q, scale, zero], hint=f"{gemm}.input_dequant")
+
+    def linear(self, x_cd: str, module: str, bias: bool = False, quantize: bool = False) -> str:
+        """x @ W.T (+ b) for an nn.Linear at `module`; FP8 Q/DQ on both inputs when quantizing."""
+        cd = self.precision.np_dtype
+        if quantize and self.precision.fp8:
+            w_q, scales = quantize_per_channel(self.weights.read(f"{module}.weight").T)
+            w_name = self.g.weight(f"{module}.weight.T.fp8", w_q)
+            w_scale = self.g.weight(f"{module}.weight.T.scale", scales.astype(cd))
+            w = self.g.op("DequantizeLinear", [w_name, w_scale], axis=1, hint=f"{module}.weight_dequant")
+            x_cd = self._quantize_activation(x_cd, module)
+        else:
+            w = self.tensor(f"{module}.weight", cd, transpose=True)
+        y = self.g.op("MatMul", [x_cd, w], hint=module)
+        if bias:
+            y = self.g.op("Add", [y, self.tensor(f"{module}.bias", cd)])
+        return y
+
+    def expert_matmul(self, x_cd: str, name: str, quantize: bool) -> str:
+        """[E, N, in] @ packed expert weight [E, in, out]. FP8: per-(expert, channel) scales are applied after the
+        GEMM (exact, and what an FP8 GEMM epilogue does), since ONNX per-axis DQ cannot express a 2-D scale."""
+        cd = self.precision.np_dtype
+        module = name.rsplit(".", 1)[0]
+        if quantize and self.precision.fp8:
+            w_q, scales = quantize_per_channel(self.weights.read(name))
+            w_name = self.g.weight(f"{name}.fp8", w_q)
+            ones = self.g.weight(f"{name}.expert_scale", np.ones(w_q.shape[0], dtype=cd))
+            w = self.g.op("DequantizeLinear", [w_name, ones], axis=0, hint=f"{name}.weight_dequant")
+            y = self.g.op("MatMul", [self._quantize_activation(x_cd, name), w], hint=name)
+            channel_scales = self.g.weight(f"{name}.channel_scale", scales[:, None, :].astype(cd))
+            return self.g.op("Mul", [y, channel_scales], hint=f"{module}.channel_scale")
+        return self.g.op("MatMul", [x_cd, self.tensor(name, cd)], hint=name)
+
+    def swiglu(self, h_cd: str, gate_first: bool) -> str:
+        """Split the fused projection in halves; diffusers' dense SwiGLU is (up, gate), its experts are (gate, up)."""
+        first, second = self.g.op("Split", [h_cd], n_out=2, hint="swiglu_split", axis=-1, num_outputs=2)
+        gate, up = (first, second) if gate_first else (second, first)
+        return self.g.op("Mul", [self.silu(gate), up])
+
+    def silu(self, x: str) -> str:
+        return self.g.op("Mul", [x, self.g.op("Sigmoid", [x])], hint="silu")
+
+    def feed_forward(self, x_cd: str, module: str, quantize: bool) -> str:
+        """diffusers FeedForward(activation_fn="swiglu", bias=False): net.0.proj -> (up, gate) -> net.2."""
+        h = self.linear(x_cd, f"{module}.net.0.proj", quantize=quantize)
+        return self.linear(self.swiglu(h, gate_first=False), f"{module}.net.2", quantize=quantize)
+
+    # ---- float32 math --------------------------------------------------------------------------------------------
+
+    def rms_norm(self, x_f32: str, weight: str | None, eps: float = 1e-6) -> str:
+        """diffusers RMSNorm over the last axis, in float32."""
+        mean_sq = self.g.op("ReduceMean", [self.g.op("Mul", [x_f32, x_f32]), self.g.const([-1], np.int64)], keepdims=1)
+        inv = self.g.op("Reciprocal", [self.g.op("Sqrt", [self.g.op("Add", [mean_sq, self.g.const(eps)])])])
+        y = self.g.op("Mul", [x_f32, inv], hint="rms_norm")
+        return self.g.op("Mul", [y, self.tensor(weight)]) if weight else y
+
+    def layer_norm(self, x_f32: str, width: int, eps: float = 1e-6) -> str:
+        """nn.LayerNorm without affine parameters, in float32."""
+        ones = self.g.const(np.ones(width, dtype=np.float32))
+        return self.g.op("LayerNormalization", [x_f32, ones], axis=-1, epsilon=eps, hint="layer_norm")
+
+    def rope(self, x_f32: str, cos: str, sin: str, heads: int, head_dim: int) -> str:
+        """Rotate channel pairs (2i, 2i+1) of x [B, N, heads, head_dim] by tables [N, head_dim/2], as diffusers'
+        complex multiply does."""
+        pairs = self.g.op("Reshape", [x_f32, self.g.const([0, 0, heads, head_dim // 2, 2], np.int64)])
+        real, imag = self.g.op("Split", [pairs], n_out=2, hint="rope_split", axis=-1, num_outputs=2)
+        axes = self.g.const([0, 2, 4], np.int64)
+        c = self.g.op("Unsqueeze", [cos, axes])
+        s = self.g.op("Unsqueeze", [sin, axes])
+        out_real = self.g.op("Sub", [self.g.op("Mul", [real, c]), self.g.op("Mul", [imag, s])])
+        out_imag = self.g.op("Add", [self.g.op("Mul", [real, s]), self.g.op("Mul", [imag, c])])
+        rotated = self.g.op("Concat", [out_real, out_imag], axis=-1)
+        return self.g.op("Reshape", [rotated, self.g.const([0, 0, heads, head_dim], np.int64)], hint="rope")
+
+    def split_heads(self, x: str, heads: int, head_dim: int) -> str:
+        return self.g.op("Reshape", [x, self.g.const([0, 0, heads, head_dim], np.int64)])
+

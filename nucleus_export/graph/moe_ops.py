@@ -1,0 +1,154 @@
+"""The `nucleus` custom ops and their ONNX-function reference bodies (spec: docs/contract.md).
+
+Each op is a model-local function: ONNX Runtime executes the body, TensorRT either gets a plugin for the node
+(`--moe plugin`) or the node is rewritten into native layers (`--moe native`, nucleus_export.build.lowering).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from nucleus_export.graph.builder import NUCLEUS_DOMAIN, OPSET, GraphBuilder
+
+ROUTER_OP = "ExpertChoiceRouter"
+COMBINE_OP = "MoECombine"
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+# Added to the per-token gating sum before dividing, as diffusers does, so a token no expert chose cannot divide by 0.
+GATING_EPS = 1e-12
+
+
+def _const(name: str, value, dtype: int = TensorProto.INT64) -> onnx.NodeProto:
+    values = value if isinstance(value, list) else [value]
+    return helper.make_node(
+        "Constant", [], [name], value=helper.make_tensor(name, dtype, [len(values)] if isinstance(value, list) else [], values)
+    )
+
+
+def _attribute_constant(output: str, attribute: str, kind: int) -> onnx.NodeProto:
+    """A Constant whose value is the calling node's attribute (a function's ref_attr_name)."""
+    node = helper.make_node("Constant", [], [output])
+    field = "value_int" if kind == onnx.AttributeProto.INT else "value_float"
+    node.attribute.append(onnx.AttributeProto(name=field, ref_attr_name=attribute, type=kind))
+    return node
+
+
+def router_function(score_function: str) -> onnx.FunctionProto:
+    """Reference body of ExpertChoiceRouter for one score function.
+
+    A function body cannot branch on a string attribute, and every MoE layer of a model shares the score function,
+    so the body is specialised per model while the node still carries `score_function` for plugins and lowering.
+    """
+    if score_function not in SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
+    n = helper.make_node
+    score_node = (
+        n("Softmax", ["router_logits"], ["scores"], axis=-1)
+        if score_function == "softmax"
+        else n("Sigmoid", ["router_logits"], ["scores"])
+    )
+    nodes = [
+        score_node,
+        n("Shape", ["router_logits"], ["shape"]),
+        n("Shape", ["router_logits"], ["batch_tokens"], start=0, end=2),
+        n("Shape", ["router_logits"], ["tokens"], start=1, end=2),
+        n("Shape", ["router_logits"], ["experts"], start=2, end=3),
+        _attribute_constant("num", "capacity_numerator", onnx.AttributeProto.INT),
+        _attribute_constant("den", "capacity_denominator", onnx.AttributeProto.INT),
+        _const("one", [1]),
+        _const("flat_shape", [0, -1]),
+        # C = max(1, ceil(num * S / (den * E))) in integers: (a + b - 1) / b for positive a, b.
+        n("Mul", ["num", "tokens"], ["cap_a"]),
+        n("Mul", ["den", "experts"], ["cap_b"]),
+        n("Add", ["cap_a", "cap_b"], ["cap_ab"]),
+        n("Sub", ["cap_ab", "one"], ["cap_ab1"]),
+        n("Div", ["cap_ab1", "cap_b"], ["cap_ceil"]),
+        n("Max", ["cap_ceil", "one"], ["capacity"]),
+        n("Transpose", ["scores"], ["affinity"], perm=[0, 2, 1]),
+        n("TopK", ["affinity", "capacity"], ["top_values", "token_indices"], axis=-1, largest=1, sorted=1),
+        n("Reshape", ["token_indices", "flat_shape"], ["flat_indices"]),
+        n("Reshape", ["top_values", "flat_shape"], ["flat_values"]),
+        n("ConstantOfShape", ["batch_tokens"], ["zeros"], value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])),
+        n("ScatterElements", ["zeros", "flat_indices", "flat_values"], ["token_sums"], axis=1, reduction="add"),
+        n("GatherElements", ["token_sums", "flat_indices"], ["chosen_sums"], axis=1),
+        _const("eps", GATING_EPS, TensorProto.FLOAT),
+        n("Add", ["chosen_sums", "eps"], ["denominator"]),
+        n("Div", ["flat_values", "denominator"], ["normalized"]),
+        _attribute_constant("route_scale_value", "route_scale", onnx.AttributeProto.FLOAT),
+        n("Mul", ["normalized", "route_scale_value"], ["scaled"]),
+        n("Shape", ["top_values"], ["gating_shape"]),
+        n("Reshape", ["scaled", "gating_shape"], ["gating"]),
+    ]
+    return helper.make_function(
+        NUCLEUS_DOMAIN,
+        ROUTER_OP,
+        inputs=["router_logits"],
+        outputs=["token_indices", "gating"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        attributes=["capacity_numerator", "capacity_denominator", "score_function", "route_scale"],
+    )
+
+
+def combine_function() -> onnx.FunctionProto:
+    """Reference body of MoECombine: gated scatter-add of [E,B,C,H] expert outputs onto [B,S,H]."""
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["expert_output"], ["expert_f32"], to=TensorProto.FLOAT),
+        n("Transpose", ["gating"], ["gating_ebc"], perm=[1, 0, 2]),
+        _const("last_axis", [-1]),
+        n("Unsqueeze", ["gating_ebc", "last_axis"], ["gating_ebc1"]),
+        n("Mul", ["expert_f32", "gating_ebc1"], ["weighted_f32"]),
+        n("CastLike", ["weighted_f32", "shared_output"], ["weighted"]),
+        n("Transpose", ["weighted"], ["weighted_bech"], perm=[1, 0, 2, 3]),
+        n("Shape", ["shared_output"], ["batch"], start=0, end=1),
+        n("Shape", ["shared_output"], ["hidden"], start=2, end=3),
+        _const("minus_one", [-1]),
+        n("Concat", ["batch", "minus_one", "hidden"], ["rows_shape"], axis=0),
+        n("Reshape", ["weighted_bech", "rows_shape"], ["rows"]),
+        _const("index_shape", [0, -1, 1]),
+        n("Reshape", ["token_indices", "index_shape"], ["index_column"]),
+        n("Shape", ["rows"], ["rows_dims"]),
+        n("Expand", ["index_column", "rows_dims"], ["row_indices"]),
+        n("ScatterElements", ["shared_output", "row_indices", "rows"], ["output"], axis=1, reduction="add"),
+    ]
+    return helper.make_function(
+        NUCLEUS_DOMAIN,
+        COMBINE_OP,
+        inputs=["shared_output", "expert_output", "token_indices", "gating"],
+        outputs=["output"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        attributes=[],
+    )
+
+
+def expert_choice_router(
+    g: GraphBuilder,
+    router_logits: str,
+    capacity: tuple[int, int],
+    score_function: str,
+    route_scale: float,
+) -> tuple[str, str]:
+    """Emit a router node (registering its function); returns (token_indices, gating)."""
+    if ROUTER_OP not in g.functions:
+        g.add_function(router_function(score_function))
+    indices, gating = g.op(
+        ROUTER_OP,
+        [router_logits],
+        n_out=2,
+        domain=NUCLEUS_DOMAIN,
+        hint="router",
+        capacity_numerator=capacity[0],
+        capacity_denominator=capacity[1],
+        score_function=score_function,
+        route_scale=float(route_scale),
+    )
+    return indices, gating
+
+
+def moe_combine(g: GraphBuilder, shared_output: str, expert_output: str, token_indices: str, gating: str) -> str:
+    if COMBINE_OP not in g.functions:
+        g.add_function(combine_function())
+    return g.op(COMBINE_OP, [shared_output, expert_output, token_indices, gating], domain=NUCLEUS_DOMAIN, hint="combine")

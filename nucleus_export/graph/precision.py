@@ -1,0 +1,89 @@
+"""Graph precision: the GEMM compute dtype and optional FP8 (E4M3) quantization with its scales."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from onnx import TensorProto
+
+from nucleus_export.errors import NucleusExportError
+
+COMPUTE_DTYPES: dict[str, tuple[int, np.dtype]] = {
+    "fp32": (TensorProto.FLOAT, np.dtype(np.float32)),
+    "bf16": (TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16)),
+    "fp16": (TensorProto.FLOAT16, np.dtype(np.float16)),
+}
+
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Scales:
+    """Per-tensor activation amax for each quantized GEMM input, keyed by the GEMM's module path
+    (e.g. "transformer_blocks.3.attn.to_q", "transformer_blocks.3.img_mlp.experts.down_proj")."""
+
+    activation_amax: dict[str, float]
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+    def activation_scale(self, gemm: str) -> float:
+        if gemm not in self.activation_amax:
+            raise NucleusExportError(
+                f"FP8 scales have no calibration entry for '{gemm}'.",
+                "recalibrate (drop --fp8-scales) for this checkpoint; the scales file belongs to another model.",
+            )
+        return max(self.activation_amax[gemm], 1e-12) / FP8_MAX
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format": "nucleus-fp8-scales/1", "activation_amax": self.activation_amax, "calibration": self.calibration},
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Fp8Scales:
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls({k: float(v) for k, v in raw["activation_amax"].items()}, raw.get("calibration", {}))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise NucleusExportError(f"cannot read FP8 scales from {path} ({exc}).", "recalibrate without --fp8-scales.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphPrecision:
+    """How a graph computes: `compute` for GEMMs and the stream between them; norms, softmax, router and RoPE are
+    always float32. With `fp8`, GEMM inputs of attention, dense MLPs and experts get E4M3 Q/DQ."""
+
+    compute: str = "fp32"
+    fp8: Fp8Scales | None = None
+
+    def __post_init__(self) -> None:
+        if self.compute not in COMPUTE_DTYPES:
+            raise NucleusExportError(f"unknown precision '{self.compute}'.", f"use one of {', '.join(COMPUTE_DTYPES)}.")
+
+    @property
+    def onnx_type(self) -> int:
+        return COMPUTE_DTYPES[self.compute][0]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return COMPUTE_DTYPES[self.compute][1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.compute}+fp8" if self.fp8 else self.compute
+
+
+def quantize_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 weights with one scale per output channel (last axis), per expert for 3-D [E, in, out] weights.
+
+    Returns (fp8 weight, float32 scales of shape weight.shape without the input axis)."""
+    w = weight.astype(np.float32)
+    amax = np.abs(w).max(axis=-2)
+    scales = np.maximum(amax, 1e-12) / FP8_MAX
+    quantized = (w / np.expand_dims(scales, -2)).astype(ml_dtypes.float8_e4m3fn)
+    return quantized, scales.astype(np.float32)
