@@ -1,0 +1,185 @@
+"""ONNX Runtime backend: the bundle's two ONNX graphs in two sessions, CPU or CUDA.
+
+Text K/V stays an `OrtValue` where the text_kv session put it (host memory on CPU, device memory on the CUDA EP)
+and is bound to the denoiser with IOBinding, so it is neither copied nor converted per step; a bfloat16/float16
+text_kv passes through as is. The custom MoE ops run through their model-local function bodies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
+from nucleus_runtime.errors import NucleusError
+
+logger = logging.getLogger("nucleus_runtime")
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+TEXT_KV_INPUTS = ("encoder_hidden_states", "txt_rope_cos", "txt_rope_sin")
+DENOISER_INPUTS = ("hidden_states", "timestep", "img_rope_cos", "img_rope_sin", "text_kv", "encoder_hidden_states_mask")
+
+
+@dataclasses.dataclass
+class OrtOptions:
+    """Session settings.
+
+    Attributes:
+        threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+        device: "auto" (CUDA EP when onnxruntime-gpu provides it, else CPU), "cpu" or "cuda".
+        optimization: graph optimization level: "all", "extended", "basic" or "disabled".
+        verify_checksums: check the ONNX files against the manifest before loading them.
+    """
+
+    threads: int | None = None
+    device: str = "auto"
+    optimization: str = "all"
+    verify_checksums: bool = True
+
+
+class OrtTextKV(TextKVHandle):
+    """Text K/V as an OrtValue, on the device the text_kv session ran on."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.value.tensor_size_in_bytes())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape())
+
+    def to_numpy(self) -> np.ndarray:
+        return self.value.numpy()
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise NucleusError(
+            "onnxruntime is not installed.", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)."
+        ) from None
+    return onnxruntime
+
+
+def _providers(ort: Any, device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU_EP]
+    if CUDA_EP in available:
+        return [CUDA_EP, CPU_EP]
+    if device == "cuda":
+        raise NucleusError(
+            f"ONNX Runtime has no {CUDA_EP} here (available: {', '.join(available)}).",
+            "pip install onnxruntime-gpu in place of onnxruntime, or run with --device cpu.",
+        )
+    return [CPU_EP]
+
+
+class OrtBackend(Backend):
+    """Runs a bundle's text_kv.onnx and denoiser.onnx with ONNX Runtime.
+
+    Args:
+        bundle_dir: the bundle folder.
+        options: session settings.
+        manifest: the bundle's manifest, when the caller has it loaded already.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle_dir: Path, options: OrtOptions | None = None, manifest: Manifest | None = None):
+        ort = _import_ort()
+        self.bundle_dir = Path(bundle_dir)
+        self.options = options or OrtOptions()
+        self.manifest = manifest or load_manifest(self.bundle_dir)
+        graph_files = [f"{TEXT_KV}.onnx", f"{DENOISER}.onnx"]
+        if self.options.verify_checksums:
+            # External weight files travel with the graphs, so they are checked too.
+            verify_files(self.bundle_dir, self.manifest, [f for f in self.manifest.files if ".onnx" in f] or graph_files)
+        self.providers = _providers(ort, self.options.device)
+        self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
+        session_options = ort.SessionOptions()
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        session_options.graph_optimization_level = levels[self.options.optimization]
+        if self.options.threads:
+            session_options.intra_op_num_threads = self.options.threads
+        # One graph runs at a time: a second inter-op pool would only compete for the same cores.
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._ort = ort
+        self._text_kv = self._session(TEXT_KV, session_options, TEXT_KV_INPUTS)
+        self._denoiser = self._session(DENOISER, session_options, DENOISER_INPUTS)
+        logger.debug("onnxruntime %s, providers %s", ort.__version__, self.providers)
+
+    def _session(self, graph: str, session_options: Any, expected: tuple[str, ...]) -> Any:
+        path = self.bundle_dir / f"{graph}.onnx"
+        if not path.is_file():
+            raise NucleusError(f"bundle file {path} is missing.", "copy the complete bundle, or export it again.")
+        try:
+            session = self._ort.InferenceSession(str(path), session_options, providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for unreadable graphs
+            raise NucleusError(f"ONNX Runtime cannot load {path}: {exc}", "export the bundle again.") from None
+        names = {i.name for i in session.get_inputs()}
+        if names != set(expected):
+            raise NucleusError(
+                f"{path} has inputs {sorted(names)}; the bundle contract expects {sorted(expected)}.",
+                "export the bundle again with this version of nucleus-export.",
+            )
+        return session
+
+    def compute_text_kv(
+        self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
+    ) -> OrtTextKV:
+        binding = self._text_kv.io_binding()
+        binding.bind_cpu_input("encoder_hidden_states", np.ascontiguousarray(encoder_hidden_states, dtype=np.float32))
+        binding.bind_cpu_input("txt_rope_cos", np.ascontiguousarray(txt_rope_cos, dtype=np.float32))
+        binding.bind_cpu_input("txt_rope_sin", np.ascontiguousarray(txt_rope_sin, dtype=np.float32))
+        binding.bind_output("text_kv", self._device)
+        self._text_kv.run_with_iobinding(binding)
+        return OrtTextKV(binding.get_outputs()[0])
+
+    def denoise(
+        self,
+        hidden_states: np.ndarray,
+        timestep: np.ndarray,
+        img_rope_cos: np.ndarray,
+        img_rope_sin: np.ndarray,
+        text_kv: TextKVHandle,
+        encoder_hidden_states_mask: np.ndarray,
+    ) -> np.ndarray:
+        if not isinstance(text_kv, OrtTextKV):
+            raise TypeError(f"OrtBackend.denoise needs text K/V from OrtBackend, got {type(text_kv).__name__}")
+        binding = self._denoiser.io_binding()
+        binding.bind_cpu_input("hidden_states", np.ascontiguousarray(hidden_states, dtype=np.float32))
+        binding.bind_cpu_input("timestep", np.ascontiguousarray(timestep, dtype=np.float32))
+        binding.bind_cpu_input("img_rope_cos", np.ascontiguousarray(img_rope_cos, dtype=np.float32))
+        binding.bind_cpu_input("img_rope_sin", np.ascontiguousarray(img_rope_sin, dtype=np.float32))
+        binding.bind_ortvalue_input("text_kv", text_kv.value)
+        binding.bind_cpu_input("encoder_hidden_states_mask", np.ascontiguousarray(encoder_hidden_states_mask, dtype=np.int64))
+        binding.bind_output("sample")
+        self._denoiser.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "onnxruntime": self._ort.__version__,
+            "providers": self.providers,
+            "threads": self.options.threads,
+            "optimization": self.options.optimization,
+        }
