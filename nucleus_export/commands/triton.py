@@ -1,0 +1,78 @@
+"""`triton`: bundle -> Triton Inference Server model repository (see nucleus_export/triton)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from nucleus_export.triton import configs, schema
+from nucleus_export.triton.repository import TritonOptions, check_target, plan_repository, write_repository
+from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
+
+logger = logging.getLogger("nucleus_export")
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "triton",
+        parents=[common],
+        help="write a Triton model repository for a bundle",
+        description="Turn a bundle into a model repository that `tritonserver --model-repository REPO` serves: "
+        "nucleus_text_kv and nucleus_denoiser (TensorRT engines, or the ONNX graphs on ONNX Runtime) and "
+        "nucleus_pipeline (whole requests through the runtime's denoising loop, Python backend + BLS).",
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (manifest.json, graphs, engines)")
+    p.add_argument("--repo", type=Path, required=True, help="model repository folder to write (new or empty)")
+    p.add_argument(
+        "--platform",
+        choices=configs.PLATFORMS,
+        default=configs.TENSORRT_PLAN,
+        help="serve the TensorRT engines (GPU, default) or the ONNX graphs with ONNX Runtime (CPU, debugging)",
+    )
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (default 1)")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=0,
+        metavar="N",
+        help="longest a pipeline request may wait in Triton's queue before it is rejected, in microseconds "
+        "(0 = no limit). The models are not batched across requests (max_batch_size 0), so this bounds queueing "
+        "instead of forming batches.",
+    )
+    p.add_argument("--name-prefix", default="", help="prefix for the three model names, to serve several bundles at once")
+    p.add_argument(
+        "--text-kv-cache-mib",
+        type=int,
+        default=DEFAULT_MAX_BYTES >> 20,
+        help="per pipeline instance, text K/V kept across requests (MiB; 0 = only within a request)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the tree and every config.pbtxt; write nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing model repository at --repo")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = TritonOptions(
+        platform=args.platform,
+        instances=args.instances,
+        queue_timeout_us=args.max_queue_delay_us,
+        name_prefix=args.name_prefix,
+        text_kv_cache_bytes=max(0, args.text_kv_cache_mib) << 20,
+    )
+    # Refuse a non-empty --repo before reading (and checksumming) a possibly large bundle.
+    if not args.dry_run:
+        check_target(args.repo.absolute(), args.force)
+    plan = plan_repository(args.bundle, options)
+    if schema.available():
+        for name, text in plan.configs().items():
+            schema.parse_model_config(text, f"{name}/config.pbtxt")
+    if args.dry_run:
+        print(plan.describe(str(args.repo)))
+        return 0
+    write_repository(plan, args.repo, force=args.force)
+    logger.info("wrote %s (%s): %s", args.repo, args.platform, ", ".join(plan.configs()))
+    print(f"tritonserver --model-repository={args.repo.absolute()}" + (
+        f"  # with LD_PRELOAD={args.repo.absolute() / plan.plugin_library}" if plan.plugin_library else ""
+    ))
+    return 0
