@@ -1,0 +1,60 @@
+"""Arguments shared by several subcommands, and their translation into option dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+
+from nucleus_export.export import ExportOptions
+from nucleus_export.graph.precision import COMPUTE_DTYPES, GraphPrecision
+from nucleus_export.resolutions import DEFAULT_BASE, aspect_resolutions, parse_resolutions
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="'tiny' (embedded tiny model, generated offline), a diffusers transformer folder, or a pipeline root",
+    )
+
+
+def add_export_arguments(parser: argparse.ArgumentParser, default_precision: str = "fp32") -> None:
+    group = parser.add_argument_group("graph shapes and precision")
+    group.add_argument(
+        "--precision",
+        choices=sorted(COMPUTE_DTYPES),
+        default=default_precision,
+        help=f"GEMM compute dtype; norms, softmax, router and RoPE stay fp32 (default {default_precision})",
+    )
+    group.add_argument(
+        "--resolutions",
+        type=parse_resolutions,
+        help="pixel sizes HxW[,HxW...] the graphs serve (default: seven aspect ratios 1:1..16:9/9:16 at --base-resolution)",
+    )
+    group.add_argument(
+        "--base-resolution",
+        type=int,
+        default=DEFAULT_BASE,
+        help=f"side of the square the default aspect ratios are scaled around (default {DEFAULT_BASE})",
+    )
+    group.add_argument("--opt-resolution", type=lambda s: parse_resolutions(s)[0], help="HxW engines are tuned for")
+    group.add_argument("--max-batch", type=int, default=2, help="largest batch (2: prompt + negative prompt)")
+    group.add_argument("--max-text-len", type=int, default=1024, help="longest prompt in tokens (default 1024)")
+    group.add_argument("--opt-text-len", type=int, help="typical prompt length (default: 128, or --max-text-len if smaller)")
+    group.add_argument(
+        "--external-data",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="store weights in <graph>.onnx.data (auto: when they exceed 1.8 GB)",
+    )
+
+
+def export_options(args: argparse.Namespace, precision: GraphPrecision | None = None) -> ExportOptions:
+    return ExportOptions(
+        precision=precision or GraphPrecision(args.precision),
+        resolutions=args.resolutions or aspect_resolutions(args.base_resolution),
+        opt_resolution=args.opt_resolution,
+        max_batch=args.max_batch,
+        max_text_len=args.max_text_len,
+        opt_text_len=args.opt_text_len or min(128, args.max_text_len),
+        external_data={"auto": None, "always": True, "never": False}[args.external_data],
+    )

@@ -1,0 +1,36 @@
+"""`nucleus-export export`: write the ONNX bundle."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from nucleus_export.commands.common import add_export_arguments, add_model_argument, export_options
+from nucleus_export.export import export_bundle
+from nucleus_export.model.checkpoint import open_model
+
+logger = logging.getLogger("nucleus_export")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "export",
+        parents=[common],
+        help="export text_kv.onnx and denoiser.onnx (MoE as nucleus custom ops) into a bundle folder",
+        description="Export the transformer into a bundle: text_kv.onnx, denoiser.onnx, scheduler_config.json, "
+        "manifest.json. Written to a temporary folder and renamed into place.",
+    )
+    add_model_argument(parser)
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_export_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoint = open_model(args.model)
+    manifest = export_bundle(checkpoint, args.out, export_options(args), force=args.force)
+    total = sum(f["bytes"] for f in manifest.files.values())
+    print(f"exported {args.out} ({manifest.precision}, {len(manifest.profiles.resolutions)} resolutions, {total / 1e6:.1f} MB)")
+    return 0

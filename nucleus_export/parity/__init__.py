@@ -1,0 +1,1 @@
+"""Parity of exported graphs against diffusers' PyTorch forward: errors, cosine, routing agreement."""
