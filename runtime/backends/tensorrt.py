@@ -1,0 +1,274 @@
+"""TensorRT backend: the bundle's `text_kv.plan` and `denoiser.plan` on one GPU.
+
+Works with full TensorRT (`tensorrt`) or TensorRT-RTX (`tensorrt_rtx`), same Python API; device memory and the
+stream come from cuda-python (`cuda.bindings.runtime`). Tensors are bound by address (`set_tensor_address`) and run
+with `execute_async_v3`. The text_kv engine writes its output into a device buffer that becomes the cache handle;
+the denoiser binds that same buffer as its `text_kv` input, rebinding only when the handle changes, so the K/V is
+never copied per step. The nucleus plugin library is loaded when the engines were built with plugins.
+
+Import-guarded and untested in CI (no GPU there): nothing here is imported until `TensorRTBackend` is constructed,
+and the logic is kept to binding and copying; the loop, cache and checks are shared with the ONNX Runtime backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
+from nucleus_runtime.errors import NucleusError
+
+logger = logging.getLogger("nucleus_runtime")
+
+
+def _import_tensorrt() -> Any:
+    for name in ("tensorrt", "tensorrt_rtx"):
+        try:
+            return __import__(name)
+        except ImportError:
+            continue
+    raise NucleusError(
+        "neither tensorrt nor tensorrt_rtx is installed.",
+        "pip install tensorrt (datacenter GPUs) or tensorrt-rtx (RTX GPUs), or use --backend onnxruntime.",
+    )
+
+
+def _import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6 layout
+        except ImportError:
+            raise NucleusError("cuda-python is not installed.", "pip install cuda-python.") from None
+    return cudart
+
+
+def _check(result: Any, what: str) -> Any:
+    """cuda-python returns (error, *values); raise on error, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise NucleusError(f"CUDA call {what} failed with {err}.", "check that a CUDA GPU is visible and has free memory.")
+    return values[0] if len(values) == 1 else values
+
+
+def parse_compute_capability(value: Any) -> tuple[int, int]:
+    """"SM89", "sm_89", "8.9", "89" or [8, 9] -> (8, 9)."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    text = str(value).lower().removeprefix("sm").lstrip("_")
+    if "." in text:
+        major, minor = text.split(".", 1)
+        return int(major), int(minor)
+    return int(text[:-1]), int(text[-1])
+
+
+def engine_compute_capabilities(manifest: Manifest, graph: str) -> list[tuple[int, int]]:
+    """Compute capabilities the manifest says an engine targets (per-graph entry first, then bundle-wide)."""
+    engines = manifest.engines or {}
+    for record in (engines.get(graph) or {}, engines):
+        if not isinstance(record, dict):
+            continue
+        values = record.get("compute_capabilities") or ([record["compute_capability"]] if record.get("compute_capability") else [])
+        if values:
+            return [parse_compute_capability(v) for v in values]
+    return []
+
+
+class DeviceBuffer:
+    """A cudaMalloc'ed block, freed with its last reference."""
+
+    def __init__(self, cudart: Any, nbytes: int):
+        self._cudart = cudart
+        self.nbytes = nbytes
+        self.ptr = int(_check(cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})"))
+
+    def __del__(self) -> None:
+        if getattr(self, "ptr", 0):
+            self._cudart.cudaFree(self.ptr)
+            self.ptr = 0
+
+
+class TrtTextKV(TextKVHandle):
+    """Text K/V in device memory, written by the text_kv engine and read in place by the denoiser."""
+
+    def __init__(self, buffer: DeviceBuffer, shape: tuple[int, ...], dtype: np.dtype, backend: TensorRTBackend):
+        self.buffer = buffer
+        self._shape = shape
+        self._dtype = dtype
+        self._backend = backend
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def to_numpy(self) -> np.ndarray:
+        host = np.empty(self._shape, dtype=self._dtype)
+        self._backend.copy_to_host(host, self.buffer.ptr)
+        return host
+
+
+class _Engine:
+    """One deserialized engine with its execution context and per-input device buffers (grown, never shrunk)."""
+
+    def __init__(self, trt: Any, runtime: Any, path: Path, cudart: Any):
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise NucleusError(
+                f"TensorRT could not load {path}: it was built for another GPU or another TensorRT version.",
+                "build the engines again on (or for) this GPU with `nucleus-export build`.",
+            )
+        self.trt = trt
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.cudart = cudart
+        self.buffers: dict[str, DeviceBuffer] = {}
+
+    def buffer(self, name: str, nbytes: int) -> DeviceBuffer:
+        current = self.buffers.get(name)
+        if current is None or current.nbytes < nbytes:
+            current = self.buffers[name] = DeviceBuffer(self.cudart, nbytes)
+            self.context.set_tensor_address(name, current.ptr)
+        return current
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.context.get_tensor_shape(name))
+
+    def output_dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+
+
+class TensorRTBackend(Backend):
+    """Runs a bundle's TensorRT engines.
+
+    Args:
+        bundle_dir: the bundle folder, holding text_kv.plan and denoiser.plan.
+        manifest: the bundle's manifest, when the caller has it loaded already.
+        verify_checksums: check the engine files against the manifest before loading them.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest | None = None, verify_checksums: bool = True):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest or load_manifest(self.bundle_dir)
+        plans = [f"{TEXT_KV}.plan", f"{DENOISER}.plan"]
+        missing = [p for p in plans if not (self.bundle_dir / p).is_file()]
+        if missing:
+            raise NucleusError(
+                f"bundle {self.bundle_dir} has no TensorRT engines ({', '.join(missing)}).",
+                "build them with `nucleus-export build`, or run with --backend onnxruntime.",
+            )
+        if verify_checksums:
+            verify_files(self.bundle_dir, self.manifest, plans)
+        self.trt = _import_tensorrt()
+        self.cudart = _import_cudart()
+        self.name = self.trt.__name__
+        self._check_gpu()
+        if self.manifest.moe_lowering == "plugin":
+            # Lazy: only bundles built with plugins need the library (and runtime/plugins.py).
+            from nucleus_runtime import plugins
+
+            plugins.load_plugin_library(plugins.find_plugin_library(self.bundle_dir))
+        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self._runtime = self.trt.Runtime(self._logger)
+        self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart)
+        self._denoiser = _Engine(self.trt, self._runtime, self.bundle_dir / plans[1], self.cudart)
+        self._stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._bound_text_kv: TrtTextKV | None = None
+
+    def _check_gpu(self) -> None:
+        device = _check(self.cudart.cudaGetDevice(), "cudaGetDevice")
+        props = _check(self.cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+        gpu = (int(props.major), int(props.minor))
+        self.gpu_name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+        for graph in (TEXT_KV, DENOISER):
+            targets = engine_compute_capabilities(self.manifest, graph)
+            if targets and gpu not in targets:
+                built = ", ".join(f"SM{a}{b}" for a, b in targets)
+                raise NucleusError(
+                    f"{graph}.plan was built for {built}, but this GPU ({self.gpu_name}) is SM{gpu[0]}{gpu[1]}.",
+                    f"build the engines for SM{gpu[0]}{gpu[1]} (`nucleus-export build` on this GPU or with its target).",
+                )
+
+    # ---- host <-> device ----------------------------------------------------------------------------------------
+
+    def _upload(self, engine: _Engine, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        engine.context.set_input_shape(name, array.shape)
+        buf = engine.buffer(name, array.nbytes)
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        _check(self.cudart.cudaMemcpyAsync(buf.ptr, array.ctypes.data, array.nbytes, kind, self._stream), "cudaMemcpyAsync")
+
+    def copy_to_host(self, host: np.ndarray, ptr: int) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(self.cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self._stream), "cudaMemcpyAsync")
+        _check(self.cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+
+    def _execute(self, engine: _Engine, graph: str) -> None:
+        if not engine.context.execute_async_v3(int(self._stream)):
+            raise NucleusError(f"TensorRT failed to run {graph}.plan (see the TensorRT log above).", "rerun with --verbose.")
+
+    # ---- Backend ------------------------------------------------------------------------------------------------
+
+    def compute_text_kv(
+        self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
+    ) -> TrtTextKV:
+        engine = self._text_kv
+        self._upload(engine, "encoder_hidden_states", encoder_hidden_states.astype(np.float32, copy=False))
+        self._upload(engine, "txt_rope_cos", txt_rope_cos)
+        self._upload(engine, "txt_rope_sin", txt_rope_sin)
+        shape, dtype = engine.output_shape("text_kv"), engine.output_dtype("text_kv")
+        # A fresh buffer per handle: it outlives this call in the cache, the engine's own buffers do not.
+        out = DeviceBuffer(self.cudart, int(np.prod(shape)) * dtype.itemsize)
+        engine.context.set_tensor_address("text_kv", out.ptr)
+        self._execute(engine, TEXT_KV)
+        _check(self.cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return TrtTextKV(out, shape, dtype, self)
+
+    def denoise(
+        self,
+        hidden_states: np.ndarray,
+        timestep: np.ndarray,
+        img_rope_cos: np.ndarray,
+        img_rope_sin: np.ndarray,
+        text_kv: TextKVHandle,
+        encoder_hidden_states_mask: np.ndarray,
+    ) -> np.ndarray:
+        if not isinstance(text_kv, TrtTextKV):
+            raise TypeError(f"TensorRTBackend.denoise needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
+        engine = self._denoiser
+        self._upload(engine, "hidden_states", hidden_states.astype(np.float32, copy=False))
+        self._upload(engine, "timestep", timestep.astype(np.float32, copy=False))
+        self._upload(engine, "img_rope_cos", img_rope_cos)
+        self._upload(engine, "img_rope_sin", img_rope_sin)
+        self._upload(engine, "encoder_hidden_states_mask", encoder_hidden_states_mask.astype(np.int64, copy=False))
+        engine.context.set_input_shape("text_kv", text_kv.shape)
+        if self._bound_text_kv is not text_kv:
+            engine.context.set_tensor_address("text_kv", text_kv.buffer.ptr)
+            self._bound_text_kv = text_kv
+        shape, dtype = engine.output_shape("sample"), engine.output_dtype("sample")
+        out = engine.buffer("sample", int(np.prod(shape)) * dtype.itemsize)
+        self._execute(engine, DENOISER)
+        host = np.empty(shape, dtype=dtype)
+        self.copy_to_host(host, out.ptr)
+        return host.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self._bound_text_kv = None
+        for engine in (self._text_kv, self._denoiser):
+            engine.buffers.clear()
+        if getattr(self, "_stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "version": self.trt.__version__, "gpu": self.gpu_name}
