@@ -1,0 +1,297 @@
+"""`nucleus-export triton`: generated configs against Triton's own ModelConfig schema and the ONNX graphs, repository
+layout and writing, and the refusals (no engines, non-empty folder, bad names).
+
+Triton itself does not run here; what is checked is what Triton reads: config.pbtxt (parsed with tritonclient's
+model_config_pb2) and the files the configs point at.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto
+
+from nucleus_export.cli import main
+from nucleus_export.errors import NucleusExportError, UsageError
+from nucleus_export.export import ExportOptions, export_bundle
+from nucleus_export.graph.precision import GraphPrecision
+from nucleus_export.model.checkpoint import open_model
+from nucleus_export.triton import pipeline_model, schema
+from nucleus_export.triton.configs import ONNXRUNTIME, TENSORRT_PLAN
+from nucleus_export.triton.names import ModelNames, validate_model_name
+from nucleus_export.triton.repository import RepoFile, TritonOptions, plan_repository, write_repository
+from nucleus_runtime.bundle import MANIFEST_NAME, file_record
+
+pb2 = schema.load_model_config_pb2()
+pytestmark = pytest.mark.skipif(pb2 is None, reason="tritonclient (Triton's ModelConfig schema) is not installed")
+
+ONNX_TO_TRITON = {
+    TensorProto.FLOAT: pb2.TYPE_FP32 if pb2 else None,
+    TensorProto.BFLOAT16: pb2.TYPE_BF16 if pb2 else None,
+    TensorProto.FLOAT16: pb2.TYPE_FP16 if pb2 else None,
+    TensorProto.INT64: pb2.TYPE_INT64 if pb2 else None,
+}
+PLUGIN_LIB = "plugins/libnucleus_trt_plugins.so"
+
+
+def _export(root: Path, compute: str) -> Path:
+    options = ExportOptions(
+        precision=GraphPrecision(compute), resolutions=[(128, 128), (128, 256)], max_text_len=32, opt_text_len=16
+    )
+    export_bundle(open_model("tiny"), root, options)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return _export(tmp_path_factory.mktemp("triton") / "bundle", "fp32")
+
+
+@pytest.fixture(scope="module")
+def bf16_bundle(tmp_path_factory) -> Path:
+    return _export(tmp_path_factory.mktemp("triton") / "bundle_bf16", "bf16")
+
+
+def with_engines(bundle: Path, dest: Path, plugins: bool) -> Path:
+    """A copy of the bundle as `nucleus-export build` leaves it: engine files and their manifest records.
+
+    The engine bytes are placeholders: the repository writer copies engines and never reads them, and no TensorRT
+    that could deserialize a real one runs here.
+    """
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / MANIFEST_NAME).read_text())
+    for graph in ("text_kv", "denoiser"):
+        (dest / f"{graph}.plan").write_bytes(b"engine placeholder " + graph.encode())
+        manifest["files"][f"{graph}.plan"] = file_record(dest, f"{graph}.plan")
+    manifest["engines"] = {"text_kv": "text_kv.plan", "denoiser": "denoiser.plan"}
+    if plugins:
+        (dest / "plugins").mkdir()
+        (dest / PLUGIN_LIB).write_bytes(b"\x7fELF placeholder")
+        manifest["plugins"] = {"library": PLUGIN_LIB}
+        manifest["moe_lowering"] = "plugin"
+    (dest / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return dest
+
+
+def parse(text: str):
+    return schema.parse_model_config(text)
+
+
+def assert_matches_graph(config, graph: onnx.ModelProto) -> None:
+    """Names, element types and ranks of config inputs/outputs equal the ONNX graph's; fixed sizes equal too."""
+    for side, values in (("input", graph.graph.input), ("output", graph.graph.output)):
+        declared = {t.name: t for t in getattr(config, side)}
+        assert set(declared) == {v.name for v in values}, side
+        for v in values:
+            tensor = v.type.tensor_type
+            entry = declared[v.name]
+            assert entry.data_type == ONNX_TO_TRITON[tensor.elem_type], v.name
+            assert len(entry.dims) == len(tensor.shape.dim), v.name
+            for size, dim in zip(entry.dims, tensor.shape.dim):
+                assert size == (-1 if dim.dim_param else dim.dim_value), v.name
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+@pytest.mark.parametrize("platform", [ONNXRUNTIME, TENSORRT_PLAN])
+def test_configs_parse_and_match_onnx_graphs(request, tmp_path, compute, platform):
+    source = request.getfixturevalue("bundle" if compute == "fp32" else "bf16_bundle")
+    bundle = with_engines(source, tmp_path / "b", plugins=False) if platform == TENSORRT_PLAN else source
+    plan = plan_repository(bundle, TritonOptions(platform=platform, instances=2))
+    configs = {name: parse(text) for name, text in plan.configs().items()}
+    assert set(configs) == {"nucleus_text_kv", "nucleus_denoiser", "nucleus_pipeline"}
+    kind = pb2.ModelInstanceGroup.KIND_GPU if platform == TENSORRT_PLAN else pb2.ModelInstanceGroup.KIND_CPU
+    for graph in ("text_kv", "denoiser"):
+        config = configs[f"nucleus_{graph}"]
+        assert config.name == f"nucleus_{graph}"
+        assert config.max_batch_size == 0
+        assert [(g.kind, g.count) for g in config.instance_group] == [(kind, 2)]
+        if platform == TENSORRT_PLAN:
+            assert config.platform == "tensorrt_plan"
+        else:
+            assert config.backend == "onnxruntime" and config.default_model_filename == "model.onnx"
+        assert_matches_graph(config, onnx.load(str(bundle / f"{graph}.onnx"), load_external_data=False))
+    if compute == "bf16":
+        kv_out = {t.name: t for t in configs["nucleus_text_kv"].output}["text_kv"]
+        assert kv_out.data_type == pb2.TYPE_BF16
+
+    pipeline = configs["nucleus_pipeline"]
+    assert pipeline.backend == "python" and pipeline.max_batch_size == 0
+    assert [t.name for t in pipeline.input] == [s.name for s in pipeline_model.PIPELINE_INPUTS]
+    assert [t.name for t in pipeline.output] == [pipeline_model.OUTPUT_LATENTS]
+    assert {t.name for t in pipeline.input if not t.optional} == {"prompt_embeds"}
+    assert list({t.name: t for t in pipeline.input}["prompt_embeds"].dims) == [-1, -1, 64]
+    params = {k: v.string_value for k, v in pipeline.parameters.items()}
+    assert params[pipeline_model.PARAM_TEXT_KV_MODEL] == "nucleus_text_kv"
+    assert params[pipeline_model.PARAM_DENOISER_MODEL] == "nucleus_denoiser"
+    assert not pipeline.HasField("dynamic_batching")
+
+
+def test_queue_delay_and_prefix(bundle):
+    plan = plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME, queue_timeout_us=250_000, name_prefix="fp32_"))
+    configs = {name: parse(text) for name, text in plan.configs().items()}
+    assert set(configs) == {"fp32_nucleus_text_kv", "fp32_nucleus_denoiser", "fp32_nucleus_pipeline"}
+    pipeline = configs["fp32_nucleus_pipeline"]
+    policy = pipeline.dynamic_batching.default_queue_policy
+    assert policy.default_timeout_microseconds == 250_000
+    assert policy.timeout_action == pb2.ModelQueuePolicy.REJECT
+    params = {k: v.string_value for k, v in pipeline.parameters.items()}
+    assert params[pipeline_model.PARAM_DENOISER_MODEL] == "fp32_nucleus_denoiser"
+    for name, config in configs.items():
+        assert config.name == name
+
+
+def test_written_tensorrt_repository_with_plugins(bundle, tmp_path):
+    built = with_engines(bundle, tmp_path / "built", plugins=True)
+    repo = tmp_path / "repo"
+    assert main(["triton", "--bundle", str(built), "--repo", str(repo)]) == 0
+    for graph in ("text_kv", "denoiser"):
+        assert (repo / f"nucleus_{graph}/1/model.plan").read_bytes() == (built / f"{graph}.plan").read_bytes()
+    plugin = repo / "nucleus_denoiser" / PLUGIN_LIB
+    assert plugin.read_bytes() == (built / PLUGIN_LIB).read_bytes()
+    readme = (repo / "README.md").read_text()
+    assert f"LD_PRELOAD=$PWD/REPO/nucleus_denoiser/{PLUGIN_LIB}" in readme
+    assert "--backend-config=tensorrt,plugins=" in readme
+    for model in ("nucleus_text_kv", "nucleus_denoiser", "nucleus_pipeline"):
+        assert parse((repo / model / "config.pbtxt").read_text()).name == model
+    version = repo / "nucleus_pipeline" / "1"
+    assert (version / "model.py").read_text() == Path(pipeline_model.__file__).read_text()
+    assert (version / "nucleus_runtime" / "pipeline.py").is_file()
+    assert json.loads((version / MANIFEST_NAME).read_text())["moe_lowering"] == "plugin"
+    assert not list(tmp_path.glob(".repo.*")), "temporary folders left behind"
+
+
+def test_plugin_bundle_without_library_is_refused(bundle, tmp_path):
+    built = with_engines(bundle, tmp_path / "built", plugins=True)
+    (built / PLUGIN_LIB).unlink()
+    with pytest.raises(NucleusExportError, match="plugin library"):
+        plan_repository(built, TritonOptions(platform=TENSORRT_PLAN))
+
+
+def test_generated_model_imports_the_repository_copy_of_the_runtime(bundle, tmp_path):
+    repo = tmp_path / "repo"
+    write_repository(plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME)), repo)
+    version = repo / "nucleus_pipeline" / "1"
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('model', {str(version / 'model.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['model'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "import nucleus_runtime; print(nucleus_runtime.__file__)\n"
+        "module.PipelineCore.load_bundle_files(module._HERE)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).is_relative_to(version)
+
+
+def test_onnx_external_data_travels_with_the_graph(tmp_path):
+    options = ExportOptions(resolutions=[(128, 128)], max_text_len=16, opt_text_len=8, external_data=True)
+    bundle = tmp_path / "ext"
+    export_bundle(open_model("tiny"), bundle, options)
+    repo = tmp_path / "repo"
+    write_repository(plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME)), repo)
+    import onnxruntime
+
+    for graph in ("text_kv", "denoiser"):
+        version = repo / f"nucleus_{graph}" / "1"
+        assert (version / f"{graph}.onnx.data").is_file()
+        onnxruntime.InferenceSession(str(version / "model.onnx"))  # loads only if its weights are found
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+
+
+def test_tensorrt_plan_without_engines_is_refused(bundle, tmp_path, capsys):
+    with pytest.raises(NucleusExportError, match="no TensorRT engine text_kv.plan"):
+        plan_repository(bundle, TritonOptions(platform=TENSORRT_PLAN))
+    assert main(["triton", "--bundle", str(bundle), "--repo", str(tmp_path / "repo")]) == 1
+    err = capsys.readouterr().err
+    assert "nucleus-export build" in err and "--platform onnxruntime" in err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_non_empty_repo_needs_force(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    args = ["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime"]
+    assert main(args) == 0
+    stale = repo / "nucleus_text_kv" / "stale.txt"
+    stale.write_text("old")
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert stale.exists()
+    assert main(args + ["--force", "--instances", "3"]) == 0
+    assert not stale.exists()
+    assert parse((repo / "nucleus_denoiser" / "config.pbtxt").read_text()).instance_group[0].count == 3
+
+
+def test_force_never_deletes_a_folder_that_is_not_a_model_repository(bundle, tmp_path, capsys):
+    repo = tmp_path / "home"
+    repo.mkdir()
+    (repo / "thesis.tex").write_text("precious")
+    args = ["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime", "--force"]
+    assert main(args) == 2
+    assert "not Triton models" in capsys.readouterr().err
+    assert (repo / "thesis.tex").read_text() == "precious"
+
+
+def test_empty_existing_repo_is_used(bundle, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert main(["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime"]) == 0
+    assert (repo / "nucleus_pipeline" / "config.pbtxt").is_file()
+
+
+def test_dry_run_prints_tree_and_configs_and_writes_nothing(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "nucleus_text_kv/1/model.onnx" in out and "nucleus_pipeline/1/model.py" in out
+    for model in ("nucleus_text_kv", "nucleus_denoiser", "nucleus_pipeline"):
+        section = out.split(f"--- {model}/config.pbtxt ---\n", 1)[1].split("\n--- ", 1)[0]
+        assert parse(section).name == model
+    assert not repo.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_the_old_repository(bundle, tmp_path):
+    repo = tmp_path / "repo"
+    plan = plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME))
+    write_repository(plan, repo)
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    plan.files.append(RepoFile("nucleus_text_kv/1/extra.bin", source=tmp_path / "vanished.bin"))
+    with pytest.raises(FileNotFoundError):
+        write_repository(plan, repo, force=True)
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", ".hidden", "-x", "with space", "ünicode", "a\\b", "x" * 129])
+def test_invalid_model_names(name):
+    with pytest.raises(UsageError):
+        validate_model_name(name)
+
+
+@pytest.mark.parametrize("name", ["nucleus_text_kv", "fp8_nucleus_denoiser", "Model-2.v1", "0model"])
+def test_valid_model_names(name):
+    assert validate_model_name(name) == name
+
+
+def test_bad_prefix_on_the_command_line(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    args = ["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime", "--name-prefix", "a/"]
+    assert main(args) == 2
+    assert "not a valid Triton model name" in capsys.readouterr().err
+    assert not repo.exists()
+    with pytest.raises(UsageError, match="must differ"):
+        ModelNames("same", "same", "other").validate()
+
+
+@pytest.mark.parametrize("flag,value", [("--instances", "0"), ("--max-queue-delay-us", "-1")])
+def test_bad_numbers(bundle, tmp_path, flag, value):
+    args = ["triton", "--bundle", str(bundle), "--repo", str(tmp_path / "r"), "--platform", "onnxruntime", flag, value]
+    assert main(args) == 2
