@@ -1,0 +1,150 @@
+"""`nucleus-export run`: denoise latents from prompt embeddings with a bundle (ONNX Runtime or TensorRT).
+
+Reads `prompt_embeds` [B,T,D] and optional `prompt_embeds_mask` [B,T] from safetensors files, writes the final packed
+latents [B,S,64] as `latents`. Decoding them to pixels (the VAE) is outside the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nucleus_export.errors import UsageError
+from nucleus_export.log import track
+from nucleus_export.model.checkpoint import WeightStore, read_safetensors_header
+from nucleus_runtime.backends.base import Backend
+from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, load_manifest, verify_files
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.pipeline import generate
+from nucleus_runtime.scheduler import SchedulerConfig
+from nucleus_runtime.text_kv_cache import TextKVCache
+
+logger = logging.getLogger("nucleus_export")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "run",
+        parents=[common],
+        help="denoise latents from prompt embeddings with a bundle (the pipeline's loop, text K/V cached)",
+        description="Run the NucleusMoEImagePipeline denoising loop on a bundle: FlowMatch Euler schedule, CFG as one "
+        "batch of 2, text K/V computed once. Inputs and output are safetensors files.",
+    )
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (from `export` or `build`)")
+    parser.add_argument("--prompt-embeds", type=Path, required=True, help="safetensors with prompt_embeds [B,T,D] (+ prompt_embeds_mask [B,T])")
+    parser.add_argument("--negative-prompt-embeds", type=Path, help="the same for the negative prompt; needed when --guidance > 1")
+    parser.add_argument("--height", type=int, required=True, help="image height in pixels (one of the bundle's resolutions)")
+    parser.add_argument("--width", type=int, required=True, help="image width in pixels")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale; CFG runs when > 1 (default 4.0)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--latents", type=Path, help="safetensors with initial packed `latents` [B,S,64]")
+    start.add_argument("--seed", type=int, help="seed for numpy initial noise (default 0; not torch's randn)")
+    parser.add_argument("--out", type=Path, required=True, help="safetensors file for the final `latents`")
+    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime", help="default onnxruntime")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
+    parser.add_argument("--no-text-kv-cache", action="store_true", help="recompute text K/V at every step (same result, slower)")
+    parser.add_argument("--skip-checksums", action="store_true", help="do not check bundle files against the manifest")
+    parser.set_defaults(func=run)
+
+
+def read_tensors(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Named tensors from a safetensors file (any dtype the checkpoint reader knows, bf16 included)."""
+    if not path.is_file():
+        raise UsageError(f"input file {path} does not exist.", "pass an existing .safetensors file.")
+    store = WeightStore(read_safetensors_header(path))
+    missing = [name for name in required if name not in store]
+    if missing:
+        raise NucleusError(
+            f"{path} has no tensor {', '.join(repr(m) for m in missing)} (it holds: {', '.join(sorted(store)) or 'nothing'}).",
+            f"save the tensors under the names {', '.join(required + optional)}.",
+        )
+    return {name: store.read(name) for name in required + optional if name in store}
+
+
+def write_latents(path: Path, latents: np.ndarray, metadata: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"latents": np.ascontiguousarray(latents)}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def open_backend(args: argparse.Namespace, bundle: Path, manifest) -> Backend:  # noqa: ANN001 - Manifest
+    if args.backend == "tensorrt":
+        from nucleus_runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle, manifest=manifest, verify_checksums=not args.skip_checksums)
+    from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+
+    options = OrtOptions(threads=args.threads, device=args.device, verify_checksums=not args.skip_checksums)
+    return OrtBackend(bundle, options, manifest=manifest)
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.bundle)
+    if not args.skip_checksums:
+        verify_files(args.bundle, manifest, [SCHEDULER_CONFIG_NAME])
+    scheduler = SchedulerConfig.from_file(args.bundle / SCHEDULER_CONFIG_NAME)
+    # Check everything about the request that needs no graph before loading the (possibly large) backend.
+    manifest.grid_for(args.height, args.width)
+    prompt = read_tensors(args.prompt_embeds, ("prompt_embeds",), ("prompt_embeds_mask",))
+    negative: dict[str, np.ndarray] = {}
+    if args.negative_prompt_embeds is not None:
+        negative = read_tensors(args.negative_prompt_embeds, ("prompt_embeds",), ("prompt_embeds_mask",))
+    latents = read_tensors(args.latents, ("latents",))["latents"] if args.latents else None
+    seed = None if latents is not None else (args.seed if args.seed is not None else 0)
+
+    backend = open_backend(args, args.bundle, manifest)
+    cache = None if args.no_text_kv_cache else TextKVCache()
+    start = time.perf_counter()
+    try:
+        out = generate(
+            backend,
+            manifest,
+            scheduler,
+            prompt["prompt_embeds"],
+            prompt.get("prompt_embeds_mask"),
+            negative.get("prompt_embeds"),
+            negative.get("prompt_embeds_mask"),
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            guidance=args.guidance,
+            latents=latents,
+            seed=seed,
+            cache=cache,
+            recompute_text_kv=args.no_text_kv_cache,
+            progress=lambda steps: track(steps, "denoising", total=len(steps)),
+        )
+    finally:
+        backend.close()
+    seconds = time.perf_counter() - start
+    metadata = {
+        "height": str(args.height),
+        "width": str(args.width),
+        "steps": str(args.steps),
+        "guidance": str(args.guidance),
+        "seed": "" if seed is None else str(seed),
+        "config_hash": manifest.config_hash,
+        "backend": backend.name,
+    }
+    write_latents(args.out, out, metadata)
+    print(
+        f"wrote {args.out}: latents {list(out.shape)}, {args.steps} steps in {seconds:.2f} s "
+        f"({seconds / args.steps:.3f} s/step, {backend.name})"
+    )
+    return 0
