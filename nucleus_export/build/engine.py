@@ -314,6 +314,29 @@ class RichBuildProgress:
 # ---- loaders ----------------------------------------------------------------------------------------------------
 
 
+# TensorRT warnings that the exported graphs trigger by design (int64 mask input, empty shape constants).
+_BENIGN_WARNINGS = ("has Int64 binding", "Empty initializer")
+
+
+def make_logger(backend: Backend) -> Any:
+    """A TensorRT ILogger that forwards to the nucleus_export logger (known-benign warnings only with --verbose)."""
+    trt = backend.trt
+
+    class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                logger.error("[%s] %s", backend.name, msg)
+            elif severity == trt.ILogger.WARNING and not any(b in msg for b in _BENIGN_WARNINGS):
+                logger.warning("[%s] %s", backend.name, msg)
+            else:
+                logger.debug("[%s] %s", backend.name, msg)
+
+    return _Logger()
+
+
 @dataclasses.dataclass
 class ParsedNetwork:
     """A parsed network with the objects that must stay alive while it is used."""
@@ -323,6 +346,7 @@ class ParsedNetwork:
     network: Any
     parser: Any
     parse_seconds: float
+    trt_logger: Any = None  # kept alive as long as the builder
 
 
 @dataclasses.dataclass
@@ -342,7 +366,7 @@ class NetworkFromOnnxPath:
 
     def __call__(self) -> ParsedNetwork:
         trt = self.backend.trt
-        logger_ = trt.Logger(trt.Logger.WARNING)
+        logger_ = make_logger(self.backend)
         builder = trt.Builder(logger_)
         flags = 0
         if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
@@ -360,7 +384,7 @@ class NetworkFromOnnxPath:
                 f"{self.backend.name} could not parse {self.path}: " + " | ".join(e.splitlines()[0] for e in errors[:5]),
                 _parse_fix(errors),
             )
-        return ParsedNetwork(self.backend, builder, network, parser, seconds)
+        return ParsedNetwork(self.backend, builder, network, parser, seconds, logger_)
 
 
 def _parse_fix(errors: list[str]) -> str:
@@ -436,6 +460,10 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); a plan is an ordinary artifact, readable like the ONNX files.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -30,6 +30,10 @@ ROUTER_OP = "ExpertChoiceRouter"
 COMBINE_OP = "MoECombine"
 MOE_OPS = (ROUTER_OP, COMBINE_OP)
 
+# Plugin creators the nucleus plugin library registers (plugins/): name = op_type, this version and namespace.
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = ""
+
 # The contract's epsilon in the per-token normalization (docs/contract.md, ExpertChoiceRouter.gating).
 GATING_EPS = 1e-12
 
@@ -224,7 +228,9 @@ def lower_moe_native(model: onnx.ModelProto) -> onnx.ModelProto:
     return lowered
 
 
-def prepare_for_plugins(model: onnx.ModelProto, plugin_namespace: str = "", plugin_version: str = "1") -> onnx.ModelProto:
+def prepare_for_plugins(
+    model: onnx.ModelProto, plugin_namespace: str = PLUGIN_NAMESPACE, plugin_version: str = PLUGIN_VERSION
+) -> onnx.ModelProto:
     """Keep the nucleus custom nodes so TensorRT's ONNX parser turns each into a plugin layer.
 
     The parser inlines a model-local function whenever one exists, unless OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE is

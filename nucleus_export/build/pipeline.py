@@ -1,0 +1,239 @@
+"""`build`: export a bundle, lower the MoE ops, build text_kv.plan and denoiser.plan, report quality.
+
+Everything is written into a temporary sibling folder (nucleus_export.export.atomic_output_dir) and renamed into
+place at the end, so a failed or interrupted build never leaves a half bundle behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from nucleus_export.build.backends import Backend, resolve_backend
+from nucleus_export.build.engine import (
+    BuildReport,
+    BuildSettings,
+    EngineFromOnnx,
+    NetworkFromOnnxPath,
+    RichBuildProgress,
+    dim_ranges_from_profiles,
+    load_plugins,
+    onnx_input_shapes,
+    profile_shapes,
+    write_build_log,
+)
+from nucleus_export.build.lowering import MOE_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, lower_moe_native, prepare_for_plugins
+from nucleus_export.errors import NucleusExportError, UsageError
+from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
+from nucleus_export.log import console
+from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, write_json_atomic
+
+logger = logging.getLogger("nucleus_export")
+
+MOE_NATIVE = "native"
+MOE_PLUGIN = "plugin"
+BUILD_LOG_NAME = "build_log.json"
+PLUGIN_DIR = "plugins"
+# TensorRT-RTX's default targets when none are set (docs: "CPU-Only AOT and TensorRT-RTX Engines").
+RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120"]
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    """What `build` does beyond the export.
+
+    Attributes:
+        backend: "auto", "tensorrt" or "tensorrt-rtx".
+        moe: "native" (rewrite to native layers) or "plugin" (keep the custom nodes for the plugin library).
+        plugin_library: the plugin library; required for moe == "plugin".
+        timing_cache: timing-cache file, read and updated (full TensorRT).
+        compute_capabilities: TensorRT-RTX targets ("SM89", ...); None for its portable default.
+        optimization_level: builder optimization level; None for the default.
+        quality: run the CPU quality report (parity.json).
+    """
+
+    backend: str = "auto"
+    moe: str = MOE_NATIVE
+    plugin_library: Path | None = None
+    timing_cache: Path | None = None
+    compute_capabilities: list[str] | None = None
+    optimization_level: int | None = None
+    quality: bool = True
+
+
+def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
+    """Resolve --moe against --plugins: native is the default without a library, plugin needs one."""
+    if moe is None:
+        return MOE_PLUGIN if plugin_library is not None else MOE_NATIVE
+    if moe not in (MOE_NATIVE, MOE_PLUGIN):
+        raise UsageError(f"unknown MoE lowering '{moe}'.", "use --moe native or --moe plugin.")
+    if moe == MOE_PLUGIN and plugin_library is None:
+        raise UsageError(
+            "--moe plugin needs the plugin library that implements the nucleus ops.",
+            "pass --plugins path/to/libnucleus_trt_plugins.so (build it from plugins/), or use --moe native.",
+        )
+    if moe == MOE_NATIVE and plugin_library is not None:
+        raise UsageError("--plugins was given with --moe native, which uses no plugins.", "drop one of them.")
+    return moe
+
+
+def prepare_graph(bundle_dir: Path, graph: str, moe: str) -> Path:
+    """Write the graph TensorRT parses: MoE lowered or prepared for plugins, next to the original so its external
+    data (referenced by relative location, not loaded here) still resolves. Returns its path (a hidden file)."""
+    source = bundle_dir / f"{graph}.onnx"
+    model = onnx.load(str(source), load_external_data=False)
+    prepared = lower_moe_native(model) if moe == MOE_NATIVE else prepare_for_plugins(model)
+    path = bundle_dir / f".{graph}.{moe}.onnx"
+    onnx.save_model(prepared, str(path))
+    return path
+
+
+def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, options: BuildOptions) -> list[BuildReport]:
+    """Build text_kv.plan and denoiser.plan in `bundle_dir` from its ONNX graphs."""
+    ranges = dim_ranges_from_profiles(manifest.profiles)
+    reports = []
+    for graph in GRAPHS:
+        onnx_path = prepare_graph(bundle_dir, graph, options.moe)
+        try:
+            settings = BuildSettings(
+                shapes=profile_shapes(onnx_input_shapes(onnx_path), ranges),
+                timing_cache=options.timing_cache,
+                optimization_level=options.optimization_level,
+                compute_capabilities=options.compute_capabilities,
+            )
+            with RichBuildProgress(f"build {graph}.plan") as progress:
+                report = EngineFromOnnx(
+                    NetworkFromOnnxPath(backend, onnx_path, plugin_override=options.moe == MOE_PLUGIN),
+                    settings,
+                    bundle_dir / f"{graph}.plan",
+                    graph=graph,
+                    progress=progress,
+                    inspect=_plugin_check(graph, options.moe),
+                )()
+        finally:
+            onnx_path.unlink(missing_ok=True)
+        if report.compute_capabilities is None and backend.name == "tensorrt-rtx":
+            report.compute_capabilities = list(RTX_DEFAULT_TARGETS)
+        for line in report.summary_lines():
+            console.print(line, highlight=False)
+        reports.append(report)
+    return reports
+
+
+def _plugin_check(graph: str, moe: str):
+    def check(network_report) -> None:
+        if moe == MOE_PLUGIN and graph == "denoiser" and not network_report.plugin_layers:
+            raise NucleusExportError(
+                "the denoiser parsed without any plugin layer although --moe plugin was requested.",
+                "check that the plugin library registers ExpertChoiceRouter and MoECombine.",
+            )
+
+    return check
+
+
+def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[str, Any]:
+    return {
+        r.graph: {
+            "file": f"{r.graph}.plan",
+            "backend": r.backend,
+            "backend_version": r.backend_version,
+            "bytes": r.engine_bytes,
+            "build_seconds": r.build_seconds,
+            "strongly_typed": True,
+            "compute_capabilities": r.compute_capabilities,
+            "profile": r.profile,
+            "moe_lowering": options.moe,
+        }
+        for r in reports
+    }
+
+
+def refresh_manifest(bundle_dir: Path, manifest: Manifest, **changes: Any) -> Manifest:
+    """Apply changes and re-record every file's checksum (subfolders included, hidden files excluded)."""
+    manifest = dataclasses.replace(manifest, **changes)
+    files = sorted(
+        str(p.relative_to(bundle_dir))
+        for p in bundle_dir.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
+    )
+    manifest.files = {f: file_record(bundle_dir, f) for f in files}
+    write_json_atomic(bundle_dir / MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, options: BuildOptions,
+                 force: bool = False) -> tuple[Manifest, list[BuildReport], Any]:
+    """Export, build and (optionally) quality-check a bundle, atomically.
+
+    Returns:
+        (manifest, engine build reports, ParityReport or None).
+    """
+    backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
+    plugin_info = None
+    if options.moe == MOE_PLUGIN:
+        assert options.plugin_library is not None
+        found = load_plugins(backend, [options.plugin_library], MOE_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION)
+        plugin_info = {
+            "library": f"{PLUGIN_DIR}/{Path(options.plugin_library).name}",
+            "ops": found,
+            "namespace": PLUGIN_NAMESPACE,
+            "version": PLUGIN_VERSION,
+        }
+    started = time.perf_counter()
+    with atomic_output_dir(out_dir, force) as tmp:
+        manifest = write_bundle_files(tmp, checkpoint, export_options)
+        reports = build_engines(tmp, manifest, backend, options)
+        if plugin_info is not None:
+            (tmp / PLUGIN_DIR).mkdir()
+            shutil.copy2(options.plugin_library, tmp / plugin_info["library"])
+        parity = None
+        if options.quality:
+            parity = run_quality_report(checkpoint, tmp, export_options)
+        write_build_log(
+            tmp / BUILD_LOG_NAME,
+            reports,
+            {
+                "backend": backend.name,
+                "backend_version": backend.version,
+                "moe_lowering": options.moe,
+                "precision": export_options.precision.label,
+                "total_seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        tools = dict(manifest.tools)
+        tools[backend.name] = backend.version
+        manifest = refresh_manifest(
+            tmp,
+            manifest,
+            moe_lowering=options.moe,
+            engines=_engine_records(reports, options),
+            plugins=plugin_info,
+            tools=tools,
+        )
+    return manifest, reports, parity
+
+
+def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions) -> Any:
+    """parity.json: the bundle's graphs (bf16 emulated, FP8 Q/DQ as is) in ORT vs diffusers' fp32 forward."""
+    from nucleus_export.build.quality import quality_report
+    from nucleus_export.log import stage
+    from nucleus_export.parity.check import write_report
+
+    precision = export_options.precision
+    with stage("quality report (ONNX Runtime CPU vs diffusers float32)"):
+        report = quality_report(checkpoint, bundle_dir, precision.label, precision.compute, precision.fp8 is not None)
+    write_report(bundle_dir, {precision.label: report})
+    for line in report.summary_lines():
+        console.print(line, highlight=False)
+    return report
+
+
+def load_build_log(bundle_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(bundle_dir) / BUILD_LOG_NAME).read_text())

@@ -1,0 +1,125 @@
+"""`nucleus-export build`: export the bundle and build text_kv.plan / denoiser.plan with TensorRT or TensorRT-RTX."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from nucleus_export.build.backends import BACKEND_CHOICES
+from nucleus_export.build.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, validate_moe_options
+from nucleus_export.commands.common import add_export_arguments, add_model_argument, export_options
+from nucleus_export.errors import NucleusExportError
+from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
+from nucleus_export.model.checkpoint import open_model
+from nucleus_export.model.tiny import cache_root
+
+logger = logging.getLogger("nucleus_export")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "build",
+        parents=[common],
+        help="export the bundle and build TensorRT / TensorRT-RTX engines (bf16, or --fp8), with a quality report",
+        description="Export text_kv.onnx and denoiser.onnx, lower the MoE ops (native layers or plugins), build "
+        "text_kv.plan and denoiser.plan with one optimization profile over the served resolutions, batch 1..2 and "
+        "the text length range, and compare the graphs with diffusers' float32 forward (parity.json). Written to a "
+        "temporary folder and renamed into place.",
+    )
+    add_model_argument(parser)
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_export_arguments(parser, default_precision="bf16")
+    group = parser.add_argument_group("engines")
+    group.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="tensorrt (datacenter GPUs, needs a GPU to build), tensorrt-rtx (RTX GPUs, builds on the CPU), or auto: "
+        "tensorrt when installed with a GPU visible, else tensorrt-rtx",
+    )
+    group.add_argument(
+        "--moe",
+        choices=[MOE_NATIVE, MOE_PLUGIN],
+        help="MoE routing/combine: native TensorRT layers (default without --plugins) or the plugin library "
+        "(default with --plugins)",
+    )
+    group.add_argument("--plugins", type=Path, help="libnucleus_trt_plugins.so for --moe plugin")
+    group.add_argument(
+        "--timing-cache",
+        type=Path,
+        help="timing cache file to reuse and update (full TensorRT; default: in the nucleus-export cache folder)",
+    )
+    group.add_argument(
+        "--compute-capability",
+        action="append",
+        dest="compute_capabilities",
+        metavar="SMxx",
+        help="TensorRT-RTX target (repeatable, e.g. SM89); default: its portable set SM80/86/89/120",
+    )
+    group.add_argument("--optimization-level", type=int, choices=range(0, 6), help="builder optimization level 0..5")
+    quant = parser.add_argument_group("FP8")
+    quant.add_argument(
+        "--fp8", action="store_true", help="E4M3 Q/DQ on attention, dense MLP and expert GEMMs (router, norms stay high)"
+    )
+    quant.add_argument("--fp8-scales", type=Path, help="reuse fp8_scales.json (e.g. from an earlier bundle) instead of calibrating")
+    quant.add_argument("--calibration-prompts", type=Path, help="prompt embeddings for calibration (see the quant docs)")
+    quant.add_argument("--calibration-size", type=int, default=8, help="calibration samples (default 8)")
+    parser.add_argument("--skip-quality", action="store_true", help="skip the CPU quality report (parity.json)")
+    parser.set_defaults(func=run)
+
+
+def fp8_scales(args: argparse.Namespace, checkpoint, options) -> Fp8Scales:
+    """Stored scales (reproducible builds) or a fresh calibration."""
+    if args.fp8_scales:
+        return Fp8Scales.load(args.fp8_scales)
+    try:
+        from nucleus_export.quant import calibrate_fp8
+    except ImportError as exc:
+        raise NucleusExportError(
+            f"FP8 calibration is unavailable in this installation ({exc}).",
+            "pass --fp8-scales with a stored fp8_scales.json.",
+        ) from None
+    return calibrate_fp8(
+        checkpoint,
+        options,
+        prompts=args.calibration_prompts,
+        size=args.calibration_size,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    moe = validate_moe_options(args.moe, args.plugins)
+    if (args.fp8_scales or args.calibration_prompts) and not args.fp8:
+        raise NucleusExportError("--fp8-scales / --calibration-prompts only apply with --fp8.", "add --fp8 or drop them.")
+    build = BuildOptions(
+        backend=args.backend,
+        moe=moe,
+        plugin_library=args.plugins,
+        timing_cache=args.timing_cache,
+        compute_capabilities=args.compute_capabilities,
+        optimization_level=args.optimization_level,
+        quality=not args.skip_quality,
+    )
+    # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
+    from nucleus_export.build.backends import resolve_backend
+
+    backend = resolve_backend(args.backend)
+    if build.timing_cache is None:
+        build.timing_cache = cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
+        build.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = open_model(args.model)
+    options = export_options(args)
+    if args.fp8:
+        options.precision = GraphPrecision(args.precision, fp8_scales(args, checkpoint, options))
+    manifest, reports, parity = build_bundle(checkpoint, args.out, options, build, force=args.force)
+    total = sum(r.build_seconds for r in reports)
+    print(
+        f"built {args.out}: {manifest.precision}{'+fp8' if args.fp8 else ''}, MoE {moe}, "
+        f"{', '.join(f'{r.graph}.plan {r.engine_bytes / 2**20:.1f} MiB' for r in reports)}, engine build {total:.1f} s"
+    )
+    if parity is not None and not parity.passed:
+        print(f"quality report over tolerance: see {args.out}/parity.json")
+        return 1
+    return 0
