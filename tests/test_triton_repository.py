@@ -58,7 +58,7 @@ def bf16_bundle(tmp_path_factory) -> Path:
     return _export(tmp_path_factory.mktemp("triton") / "bundle_bf16", "bf16")
 
 
-def with_engines(bundle: Path, dest: Path, plugins: bool) -> Path:
+def with_engines(bundle: Path, dest: Path, plugins: bool, backend: str = "tensorrt") -> Path:
     """A copy of the bundle as `nucleus-export build` leaves it: engine files and their manifest records.
 
     The engine bytes are placeholders: the repository writer copies engines and never reads them, and no TensorRT
@@ -69,7 +69,7 @@ def with_engines(bundle: Path, dest: Path, plugins: bool) -> Path:
     for graph in ("text_kv", "denoiser"):
         (dest / f"{graph}.plan").write_bytes(b"engine placeholder " + graph.encode())
         manifest["files"][f"{graph}.plan"] = file_record(dest, f"{graph}.plan")
-    manifest["engines"] = {"text_kv": "text_kv.plan", "denoiser": "denoiser.plan"}
+    manifest["engines"] = {g: {"file": f"{g}.plan", "backend": backend} for g in ("text_kv", "denoiser")}
     if plugins:
         (dest / "plugins").mkdir()
         (dest / PLUGIN_LIB).write_bytes(b"\x7fELF placeholder")
@@ -213,6 +213,13 @@ def test_tensorrt_plan_without_engines_is_refused(bundle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nucleus-export build" in err and "--platform onnxruntime" in err
     assert not (tmp_path / "repo").exists()
+
+
+def test_tensorrt_rtx_engines_are_refused(bundle, tmp_path):
+    built = with_engines(bundle, tmp_path / "built", plugins=False, backend="tensorrt-rtx")
+    with pytest.raises(NucleusExportError, match="TensorRT-RTX"):
+        plan_repository(built, TritonOptions(platform=TENSORRT_PLAN))
+    plan_repository(built, TritonOptions(platform=ONNXRUNTIME))  # the ONNX graphs still serve
 
 
 def test_non_empty_repo_needs_force(bundle, tmp_path, capsys):

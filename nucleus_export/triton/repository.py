@@ -34,6 +34,8 @@ VERSION = "1"
 README_NAME = "README.md"
 PLUGIN_DIR = "plugins"
 DEFAULT_PLUGIN_LIBRARY = "plugins/libnucleus_trt_plugins.so"
+# The engine builder's name for TensorRT-RTX in manifest.engines[graph]["backend"] (nucleus_export.build.backends).
+TENSORRT_RTX = "tensorrt-rtx"
 
 
 @dataclasses.dataclass
@@ -154,6 +156,15 @@ def _engine(bundle_dir: Path, manifest: Manifest, graph: str) -> Path:
             + ", which --platform tensorrt_plan serves.",
             f"build the engines first (`nucleus-export build --bundle {bundle_dir}`), or serve the ONNX graphs "
             "with --platform onnxruntime.",
+        )
+    record = (manifest.engines or {}).get(graph)
+    built_with = record.get("backend") if isinstance(record, dict) else None
+    if built_with == TENSORRT_RTX:
+        # Triton's tensorrt backend links full TensorRT, which cannot deserialize TensorRT-RTX engines.
+        raise NucleusExportError(
+            f"{path} was built with TensorRT-RTX; Triton's tensorrt_plan backend runs full TensorRT engines only.",
+            "build the engines with `nucleus-export build --backend tensorrt` on a machine with the TensorRT version "
+            "of your Triton release, or serve the ONNX graphs with --platform onnxruntime.",
         )
     return path
 
