@@ -260,3 +260,36 @@ def test_runtime_imports_without_torch_or_diffusers():
         "assert not any(m.split('.')[0] in ('torch', 'diffusers') for m in sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- TensorRT backend logic that needs no GPU ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,expected", [("SM89", (8, 9)), ("sm_120", (12, 0)), ("9.0", (9, 0)), ("86", (8, 6)), ([9, 0], (9, 0))])
+def test_parse_compute_capability(value, expected):
+    from nucleus_runtime.backends.tensorrt import parse_compute_capability
+
+    assert parse_compute_capability(value) == expected
+
+
+def test_engine_for_another_gpu_is_refused():
+    from nucleus_runtime.backends.tensorrt import TensorRTBackend
+
+    class Props:
+        major, minor, name = 9, 0, b"NVIDIA H100"
+
+    class FakeCudart:
+        def cudaGetDevice(self):
+            return (0, 0)
+
+        def cudaGetDeviceProperties(self, device):
+            return (0, Props())
+
+    backend = object.__new__(TensorRTBackend)  # only the GPU check, without TensorRT or a GPU
+    backend.cudart = FakeCudart()
+    backend.manifest = toy_manifest()
+    backend.manifest.engines = {"denoiser": {"compute_capabilities": ["SM89", "SM120"]}}
+    with pytest.raises(NucleusError, match=r"built for SM89, SM120, but this GPU \(NVIDIA H100\) is SM90"):
+        backend._check_gpu()
+    backend.manifest.engines = {"compute_capability": "9.0"}
+    backend._check_gpu()
