@@ -24,7 +24,7 @@ from nucleus_runtime.errors import NucleusError
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 
 # What a bundle gets when the model path is not a pipeline root (no scheduler/ folder to copy): the settings of
-# Nucleus-Image's published scheduler.
+# Nucleus-Image's published scheduler, every key written out as diffusers saves it.
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": SCHEDULER_CLASS,
     "num_train_timesteps": 1000,
@@ -34,7 +34,13 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "max_shift": 1.15,
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
     "time_shift_type": "exponential",
+    "stochastic_sampling": False,
 }
 
 # Config keys whose features this runtime does not implement; refused when set to anything truthy.
