@@ -157,6 +157,11 @@ def test_written_tensorrt_repository_with_plugins(bundle, tmp_path):
     readme = (repo / "README.md").read_text()
     assert f"LD_PRELOAD=$PWD/REPO/nucleus_denoiser/{PLUGIN_LIB}" in readme
     assert "--backend-config=tensorrt,plugins=" in readme
+    import re
+
+    example_inputs = re.findall(r'^    \("(\w+)", ', readme, flags=re.M)
+    assert "prompt_embeds" in example_inputs
+    assert set(example_inputs) <= {s.name for s in pipeline_model.PIPELINE_INPUTS}
     for model in ("nucleus_text_kv", "nucleus_denoiser", "nucleus_pipeline"):
         assert parse((repo / model / "config.pbtxt").read_text()).name == model
     version = repo / "nucleus_pipeline" / "1"

@@ -263,10 +263,12 @@ import numpy as np
 import tritonclient.http as httpclient
 
 client = httpclient.InferenceServerClient("localhost:8000")
-prompt = np.load("prompt_embeds.npy").astype(np.float32)   # [1, T, joint_attention_dim]
+prompt = np.load("prompt_embeds.npy").astype(np.float32)      # [1, T, joint_attention_dim], text encoder output
+negative = np.load("negative_embeds.npy").astype(np.float32)  # [1, T', joint_attention_dim], e.g. of ""
 inputs = []
 for name, value, dtype in [
-    ("encoder_hidden_states", prompt, "FP32"),
+    ("prompt_embeds", prompt, "FP32"),
+    ("negative_prompt_embeds", negative, "FP32"),
     ("height", np.array([1024], np.int64), "INT64"),
     ("width", np.array([1024], np.int64), "INT64"),
     ("num_inference_steps", np.array([50], np.int64), "INT64"),
@@ -277,7 +279,7 @@ for name, value, dtype in [
     tensor.set_data_from_numpy(value)
     inputs.append(tensor)
 result = client.infer("{n.pipeline}", inputs)
-latents = result.as_numpy("{pipeline_model.OUTPUT_LATENTS}")
+latents = result.as_numpy("{pipeline_model.OUTPUT_LATENTS}")  # [1, S, 64] packed; unpack with nucleus_runtime.latents
 ```
 """
 
