@@ -76,7 +76,7 @@ class ExportOptions:
         resolutions: (height, width) pixel sizes the graphs must serve; default: seven aspect ratios at 1024.
         opt_resolution: the size engines are tuned for (default 1024x1024 if served, else the first).
         max_batch: largest batch (2 = prompt and negative prompt as one batch).
-        max_text_len: longest prompt in tokens; opt_text_len: typical prompt length.
+        max_text_len: longest prompt in tokens; opt_text_len: typical prompt length (default min(128, max)).
         external_data: force (True) or forbid (False) ONNX external data; None decides by size.
     """
 
@@ -85,7 +85,7 @@ class ExportOptions:
     opt_resolution: tuple[int, int] | None = None
     max_batch: int = 2
     max_text_len: int = 1024
-    opt_text_len: int = 128
+    opt_text_len: int | None = None
     external_data: bool | None = None
 
 
@@ -100,9 +100,10 @@ def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
         raise UsageError(f"optimization resolution {opt[0]}x{opt[1]} is not among the served resolutions.", "add it to --resolutions.")
     if options.max_batch < 1:
         raise UsageError(f"max batch {options.max_batch} is below 1.", "use --max-batch 2 for CFG as one batch.")
-    if not 1 <= options.opt_text_len <= options.max_text_len:
+    opt_text_len = options.opt_text_len or min(128, options.max_text_len)
+    if not 1 <= opt_text_len <= options.max_text_len:
         raise UsageError(
-            f"text length profile 1..{options.opt_text_len}..{options.max_text_len} is impossible.",
+            f"text length profile 1..{opt_text_len}..{options.max_text_len} is impossible.",
             "use 1 <= --opt-text-len <= --max-text-len.",
         )
     for (h, w), (rows, cols) in zip(resolutions, grids):
@@ -113,7 +114,7 @@ def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
             )
     return Profiles(
         batch=(1, min(2, options.max_batch), options.max_batch),
-        text_len=(1, options.opt_text_len, options.max_text_len),
+        text_len=(1, opt_text_len, options.max_text_len),
         resolutions=resolutions,
         grids=grids,
         opt_resolution=opt,

@@ -55,6 +55,6 @@ def export_options(args: argparse.Namespace, precision: GraphPrecision | None = 
         opt_resolution=args.opt_resolution,
         max_batch=args.max_batch,
         max_text_len=args.max_text_len,
-        opt_text_len=args.opt_text_len or min(128, args.max_text_len),
+        opt_text_len=args.opt_text_len,
         external_data={"auto": None, "always": True, "never": False}[args.external_data],
     )

@@ -111,7 +111,12 @@ def combine_function() -> onnx.FunctionProto:
         n("Reshape", ["token_indices", "index_shape"], ["index_column"]),
         n("Shape", ["rows"], ["rows_dims"]),
         n("Expand", ["index_column", "rows_dims"], ["row_indices"]),
-        n("ScatterElements", ["shared_output", "row_indices", "rows"], ["output"], axis=1, reduction="add"),
+        # Contributions are rounded to the compute dtype (as diffusers does) but summed in float32, which also keeps
+        # the reference runnable where a runtime has no low-precision scatter-add (ONNX Runtime CPU).
+        n("Cast", ["shared_output"], ["shared_f32"], to=TensorProto.FLOAT),
+        n("Cast", ["rows"], ["rows_f32"], to=TensorProto.FLOAT),
+        n("ScatterElements", ["shared_f32", "row_indices", "rows_f32"], ["sum_f32"], axis=1, reduction="add"),
+        n("CastLike", ["sum_f32", "shared_output"], ["output"]),
     ]
     return helper.make_function(
         NUCLEUS_DOMAIN,

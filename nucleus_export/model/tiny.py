@@ -100,7 +100,8 @@ def write_checkpoint(
         name: torch.from_numpy(random_weight(name, tuple(p.shape), seed)) for name, p in meta.state_dict().items()
     }
     model.load_state_dict(state, strict=True)
-    model = model.to(getattr(torch, dtype))
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

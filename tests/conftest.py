@@ -1,0 +1,57 @@
+"""Shared fixtures: a private model cache, the tiny checkpoint, variant checkpoints and exported bundles."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Every test (and every CLI subprocess) uses a private cache, so tests never touch ~/.cache.
+os.environ.setdefault("NUCLEUS_EXPORT_CACHE", tempfile.mkdtemp(prefix="nucleus-export-test-cache-"))
+
+SMALL_RESOLUTIONS = [(128, 128), (96, 160), (160, 96)]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir() -> Path:
+    from nucleus_export.model.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoint_dir):
+    from nucleus_export.model.checkpoint import open_checkpoint
+
+    return open_checkpoint(tiny_checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_checkpoint):
+    from nucleus_export.model.reference import load_reference
+
+    return load_reference(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """fp32 bundle of the tiny model at three small resolutions, text up to 64 tokens."""
+    from nucleus_export.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fp32"
+    export_bundle(
+        tiny_checkpoint, out, ExportOptions(resolutions=SMALL_RESOLUTIONS, max_text_len=64, opt_text_len=16)
+    )
+    return out
+
+
+@pytest.fixture()
+def checkpoint_copy(tiny_checkpoint_dir, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "transformer"
+    shutil.copytree(tiny_checkpoint_dir, dst)
+    return dst
