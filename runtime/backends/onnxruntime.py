@@ -133,7 +133,15 @@ class OrtBackend(Backend):
         try:
             session = self._ort.InferenceSession(str(path), session_options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for unreadable graphs
-            raise NucleusError(f"ONNX Runtime cannot load {path}: {exc}", "export the bundle again.") from None
+            if "NOT_IMPLEMENTED" in str(exc):
+                # Typically a bf16/fp16 bundle on the CPU provider, which lacks low-precision MatMul kernels.
+                fix = (
+                    f"{' / '.join(self.providers)} has no kernel for an op of this {self.manifest.precision} bundle: "
+                    "export an fp32 bundle (--precision fp32) for CPU runs, or run on CUDA (onnxruntime-gpu) or TensorRT."
+                )
+            else:
+                fix = "export the bundle again."
+            raise NucleusError(f"ONNX Runtime cannot load {path}: {exc}", fix) from None
         names = {i.name for i in session.get_inputs()}
         if names != set(expected):
             raise NucleusError(
