@@ -143,7 +143,11 @@ class _Engine:
         return tuple(self.context.get_tensor_shape(name))
 
     def output_dtype(self, name: str) -> np.dtype:
-        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+        dtype = self.engine.get_tensor_dtype(name)
+        try:
+            return np.dtype(self.trt.nptype(dtype))
+        except TypeError:  # bfloat16 / fp8 have no numpy type: keep the raw bits (same itemsize)
+            return np.dtype(f"u{dtype.itemsize}")
 
 
 class TensorRTBackend(Backend):
