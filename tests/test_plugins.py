@@ -240,3 +240,111 @@ def test_reference_rejects_bad_arguments():
         ref.router_capacity(0, 1, 4, 2)
     with pytest.raises(ValueError, match="exceeds"):
         ref.expert_choice_router(np.zeros((1, 4, 2), np.float32), 8, 1, "softmax", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. nucleus_runtime.plugins: clear errors for bad plugin libraries.
+
+from nucleus_runtime import plugins as rt_plugins  # noqa: E402
+from nucleus_runtime.errors import NucleusError  # noqa: E402
+
+
+def _fake_elf(path: Path, e_type: int = 3, payload: bytes = b"") -> Path:
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack("<H", e_type) + bytes(46)
+    path.write_bytes(header + payload)
+    return path
+
+
+ALL_NAMES = b"\0".join(n.encode() for n in (*rt_plugins.PLUGIN_NAMES, *rt_plugins.ENTRY_SYMBOLS))
+
+
+def test_plugin_library_missing(tmp_path: Path):
+    with pytest.raises(NucleusError, match="does not exist") as err:
+        rt_plugins.find_plugin_library(tmp_path / "libnucleus_trt_plugins.so")
+    assert "cmake" in err.value.fix
+    with pytest.raises(NucleusError, match="No libnucleus_trt_plugins.so in"):
+        rt_plugins.find_plugin_library(tmp_path)
+
+
+def test_plugin_library_not_elf(tmp_path: Path):
+    text = tmp_path / "libnucleus_trt_plugins.so"
+    text.write_text("not a library")
+    with pytest.raises(NucleusError, match="not an ELF shared object"):
+        rt_plugins.find_plugin_library(text)
+    obj = _fake_elf(tmp_path / "obj.so", e_type=1, payload=ALL_NAMES)
+    with pytest.raises(NucleusError, match="relocatable object"):
+        rt_plugins.find_plugin_library(obj)
+
+
+def test_plugin_library_without_plugins(tmp_path: Path):
+    lib = _fake_elf(tmp_path / "libother.so", payload=b"getCreators\0setLoggerFinder\0MoECombine")
+    with pytest.raises(NucleusError, match="lacks ExpertChoiceRouter") as err:
+        rt_plugins.find_plugin_library(lib)
+    assert "libnucleus_kernels.so" in err.value.fix
+
+
+def test_plugin_library_found_in_bundle(tmp_path: Path):
+    (tmp_path / "plugins").mkdir()
+    lib = _fake_elf(tmp_path / "plugins" / rt_plugins.LIBRARY_NAME, payload=ALL_NAMES)
+    assert rt_plugins.find_plugin_library(tmp_path) == lib.resolve()
+    assert rt_plugins.load_plugin_library(lib) == lib.resolve()  # no TensorRT module: static checks only
+
+
+class _FakeRegistry:
+    def __init__(self, handle, creators):
+        self.handle, self.creators, self.loaded = handle, creators, []
+
+    def load_library(self, path):
+        self.loaded.append(path)
+        return self.handle
+
+    def get_creator(self, name, version, namespace):
+        return self.creators.get((name, version, namespace))
+
+
+class _FakeTrt:
+    def __init__(self, registry):
+        self.registry = registry
+
+    def get_plugin_registry(self):
+        return self.registry
+
+
+def test_load_plugin_library_through_registry(tmp_path: Path):
+    lib = _fake_elf(tmp_path / rt_plugins.LIBRARY_NAME, payload=ALL_NAMES)
+    creators = {(n, "1", "nucleus"): object() for n in rt_plugins.PLUGIN_NAMES}
+
+    class Registering(_FakeRegistry):
+        def load_library(self, path):
+            super().load_library(path)
+            self.creators = creators
+            return self.handle
+
+    registry = Registering(handle=object(), creators={})
+    assert rt_plugins.load_plugin_library(lib, _FakeTrt(registry)) == lib.resolve()
+    assert registry.loaded == [str(lib.resolve())]
+    rt_plugins.load_plugin_library(lib, _FakeTrt(registry))  # already registered: not loaded twice
+    assert len(registry.loaded) == 1
+
+    with pytest.raises(NucleusError, match="refused"):
+        rt_plugins.load_plugin_library(lib, _FakeTrt(_FakeRegistry(handle=None, creators={})))
+    with pytest.raises(NucleusError, match="no creator for ExpertChoiceRouter, MoECombine"):
+        rt_plugins.load_plugin_library(lib, _FakeTrt(_FakeRegistry(handle=object(), creators={})))
+
+
+def test_real_registry_reports_library_without_creators(tmp_path: Path):
+    """A genuine shared library exporting the entry points but no creators, loaded by TensorRT-RTX's registry."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the stand-in library")
+    src = tmp_path / "empty.c"
+    src.write_text(
+        'const char* nucleus_names[] = {"ExpertChoiceRouter", "MoECombine"};\n'
+        "void setLoggerFinder(void* finder) { (void)finder; }\n"
+        "void* const* getCreators(int* n) { static void* none[1] = {0}; *n = 0; return none; }\n"
+    )
+    lib = tmp_path / rt_plugins.LIBRARY_NAME
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    with pytest.raises(NucleusError, match="no creator for|refused|could not load"):
+        rt_plugins.load_plugin_library(lib, trt)
