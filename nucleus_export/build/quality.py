@@ -22,7 +22,7 @@ from nucleus_runtime.bundle import DENOISER, GRAPHS
 # scores sit within quantization noise of the C-th best, so agreement is reported and held to a loose floor.
 QUALITY_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"max_relative_error": 1e-4, "min_cosine": 0.9999, "min_routing_agreement": 1.0},
-    "bf16": {"max_relative_error": 0.1, "min_cosine": 0.995, "min_routing_agreement": 0.9},
+    "bf16": {"max_relative_error": 0.15, "min_cosine": 0.99, "min_routing_agreement": 0.9},
     "fp16": {"max_relative_error": 0.05, "min_cosine": 0.998, "min_routing_agreement": 0.95},
     "fp8": {"max_relative_error": 0.25, "min_cosine": 0.99, "min_routing_agreement": 0.8},
 }
