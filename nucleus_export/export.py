@@ -31,6 +31,7 @@ from nucleus_export.log import console
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
 from nucleus_runtime import rope
+from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from nucleus_runtime.bundle import (
     DENOISER,
     MANIFEST_NAME,
@@ -48,23 +49,6 @@ logger = logging.getLogger("nucleus_export")
 # Protobuf refuses messages over 2 GiB; stay clear of it with the graph's own bytes on top of the weights.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
-DEFAULT_SCHEDULER_CONFIG = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "invert_sigmas": False,
-    "shift_terminal": None,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "time_shift_type": "exponential",
-    "stochastic_sampling": False,
-}
 
 
 @dataclasses.dataclass

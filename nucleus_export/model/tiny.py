@@ -43,6 +43,8 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 TINY_SEED = 0
+# Bump when random_weight changes, so cached tiny checkpoints of the old init are not reused.
+TINY_INIT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -56,18 +58,19 @@ def _tensor_seed(seed: int, name: str) -> int:
 def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Deterministic init that keeps activations O(1) through the blocks and gives the router distinct scores."""
     rng = np.random.default_rng(_tensor_seed(seed, name))
+    normal = rng.standard_normal(shape)
+    if ".img_mod." in name or name.startswith("norm_out."):
+        # adaLN modulation stays small in trained DiTs (adaLN-Zero starts it at 0): scales and gates of ~0.1-0.3.
+        return (0.25 * normal / np.sqrt(shape[-1]) if name.endswith("weight") else 0 * normal).astype(np.float32)
     if name.endswith("norm.weight") or ".norm_" in name or name.startswith("txt_norm"):
-        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        return (1.0 + 0.1 * normal).astype(np.float32)
     if name.endswith("bias"):
-        return (0.05 * rng.standard_normal(shape)).astype(np.float32)
-    if name.endswith("gate_up_proj") or name.endswith("down_proj"):
-        fan_in = shape[1]
-    elif name.endswith("img_mlp.gate.weight"):
+        return (0.05 * normal).astype(np.float32)
+    if name.endswith("img_mlp.gate.weight"):
         # Router logits of a few units: softmax scores well apart, so top-C choices are not decided by rounding.
-        return (4.0 / np.sqrt(shape[1]) * rng.standard_normal(shape)).astype(np.float32)
-    else:
-        fan_in = shape[-1]
-    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+        return (4.0 * normal / np.sqrt(shape[1])).astype(np.float32)
+    fan_in = shape[1] if name.endswith(("gate_up_proj", "down_proj")) else shape[-1]
+    return (normal / np.sqrt(fan_in)).astype(np.float32)
 
 
 def write_checkpoint(
@@ -118,7 +121,7 @@ def write_checkpoint(
 def ensure_tiny_checkpoint() -> Path:
     """The cached tiny checkpoint, written on first use."""
     key = ModelConfig.from_dict(TINY_CONFIG).config_hash()
-    path = cache_root() / f"tiny-{key}-seed{TINY_SEED}"
+    path = cache_root() / f"tiny-{key}-seed{TINY_SEED}-init{TINY_INIT_VERSION}"
     if not (path / "config.json").is_file():
         write_checkpoint(path)
     return path

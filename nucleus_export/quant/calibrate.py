@@ -1,0 +1,183 @@
+"""Per-tensor activation ranges for FP8 GEMM inputs, measured on diffusers' forward along real sampling runs.
+
+Each calibration sample is a short denoising run (the runtime's FlowMatch schedule, so timesteps spread from noise to
+image) of the PyTorch reference at one of the served resolutions; forward pre-hooks record the largest |x| entering
+every quantized GEMM: attention projections, dense MLPs, shared experts and the routed experts' two grouped GEMMs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nucleus_export.errors import NucleusExportError
+from nucleus_export.graph.precision import Fp8Scales
+from nucleus_export.log import track
+from nucleus_export.model.checkpoint import Checkpoint
+from nucleus_export.model.config import ModelConfig
+from nucleus_runtime.scheduler import SchedulerConfig, make_schedule
+
+if TYPE_CHECKING:
+    import torch
+
+    from nucleus_export.export import ExportOptions
+
+logger = logging.getLogger("nucleus_export")
+
+DEFAULT_STEPS = 8
+
+
+def quantized_linears(config: ModelConfig) -> list[str]:
+    """Module paths of the nn.Linear GEMMs that get FP8 Q/DQ (the graph builder quantizes exactly these)."""
+    names = []
+    for idx in range(config.num_layers):
+        block = f"transformer_blocks.{idx}"
+        names += [f"{block}.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")]
+        mlp = f"{block}.img_mlp.shared_expert" if config.is_moe(idx) else f"{block}.img_mlp"
+        names += [f"{mlp}.net.0.proj", f"{mlp}.net.2"]
+    return names
+
+
+def load_calibration_prompts(path: Path, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """`prompt_embeds` [N,T,D] and optional `prompt_embeds_mask` [N,T] from a safetensors file."""
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise NucleusExportError(f"cannot read calibration prompts {path} ({exc}).", "pass a safetensors file with prompt_embeds [N,T,D].") from None
+    embeds = tensors.get("prompt_embeds")
+    if embeds is None or embeds.ndim != 3 or embeds.shape[2] != config.joint_attention_dim:
+        shape = None if embeds is None else list(embeds.shape)
+        raise NucleusExportError(
+            f"calibration prompts {path}: prompt_embeds has shape {shape}, expected [N, T, {config.joint_attention_dim}].",
+            "save the text encoder's hidden states for N prompts as prompt_embeds (float32).",
+        )
+    mask = tensors.get("prompt_embeds_mask", np.ones(embeds.shape[:2], dtype=np.int64))
+    if mask.shape != embeds.shape[:2]:
+        raise NucleusExportError(
+            f"calibration prompts {path}: prompt_embeds_mask has shape {list(mask.shape)}, expected {list(embeds.shape[:2])}.",
+            "give one mask entry per prompt token.",
+        )
+    return embeds.astype(np.float32), mask.astype(np.int64)
+
+
+class _AmaxRecorder:
+    """Forward pre-hooks that keep the running max |x| of each quantized GEMM input."""
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig):
+        import torch.nn.functional as F
+
+        self.amax: dict[str, float] = {}
+        self.handles = []
+        modules = dict(model.named_modules())
+        for name in quantized_linears(config):
+            self.handles.append(modules[name].register_forward_pre_hook(lambda _m, args, name=name: self._record(name, args[0])))
+        for idx in config.moe_layers:
+            experts = modules[f"transformer_blocks.{idx}.img_mlp.experts"]
+            prefix = f"transformer_blocks.{idx}.img_mlp.experts"
+
+            def hook(module, args, prefix=prefix):
+                x = args[0]
+                self._record(f"{prefix}.gate_up_proj", x)
+                gate, up = (x.view(module.num_experts, -1, x.shape[-1]) @ module.gate_up_proj).chunk(2, dim=-1)
+                self._record(f"{prefix}.down_proj", F.silu(gate) * up)
+
+            self.handles.append(experts.register_forward_pre_hook(hook))
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        self.amax[name] = max(self.amax.get(name, 0.0), float(x.detach().abs().max()))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def calibrate_fp8(
+    checkpoint: Checkpoint,
+    options: ExportOptions,
+    prompts: Path | None = None,
+    size: int = 8,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    reference: torch.nn.Module | None = None,
+) -> Fp8Scales:
+    """Measure activation amax for every FP8 GEMM input.
+
+    Args:
+        checkpoint: the model.
+        options: export options (served resolutions and text lengths); samples cycle through the resolutions.
+        prompts: safetensors with prompt_embeds [N,T,D] (+ prompt_embeds_mask); random embeddings when None, which
+            is only meaningful for random test models.
+        size: number of calibration samples (each a short sampling run).
+        steps: denoising steps per sample, spread over the whole schedule.
+        seed: noise and random-embedding seed.
+        reference: an already loaded float32 diffusers model.
+
+    Returns:
+        The scales, with a record of how they were measured.
+    """
+    import torch
+
+    from nucleus_export.export import build_profiles, scheduler_config
+    from nucleus_export.model.reference import load_reference
+
+    if size < 1 or steps < 1:
+        raise NucleusExportError(f"calibration needs at least one sample and one step (got {size}, {steps}).", "pass --calibration-size 1 or more.")
+    config = checkpoint.config
+    profiles = build_profiles(checkpoint, options)
+    rng = np.random.default_rng(seed)
+    if prompts is not None:
+        embeds, masks = load_calibration_prompts(prompts, config)
+        if embeds.shape[1] > profiles.text_len[2]:
+            raise NucleusExportError(
+                f"calibration prompts are {embeds.shape[1]} tokens long, over the bundle's max text length {profiles.text_len[2]}.",
+                "raise --max-text-len or trim the prompts.",
+            )
+        source = str(prompts)
+    else:
+        logger.warning("calibrating FP8 on random prompt embeddings; pass --calibration-prompts for a real checkpoint")
+        embeds = rng.standard_normal((size, profiles.text_len[1], config.joint_attention_dim)).astype(np.float32)
+        masks = np.ones(embeds.shape[:2], dtype=np.int64)
+        source = "random"
+    model = reference if reference is not None else load_reference(checkpoint)
+    scheduler = SchedulerConfig.from_dict(scheduler_config(checkpoint))
+    recorder = _AmaxRecorder(model, config)
+    timesteps: set[float] = set()
+    try:
+        for sample in track(range(size), f"FP8 calibration ({size} samples x {steps} steps)"):
+            grid = profiles.grids[sample % len(profiles.grids)]
+            tokens = grid[0] * grid[1]
+            schedule = make_schedule(scheduler, steps, tokens)
+            latents = rng.standard_normal((1, tokens, config.in_channels)).astype(np.float32)
+            prompt = torch.from_numpy(embeds[sample % len(embeds)][None])
+            mask = torch.from_numpy(masks[sample % len(masks)][None])
+            for step in range(len(schedule)):
+                timestep = schedule.model_timestep(step, 1)
+                timesteps.add(round(float(timestep[0]), 4))
+                with torch.no_grad():
+                    velocity = model(
+                        hidden_states=torch.from_numpy(latents),
+                        img_shapes=[(1, *grid)],
+                        encoder_hidden_states=prompt,
+                        encoder_hidden_states_mask=mask,
+                        timestep=torch.from_numpy(timestep),
+                        return_dict=False,
+                    )[0].numpy()
+                latents = schedule.step(-velocity, step, latents)
+    finally:
+        recorder.remove()
+    return Fp8Scales(
+        activation_amax=recorder.amax,
+        calibration={
+            "prompts": source,
+            "samples": size,
+            "steps_per_sample": steps,
+            "resolutions": [f"{h}x{w}" for h, w in profiles.resolutions],
+            "timesteps": sorted(timesteps),
+            "seed": seed,
+        },
+    )
