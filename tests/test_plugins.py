@@ -348,3 +348,21 @@ def test_real_registry_reports_library_without_creators(tmp_path: Path):
     subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
     with pytest.raises(NucleusError, match="no creator for|refused|could not load"):
         rt_plugins.load_plugin_library(lib, trt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The Python side of the GPU check runs here: its torch references agree with reference.py on the CPU.
+
+
+def test_gpu_check_cpu_selftest_and_arguments():
+    spec = importlib.util.spec_from_file_location("nucleus_gpu_check", PLUGINS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    args = gpu_check.parse_args([])
+    assert (args.batch, args.experts, args.hidden, args.bench_tokens) == (2, 64, 2048, 4096)
+    assert args.tokens == [4096, 16384] and args.capacity_factors == [2.0, 4.0]
+    assert gpu_check.capacity_fraction(4.0) == (4, 1)
+    assert gpu_check.main(["--cpu-selftest"]) == 0
+    script = (PLUGINS / "gpu_check.sh").read_text()
+    assert "gpu_check.py" in script and "-Werror" in script
+    assert subprocess.run(["bash", "-n", str(PLUGINS / "gpu_check.sh")]).returncode == 0
