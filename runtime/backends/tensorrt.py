@@ -181,7 +181,7 @@ class TensorRTBackend(Backend):
             # Lazy: only bundles built with plugins need the library (and runtime/plugins.py).
             from nucleus_runtime import plugins
 
-            plugins.load_plugin_library(plugins.find_plugin_library(self.bundle_dir))
+            plugins.load_plugin_library(self.bundle_dir, self.trt)
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = self.trt.Runtime(self._logger)
         self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart)
