@@ -15,6 +15,7 @@ from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import ExportOptions
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_runtime.bundle import load_manifest, verify_files
+from nucleus_runtime.errors import NucleusError
 
 pytest.importorskip("tensorrt_rtx")
 
@@ -170,3 +171,38 @@ def test_engine_loader_rejects_inverted_profile(bf16_build, tmp_path):
         assert not (tmp_path / "x.plan").exists()
     finally:
         path.unlink()
+
+
+def test_plugin_graph_parses_only_with_the_plugin_library(bf16_build):
+    """The plugin-prepared denoiser has no reference bodies to fall back on: without the nucleus creators (namespace
+    "nucleus"), TensorRT-RTX's parser stops at the MoE nodes and the error says to load the library."""
+    from nucleus_export.build.backends import resolve_backend
+
+    path = prepare_graph(bf16_build[0], "denoiser", "plugin")
+    try:
+        with pytest.raises(NucleusExportError, match="Plugin not found") as info:
+            NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path, plugin_override=True)()
+        assert "--plugins" in info.value.fix
+    finally:
+        path.unlink()
+
+
+def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
+    """--moe plugin bundles ship the library at the path the runtime looks for, with its checksum in the manifest."""
+    from nucleus_export.build.pipeline import bundle_plugin_library, refresh_manifest
+    from nucleus_runtime.bundle import sha256_file
+
+    library = tmp_path / "libcustom_name.so"
+    library.write_bytes(b"stand-in for the plugin library")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    info = bundle_plugin_library(bundle, library)
+    manifest = refresh_manifest(bundle, bf16_build[1], moe_lowering="plugin", plugins=info)
+    relpath = "plugins/libnucleus_trt_plugins.so"
+    assert info == {"library": relpath, "sha256": sha256_file(library), "ops": ["ExpertChoiceRouter", "MoECombine"],
+                    "namespace": "nucleus", "version": "1"}
+    assert load_manifest(bundle).plugins == info and manifest.files[relpath]["sha256"] == info["sha256"]
+    verify_files(bundle, load_manifest(bundle))
+    (bundle / relpath).write_bytes(b"changed")
+    with pytest.raises(NucleusError, match="does not match its checksum"):
+        verify_files(bundle, load_manifest(bundle))

@@ -79,7 +79,7 @@ def test_missing_plugin_library(tmp_path, capsys):
     missing = tmp_path / "libnucleus_trt_plugins.so"
     assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b"), "--plugins", str(missing)]) == 1
     err = capsys.readouterr().err
-    assert "does not exist" in err and str(missing) in err
+    assert "does not exist" in err and str(missing) in err and "or use --moe native" in err
     assert not (tmp_path / "b").exists()
 
 
@@ -88,32 +88,53 @@ def test_library_that_is_not_a_plugin_library(tmp_path, capsys):
     if not not_plugins.is_file():
         pytest.skip("no libm to load")
     assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b"), "--plugins", str(not_plugins)]) == 1
-    assert "could not load" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not the nucleus TensorRT plugins" in err and "or use --moe native" in err
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_plugin_library_lacking_the_ops(tmp_path, capsys):
-    """A library with the plugin entry points that registers no creators: TensorRT-RTX refuses to load it."""
+    """A library with the plugin names and entry points that registers no creators: it passes the static checks of
+    nucleus_runtime.plugins, and TensorRT-RTX's registry refuses to load it."""
     source = tmp_path / "empty_plugins.c"
     source.write_text(
-        "#include <stdint.h>\n"
-        "void* const* getCreators(int32_t* nb) { *nb = 0; return 0; }\n"
-        "void* const* getPluginCreators(int32_t* nb) { *nb = 0; return 0; }\n"
+        'const char* nucleus_names[] = {"ExpertChoiceRouter", "MoECombine"};\n'
+        "void setLoggerFinder(void* finder) { (void)finder; }\n"
+        "void* const* getCreators(int* nb) { *nb = 0; return 0; }\n"
     )
-    library = tmp_path / "libempty_plugins.so"
+    library = tmp_path / "libnucleus_trt_plugins.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b"), "--plugins", str(library)]) == 1
     err = capsys.readouterr().err
-    assert "could not load" in err
+    assert "refused plugin library" in err and "or use --moe native" in err
 
 
-def test_registry_without_the_nucleus_ops():
-    """The registry holds TensorRT-RTX's own creators only: the check lists both missing nucleus ops."""
+class _LoadsNothing:
+    """A plugin registry that accepts a library but finds no creator afterwards."""
+
+    def load_library(self, path):
+        return object()
+
+    def get_creator(self, name, version, namespace):
+        return None
+
+
+def test_registry_without_the_nucleus_ops(tmp_path):
+    """The build's loading is the runtime's: a registry without the creators lists both missing nucleus ops."""
+    from types import SimpleNamespace
+
     from nucleus_export.build.engine import load_plugins
-    from nucleus_export.build.lowering import MOE_OPS
+    from nucleus_runtime.plugins import ENTRY_SYMBOLS, PLUGIN_NAMES
 
-    with pytest.raises(NucleusExportError, match="lacks the ops ExpertChoiceRouter, MoECombine"):
-        load_plugins(resolve_backend("tensorrt-rtx"), [], MOE_OPS)
+    library = tmp_path / "libnucleus_trt_plugins.so"
+    elf_shared_object = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + (3).to_bytes(2, "little")
+    library.write_bytes(elf_shared_object + b"\0".join(n.encode() for n in (*PLUGIN_NAMES, *ENTRY_SYMBOLS)))
+    fake_trt = SimpleNamespace(get_plugin_registry=_LoadsNothing)
+    backend = backends.Backend(backends.TENSORRT_RTX, fake_trt, "0")
+    with pytest.raises(NucleusExportError, match="no creator for ExpertChoiceRouter, MoECombine") as info:
+        load_plugins(backend, library)
+    assert "namespace 'nucleus', version '1'" in info.value.problem
+    assert info.value.fix.endswith("or use --moe native.")
 
 
 @pytest.mark.parametrize("bad", [(2, 1, 2), (0, 1, 2), (1, 3, 2), (1, 2)])

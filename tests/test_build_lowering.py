@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from nucleus_export.build.emulation import emulate_bf16_in_fp32
 from nucleus_export.build.lowering import (
     COMBINE_OP,
+    MOE_OPS,
     NUCLEUS_DOMAIN,
     ROUTER_OP,
     count_moe_nodes,
@@ -21,6 +22,7 @@ from nucleus_export.build.lowering import (
     prepare_for_plugins,
 )
 from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 # Ops TensorRT's parser rejects or cannot build with a dynamic S: none may survive the native lowering.
 FORBIDDEN_AFTER_LOWERING = {"OneHot", "NonZero", "Loop", "If"}
@@ -132,13 +134,23 @@ def test_router_lowering_capacity_and_gating(score_function, num, den):
 
 
 def test_prepare_for_plugins_keeps_nodes_without_bodies(fp32_denoiser):
-    prepared = prepare_for_plugins(fp32_denoiser)
-    assert count_moe_nodes(prepared) == count_moe_nodes(fp32_denoiser)
+    """Each node names the creator the plugin library registers: op_type, plugin_version "1", namespace "nucleus"."""
+    assert set(MOE_OPS) == set(PLUGIN_NAMES)
+    stale = copy.deepcopy(fp32_denoiser)
+    for node in stale.graph.node:
+        if node.domain == NUCLEUS_DOMAIN:
+            node.attribute.append(helper.make_attribute("plugin_namespace", ""))  # what an older build wrote
+    prepared = prepare_for_plugins(stale)
+    assert count_moe_nodes(prepared) == count_moe_nodes(fp32_denoiser) and sum(count_moe_nodes(prepared).values())
     assert not [f for f in prepared.functions if f.domain == NUCLEUS_DOMAIN]
+    assert NUCLEUS_DOMAIN in {o.domain for o in prepared.opset_import}
     for node in prepared.graph.node:
         if node.domain == NUCLEUS_DOMAIN:
+            names = [a.name for a in node.attribute]
+            assert names.count("plugin_namespace") == names.count("plugin_version") == 1
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            assert attrs["plugin_version"] == b"1" and "plugin_namespace" in attrs
+            assert attrs["plugin_version"] == PLUGIN_VERSION.encode() == b"1"
+            assert attrs["plugin_namespace"] == PLUGIN_NAMESPACE.encode() == b"nucleus"
 
 
 def _tiny_bf16_graph() -> onnx.ModelProto:

@@ -29,7 +29,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ import onnx
 
 from nucleus_export.build.backends import Backend
 from nucleus_export.errors import NucleusExportError
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.plugins import load_plugin_library
 
 logger = logging.getLogger("nucleus_export")
 
@@ -212,43 +214,20 @@ def inspect_network(network: Any) -> NetworkReport:
 # ---- plugins ----------------------------------------------------------------------------------------------------
 
 
-def load_plugins(backend: Backend, libraries: Sequence[Path], required_ops: Iterable[str] = (), namespace: str = "",
-                 version: str = "1") -> list[str]:
-    """Load plugin libraries into the backend's plugin registry and check that every required op has a creator.
+def load_plugins(backend: Backend, library: Path) -> Path:
+    """Check the nucleus plugin library and register its creators with the backend's plugin registry.
 
-    Uses IPluginRegistry.load_library, the documented way to register a library's creators (through its exported
-    getCreators/getPluginCreators) with one specific TensorRT module; it returns None for a missing file and for a
-    library that exports no creators.
+    The checks and the loading are the runtime's (nucleus_runtime.plugins), so a library the build accepts is one
+    the runtime accepts. Its errors say how to build the library; the build adds its alternative, the native lowering.
 
     Returns:
-        The names of the creators found for `required_ops`.
+        The resolved library path.
     """
-    registry = backend.trt.get_plugin_registry()
-    for lib in libraries:
-        path = Path(lib)
-        if not path.is_file():
-            raise NucleusExportError(
-                f"plugin library {path} does not exist.",
-                "build it (cmake --build plugins/build, see plugins/README.md) and pass its path with --plugins, or use "
-                "--moe native.",
-            )
-        if registry.load_library(str(path.resolve())) is None:
-            raise NucleusExportError(
-                f"{backend.trt.__name__} could not load {path} as a plugin library (not a shared library for this "
-                f"{backend.name} version, missing dependencies, or no exported plugin creators).",
-                f"rebuild the plugin library against {backend.name} {backend.version}, or use --moe native.",
-            )
-    found, missing = [], []
-    for op in required_ops:
-        creator = registry.get_creator(op, version, namespace)
-        (found if creator is not None else missing).append(op)
-    if missing:
-        libs = ", ".join(str(p) for p in libraries) or "(none given)"
-        raise NucleusExportError(
-            f"plugin library {libs} lacks the ops {', '.join(missing)} (version {version}, namespace '{namespace}').",
-            "pass the nucleus plugin library (libnucleus_trt_plugins.so) built from plugins/, or use --moe native.",
-        )
-    return found
+    try:
+        return load_plugin_library(library, backend.trt)
+    except NucleusError as exc:
+        fix = f"{exc.fix.rstrip('.')}; or use --moe native." if exc.fix else "use --moe native."
+        raise NucleusExportError(exc.problem, fix) from exc
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------

@@ -25,17 +25,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-NUCLEUS_DOMAIN = "nucleus"
-ROUTER_OP = "ExpertChoiceRouter"
-COMBINE_OP = "MoECombine"
+from nucleus_export.graph.builder import NUCLEUS_DOMAIN
+from nucleus_export.graph.moe_ops import COMBINE_OP, GATING_EPS, ROUTER_OP
+# The plugin library's registration (creator name = op_type); the runtime loads the same library by these values.
+from nucleus_runtime.plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
+
 MOE_OPS = (ROUTER_OP, COMBINE_OP)
-
-# Plugin creators the nucleus plugin library registers (plugins/): name = op_type, this version and namespace.
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = ""
-
-# The contract's epsilon in the per-token normalization (docs/contract.md, ExpertChoiceRouter.gating).
-GATING_EPS = 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,35 +223,35 @@ def lower_moe_native(model: onnx.ModelProto) -> onnx.ModelProto:
     return lowered
 
 
-def prepare_for_plugins(
-    model: onnx.ModelProto, plugin_namespace: str = PLUGIN_NAMESPACE, plugin_version: str = PLUGIN_VERSION
-) -> onnx.ModelProto:
+def prepare_for_plugins(model: onnx.ModelProto) -> onnx.ModelProto:
     """Keep the nucleus custom nodes so TensorRT's ONNX parser turns each into a plugin layer.
 
     The parser inlines a model-local function whenever one exists, unless OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE is
     set *and* a creator of that name is registered; with a library that lacks an op it would silently inline the
     reference body (which then fails on its scatter-add). Dropping the bodies leaves the parser one route: its
-    fallback plugin importer, which looks the creator up by op_type, the node's `plugin_version` attribute (default
-    "1") and `plugin_namespace` attribute (default ""), and passes the other attributes as plugin fields. A missing
-    plugin then fails the parse with "Plugin not found" at the node, which the builder reports by op name.
+    plugin importer, which looks the creator up by op_type, the node's `plugin_version` attribute (default "1") and
+    `plugin_namespace` attribute (default ""), and passes the other attributes as plugin fields. The library
+    registers its creators under namespace "nucleus", so the nodes must name it. A missing plugin then fails the
+    parse with "Plugin not found" at the node, which the builder reports by op name.
 
     Args:
         model: a bundle graph as exported; not modified.
-        plugin_namespace: namespace the plugin creators are registered under.
-        plugin_version: creator version.
 
     Returns:
-        A new model whose nucleus nodes carry plugin_version/plugin_namespace and no function bodies.
+        A new model whose nucleus nodes carry the plugin library's plugin_version/plugin_namespace and no function
+        bodies.
     """
     out = copy.deepcopy(model)
     for node in out.graph.node:
         if node.domain == NUCLEUS_DOMAIN and node.op_type in MOE_OPS:
-            names = {a.name for a in node.attribute}
-            if "plugin_version" not in names:
-                node.attribute.append(helper.make_attribute("plugin_version", plugin_version))
-            if "plugin_namespace" not in names:
-                node.attribute.append(helper.make_attribute("plugin_namespace", plugin_namespace))
-    keep = [f for f in out.functions if not (f.domain == NUCLEUS_DOMAIN and f.name in MOE_OPS)]
-    del out.functions[:]
-    out.functions.extend(keep)
+            _set_attribute(node, "plugin_version", PLUGIN_VERSION)
+            _set_attribute(node, "plugin_namespace", PLUGIN_NAMESPACE)
+    _drop_functions(out, MOE_OPS)
     return out
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value: str) -> None:
+    # Replaces a stale value (e.g. a graph prepared for another namespace) instead of keeping the first one.
+    keep = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend([*keep, helper.make_attribute(name, value)])

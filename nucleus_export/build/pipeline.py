@@ -29,18 +29,20 @@ from nucleus_export.build.engine import (
     profile_shapes,
     write_build_log,
 )
-from nucleus_export.build.lowering import MOE_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, lower_moe_native, prepare_for_plugins
+from nucleus_export.build.lowering import lower_moe_native, prepare_for_plugins
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
 from nucleus_export.log import console
-from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, write_json_atomic
+from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_json_atomic
+from nucleus_runtime.plugins import LIBRARY_NAME, PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 logger = logging.getLogger("nucleus_export")
 
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
 BUILD_LOG_NAME = "build_log.json"
-PLUGIN_DIR = "plugins"
+# Where nucleus_runtime.plugins.find_plugin_library looks in a bundle, whatever the name of the file passed in.
+PLUGIN_LIBRARY = f"plugins/{LIBRARY_NAME}"
 # TensorRT-RTX's default targets when none are set (docs: "CPU-Only AOT and TensorRT-RTX Engines").
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120"]
 
@@ -155,6 +157,21 @@ def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[s
     }
 
 
+def bundle_plugin_library(bundle_dir: Path, library: Path) -> dict[str, Any]:
+    """Copy the plugin library into the bundle; returns the manifest's `plugins` record (its sha256 is also in
+    `files`, so verify_files covers it like any other bundle file)."""
+    target = bundle_dir / PLUGIN_LIBRARY
+    target.parent.mkdir(exist_ok=True)
+    shutil.copy2(library, target)
+    return {
+        "library": PLUGIN_LIBRARY,
+        "sha256": sha256_file(target),
+        "ops": list(PLUGIN_NAMES),
+        "namespace": PLUGIN_NAMESPACE,
+        "version": PLUGIN_VERSION,
+    }
+
+
 def refresh_manifest(bundle_dir: Path, manifest: Manifest, **changes: Any) -> Manifest:
     """Apply changes and re-record every file's checksum (subfolders included, hidden files excluded)."""
     manifest = dataclasses.replace(manifest, **changes)
@@ -176,23 +193,15 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         (manifest, engine build reports, ParityReport or None).
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
-    plugin_info = None
+    plugin_library = None
     if options.moe == MOE_PLUGIN:
         assert options.plugin_library is not None
-        found = load_plugins(backend, [options.plugin_library], MOE_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION)
-        plugin_info = {
-            "library": f"{PLUGIN_DIR}/{Path(options.plugin_library).name}",
-            "ops": found,
-            "namespace": PLUGIN_NAMESPACE,
-            "version": PLUGIN_VERSION,
-        }
+        plugin_library = load_plugins(backend, options.plugin_library)
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force) as tmp:
         manifest = write_bundle_files(tmp, checkpoint, export_options)
         reports = build_engines(tmp, manifest, backend, options)
-        if plugin_info is not None:
-            (tmp / PLUGIN_DIR).mkdir()
-            shutil.copy2(options.plugin_library, tmp / plugin_info["library"])
+        plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, plugin_library)
         parity = None
         if options.quality:
             parity = run_quality_report(checkpoint, tmp, export_options)
