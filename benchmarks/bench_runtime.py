@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the helper that imports diffusers' pipeline without transformers
 
 # A scaled-down Nucleus-Image with its proportions: GQA 4:1, text width 2x hidden, 3 dense blocks then MoE blocks,
 # 2 routed experts per token on average; ~72M parameters.
@@ -130,9 +129,8 @@ def runtime_runners(bundle: Path, inputs: dict[str, np.ndarray], case: Case, thr
 
 def diffusers_runner(checkpoint: Path, inputs: dict[str, np.ndarray], case: Case, threads: int, scheduler_raw: dict) -> Runner:
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline
     from diffusers.hooks import TextKVCacheConfig
-    from test_runtime_units import diffusers_pipeline_class
 
     from nucleus_export.model.checkpoint import open_checkpoint
     from nucleus_export.model.reference import load_reference
@@ -140,7 +138,7 @@ def diffusers_runner(checkpoint: Path, inputs: dict[str, np.ndarray], case: Case
     torch.set_num_threads(threads)
     transformer = load_reference(open_checkpoint(checkpoint))
     transformer.enable_cache(TextKVCacheConfig())
-    pipe = diffusers_pipeline_class()(
+    pipe = NucleusMoEImagePipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_raw),
         vae=None, text_encoder=None, processor=None,
     )

@@ -23,7 +23,6 @@ from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.pipeline import generate
 from nucleus_runtime.scheduler import SchedulerConfig
 from nucleus_runtime.text_kv_cache import TextKVCache
-from test_runtime_units import diffusers_pipeline_class
 
 RESOLUTIONS = [(128, 128), (160, 96)]
 STEPS = 3
@@ -50,10 +49,10 @@ def scheduler_raw(bundle) -> dict:
 
 @pytest.fixture(scope="module")
 def diffusers_pipe(scheduler_raw):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline
 
     transformer = load_reference(open_checkpoint(ensure_tiny_checkpoint()))
-    pipe = diffusers_pipeline_class()(
+    pipe = NucleusMoEImagePipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_raw),
         vae=None,

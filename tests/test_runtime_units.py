@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
+from diffusers import NucleusMoEImagePipeline
 
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.bundle import Manifest, Profiles
@@ -20,31 +19,12 @@ from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG, SchedulerConfig
 from nucleus_runtime.text_kv_cache import TextKVCache, text_kv_key
 
 
-def diffusers_pipeline_class():
-    """NucleusMoEImagePipeline, importable without transformers (only its text encoder classes come from there)."""
-    import diffusers  # noqa: F401 - decides transformers is absent before the stub goes in
-
-    stub = types.ModuleType("transformers")
-    stub.Qwen3VLForConditionalGeneration = type("Qwen3VLForConditionalGeneration", (), {})
-    stub.Qwen3VLProcessor = type("Qwen3VLProcessor", (), {})
-    saved = sys.modules.get("transformers")
-    sys.modules["transformers"] = stub
-    try:
-        module = importlib.import_module("diffusers.pipelines.nucleusmoe_image.pipeline_nucleusmoe_image")
-    finally:
-        if saved is None:
-            del sys.modules["transformers"]
-        else:
-            sys.modules["transformers"] = saved
-    return module.NucleusMoEImagePipeline
-
-
 # ---- latents ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rows,cols", [(4, 4), (3, 5), (8, 6)])
 def test_pack_unpack_match_pipeline(rows, cols):
-    pipe = diffusers_pipeline_class()
+    pipe = NucleusMoEImagePipeline
     p, c = 2, 16
     x = np.random.default_rng(0).standard_normal((2, 1, c, rows * p, cols * p)).astype(np.float32)
     ref = pipe._pack_latents(torch.from_numpy(x), 2, c, rows * p, cols * p, p).numpy()
