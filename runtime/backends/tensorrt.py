@@ -172,7 +172,9 @@ class TensorRTBackend(Backend):
                 "build them with `nucleus-export build`, or run with --backend onnxruntime.",
             )
         if verify_checksums:
-            verify_files(self.bundle_dir, self.manifest, plans)
+            # The plugin library runs inside the engines: check it like the plans.
+            plugin = [self.manifest.plugins["library"]] if self.manifest.moe_lowering == "plugin" and self.manifest.plugins else []
+            verify_files(self.bundle_dir, self.manifest, plans + plugin)
         self.trt = _import_tensorrt()
         self.cudart = _import_cudart()
         self.name = self.trt.__name__
