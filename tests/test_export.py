@@ -112,12 +112,23 @@ def test_fp16_graph_runs_in_onnxruntime_close_to_fp32(tiny_checkpoint, tiny_bund
     assert cos > 0.999
 
 
-def test_external_data_streams_weights(tiny_checkpoint, tmp_path):
+def test_external_data_streams_weights(tiny_checkpoint, tiny_reference, tmp_path):
     export_bundle(tiny_checkpoint, tmp_path / "ext", ExportOptions(external_data=True, **OPTIONS))
     assert (tmp_path / "ext" / "denoiser.onnx.data").stat().st_size > 1e6
     assert (tmp_path / "ext" / "denoiser.onnx").stat().st_size < 200e3
-    report = check_parity(tiny_checkpoint, tmp_path / "ext", cases=None)
+    report = check_parity(tiny_checkpoint, tmp_path / "ext", reference=tiny_reference)
     assert report.passed
+
+
+def test_external_data_bf16_matches_embedded(tiny_checkpoint, tmp_path):
+    options = dict(precision=GraphPrecision("bf16"), **OPTIONS)
+    export_bundle(tiny_checkpoint, tmp_path / "ext", ExportOptions(external_data=True, **options))
+    export_bundle(tiny_checkpoint, tmp_path / "emb", ExportOptions(external_data=False, **options))
+    external = onnx.load(str(tmp_path / "ext" / "denoiser.onnx"))  # loads the external data back
+    embedded = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "emb" / "denoiser.onnx")).graph.initializer}
+    assert len(external.graph.initializer) == len(embedded)
+    for tensor in external.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), embedded[tensor.name])
 
 
 def test_bad_inputs(tiny_checkpoint, tiny_bundle, tmp_path):

@@ -64,7 +64,7 @@ class ExternalDataWriter:
             self._file.write(b"\0" * pad)
             self.bytes_written += pad
         offset = self.bytes_written
-        self._file.write(memoryview(array).cast("B"))
+        self._file.write(array.reshape(-1).view(np.uint8).data)  # byte view: memoryview knows no bfloat16/float8
         self.bytes_written += array.nbytes
         proto = TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=list(array.shape))
         proto.data_location = TensorProto.EXTERNAL
