@@ -4,7 +4,6 @@ the parsed networks, the bundle, the build log and the CPU quality report."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -75,7 +74,7 @@ def test_bf16_bundle(bf16_build):
     denoiser = reports["denoiser"].network
     # Strongly typed: GEMMs in bf16, except the router gates, which stay float32; no Q/DQ without --fp8.
     assert denoiser.num_quantize == denoiser.num_dequantize == 0
-    gates = [g for g in denoiser.gemms if g.name.split("/")[-1].startswith(f"transformer_blocks.") and ".img_mlp.gate_" in g.name]
+    gates = [g for g in denoiser.gemms if g.name.split("/")[-1].startswith("transformer_blocks.") and ".img_mlp.gate_" in g.name]
     assert len(gates) == len(MOE_BLOCKS) and all(g.input_dtypes == ["FLOAT", "FLOAT"] for g in gates)
     assert all(g.input_dtypes == ["BF16", "BF16"] for g in _gemms(reports["denoiser"], 3, ATTENTION + EXPERTS))
     assert "SCATTER" in denoiser.layer_types and "TOPK" in denoiser.layer_types  # native lowering, no plugins

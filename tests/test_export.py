@@ -16,7 +16,7 @@ from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.tiny import write_checkpoint
 from nucleus_export.parity.cases import make_cases
-from nucleus_export.parity.check import Tolerance, check_parity
+from nucleus_export.parity.check import check_parity
 from nucleus_runtime.bundle import load_manifest, verify_files
 
 

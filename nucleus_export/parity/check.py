@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +24,6 @@ from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.parity.cases import ParityCase, make_cases
-from nucleus_runtime import rope
 from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest, write_json_atomic
 
 if TYPE_CHECKING:
