@@ -193,6 +193,10 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         (manifest, engine build reports, ParityReport or None).
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
+    if options.quality:
+        from nucleus_export.build.quality import check_quality_memory
+
+        check_quality_memory(checkpoint)
     plugin_library = None
     if options.moe == MOE_PLUGIN:
         assert options.plugin_library is not None

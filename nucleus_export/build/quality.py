@@ -28,6 +28,25 @@ QUALITY_TOLERANCES: dict[str, dict[str, float]] = {
 }
 
 
+def check_quality_memory(checkpoint: Any) -> None:
+    """Fail before any work when the CPU report cannot fit: the reference holds the weights in float32, and ONNX
+    Runtime holds the (float32-widened) graph twice while building its session."""
+    import math
+
+    import psutil
+
+    from nucleus_export.errors import NucleusExportError
+
+    weights = sum(math.prod(checkpoint.weights.shape(n)) for n in checkpoint.weights)
+    needed = weights * 4 * 3
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise NucleusExportError(
+            f"the CPU quality report needs about {needed / 1e9:.0f} GB of memory for this model; {available / 1e9:.0f} GB is free.",
+            "build with --skip-quality, then run `nucleus-export check` on the ONNX bundle on a machine with more memory.",
+        )
+
+
 def tolerance_for(precision: str, fp8: bool) -> dict[str, float]:
     return dict(QUALITY_TOLERANCES["fp8" if fp8 else precision])
 
@@ -60,11 +79,11 @@ def cpu_runnable_graphs(bundle_dir: Path) -> CpuGraphs:
     emulated = False
     for graph in GRAPHS:
         source = Path(bundle_dir) / f"{graph}.onnx"
-        model = onnx.load(str(source))
-        if not _has_bf16(model):
+        if not _has_bf16(onnx.load(str(source), load_external_data=False)):
             paths[graph] = source
             continue
         emulated = True
+        model = onnx.load(str(source))
         fd, tmp = tempfile.mkstemp(prefix=f".quality-{graph}-", suffix=".onnx", dir=bundle_dir)
         os.close(fd)
         cpu_model = emulate_bf16_in_fp32(model)

@@ -198,8 +198,10 @@ class ReferenceRunner:
         import torch
         from diffusers.models.transformers.transformer_nucleusmoe_image import _apply_rotary_emb_nucleus
 
+        from nucleus_export.model.reference import to_model
+
         c, m = self.config, self.model
-        text = m.txt_norm(torch.from_numpy(case.encoder_hidden_states))
+        text = m.txt_norm(to_model(m, case.encoder_hidden_states))
         _, txt_freqs = m.pos_embed([(1, *case.grid)], max_txt_seq_len=text.shape[1], device=text.device)
         layers = []
         for block in m.transformer_blocks:
@@ -208,7 +210,7 @@ class ReferenceRunner:
             value = block.attn.add_v_proj(context).unflatten(-1, (c.kv_heads, -1))
             key = _apply_rotary_emb_nucleus(block.attn.norm_added_k(key), txt_freqs, use_real=False)
             layers.append(torch.stack([key, value]))
-        return torch.stack(layers).float().numpy()
+        return torch.stack(layers).float().cpu().numpy()
 
     def routing(self) -> list[np.ndarray]:
         """[B, E, C] token selections per MoE layer of the last forward (diffusers' own topk on its own scores)."""
@@ -219,22 +221,24 @@ class ReferenceRunner:
             logits = self._logits[idx].float()
             scores = torch.sigmoid(logits) if self.config.use_sigmoid else torch.softmax(logits, dim=-1)
             capacity = self.config.capacity(idx, logits.shape[1])
-            out.append(torch.topk(scores.transpose(1, 2), k=capacity, dim=-1).indices.numpy())
+            out.append(torch.topk(scores.transpose(1, 2), k=capacity, dim=-1).indices.cpu().numpy())
         return out
 
     def sample(self, case: ParityCase) -> np.ndarray:
         import torch
 
+        from nucleus_export.model.reference import to_model
+
         with torch.no_grad():
             sample = self.model(
-                hidden_states=torch.from_numpy(case.hidden_states),
+                hidden_states=to_model(self.model, case.hidden_states),
                 img_shapes=[(1, *case.grid)] * case.batch,
-                encoder_hidden_states=torch.from_numpy(case.encoder_hidden_states),
-                encoder_hidden_states_mask=torch.from_numpy(case.mask),
-                timestep=torch.from_numpy(case.timestep),
+                encoder_hidden_states=to_model(self.model, case.encoder_hidden_states),
+                encoder_hidden_states_mask=to_model(self.model, case.mask),
+                timestep=to_model(self.model, case.timestep),
                 return_dict=False,
             )[0]
-        return sample.float().numpy()
+        return sample.float().cpu().numpy()
 
 
 def routing_agreement(actual: np.ndarray, expected: np.ndarray) -> float:

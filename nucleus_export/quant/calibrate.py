@@ -123,7 +123,7 @@ def calibrate_fp8(
     import torch
 
     from nucleus_export.export import build_profiles, scheduler_config
-    from nucleus_export.model.reference import load_reference
+    from nucleus_export.model.reference import load_reference, to_model
 
     if size < 1 or steps < 1:
         raise NucleusExportError(f"calibration needs at least one sample and one step (got {size}, {steps}).", "pass --calibration-size 1 or more.")
@@ -153,20 +153,20 @@ def calibrate_fp8(
             tokens = grid[0] * grid[1]
             schedule = make_schedule(scheduler, steps, tokens)
             latents = rng.standard_normal((1, tokens, config.in_channels)).astype(np.float32)
-            prompt = torch.from_numpy(embeds[sample % len(embeds)][None])
-            mask = torch.from_numpy(masks[sample % len(masks)][None])
+            prompt = to_model(model, embeds[sample % len(embeds)][None])
+            mask = to_model(model, masks[sample % len(masks)][None])
             for step in range(len(schedule)):
                 timestep = schedule.model_timestep(step, 1)
                 timesteps.add(round(float(timestep[0]), 4))
                 with torch.no_grad():
                     velocity = model(
-                        hidden_states=torch.from_numpy(latents),
+                        hidden_states=to_model(model, latents),
                         img_shapes=[(1, *grid)],
                         encoder_hidden_states=prompt,
                         encoder_hidden_states_mask=mask,
-                        timestep=torch.from_numpy(timestep),
+                        timestep=to_model(model, timestep),
                         return_dict=False,
-                    )[0].numpy()
+                    )[0].float().cpu().numpy()
                 latents = schedule.step(-velocity, step, latents)
     finally:
         recorder.remove()
