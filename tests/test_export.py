@@ -62,6 +62,9 @@ VARIANTS = {
                             "capacity_factors": [2.0, 1.5, 3.0, 1.0, 2.5]},
     "gqa4-16experts-first-dense": {"num_key_value_heads": 1, "num_experts": 16, "dense_moe_strategy": "leave_first_block_dense",
                                    "capacity_factors": [0.0, 8.0, 0.5, 1.25, 2.0]},
+    "patch1-mha-all-dense": {"patch_size": 1, "in_channels": 16, "out_channels": None, "num_key_value_heads": None,
+                             "dense_moe_strategy": "all_dense"},
+    "moe-disabled-odd-experts": {"moe_enabled": False, "num_experts": 5},
     "last-dense-scalar-cf": {"dense_moe_strategy": "leave_first_three_and_last_block_dense", "num_layers": 6,
                              "capacity_factors": 3.0, "route_scale": 1.0, "moe_intermediate_dim": 48},
 }
