@@ -41,7 +41,7 @@ from nucleus_runtime.bundle import (
     Profiles,
     TensorSpec,
     file_record,
-    write_json_atomic,
+    write_atomic,
 )
 
 logger = logging.getLogger("nucleus_export")
@@ -228,11 +228,11 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
             io[name] = _io_specs(model)
             logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
             del model
-    write_json_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
+    write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     quantization = None
     if precision.fp8:
-        write_json_atomic(out_dir / "fp8_scales.json", precision.fp8.to_json())
+        write_atomic(out_dir / "fp8_scales.json", precision.fp8.to_json())
         files.append("fp8_scales.json")
         quantization = {
             "scheme": "fp8_e4m3",
@@ -253,7 +253,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
         quantization=quantization,
         tools=_tool_versions(),
     )
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
+    write_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 

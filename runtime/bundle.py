@@ -147,14 +147,19 @@ def verify_files(bundle_dir: Path, manifest: Manifest, names: list[str] | None =
             )
 
 
-def write_json_atomic(path: Path, payload: str) -> None:
-    """Write text through a temporary file in the same folder and rename it into place."""
+def write_atomic(path: Path, data: bytes | memoryview | str) -> None:
+    """Write through a temporary file in the same folder, fsync, rename into place: readers never see half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); bundle files are ordinary artifacts, readable like the ONNX files.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,8 +25,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +35,7 @@ import onnx
 
 from nucleus_export.build.backends import Backend
 from nucleus_export.errors import NucleusExportError
+from nucleus_runtime.bundle import write_atomic
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.plugins import load_plugin_library
 
@@ -430,25 +429,6 @@ class BuildReport:
         ]
 
 
-def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write through a temporary file in the same folder, fsync, rename into place: readers never see half a plan."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); a plan is an ordinary artifact, readable like the ONNX files.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _make_config(parsed: ParsedNetwork, settings: BuildSettings) -> tuple[Any, Any]:
     """Builder config with one optimization profile and, for full TensorRT, the timing cache. Returns (config, cache)."""
     backend, builder, network = parsed.backend, parsed.builder, parsed.network
@@ -529,11 +509,11 @@ class EngineFromOnnx:
                 "rerun with --verbose; check the profile ranges and, for full TensorRT, free GPU memory.",
             )
         data = memoryview(serialized)
-        write_bytes_atomic(self.engine_path, data)
+        write_atomic(self.engine_path, data)
         cache_info: dict[str, Any] = {"used": False, "reason": f"{backend.name} does no tactic timing"}
         if cache is not None and self.settings.timing_cache is not None:
             existed = self.settings.timing_cache.is_file()
-            write_bytes_atomic(self.settings.timing_cache, memoryview(config.get_timing_cache().serialize()))
+            write_atomic(self.settings.timing_cache, memoryview(config.get_timing_cache().serialize()))
             cache_info = {"used": True, "path": str(self.settings.timing_cache), "reused": existed}
         return BuildReport(
             graph=self.graph,
@@ -552,7 +532,5 @@ class EngineFromOnnx:
 
 
 def write_build_log(path: Path, reports: Sequence[BuildReport], extra: dict[str, Any] | None = None) -> None:
-    from nucleus_runtime.bundle import write_json_atomic
-
     payload = {"engines": {r.graph: r.to_dict() for r in reports}, **(extra or {})}
-    write_json_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))

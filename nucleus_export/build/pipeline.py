@@ -33,7 +33,7 @@ from nucleus_export.build.lowering import lower_moe_native, prepare_for_plugins
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
 from nucleus_export.log import console
-from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_json_atomic
+from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
 from nucleus_runtime.plugins import LIBRARY_NAME, PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 logger = logging.getLogger("nucleus_export")
@@ -181,7 +181,7 @@ def refresh_manifest(bundle_dir: Path, manifest: Manifest, **changes: Any) -> Ma
         if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
     )
     manifest.files = {f: file_record(bundle_dir, f) for f in files}
-    write_json_atomic(bundle_dir / MANIFEST_NAME, manifest.to_json())
+    write_atomic(bundle_dir / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 

@@ -24,7 +24,7 @@ from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.parity.cases import ParityCase, make_cases
-from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest, write_json_atomic
+from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest, write_atomic
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -315,5 +315,5 @@ def write_report(bundle_dir: Path, reports: dict[str, ParityReport]) -> Path:
     """parity.json holds one report per checked graph variant (e.g. "fp32", "bf16", "bf16+fp8")."""
     path = Path(bundle_dir) / PARITY_NAME
     payload = {name: json.loads(report.to_json()) for name, report in reports.items()}
-    write_json_atomic(path, json.dumps(payload, indent=2))
+    write_atomic(path, json.dumps(payload, indent=2))
     return path
