@@ -171,8 +171,9 @@ class DenoiserBuilder:
             [g.op("Range", [g.const(0, np.int64), g.op("Reshape", [batch, scalar]), g.const(1, np.int64)]), tokens],
         )
         global_indices = g.op(
-            "Add",
-            [g.op("Transpose", [indices], perm=[1, 0, 2]), g.op("Reshape", [batch_offsets, g.const([1, -1, 1], np.int64)])],
+            "Transpose",
+            [g.op("Add", [indices, g.op("Reshape", [batch_offsets, g.const([-1, 1, 1], np.int64)])])],
+            perm=[1, 0, 2],
         )
         rows = g.op("Reshape", [global_indices, g.const([c.num_experts, -1], np.int64)])
         dispatched = g.op("Gather", [g.op("Reshape", [x, g.const([-1, hidden], np.int64)]), rows], axis=0, hint="dispatch")

@@ -92,7 +92,11 @@ def router_function(score_function: str) -> onnx.FunctionProto:
 
 
 def combine_function() -> onnx.FunctionProto:
-    """Reference body of MoECombine: gated scatter-add of [E,B,C,H] expert outputs onto [B,S,H]."""
+    """Reference body of MoECombine: gated scatter-add of [E,B,C,H] expert outputs onto [B,S,H].
+
+    Rows are scattered whole (ScatterND over [B*S, H] with one index per (e, b, c)), in expert-major order, so every
+    token sums its experts in ascending order, as diffusers' flattened scatter_add does.
+    """
     n = helper.make_node
     nodes = [
         n("Cast", ["expert_output"], ["expert_f32"], to=TensorProto.FLOAT),
@@ -100,22 +104,34 @@ def combine_function() -> onnx.FunctionProto:
         _const("last_axis", [-1]),
         n("Unsqueeze", ["gating_ebc", "last_axis"], ["gating_ebc1"]),
         n("Mul", ["expert_f32", "gating_ebc1"], ["weighted_f32"]),
-        n("CastLike", ["weighted_f32", "shared_output"], ["weighted"]),
-        n("Transpose", ["weighted"], ["weighted_bech"], perm=[1, 0, 2, 3]),
-        n("Shape", ["shared_output"], ["batch"], start=0, end=1),
-        n("Shape", ["shared_output"], ["hidden"], start=2, end=3),
-        _const("minus_one", [-1]),
-        n("Concat", ["batch", "minus_one", "hidden"], ["rows_shape"], axis=0),
-        n("Reshape", ["weighted_bech", "rows_shape"], ["rows"]),
-        _const("index_shape", [0, -1, 1]),
-        n("Reshape", ["token_indices", "index_shape"], ["index_column"]),
-        n("Shape", ["rows"], ["rows_dims"]),
-        n("Expand", ["index_column", "rows_dims"], ["row_indices"]),
         # Contributions are rounded to the compute dtype (as diffusers does) but summed in float32, which also keeps
         # the reference runnable where a runtime has no low-precision scatter-add (ONNX Runtime CPU).
+        n("CastLike", ["weighted_f32", "shared_output"], ["weighted"]),
+        n("Cast", ["weighted"], ["rounded_f32"], to=TensorProto.FLOAT),
+        n("Shape", ["shared_output"], ["batch"], start=0, end=1),
+        n("Shape", ["shared_output"], ["tokens"], start=1, end=2),
+        n("Shape", ["shared_output"], ["hidden"], start=2, end=3),
+        _const("minus_one", [-1]),
+        n("Concat", ["minus_one", "hidden"], ["rows_shape"], axis=0),
+        n("Reshape", ["rounded_f32", "rows_shape"], ["rows"]),
+        # Row of token s of batch row b in [B*S, H]: b * S + s.
+        _const("zero", 0),
+        _const("one", 1),
+        _const("scalar", []),
+        n("Reshape", ["batch", "scalar"], ["batch_scalar"]),
+        n("Range", ["zero", "batch_scalar", "one"], ["batch_index"]),
+        n("Mul", ["batch_index", "tokens"], ["batch_offset"]),
+        _const("offset_shape", [-1, 1, 1]),
+        n("Reshape", ["batch_offset", "offset_shape"], ["batch_offset_b11"]),
+        n("Add", ["token_indices", "batch_offset_b11"], ["global_bec"]),
+        n("Transpose", ["global_bec"], ["global_ebc"], perm=[1, 0, 2]),
+        _const("index_shape", [-1, 1]),
+        n("Reshape", ["global_ebc", "index_shape"], ["row_indices"]),
         n("Cast", ["shared_output"], ["shared_f32"], to=TensorProto.FLOAT),
-        n("Cast", ["rows"], ["rows_f32"], to=TensorProto.FLOAT),
-        n("ScatterElements", ["shared_f32", "row_indices", "rows_f32"], ["sum_f32"], axis=1, reduction="add"),
+        n("Reshape", ["shared_f32", "rows_shape"], ["shared_rows"]),
+        n("ScatterND", ["shared_rows", "row_indices", "rows"], ["sum_rows"], reduction="add"),
+        n("Shape", ["shared_output"], ["output_shape"]),
+        n("Reshape", ["sum_rows", "output_shape"], ["sum_f32"]),
         n("CastLike", ["sum_f32", "shared_output"], ["output"]),
     ]
     return helper.make_function(
