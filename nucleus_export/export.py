@@ -156,12 +156,16 @@ def write_graph(
     return model
 
 
+def refuse_existing(out_dir: Path, force: bool) -> None:
+    if Path(out_dir).exists() and not force:
+        raise UsageError(f"output folder {out_dir} already exists.", "pass --force to overwrite it, or choose another --out.")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces out_dir, on failure it is removed."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UsageError(f"output folder {out_dir} already exists.", "pass --force to overwrite it, or choose another --out.")
+    refuse_existing(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     tmp.chmod(0o755)

@@ -54,3 +54,12 @@ def test_failure_exit_code_1_one_line_and_verbose_traceback(tmp_path):
     assert len(lines) == 1 and "error:" in lines[0] and "Fix:" in lines[0]
     verbose = _run("inspect", "--model", str(tmp_path), "--verbose")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def test_export_default_out_folder_and_refusal(tmp_path):
+    args = ["export", "--model", "tiny", "--resolutions", "128x128", "--max-text-len", "8"]
+    result = subprocess.run([sys.executable, "-m", "nucleus_export.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "bundle-tiny-fp32" / "manifest.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "nucleus_export.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr

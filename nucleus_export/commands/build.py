@@ -8,8 +8,15 @@ from pathlib import Path
 
 from nucleus_export.build.backends import BACKEND_CHOICES
 from nucleus_export.build.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, validate_moe_options
-from nucleus_export.commands.common import add_export_arguments, add_model_argument, export_options
+from nucleus_export.commands.common import (
+    add_export_arguments,
+    add_model_argument,
+    add_out_argument,
+    bundle_path,
+    export_options,
+)
 from nucleus_export.errors import NucleusExportError
+from nucleus_export.export import refuse_existing
 from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.model.tiny import cache_root
@@ -28,8 +35,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "temporary folder and renamed into place.",
     )
     add_model_argument(parser)
-    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_out_argument(parser)
     add_export_arguments(parser, default_precision="bf16")
     group = parser.add_argument_group("engines")
     group.add_argument(
@@ -109,17 +115,19 @@ def run(args: argparse.Namespace) -> int:
     if build.timing_cache is None:
         build.timing_cache = cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
         build.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    out = bundle_path(args, args.precision + ("-fp8" if args.fp8 else ""))
+    refuse_existing(out, args.force)
     checkpoint = open_model(args.model)
     options = export_options(args)
     if args.fp8:
         options.precision = GraphPrecision(args.precision, fp8_scales(args, checkpoint, options))
-    manifest, reports, parity = build_bundle(checkpoint, args.out, options, build, force=args.force)
+    manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force)
     total = sum(r.build_seconds for r in reports)
     print(
-        f"built {args.out}: {manifest.precision}{'+fp8' if args.fp8 else ''}, MoE {moe}, "
+        f"built {out}: {manifest.precision}{'+fp8' if args.fp8 else ''}, MoE {moe}, "
         f"{', '.join(f'{r.graph}.plan {r.engine_bytes / 2**20:.1f} MiB' for r in reports)}, engine build {total:.1f} s"
     )
     if parity is not None and not parity.passed:
-        print(f"quality report over tolerance: see {args.out}/parity.json")
+        print(f"quality report over tolerance: see {out}/parity.json")
         return 1
     return 0

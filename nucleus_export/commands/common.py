@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from nucleus_export.export import ExportOptions
 from nucleus_export.graph.precision import COMPUTE_DTYPES, GraphPrecision
@@ -15,6 +16,20 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="'tiny' (embedded tiny model, generated offline), a diffusers transformer folder, or a pipeline root",
     )
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, help="bundle folder to create (default: ./bundle-<model>-<precision> in the current folder)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def bundle_path(args: argparse.Namespace, label: str) -> Path:
+    """--out, or a name derived from the model and precision, so `build --fp8 --model tiny` needs nothing else."""
+    if args.out:
+        return args.out
+    return Path(f"bundle-{Path(str(args.model)).name}-{label}")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser, default_precision: str = "fp32") -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from nucleus_export.commands.common import add_export_arguments, add_model_argument, export_options
+from nucleus_export.commands.common import add_export_arguments, add_model_argument, add_out_argument, bundle_path, export_options
 from nucleus_export.export import export_bundle
 from nucleus_export.model.checkpoint import open_model
 
@@ -22,15 +21,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "manifest.json. Written to a temporary folder and renamed into place.",
     )
     add_model_argument(parser)
-    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_out_argument(parser)
     add_export_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     checkpoint = open_model(args.model)
-    manifest = export_bundle(checkpoint, args.out, export_options(args), force=args.force)
+    options = export_options(args)
+    out = bundle_path(args, options.precision.label)
+    manifest = export_bundle(checkpoint, out, options, force=args.force)
     total = sum(f["bytes"] for f in manifest.files.values())
-    print(f"exported {args.out} ({manifest.precision}, {len(manifest.profiles.resolutions)} resolutions, {total / 1e6:.1f} MB)")
+    print(f"exported {out} ({manifest.precision}, {len(manifest.profiles.resolutions)} resolutions, {total / 1e6:.1f} MB)")
     return 0
