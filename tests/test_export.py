@@ -181,3 +181,14 @@ def test_check_cli_writes_parity_json(tiny_bundle):
         text=True,
     )
     assert strict.returncode == 1 and "FAIL" in strict.stdout
+
+
+def test_check_cli_on_bf16_bundle_runs_emulated(tiny_checkpoint, tmp_path):
+    from nucleus_export.cli import main
+
+    export_bundle(tiny_checkpoint, tmp_path / "b16", ExportOptions(GraphPrecision("bf16"), resolutions=[(128, 128)], max_text_len=16))
+    assert main(["check", "--model", "tiny", "--bundle", str(tmp_path / "b16")]) == 0
+    report = json.loads((tmp_path / "b16" / "parity.json").read_text())["bf16"]
+    assert report["passed"] and "emulated" in report["note"]
+    assert 1e-4 < report["worst"]["sample_relative_error"] < 0.15  # really bf16, within the bf16 tolerance
+    assert main(["check", "--model", "tiny", "--bundle", str(tmp_path / "b16"), "--max-rel-error", "1e-4"]) == 1

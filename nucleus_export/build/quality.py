@@ -99,8 +99,9 @@ def cpu_runnable_graphs(bundle_dir: Path) -> CpuGraphs:
 
 
 def quality_report(checkpoint: Any, bundle_dir: Path, precision_label: str, precision: str, fp8: bool,
-                   reference: Any = None) -> Any:
-    """Run the parity check on the bundle's (emulated) graphs against diffusers' fp32 forward.
+                   reference: Any = None, tolerance: Any = None) -> Any:
+    """Run the parity check on the bundle's (emulated) graphs against diffusers' fp32 forward; the tolerance
+    defaults to QUALITY_TOLERANCES of the precision.
 
     Returns:
         nucleus_export.parity.check.ParityReport labelled with the graph precision and, for bf16, the emulation.
@@ -113,7 +114,7 @@ def quality_report(checkpoint: Any, bundle_dir: Path, precision_label: str, prec
         return check_parity(
             checkpoint,
             bundle_dir,
-            Tolerance(**tolerance_for(precision, fp8)),
+            tolerance or Tolerance(**tolerance_for(precision, fp8)),
             text_kv_path=graphs.paths["text_kv"],
             denoiser_path=graphs.paths[DENOISER],
             graph_precision=precision_label,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nucleus_export.build.quality import quality_report, tolerance_for
 from nucleus_export.model.checkpoint import open_model
-from nucleus_export.parity.check import Tolerance, check_parity, write_report
+from nucleus_export.parity.check import Tolerance, write_report
+from nucleus_runtime.bundle import load_manifest
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -16,21 +18,29 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="compare the bundle's ONNX graphs (ONNX Runtime) with diffusers' forward; writes parity.json",
         description="Run text_kv then denoiser in ONNX Runtime and diffusers' forward on the same inputs: every "
         "served resolution, batch 1 and 2, padded masks, early/middle/late timesteps. Reports max abs and relative "
-        "error, cosine and MoE routing agreement; exits 1 when over the tolerance.",
+        "error, cosine and MoE routing agreement; exits 1 when over the tolerance. bf16 graphs run emulated in "
+        "float32 with bf16 rounding (ONNX Runtime's CPU provider has no bf16 MatMul); FP8 Q/DQ runs as is. Default "
+        "tolerances depend on the bundle's precision (fp32: rel err 1e-4, 100%% routing agreement).",
     )
     parser.add_argument("--model", required=True, help="the model the bundle was exported from ('tiny' or a path)")
     parser.add_argument("--bundle", type=Path, required=True, help="bundle folder")
-    parser.add_argument("--max-rel-error", type=float, default=1e-4, help="relative error tolerance (default 1e-4)")
-    parser.add_argument("--min-cosine", type=float, default=0.0, help="minimum cosine similarity (default: not checked)")
-    parser.add_argument(
-        "--min-routing-agreement", type=float, default=1.0, help="minimum routing agreement, 0..1 (default 1.0)"
-    )
+    parser.add_argument("--max-rel-error", type=float, help="relative error tolerance (default by precision)")
+    parser.add_argument("--min-cosine", type=float, help="minimum cosine similarity (default by precision)")
+    parser.add_argument("--min-routing-agreement", type=float, help="minimum routing agreement, 0..1 (default by precision)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    tolerance = Tolerance(args.max_rel_error, args.min_cosine, args.min_routing_agreement)
-    report = check_parity(open_model(args.model), args.bundle, tolerance)
+    manifest = load_manifest(args.bundle)
+    fp8 = manifest.quantization is not None
+    defaults = tolerance_for(manifest.precision, fp8)
+    tolerance = Tolerance(
+        defaults["max_relative_error"] if args.max_rel_error is None else args.max_rel_error,
+        defaults["min_cosine"] if args.min_cosine is None else args.min_cosine,
+        defaults["min_routing_agreement"] if args.min_routing_agreement is None else args.min_routing_agreement,
+    )
+    label = manifest.precision + ("+fp8" if fp8 else "")
+    report = quality_report(open_model(args.model), args.bundle, label, manifest.precision, fp8, tolerance=tolerance)
     path = write_report(args.bundle, {report.graph_precision: report})
     for line in report.summary_lines():
         print(line)
