@@ -25,15 +25,22 @@ from nucleus_runtime.errors import NucleusError
 logger = logging.getLogger("nucleus_runtime")
 
 
-def _import_tensorrt() -> Any:
-    for name in ("tensorrt", "tensorrt_rtx"):
+_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+
+
+def _import_tensorrt(manifest: Manifest | None = None) -> Any:
+    """The module the engines were built with (a plan only deserializes in the library that built it)."""
+    built_with = {(r or {}).get("backend") for r in (manifest.engines or {}).values() if isinstance(r, dict)} if manifest else set()
+    names = [_MODULES[b] for b in built_with if b in _MODULES] or list(_MODULES.values())
+    for name in names:
         try:
             return __import__(name)
         except ImportError:
             continue
     raise NucleusError(
-        "neither tensorrt nor tensorrt_rtx is installed.",
-        "pip install tensorrt (datacenter GPUs) or tensorrt-rtx (RTX GPUs), or use --backend onnxruntime.",
+        f"{' or '.join(names)} is not installed.",
+        "pip install tensorrt (datacenter GPUs) or tensorrt-rtx (RTX GPUs), matching the engines' builder, "
+        "or use --backend onnxruntime.",
     )
 
 
@@ -175,7 +182,7 @@ class TensorRTBackend(Backend):
             # The plugin library runs inside the engines: check it like the plans.
             plugin = [self.manifest.plugins["library"]] if self.manifest.moe_lowering == "plugin" and self.manifest.plugins else []
             verify_files(self.bundle_dir, self.manifest, plans + plugin)
-        self.trt = _import_tensorrt()
+        self.trt = _import_tensorrt(self.manifest)
         self.cudart = _import_cudart()
         self.name = self.trt.__name__
         self._check_gpu()
