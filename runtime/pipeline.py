@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from nucleus_runtime.backends.base import Backend, TextKVHandle
-from nucleus_runtime.bundle import Manifest
+from nucleus_runtime.bundle import TEXT_KV, Manifest
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.latents import initial_noise
 from nucleus_runtime.rope import image_rope, text_rope
@@ -189,7 +189,9 @@ def generate(
     if recompute_text_kv:
         text_kv = None
     elif cache is not None:
-        namespace = f"{manifest.config_hash}|{manifest.precision}|{backend.name}"
+        # The text_kv graph's checksums identify the weights: two checkpoints of one architecture must not share.
+        weights = ",".join(r["sha256"] for f, r in sorted(manifest.files.items()) if f.startswith(f"{TEXT_KV}.onnx"))
+        namespace = f"{manifest.config_hash}|{weights}|{manifest.precision}|{backend.name}"
         text_kv = cache.get_or_compute(text_kv_key(namespace, embeddings, mask, grid), compute_text_kv)
     else:
         text_kv = compute_text_kv()

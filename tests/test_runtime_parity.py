@@ -130,6 +130,22 @@ def test_cached_and_uncached_runs_are_identical(bundle, backend):
     assert cache.stats.misses == 2
 
 
+def test_cache_never_shares_text_kv_between_checkpoints(bundle, backend, tmp_path):
+    """Same architecture (config hash), other weights: a shared cache must miss, and results must differ."""
+    from nucleus_export.model.tiny import write_checkpoint
+
+    other_bundle = tmp_path / "other"
+    options = ExportOptions(resolutions=RESOLUTIONS, max_text_len=32, opt_text_len=16)
+    export_bundle(open_checkpoint(write_checkpoint(tmp_path / "ckpt", seed=7)), other_bundle, options)
+    assert load_manifest(other_bundle).config_hash == load_manifest(bundle).config_hash
+    inputs = make_inputs(load_manifest(bundle).grid_for(128, 128), seed=4)
+    cache = TextKVCache()
+    first = run_runtime(backend, bundle, inputs, 128, 128, 4.0, cache=cache)
+    second = run_runtime(OrtBackend(other_bundle, OrtOptions(threads=2)), other_bundle, inputs, 128, 128, 4.0, cache=cache)
+    assert cache.stats.misses == 2 and cache.stats.hits == 0
+    assert not np.allclose(first, second)
+
+
 def _write_inputs(tmp_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, Path]:
     paths = {"prompt": tmp_path / "p.safetensors", "negative": tmp_path / "n.safetensors", "latents": tmp_path / "l.safetensors"}
     save_file({"prompt_embeds": inputs["prompt_embeds"], "prompt_embeds_mask": inputs["prompt_embeds_mask"]}, paths["prompt"])
