@@ -32,7 +32,7 @@ if (_HERE / "nucleus_runtime").is_dir() and str(_HERE) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from nucleus_runtime.backends.base import Backend, TextKVHandle  # noqa: E402
+from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs  # noqa: E402
 from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest  # noqa: E402
 from nucleus_runtime.errors import NucleusError  # noqa: E402
 from nucleus_runtime.pipeline import generate  # noqa: E402
@@ -264,11 +264,7 @@ class BlsBackend(Backend):
 
     def compute_text_kv(self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray) -> BlsTextKV:
         t = self.pb.Tensor
-        inputs = [
-            t("encoder_hidden_states", np.ascontiguousarray(encoder_hidden_states, dtype=np.float32)),
-            t("txt_rope_cos", np.ascontiguousarray(txt_rope_cos, dtype=np.float32)),
-            t("txt_rope_sin", np.ascontiguousarray(txt_rope_sin, dtype=np.float32)),
-        ]
+        inputs = [t(name, array) for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items()]
         tensor = self._exec(self.text_kv_model, inputs, "text_kv", host=False)
         batch, text_len = encoder_hidden_states.shape[:2]
         sizes = {"batch": batch, "text_len": text_len}
@@ -287,14 +283,8 @@ class BlsBackend(Backend):
         if not isinstance(text_kv, BlsTextKV):
             raise TypeError(f"BlsBackend.denoise needs text K/V from BlsBackend, got {type(text_kv).__name__}")
         t = self.pb.Tensor
-        inputs = [
-            t("hidden_states", np.ascontiguousarray(hidden_states, dtype=np.float32)),
-            t("timestep", np.ascontiguousarray(timestep, dtype=np.float32)),
-            t("img_rope_cos", np.ascontiguousarray(img_rope_cos, dtype=np.float32)),
-            t("img_rope_sin", np.ascontiguousarray(img_rope_sin, dtype=np.float32)),
-            text_kv.tensor,
-            t("encoder_hidden_states_mask", np.ascontiguousarray(encoder_hidden_states_mask, dtype=np.int64)),
-        ]
+        host = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+        inputs = [t(name, array) for name, array in host.items()] + [text_kv.tensor]
         sample = self._exec(self.denoiser_model, inputs, "sample", host=True)
         if not sample.is_cpu():
             raise NucleusError(

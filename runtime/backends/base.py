@@ -14,6 +14,34 @@ from typing import Any
 import numpy as np
 
 
+def text_kv_inputs(
+    encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The text_kv graph's inputs by contract name, contiguous and in the contract's dtypes."""
+    return {
+        "encoder_hidden_states": np.ascontiguousarray(encoder_hidden_states, dtype=np.float32),
+        "txt_rope_cos": np.ascontiguousarray(txt_rope_cos, dtype=np.float32),
+        "txt_rope_sin": np.ascontiguousarray(txt_rope_sin, dtype=np.float32),
+    }
+
+
+def denoiser_host_inputs(
+    hidden_states: np.ndarray,
+    timestep: np.ndarray,
+    img_rope_cos: np.ndarray,
+    img_rope_sin: np.ndarray,
+    encoder_hidden_states_mask: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The denoiser's host-side inputs (all but `text_kv`) by contract name, contiguous, in the contract's dtypes."""
+    return {
+        "hidden_states": np.ascontiguousarray(hidden_states, dtype=np.float32),
+        "timestep": np.ascontiguousarray(timestep, dtype=np.float32),
+        "img_rope_cos": np.ascontiguousarray(img_rope_cos, dtype=np.float32),
+        "img_rope_sin": np.ascontiguousarray(img_rope_sin, dtype=np.float32),
+        "encoder_hidden_states_mask": np.ascontiguousarray(encoder_hidden_states_mask, dtype=np.int64),
+    }
+
+
 class TextKVHandle(abc.ABC):
     """Opaque text K/V as produced by `Backend.compute_text_kv`; consumed only by the same backend."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
 from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
 from nucleus_runtime.errors import NucleusError
 
@@ -154,9 +154,8 @@ class OrtBackend(Backend):
         self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
     ) -> OrtTextKV:
         binding = self._text_kv.io_binding()
-        binding.bind_cpu_input("encoder_hidden_states", np.ascontiguousarray(encoder_hidden_states, dtype=np.float32))
-        binding.bind_cpu_input("txt_rope_cos", np.ascontiguousarray(txt_rope_cos, dtype=np.float32))
-        binding.bind_cpu_input("txt_rope_sin", np.ascontiguousarray(txt_rope_sin, dtype=np.float32))
+        for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
+            binding.bind_cpu_input(name, array)
         binding.bind_output("text_kv", self._device)
         self._text_kv.run_with_iobinding(binding)
         return OrtTextKV(binding.get_outputs()[0])
@@ -173,12 +172,10 @@ class OrtBackend(Backend):
         if not isinstance(text_kv, OrtTextKV):
             raise TypeError(f"OrtBackend.denoise needs text K/V from OrtBackend, got {type(text_kv).__name__}")
         binding = self._denoiser.io_binding()
-        binding.bind_cpu_input("hidden_states", np.ascontiguousarray(hidden_states, dtype=np.float32))
-        binding.bind_cpu_input("timestep", np.ascontiguousarray(timestep, dtype=np.float32))
-        binding.bind_cpu_input("img_rope_cos", np.ascontiguousarray(img_rope_cos, dtype=np.float32))
-        binding.bind_cpu_input("img_rope_sin", np.ascontiguousarray(img_rope_sin, dtype=np.float32))
+        inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
         binding.bind_ortvalue_input("text_kv", text_kv.value)
-        binding.bind_cpu_input("encoder_hidden_states_mask", np.ascontiguousarray(encoder_hidden_states_mask, dtype=np.int64))
         binding.bind_output("sample")
         self._denoiser.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
 from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
 from nucleus_runtime.errors import NucleusError
 
@@ -215,7 +215,7 @@ class TensorRTBackend(Backend):
     # ---- host <-> device ----------------------------------------------------------------------------------------
 
     def _upload(self, engine: _Engine, name: str, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
+        """Copy a contiguous host array (see backends.base input helpers) into the engine's input buffer."""
         engine.context.set_input_shape(name, array.shape)
         buf = engine.buffer(name, array.nbytes)
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -236,9 +236,8 @@ class TensorRTBackend(Backend):
         self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
     ) -> TrtTextKV:
         engine = self._text_kv
-        self._upload(engine, "encoder_hidden_states", encoder_hidden_states.astype(np.float32, copy=False))
-        self._upload(engine, "txt_rope_cos", txt_rope_cos)
-        self._upload(engine, "txt_rope_sin", txt_rope_sin)
+        for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
+            self._upload(engine, name, array)
         shape, dtype = engine.output_shape("text_kv"), engine.output_dtype("text_kv")
         # A fresh buffer per handle: it outlives this call in the cache, the engine's own buffers do not.
         out = DeviceBuffer(self.cudart, int(np.prod(shape)) * dtype.itemsize)
@@ -259,11 +258,9 @@ class TensorRTBackend(Backend):
         if not isinstance(text_kv, TrtTextKV):
             raise TypeError(f"TensorRTBackend.denoise needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
         engine = self._denoiser
-        self._upload(engine, "hidden_states", hidden_states.astype(np.float32, copy=False))
-        self._upload(engine, "timestep", timestep.astype(np.float32, copy=False))
-        self._upload(engine, "img_rope_cos", img_rope_cos)
-        self._upload(engine, "img_rope_sin", img_rope_sin)
-        self._upload(engine, "encoder_hidden_states_mask", encoder_hidden_states_mask.astype(np.int64, copy=False))
+        inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+        for name, array in inputs.items():
+            self._upload(engine, name, array)
         engine.context.set_input_shape("text_kv", text_kv.shape)
         if self._bound_text_kv is not text_kv:
             engine.context.set_tensor_address("text_kv", text_kv.buffer.ptr)
