@@ -91,6 +91,13 @@ def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
             "use 1 <= --opt-text-len <= --max-text-len.",
         )
     for (h, w), (rows, cols) in zip(resolutions, grids):
+        too_full = [i for i in config.moe_layers if config.capacity(i, rows * cols) > rows * cols]
+        if too_full:
+            raise UsageError(
+                f"at {h}x{w} ({rows * cols} image tokens) MoE blocks {too_full} would give each expert more tokens "
+                f"than exist (capacity factor over the {config.num_experts} experts).",
+                "serve larger resolutions only, or use a checkpoint whose capacity factors are at most num_experts.",
+            )
         if rope.text_position_offset(rows, cols) + options.max_text_len > rope.MAX_POSITIONS:
             raise UsageError(
                 f"text length {options.max_text_len} at {h}x{w} runs past the model's {rope.MAX_POSITIONS} rope positions.",

@@ -141,6 +141,9 @@ def test_bad_inputs(tiny_checkpoint, tiny_bundle, tmp_path):
         export_bundle(tiny_checkpoint, tmp_path / "x", ExportOptions(resolutions=[(1024, 1024)], max_text_len=4090))
     with pytest.raises(UsageError, match="already exists"):
         export_bundle(tiny_checkpoint, tiny_bundle, ExportOptions(**OPTIONS))
+    crowded = open_checkpoint(write_checkpoint(tmp_path / "crowded", {"num_experts": 2, "capacity_factors": [0, 0, 0, 4.0, 2.0]}))
+    with pytest.raises(UsageError, match="more tokens than exist"):
+        export_bundle(crowded, tmp_path / "x", ExportOptions(**OPTIONS))
     assert not (tmp_path / "x").exists()
     assert not list(tmp_path.glob(".*partial*"))  # nothing half-written left behind
 
