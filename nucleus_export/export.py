@@ -11,7 +11,6 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -122,7 +121,7 @@ def _tool_versions() -> dict[str, str]:
 
 def _estimated_weight_bytes(checkpoint: Checkpoint, precision: GraphPrecision) -> int:
     itemsize = precision.np_dtype.itemsize
-    return sum(math.prod(checkpoint.weights.shape(n)) * itemsize for n in checkpoint.weights)
+    return checkpoint.weights.num_parameters * itemsize
 
 
 def _io_specs(model: onnx.ModelProto) -> dict[str, dict[str, TensorSpec]]:

@@ -31,14 +31,12 @@ QUALITY_TOLERANCES: dict[str, dict[str, float]] = {
 def check_quality_memory(checkpoint: Any) -> None:
     """Fail before any work when the CPU report cannot fit: the reference holds the weights in float32, and ONNX
     Runtime holds the (float32-widened) graph twice while building its session."""
-    import math
 
     import psutil
 
     from nucleus_export.errors import NucleusExportError
 
-    weights = sum(math.prod(checkpoint.weights.shape(n)) for n in checkpoint.weights)
-    needed = weights * 4 * 3
+    needed = checkpoint.weights.num_parameters * 4 * 3
     available = psutil.virtual_memory().available
     if needed > available:
         raise NucleusExportError(

@@ -50,7 +50,6 @@ def router_function(score_function: str) -> onnx.FunctionProto:
     )
     nodes = [
         score_node,
-        n("Shape", ["router_logits"], ["shape"]),
         n("Shape", ["router_logits"], ["batch_tokens"], start=0, end=2),
         n("Shape", ["router_logits"], ["tokens"], start=1, end=2),
         n("Shape", ["router_logits"], ["experts"], start=2, end=3),

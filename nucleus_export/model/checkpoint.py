@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -147,6 +148,10 @@ class WeightStore:
         finally:
             os.close(fd)
         return np.frombuffer(buf, dtype=self.dtype(name)).reshape(info.shape)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(info.shape) for info in self._tensors.values())
 
     def bytes_by_dtype(self) -> dict[str, int]:
         totals: dict[str, int] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from nucleus_export.errors import NucleusExportError
@@ -28,7 +27,7 @@ def _check_memory(checkpoint: Checkpoint, dtype: torch.dtype, device: str) -> No
     import psutil
     import torch
 
-    needed = sum(math.prod(checkpoint.weights.shape(n)) for n in checkpoint.weights) * torch.tensor([], dtype=dtype).element_size()
+    needed = checkpoint.weights.num_parameters * torch.tensor([], dtype=dtype).element_size()
     available = torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available
     if needed > _HEADROOM * available:
         raise NucleusExportError(
