@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from nucleus_export.build.engine import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath, onnx_input_shapes, profile_shapes
-from nucleus_export.build.pipeline import BuildOptions, build_bundle, prepare_graph
+from nucleus_export.engines.engine import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath, onnx_input_shapes, profile_shapes
+from nucleus_export.engines.pipeline import BuildOptions, build_bundle, prepare_graph
 from nucleus_export.cli import main
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import ExportOptions
@@ -155,7 +155,7 @@ def test_cli_build_and_force(tmp_path, capsys):
 
 def test_engine_loader_rejects_inverted_profile(bf16_build, tmp_path):
     """The engine loader validates shapes itself, whatever produced them."""
-    from nucleus_export.build.backends import resolve_backend
+    from nucleus_export.engines.backends import resolve_backend
 
     out = bf16_build[0]
     path = prepare_graph(out, "text_kv", "native")
@@ -175,7 +175,7 @@ def test_engine_loader_rejects_inverted_profile(bf16_build, tmp_path):
 def test_plugin_graph_parses_only_with_the_plugin_library(bf16_build):
     """The plugin-prepared denoiser has no reference bodies to fall back on: without the nucleus creators (namespace
     "nucleus"), TensorRT-RTX's parser stops at the MoE nodes and the error says to load the library."""
-    from nucleus_export.build.backends import resolve_backend
+    from nucleus_export.engines.backends import resolve_backend
 
     path = prepare_graph(bf16_build[0], "denoiser", "plugin")
     try:
@@ -188,7 +188,7 @@ def test_plugin_graph_parses_only_with_the_plugin_library(bf16_build):
 
 def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
     """--moe plugin bundles ship the library at the path the runtime looks for, with its checksum in the manifest."""
-    from nucleus_export.build.pipeline import bundle_plugin_library, refresh_manifest
+    from nucleus_export.engines.pipeline import bundle_plugin_library, refresh_manifest
     from nucleus_runtime.bundle import sha256_file
 
     library = tmp_path / "libcustom_name.so"

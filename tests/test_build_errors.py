@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nucleus_export.build import backends
-from nucleus_export.build.backends import resolve_backend
-from nucleus_export.build.engine import profile_shapes, validate_dim_ranges
+from nucleus_export.engines import backends
+from nucleus_export.engines.backends import resolve_backend
+from nucleus_export.engines.engine import profile_shapes, validate_dim_ranges
 from nucleus_export.cli import main
 from nucleus_export.errors import NucleusExportError, UsageError
 
@@ -123,7 +123,7 @@ def test_registry_without_the_nucleus_ops(tmp_path):
     """The build's loading is the runtime's: a registry without the creators lists both missing nucleus ops."""
     from types import SimpleNamespace
 
-    from nucleus_export.build.engine import load_plugins
+    from nucleus_export.engines.engine import load_plugins
     from nucleus_runtime.plugins import ENTRY_SYMBOLS, PLUGIN_NAMES
 
     library = tmp_path / "libnucleus_trt_plugins.so"

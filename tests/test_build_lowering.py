@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nucleus_export.build.emulation import emulate_bf16_in_fp32
-from nucleus_export.build.lowering import (
+from nucleus_export.parity.emulation import emulate_bf16_in_fp32
+from nucleus_export.engines.lowering import (
     COMBINE_OP,
     MOE_OPS,
     NUCLEUS_DOMAIN,

@@ -22,7 +22,8 @@ from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import open_model
-from nucleus_export.triton import pipeline_model, schema
+from nucleus_export.triton import schema
+from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.configs import ONNXRUNTIME, TENSORRT_PLAN
 from nucleus_export.triton.names import ModelNames, validate_model_name
 from nucleus_export.triton.repository import RepoFile, TritonOptions, plan_repository, write_repository

@@ -6,8 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from nucleus_export.build.backends import BACKEND_CHOICES
-from nucleus_export.build.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, validate_moe_options
+from nucleus_export.engines.backends import BACKEND_CHOICES
+from nucleus_export.engines.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, validate_moe_options
 from nucleus_export.commands.common import (
     add_export_arguments,
     add_model_argument,
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         quality=not args.skip_quality,
     )
     # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
-    from nucleus_export.build.backends import resolve_backend
+    from nucleus_export.engines.backends import resolve_backend
 
     backend = resolve_backend(args.backend)
     if build.timing_cache is None:

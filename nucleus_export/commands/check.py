@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nucleus_export.build.quality import quality_report, tolerance_for
+from nucleus_export.parity.quality import quality_report, tolerance_for
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.parity.check import Tolerance, write_report
 from nucleus_runtime.bundle import load_manifest

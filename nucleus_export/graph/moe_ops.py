@@ -1,7 +1,7 @@
 """The `nucleus` custom ops and their ONNX-function reference bodies (spec: docs/contract.md).
 
 Each op is a model-local function: ONNX Runtime executes the body, TensorRT either gets a plugin for the node
-(`--moe plugin`) or the node is rewritten into native layers (`--moe native`, nucleus_export.build.lowering).
+(`--moe plugin`) or the node is rewritten into native layers (`--moe native`, nucleus_export.engines.lowering).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ composition would not guarantee. Throughput comes from `--instances` (concurrent
 from __future__ import annotations
 
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.triton import pipeline_model
+from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.names import ModelNames
 from nucleus_export.triton.pbtxt import (
     KIND_CPU,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import nucleus_runtime
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.triton import configs, pipeline_model
+from nucleus_export.triton import configs
+from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.names import ModelNames
 from nucleus_runtime.bundle import DENOISER, MANIFEST_NAME, SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest, verify_files
 from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
@@ -34,7 +35,7 @@ VERSION = "1"
 README_NAME = "README.md"
 PLUGIN_DIR = "plugins"
 DEFAULT_PLUGIN_LIBRARY = "plugins/libnucleus_trt_plugins.so"
-# The engine builder's name for TensorRT-RTX in manifest.engines[graph]["backend"] (nucleus_export.build.backends).
+# The engine builder's name for TensorRT-RTX in manifest.engines[graph]["backend"] (nucleus_export.engines.backends).
 TENSORRT_RTX = "tensorrt-rtx"
 
 

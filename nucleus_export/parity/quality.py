@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 
-from nucleus_export.build.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
+from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
 from nucleus_runtime.bundle import DENOISER, GRAPHS
 
 # Pass criteria of the build's quality report. FP8: the cosine >= 0.99; routing may flip for tokens whose

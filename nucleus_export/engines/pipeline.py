@@ -16,8 +16,8 @@ from typing import Any
 
 import onnx
 
-from nucleus_export.build.backends import Backend, resolve_backend
-from nucleus_export.build.engine import (
+from nucleus_export.engines.backends import Backend, resolve_backend
+from nucleus_export.engines.engine import (
     BuildReport,
     BuildSettings,
     EngineFromOnnx,
@@ -29,7 +29,7 @@ from nucleus_export.build.engine import (
     profile_shapes,
     write_build_log,
 )
-from nucleus_export.build.lowering import lower_moe_native, prepare_for_plugins
+from nucleus_export.engines.lowering import lower_moe_native, prepare_for_plugins
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
 from nucleus_export.log import console
@@ -194,7 +194,7 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
     if options.quality:
-        from nucleus_export.build.quality import check_quality_memory
+        from nucleus_export.parity.quality import check_quality_memory
 
         check_quality_memory(checkpoint)
     plugin_library = None
@@ -235,7 +235,7 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
 
 def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions) -> Any:
     """parity.json: the bundle's graphs (bf16 emulated, FP8 Q/DQ as is) in ORT vs diffusers' fp32 forward."""
-    from nucleus_export.build.quality import quality_report
+    from nucleus_export.parity.quality import quality_report
     from nucleus_export.log import stage
     from nucleus_export.parity.check import write_report
 

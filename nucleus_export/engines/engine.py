@@ -33,7 +33,7 @@ from typing import Any
 
 import onnx
 
-from nucleus_export.build.backends import Backend
+from nucleus_export.engines.backends import Backend
 from nucleus_export.errors import NucleusExportError
 from nucleus_runtime.bundle import write_atomic
 from nucleus_runtime.errors import NucleusError

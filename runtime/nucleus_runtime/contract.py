@@ -1,0 +1,151 @@
+"""The bundle contract, one definition per fact: graph, tensor and dimension names, the text K/V layout, the
+`nucleus` custom ops and their plugins, the expert capacity rule, precision labels and backend names.
+
+Everything that produces or consumes a bundle (graph builders, MoE lowering, engine builds, parity, runtime
+backends, the Triton model, the plugin checks) imports these names instead of spelling them. numpy-free and
+torch-free on purpose: the plugin checks load this file on machines where nothing else of the project is installed.
+The prose specification, with the op semantics, is docs/contract.md.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+# -- graphs ------------------------------------------------------------------------------------------------------
+TEXT_KV_GRAPH = "text_kv"
+DENOISER_GRAPH = "denoiser"
+GRAPHS = (TEXT_KV_GRAPH, DENOISER_GRAPH)
+
+# -- tensors -----------------------------------------------------------------------------------------------------
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+TXT_ROPE_COS = "txt_rope_cos"
+TXT_ROPE_SIN = "txt_rope_sin"
+TEXT_KV = "text_kv"  # text_kv's output and the denoiser's input: [L, 2, B, T, Hkv, Dh]
+HIDDEN_STATES = "hidden_states"
+TIMESTEP = "timestep"  # the value diffusers' transformer forward receives: t / num_train_timesteps
+IMG_ROPE_COS = "img_rope_cos"
+IMG_ROPE_SIN = "img_rope_sin"
+ENCODER_HIDDEN_STATES_MASK = "encoder_hidden_states_mask"
+SAMPLE = "sample"
+
+TEXT_KV_INPUTS = (ENCODER_HIDDEN_STATES, TXT_ROPE_COS, TXT_ROPE_SIN)
+TEXT_KV_OUTPUTS = (TEXT_KV,)
+DENOISER_INPUTS = (HIDDEN_STATES, TIMESTEP, IMG_ROPE_COS, IMG_ROPE_SIN, TEXT_KV, ENCODER_HIDDEN_STATES_MASK)
+DENOISER_OUTPUTS = (SAMPLE,)
+GRAPH_INPUTS = {TEXT_KV_GRAPH: TEXT_KV_INPUTS, DENOISER_GRAPH: DENOISER_INPUTS}
+GRAPH_OUTPUTS = {TEXT_KV_GRAPH: TEXT_KV_OUTPUTS, DENOISER_GRAPH: DENOISER_OUTPUTS}
+
+# Host-side element types of every input fed from numpy (text_kv itself is in the graph's compute dtype, which the
+# manifest records). Names are numpy/ONNX type names.
+HOST_INPUT_DTYPES = {
+    ENCODER_HIDDEN_STATES: "float32",
+    TXT_ROPE_COS: "float32",
+    TXT_ROPE_SIN: "float32",
+    HIDDEN_STATES: "float32",
+    TIMESTEP: "float32",
+    IMG_ROPE_COS: "float32",
+    IMG_ROPE_SIN: "float32",
+    ENCODER_HIDDEN_STATES_MASK: "int64",
+    SAMPLE: "float32",
+}
+
+# -- dimension names (symbolic axes of the graphs and the engine profiles) ---------------------------------------
+BATCH_DIM = "batch"
+IMAGE_TOKENS_DIM = "image_tokens"
+TEXT_TOKENS_DIM = "text_tokens"
+
+# text_kv axis 1: which of the pair
+TEXT_KV_KEY = 0
+TEXT_KV_VALUE = 1
+
+
+def text_kv_shape(num_layers: int, batch: int, text_len: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """[L, 2, B, T, Hkv, Dh]: per block the text keys (after norm and RoPE) and values."""
+    return (num_layers, 2, batch, text_len, kv_heads, head_dim)
+
+
+# -- the `nucleus` custom ops and their TensorRT plugins ---------------------------------------------------------
+DOMAIN = "nucleus"
+DOMAIN_VERSION = 1
+ROUTER_OP = "ExpertChoiceRouter"
+COMBINE_OP = "MoECombine"
+CUSTOM_OPS = (ROUTER_OP, COMBINE_OP)
+PLUGIN_NAMESPACE = DOMAIN
+PLUGIN_VERSION = "1"
+PLUGIN_LIBRARY_NAME = "libnucleus_trt_plugins.so"
+PLUGIN_LIBRARY_PATH = f"plugins/{PLUGIN_LIBRARY_NAME}"  # where a bundle ships it
+ROUTER_TOKEN_INDICES = "token_indices"  # the router node's first output (parity exposes it per block)
+
+# ExpertChoiceRouter attributes
+ATTR_CAPACITY_NUMERATOR = "capacity_numerator"
+ATTR_CAPACITY_DENOMINATOR = "capacity_denominator"
+ATTR_SCORE_FUNCTION = "score_function"
+ATTR_ROUTE_SCALE = "route_scale"
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# Added to the per-token gating sum before dividing, as diffusers does, so a token no expert chose cannot divide by 0.
+GATING_EPS = 1e-12
+
+# MoE lowerings a bundle's engines may use (manifest `moe_lowering`)
+MOE_NATIVE = "native"
+MOE_PLUGIN = "plugin"
+MOE_LOWERINGS = (MOE_NATIVE, MOE_PLUGIN)
+
+
+# -- the capacity rule -------------------------------------------------------------------------------------------
+def capacity_from_factor(capacity_factor: float, image_tokens: int, num_experts: int) -> int:
+    """Tokens each expert takes per batch row, exactly as diffusers computes it (float arithmetic included)."""
+    return max(1, math.ceil(capacity_factor * image_tokens / num_experts))
+
+
+def capacity(numerator: int, denominator: int, image_tokens: int, num_experts: int) -> int:
+    """C = max(1, ceil(num * S / (den * E))) in integer arithmetic: what graphs, lowerings and plugins compute."""
+    if min(numerator, denominator, image_tokens, num_experts) <= 0:
+        raise ValueError("capacity numerator, denominator, tokens and experts must all be positive")
+    return max(1, -(-numerator * image_tokens // (denominator * num_experts)))
+
+
+def capacity_fraction(capacity_factor: float, num_experts: int, max_image_tokens: int) -> tuple[int, int] | None:
+    """The capacity factor as an integer fraction (num, den) whose integer rule equals diffusers' float formula for
+    every S up to max_image_tokens; None where no short fraction does."""
+    frac = Fraction(capacity_factor).limit_denominator(1 << 16)
+    num, den = frac.numerator, frac.denominator
+    if num <= 0:
+        return None
+    for tokens in range(1, max_image_tokens + 1):
+        if capacity(num, den, tokens, num_experts) != capacity_from_factor(capacity_factor, tokens, num_experts):
+            return None
+    return num, den
+
+
+# -- precision labels --------------------------------------------------------------------------------------------
+COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16")
+FP8_SUFFIX = "+fp8"
+
+
+def precision_label(compute: str, fp8: bool) -> str:
+    """'bf16', 'bf16+fp8', ...: the manifest's `precision` plus the FP8 marker used in reports."""
+    return compute + FP8_SUFFIX if fp8 else compute
+
+
+# -- backends ----------------------------------------------------------------------------------------------------
+ONNXRUNTIME = "onnxruntime"
+TENSORRT = "tensorrt"
+TENSORRT_RTX = "tensorrt-rtx"
+ENGINE_BACKENDS = (TENSORRT, TENSORRT_RTX)
+# The Python module each engine backend is imported as.
+TENSORRT_MODULES = {TENSORRT: "tensorrt", TENSORRT_RTX: "tensorrt_rtx"}
+
+# -- files -------------------------------------------------------------------------------------------------------
+MANIFEST_NAME = "manifest.json"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+# Protobuf cannot serialize a model over 2 GB: weights of larger graphs go to `<graph>.onnx.data`.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+
+def onnx_file(graph: str) -> str:
+    return f"{graph}.onnx"
+
+
+def plan_file(graph: str) -> str:
+    return f"{graph}.plan"
