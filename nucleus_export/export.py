@@ -29,7 +29,7 @@ from nucleus_export.graph.text_kv import build_text_kv
 from nucleus_export.log import console
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
-from nucleus_runtime import rope
+from nucleus_runtime import contract, rope
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from nucleus_runtime.bundle import (
     DENOISER,
@@ -46,7 +46,6 @@ from nucleus_runtime.bundle import (
 logger = logging.getLogger("nucleus_export")
 
 # Protobuf refuses messages over 2 GiB; stay clear of it with the graph's own bytes on top of the weights.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 
@@ -90,7 +89,7 @@ def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
             "use 1 <= --opt-text-len <= --max-text-len.",
         )
     for (h, w), (rows, cols) in zip(resolutions, grids):
-        too_full = [i for i in config.moe_layers if config.capacity(i, rows * cols) > rows * cols]
+        too_full = [i for i in config.moe_layers if not contract.capacity_fits(config.capacity(i, rows * cols), rows * cols)]
         if too_full:
             raise UsageError(
                 f"at {h}x{w} ({rows * cols} image tokens) MoE blocks {too_full} would give each expert more tokens "
@@ -203,7 +202,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
     external = (
         options.external_data
         if options.external_data is not None
-        else _estimated_weight_bytes(checkpoint, precision) > EXTERNAL_DATA_THRESHOLD
+        else _estimated_weight_bytes(checkpoint, precision) > contract.EXTERNAL_DATA_THRESHOLD_BYTES
     )
     logger.info(
         "exporting %s layers (%d MoE) at %s, %d resolutions, external data: %s",

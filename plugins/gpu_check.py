@@ -36,6 +36,9 @@ def load_reference():
     return module
 
 
+CONTRACT = load_reference().contract
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lib", type=Path, default=HERE.parent / "build" / "gpu_check" / "libnucleus_kernels.so",
@@ -57,13 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------------------------
 # PyTorch references (device-agnostic; the CPU self-test checks them against the NumPy reference).
-
-
-def capacity_fraction(cf: float) -> tuple[int, int]:
-    from fractions import Fraction
-
-    f = Fraction(cf).limit_denominator(1 << 16)
-    return f.numerator, f.denominator
 
 
 def torch_router_reference(torch, logits, capacity: int, sigmoid: bool, route_scale: float):
@@ -124,7 +120,7 @@ def cpu_selftest() -> int:
     for sigmoid in (False, True):
         logits = rng.standard_normal((2, 200, 16)).astype(np.float32)
         num, den = 5, 2
-        capacity = ref.router_capacity(num, den, 200, 16)
+        capacity = ref.contract.capacity(num, den, 200, 16)
         t_idx, t_gate, _ = torch_router_reference(torch, torch.from_numpy(logits), capacity, sigmoid, 2.5)
         n_idx, n_gate = ref.expert_choice_router(logits, num, den, "sigmoid" if sigmoid else "softmax", 2.5)
         assert np.array_equal(t_idx.numpy(), n_idx), "router indices differ from reference.py"
@@ -217,9 +213,9 @@ class Kernels:
 
 
 def check_router(torch, k: Kernels, bsz, slen, experts, cf, sigmoid, dtype, failures):
-    num, den = capacity_fraction(cf)
+    num, den = CONTRACT.capacity_fraction(cf, experts, slen)
     capacity = k.capacity(num, den, slen, experts)
-    assert capacity == max(1, math.ceil(cf * slen / experts)), "capacity rule differs from diffusers'"
+    assert capacity == CONTRACT.capacity_from_factor(cf, slen, experts), "capacity rule differs from diffusers'"
     logits = (torch.randn(bsz, slen, experts, device="cuda") * 2.0).to(getattr(torch, dtype))
     indices = torch.full((bsz, experts, capacity), INDEX_POISON, dtype=torch.int64, device="cuda")
     gating = torch.full((bsz, experts, capacity), float("nan"), dtype=torch.float32, device="cuda")
@@ -253,7 +249,7 @@ def check_router(torch, k: Kernels, bsz, slen, experts, cf, sigmoid, dtype, fail
 
 
 def check_combine(torch, k: Kernels, bsz, slen, experts, hidden, cf, dtype, failures):
-    num, den = capacity_fraction(cf)
+    num, den = CONTRACT.capacity_fraction(cf, experts, slen)
     capacity = k.capacity(num, den, slen, experts)
     tdtype = getattr(torch, dtype)
     logits = torch.randn(bsz, slen, experts, device="cuda")

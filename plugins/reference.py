@@ -11,19 +11,27 @@ runs a small self-check).
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
-GATING_EPS = np.float32(1e-12)
+
+def _load_contract() -> ModuleType:
+    """The bundle contract (runtime/nucleus_runtime/contract.py: standard library only), loaded by path so this file
+    works where the project is not installed (the GPU check machine)."""
+    path = Path(__file__).resolve().parents[1] / "runtime" / "nucleus_runtime" / "contract.py"
+    spec = importlib.util.spec_from_file_location("nucleus_contract", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def router_capacity(capacity_numerator: int, capacity_denominator: int, tokens: int, experts: int) -> int:
-    """C = max(1, ceil(num * S / (den * E))) in integer arithmetic, as the plugin's getOutputShapes computes it."""
-    if min(capacity_numerator, capacity_denominator, tokens, experts) <= 0:
-        raise ValueError("capacity numerator, denominator, tokens and experts must all be positive")
-    a = capacity_numerator * tokens
-    b = capacity_denominator * experts
-    return max(1, -(-a // b))
+contract = _load_contract()
+
+SCORE_FUNCTIONS = contract.SCORE_FUNCTIONS
+GATING_EPS = np.float32(contract.GATING_EPS)
 
 
 def router_scores(router_logits: np.ndarray, score_function: str) -> np.ndarray:
@@ -54,8 +62,8 @@ def expert_choice_router(
     if logits.ndim != 3:
         raise ValueError(f"router_logits must be [B, S, E], got shape {logits.shape}")
     batch, tokens, experts = logits.shape
-    capacity = router_capacity(capacity_numerator, capacity_denominator, tokens, experts)
-    if capacity > tokens:
+    capacity = contract.capacity(capacity_numerator, capacity_denominator, tokens, experts)
+    if not contract.capacity_fits(capacity, tokens):
         raise ValueError(f"capacity {capacity} exceeds the {tokens} tokens of a row")
     affinity = router_scores(logits, score_function).transpose(0, 2, 1)  # [B, E, S]
     # Stable sort of the negated scores: descending score, ties by ascending token.

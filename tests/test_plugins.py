@@ -107,13 +107,6 @@ def _diffusers_layer(hidden: int, inter: int, experts: int, capacity_factor: flo
     return layer.eval()
 
 
-def _fraction(capacity_factor: float) -> tuple[int, int]:
-    from fractions import Fraction
-
-    f = Fraction(capacity_factor).limit_denominator(1 << 16)
-    return f.numerator, f.denominator
-
-
 CONFIGS = [
     # batch, tokens, hidden, inter, experts, capacity factor, sigmoid, route scale
     pytest.param(1, 64, 32, 24, 8, 2.0, False, 2.5, id="softmax-E8-cf2-B1"),
@@ -148,8 +141,9 @@ def test_reference_matches_diffusers_layer(batch, tokens, hidden, inter, experts
         shared = layer.shared_expert(x).numpy()
     monkeypatch.undo()
 
-    num, den = _fraction(cf)
-    assert ref.router_capacity(num, den, tokens, experts) == max(1, math.ceil(cf * tokens / experts))
+    num, den = ref.contract.capacity_fraction(cf, experts, tokens)
+    # diffusers' own layer chose that many tokens per expert: the integer rule must agree with it
+    assert ref.contract.capacity(num, den, tokens, experts) == captured["indices"].shape[-1]
     out, indices, gating = ref.moe_layer(
         x.numpy(),
         logits,
@@ -186,7 +180,7 @@ def test_router_gating_bitwise_equal_to_torch_cpu(sigmoid: bool):
     """Same summation order as torch's CPU scatter_add: gating is bit-identical for identical scores."""
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 256, 16, generator=gen)
-    capacity = ref.router_capacity(5, 2, 256, 16)
+    capacity = ref.contract.capacity(5, 2, 256, 16)
     t_idx, t_gate = _torch_router(logits, capacity, sigmoid, 2.5)
     idx, gate = ref.expert_choice_router(logits.numpy(), 5, 2, "sigmoid" if sigmoid else "softmax", 2.5)
     np.testing.assert_array_equal(idx, t_idx.numpy())
@@ -214,7 +208,7 @@ def test_combine_rounding_matches_torch_scatter_add(dtype):
     np_dtype = {torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16, torch.float32: np.float32}[dtype]
     gen = torch.Generator().manual_seed(11)
     bs, slen, experts, hidden = 2, 48, 8, 32
-    capacity = ref.router_capacity(3, 1, slen, experts)
+    capacity = ref.contract.capacity(3, 1, slen, experts)
     idx, gating = ref.expert_choice_router(torch.randn(bs, slen, experts, generator=gen).numpy(), 3, 1, "softmax", 2.5)
     shared = torch.randn(bs, slen, hidden, generator=gen).to(dtype)
     expert = torch.randn(experts, bs, capacity, hidden, generator=gen).to(dtype)
@@ -237,7 +231,7 @@ def test_reference_rejects_bad_arguments():
     with pytest.raises(ValueError, match="score_function"):
         ref.expert_choice_router(np.zeros((1, 4, 2), np.float32), 1, 1, "relu", 1.0)
     with pytest.raises(ValueError, match="positive"):
-        ref.router_capacity(0, 1, 4, 2)
+        ref.contract.capacity(0, 1, 4, 2)
     with pytest.raises(ValueError, match="exceeds"):
         ref.expert_choice_router(np.zeros((1, 4, 2), np.float32), 8, 1, "softmax", 1.0)
 
@@ -361,7 +355,6 @@ def test_gpu_check_cpu_selftest_and_arguments():
     args = gpu_check.parse_args([])
     assert (args.batch, args.experts, args.hidden, args.bench_tokens) == (2, 64, 2048, 4096)
     assert args.tokens == [4096, 16384] and args.capacity_factors == [2.0, 4.0]
-    assert gpu_check.capacity_fraction(4.0) == (4, 1)
     assert gpu_check.main(["--cpu-selftest"]) == 0
     script = (PLUGINS / "gpu_check.sh").read_text()
     assert "gpu_check.py" in script and "-Werror" in script

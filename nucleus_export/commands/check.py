@@ -9,6 +9,7 @@ from nucleus_export.parity.quality import quality_report, tolerance_for
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.parity.check import Tolerance, write_report
 from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.contract import precision_label
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         defaults["min_cosine"] if args.min_cosine is None else args.min_cosine,
         defaults["min_routing_agreement"] if args.min_routing_agreement is None else args.min_routing_agreement,
     )
-    label = manifest.precision + ("+fp8" if fp8 else "")
+    label = precision_label(manifest.precision, fp8)
     report = quality_report(open_model(args.model), args.bundle, label, manifest.precision, fp8, tolerance=tolerance)
     path = write_report(args.bundle, {report.graph_precision: report})
     for line in report.summary_lines():

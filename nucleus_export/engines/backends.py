@@ -16,16 +16,14 @@ import os
 from types import ModuleType
 
 from nucleus_export.errors import NucleusExportError, UsageError
+from nucleus_runtime.contract import TENSORRT, TENSORRT_MODULES, TENSORRT_RTX
 
 logger = logging.getLogger("nucleus_export")
 
-TENSORRT = "tensorrt"
-TENSORRT_RTX = "tensorrt-rtx"
 AUTO = "auto"
 BACKEND_CHOICES = (AUTO, TENSORRT, TENSORRT_RTX)
 
 # Python module and pip extra (pyproject [project.optional-dependencies]) of each backend.
-_MODULES = {TENSORRT: "tensorrt", TENSORRT_RTX: "tensorrt_rtx"}
 _EXTRAS = {TENSORRT: "trt", TENSORRT_RTX: "rtx"}
 
 
@@ -38,7 +36,6 @@ class Backend:
         trt: the imported module (`tensorrt` or `tensorrt_rtx`); same builder API.
         version: the module's version string.
         needs_gpu: full TensorRT builds by timing kernels on the GPU; TensorRT-RTX compiles ahead of time on the CPU.
-        always_strongly_typed: TensorRT-RTX networks are strongly typed whatever the flags.
         uses_timing_cache: TensorRT-RTX >= 1.2 turns timing-cache calls into no-ops (its AOT build does no timing).
     """
 
@@ -51,16 +48,8 @@ class Backend:
         return self.name == TENSORRT
 
     @property
-    def always_strongly_typed(self) -> bool:
-        return self.name == TENSORRT_RTX
-
-    @property
     def uses_timing_cache(self) -> bool:
         return self.name == TENSORRT
-
-    @property
-    def extra(self) -> str:
-        return _EXTRAS[self.name]
 
 
 def install_hint(name: str) -> str:
@@ -70,9 +59,9 @@ def install_hint(name: str) -> str:
 def _import(name: str) -> ModuleType | None:
     """Import a backend's module, or None when it is not installed (any ImportError: a broken install counts)."""
     try:
-        return importlib.import_module(_MODULES[name])
+        return importlib.import_module(TENSORRT_MODULES[name])
     except ImportError as exc:
-        logger.debug("cannot import %s: %s", _MODULES[name], exc)
+        logger.debug("cannot import %s: %s", TENSORRT_MODULES[name], exc)
         return None
 
 
@@ -143,7 +132,7 @@ def resolve_backend(choice: str = AUTO) -> Backend:
     module = _import(choice)
     if module is None:
         raise NucleusExportError(
-            f"--backend {choice} was requested but the `{_MODULES[choice]}` module is not installed.",
+            f"--backend {choice} was requested but the `{TENSORRT_MODULES[choice]}` module is not installed.",
             f"{install_hint(choice)}, or pick another --backend.",
         )
     backend = Backend(choice, module, module.__version__)

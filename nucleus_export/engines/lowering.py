@@ -4,8 +4,6 @@
   layers every TensorRT parser supports, and removes their function bodies.
 - `prepare_for_plugins`: keeps the custom nodes for the plugin library and removes their function bodies, so a node
   can only become a plugin layer (a missing plugin fails the parse instead of silently inlining the slow reference).
-- `emulate_bf16_in_fp32`: turns a bfloat16 graph into a float32 graph that rounds every former bf16 tensor to
-  bf16, so ONNX Runtime on the CPU (which has no bf16 MatMul) can estimate bf16 quality.
 
 Why the lowering looks the way it does (facts checked with TensorRT-RTX 1.7.1 on the CPU, see README-facts.md):
 - ScatterElements / ScatterND with reduction="add" are rejected by the parser ("Unsupported reduction type"), so the
@@ -18,27 +16,27 @@ Why the lowering looks the way it does (facts checked with TensorRT-RTX 1.7.1 on
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nucleus_export.graph.builder import NUCLEUS_DOMAIN
-from nucleus_export.graph.moe_ops import COMBINE_OP, GATING_EPS, ROUTER_OP
-# The plugin library's registration (creator name = op_type); the runtime loads the same library by these values.
-from nucleus_runtime.plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
-
-MOE_OPS = (ROUTER_OP, COMBINE_OP)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoweringReport:
-    """What a rewrite did: how many custom nodes of each op it replaced or kept."""
-
-    mode: str
-    nodes: dict[str, int]
+from nucleus_export.graph.moe_ops import emit_capacity
+from nucleus_runtime.contract import (
+    ATTR_CAPACITY_DENOMINATOR,
+    ATTR_CAPACITY_NUMERATOR,
+    ATTR_ROUTE_SCALE,
+    ATTR_SCORE_FUNCTION,
+    COMBINE_OP,
+    GATING_EPS,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    ROUTER_OP,
+    SCORE_FUNCTIONS,
+)
+from nucleus_runtime.contract import CUSTOM_OPS as MOE_OPS
+from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -94,31 +92,30 @@ def _i64(*values: int) -> np.ndarray:
 
 def _router_nodes(node: onnx.NodeProto, em: _Emitter) -> None:
     a = _attrs(node)
-    num = int(a["capacity_numerator"])
-    den = int(a["capacity_denominator"])
-    score_function = a.get("score_function", b"softmax")
+    num = int(a[ATTR_CAPACITY_NUMERATOR])
+    den = int(a[ATTR_CAPACITY_DENOMINATOR])
+    score_function = a.get(ATTR_SCORE_FUNCTION, SCORE_FUNCTIONS[0].encode())
     score_function = score_function.decode() if isinstance(score_function, bytes) else str(score_function)
-    route_scale = float(a.get("route_scale", 1.0))
+    route_scale = float(a.get(ATTR_ROUTE_SCALE, 1.0))
     if num <= 0 or den <= 0:
         raise ValueError(f"{node.name}: capacity_numerator/denominator must be positive, got {num}/{den}")
-    if score_function not in ("softmax", "sigmoid"):
+    if score_function not in SCORE_FUNCTIONS:
         raise ValueError(f"{node.name}: unknown score_function {score_function!r}")
     logits = node.input[0]
     token_indices, gating = node.output[0], node.output[1]
 
-    # Scores in float32 whatever the logits' dtype: the router stays high precision (DESIGN.md, Precision).
+    # Scores in float32 whatever the logits' dtype: the router stays high precision (docs/contract.md).
     x = em.one("Cast", [logits], "logits_f32", to=TensorProto.FLOAT)
     scores = em.one("Softmax", [x], "scores", axis=-1) if score_function == "softmax" else em.one("Sigmoid", [x], "scores")
     scores_t = em.one("Transpose", [scores], "scores_t", perm=[0, 2, 1])  # [B, E, S]
 
-    # C = max(1, ceil(num * S / (den * E))) = max(1, (num * S + den * E - 1) // (den * E)), all int64 [1].
     shape = em.one("Shape", [logits], "logits_shape")
     s = em.one("Gather", [shape, em.const(_i64(1), "axis_s")], "S", axis=0)
     e = em.one("Gather", [shape, em.const(_i64(2), "axis_e")], "E", axis=0)
-    den_e = em.one("Mul", [e, em.const(_i64(den), "den")], "den_E")
-    num_s = em.one("Mul", [s, em.const(_i64(num), "num")], "num_S")
-    ceil_num = em.one("Sub", [em.one("Add", [num_s, den_e], "num_S_plus_den_E"), em.const(_i64(1), "one")], "ceil_num")
-    c = em.one("Max", [em.one("Div", [ceil_num, den_e], "ceil_div"), em.const(_i64(1), "min_c")], "C")
+    c = emit_capacity(
+        lambda op_type, inputs, hint: em.one(op_type, inputs, hint),
+        em.const(_i64(num), "num"), em.const(_i64(den), "den"), s, e, em.const(_i64(1), "one"),
+    )
 
     values, indices = em.op("TopK", [scores_t, c], 2, "topk", axis=-1, largest=1, sorted=1)  # [B, E, C] each
     em.nodes.append(helper.make_node("Identity", [indices], [token_indices], name=em.name("token_indices")))

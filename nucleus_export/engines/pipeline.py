@@ -7,7 +7,6 @@ place at the end, so a failed or interrupted build never leaves a half bundle be
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -34,7 +33,8 @@ from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
 from nucleus_export.log import console
 from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
-from nucleus_runtime.plugins import LIBRARY_NAME, PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH
+from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 logger = logging.getLogger("nucleus_export")
 
@@ -42,7 +42,6 @@ MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
 BUILD_LOG_NAME = "build_log.json"
 # Where nucleus_runtime.plugins.find_plugin_library looks in a bundle, whatever the name of the file passed in.
-PLUGIN_LIBRARY = f"plugins/{LIBRARY_NAME}"
 # TensorRT-RTX's default targets when none are set (docs: "CPU-Only AOT and TensorRT-RTX Engines").
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120"]
 
@@ -160,11 +159,11 @@ def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[s
 def bundle_plugin_library(bundle_dir: Path, library: Path) -> dict[str, Any]:
     """Copy the plugin library into the bundle; returns the manifest's `plugins` record (its sha256 is also in
     `files`, so verify_files covers it like any other bundle file)."""
-    target = bundle_dir / PLUGIN_LIBRARY
+    target = bundle_dir / PLUGIN_LIBRARY_PATH
     target.parent.mkdir(exist_ok=True)
     shutil.copy2(library, target)
     return {
-        "library": PLUGIN_LIBRARY,
+        "library": PLUGIN_LIBRARY_PATH,
         "sha256": sha256_file(target),
         "ops": list(PLUGIN_NAMES),
         "namespace": PLUGIN_NAMESPACE,
@@ -246,7 +245,3 @@ def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: Export
     for line in report.summary_lines():
         console.print(line, highlight=False)
     return report
-
-
-def load_build_log(bundle_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(bundle_dir) / BUILD_LOG_NAME).read_text())

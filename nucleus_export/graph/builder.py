@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
+from nucleus_runtime.contract import DOMAIN_VERSION as NUCLEUS_DOMAIN_VERSION
+
 OPSET = 20
-NUCLEUS_DOMAIN = "nucleus"
-NUCLEUS_DOMAIN_VERSION = 1
 
 NP_TO_ONNX: dict[np.dtype, int] = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -30,7 +31,6 @@ NP_TO_ONNX: dict[np.dtype, int] = {
     np.dtype(np.int32): TensorProto.INT32,
     np.dtype(np.bool_): TensorProto.BOOL,
 }
-ONNX_TO_NP = {v: k for k, v in NP_TO_ONNX.items()}
 ONNX_TYPE_NAMES = {
     TensorProto.FLOAT: "float32",
     TensorProto.FLOAT16: "float16",

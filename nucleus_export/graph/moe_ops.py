@@ -6,17 +6,36 @@ Each op is a model-local function: ONNX Runtime executes the body, TensorRT eith
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 from onnx import TensorProto, helper
 
 from nucleus_export.graph.builder import NUCLEUS_DOMAIN, OPSET, GraphBuilder
 
-ROUTER_OP = "ExpertChoiceRouter"
-COMBINE_OP = "MoECombine"
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
+from nucleus_runtime.contract import (
+    ATTR_CAPACITY_DENOMINATOR,
+    ATTR_CAPACITY_NUMERATOR,
+    ATTR_ROUTE_SCALE,
+    ATTR_SCORE_FUNCTION,
+    COMBINE_OP,
+    GATING_EPS,
+    ROUTER_OP,
+    SCORE_FUNCTIONS,
+)
 
-# Added to the per-token gating sum before dividing, as diffusers does, so a token no expert chose cannot divide by 0.
-GATING_EPS = 1e-12
+# Emits one node (op type, inputs, output-name hint) and returns the name of its output.
+NodeEmitter = Callable[[str, list[str], str], str]
+
+
+def emit_capacity(emit: NodeEmitter, num: str, den: str, tokens: str, experts: str, one: str) -> str:
+    """The contract's capacity rule (nucleus_runtime.contract.capacity) as int64 ONNX ops on [1] tensors:
+    max(1, ceil(num*S / (den*E))), the ceiling as (a + b - 1) / b for positive a, b. Shared by the router's reference
+    body and its native lowering so the rule is written once in graph form."""
+    a = emit("Mul", [num, tokens], "cap_a")
+    b = emit("Mul", [den, experts], "cap_b")
+    a_plus_b_minus_1 = emit("Sub", [emit("Add", [a, b], "cap_ab"), one], "cap_ab1")
+    return emit("Max", [emit("Div", [a_plus_b_minus_1, b], "cap_ceil"), one], "capacity")
 
 
 def _const(name: str, value, dtype: int = TensorProto.INT64) -> onnx.NodeProto:
@@ -43,6 +62,13 @@ def router_function(score_function: str) -> onnx.FunctionProto:
     if score_function not in SCORE_FUNCTIONS:
         raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
     n = helper.make_node
+    capacity_nodes: list[onnx.NodeProto] = []
+
+    def emit(op_type: str, inputs: list[str], out: str) -> str:
+        capacity_nodes.append(n(op_type, inputs, [out]))
+        return out
+
+    capacity = emit_capacity(emit, "num", "den", "tokens", "experts", "one")
     score_node = (
         n("Softmax", ["router_logits"], ["scores"], axis=-1)
         if score_function == "softmax"
@@ -53,19 +79,13 @@ def router_function(score_function: str) -> onnx.FunctionProto:
         n("Shape", ["router_logits"], ["batch_tokens"], start=0, end=2),
         n("Shape", ["router_logits"], ["tokens"], start=1, end=2),
         n("Shape", ["router_logits"], ["experts"], start=2, end=3),
-        _attribute_constant("num", "capacity_numerator", onnx.AttributeProto.INT),
-        _attribute_constant("den", "capacity_denominator", onnx.AttributeProto.INT),
+        _attribute_constant("num", ATTR_CAPACITY_NUMERATOR, onnx.AttributeProto.INT),
+        _attribute_constant("den", ATTR_CAPACITY_DENOMINATOR, onnx.AttributeProto.INT),
         _const("one", [1]),
         _const("flat_shape", [0, -1]),
-        # C = max(1, ceil(num * S / (den * E))) in integers: (a + b - 1) / b for positive a, b.
-        n("Mul", ["num", "tokens"], ["cap_a"]),
-        n("Mul", ["den", "experts"], ["cap_b"]),
-        n("Add", ["cap_a", "cap_b"], ["cap_ab"]),
-        n("Sub", ["cap_ab", "one"], ["cap_ab1"]),
-        n("Div", ["cap_ab1", "cap_b"], ["cap_ceil"]),
-        n("Max", ["cap_ceil", "one"], ["capacity"]),
+        *capacity_nodes,
         n("Transpose", ["scores"], ["affinity"], perm=[0, 2, 1]),
-        n("TopK", ["affinity", "capacity"], ["top_values", "token_indices"], axis=-1, largest=1, sorted=1),
+        n("TopK", ["affinity", capacity], ["top_values", "token_indices"], axis=-1, largest=1, sorted=1),
         n("Reshape", ["token_indices", "flat_shape"], ["flat_indices"]),
         n("Reshape", ["top_values", "flat_shape"], ["flat_values"]),
         n("ConstantOfShape", ["batch_tokens"], ["zeros"], value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])),
@@ -74,7 +94,7 @@ def router_function(score_function: str) -> onnx.FunctionProto:
         _const("eps", GATING_EPS, TensorProto.FLOAT),
         n("Add", ["chosen_sums", "eps"], ["denominator"]),
         n("Div", ["flat_values", "denominator"], ["normalized"]),
-        _attribute_constant("route_scale_value", "route_scale", onnx.AttributeProto.FLOAT),
+        _attribute_constant("route_scale_value", ATTR_ROUTE_SCALE, onnx.AttributeProto.FLOAT),
         n("Mul", ["normalized", "route_scale_value"], ["scaled"]),
         n("Shape", ["top_values"], ["gating_shape"]),
         n("Reshape", ["scaled", "gating_shape"], ["gating"]),
@@ -86,7 +106,7 @@ def router_function(score_function: str) -> onnx.FunctionProto:
         outputs=["token_indices", "gating"],
         nodes=nodes,
         opset_imports=[helper.make_opsetid("", OPSET)],
-        attributes=["capacity_numerator", "capacity_denominator", "score_function", "route_scale"],
+        attributes=[ATTR_CAPACITY_NUMERATOR, ATTR_CAPACITY_DENOMINATOR, ATTR_SCORE_FUNCTION, ATTR_ROUTE_SCALE],
     )
 
 
@@ -160,10 +180,12 @@ def expert_choice_router(
         n_out=2,
         domain=NUCLEUS_DOMAIN,
         hint="router",
-        capacity_numerator=capacity[0],
-        capacity_denominator=capacity[1],
-        score_function=score_function,
-        route_scale=float(route_scale),
+        **{
+            ATTR_CAPACITY_NUMERATOR: capacity[0],
+            ATTR_CAPACITY_DENOMINATOR: capacity[1],
+            ATTR_SCORE_FUNCTION: score_function,
+            ATTR_ROUTE_SCALE: float(route_scale),
+        },
     )
     return indices, gating
 

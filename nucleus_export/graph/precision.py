@@ -11,6 +11,7 @@ import numpy as np
 from onnx import TensorProto
 
 from nucleus_export.errors import NucleusExportError
+from nucleus_runtime.contract import precision_label
 
 COMPUTE_DTYPES: dict[str, tuple[int, np.dtype]] = {
     "fp32": (TensorProto.FLOAT, np.dtype(np.float32)),
@@ -75,7 +76,7 @@ class GraphPrecision:
 
     @property
     def label(self) -> str:
-        return f"{self.compute}+fp8" if self.fp8 else self.compute
+        return precision_label(self.compute, self.fp8)
 
 
 def quantize_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

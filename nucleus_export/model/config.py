@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from nucleus_export.errors import NucleusExportError
+from nucleus_runtime import contract
 
 MODEL_CLASS_NAME = "NucleusMoEImageTransformer2DModel"
 
@@ -185,22 +184,19 @@ class ModelConfig:
 
     def capacity(self, layer: int, image_tokens: int) -> int:
         """Tokens each expert takes per batch row, exactly as diffusers computes it (float arithmetic included)."""
-        return max(1, math.ceil(self.capacity_factor(layer) * image_tokens / self.num_experts))
+        return contract.capacity_from_factor(self.capacity_factor(layer), image_tokens, self.num_experts)
 
     def capacity_fraction(self, layer: int, max_image_tokens: int) -> tuple[int, int]:
-        """Capacity factor as an integer fraction p/q with max(1, ceil(p*S/(q*E))) == capacity(layer, S) for S up
-        to max_image_tokens, so graphs and plugins compute C in exact integer arithmetic."""
-        frac = Fraction(self.capacity_factor(layer)).limit_denominator(1 << 16)
-        num, den = frac.numerator, frac.denominator
-        for tokens in range(1, max_image_tokens + 1):
-            exact = max(1, -(-num * tokens // (den * self.num_experts)))
-            if exact != self.capacity(layer, tokens):
-                raise NucleusExportError(
-                    f"capacity factor {self.capacity_factor(layer)} of layer {layer} has no exact integer form "
-                    f"(S={tokens} gives {exact} instead of {self.capacity(layer, tokens)}).",
-                    "use a capacity factor with a short decimal form, such as 2, 2.5 or 4.",
-                )
-        return num, den
+        """The capacity factor as the integer fraction graphs and plugins compute C with (contract.capacity_fraction),
+        checked against diffusers' float formula for every S up to max_image_tokens."""
+        fraction = contract.capacity_fraction(self.capacity_factor(layer), self.num_experts, max_image_tokens)
+        if fraction is None:
+            raise NucleusExportError(
+                f"capacity factor {self.capacity_factor(layer)} of layer {layer} has no exact integer form up to "
+                f"{max_image_tokens} image tokens.",
+                "use a capacity factor with a short decimal form, such as 2, 2.5 or 4.",
+            )
+        return fraction
 
     def config_hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()

@@ -17,6 +17,7 @@ import onnx
 
 from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
 from nucleus_runtime.bundle import DENOISER, GRAPHS
+from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES
 
 # Pass criteria of the build's quality report. FP8: the cosine >= 0.99; routing may flip for tokens whose
 # scores sit within quantization noise of the C-th best, so agreement is reported and held to a loose floor.
@@ -89,7 +90,7 @@ def cpu_runnable_graphs(bundle_dir: Path) -> CpuGraphs:
         onnx.save_model(
             cpu_model,
             tmp,
-            save_as_external_data=cpu_model.ByteSize() > 1_800_000_000,
+            save_as_external_data=cpu_model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES,
             location=Path(tmp).name + ".data",
         )
         paths[graph] = Path(tmp)

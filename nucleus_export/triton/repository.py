@@ -28,15 +28,13 @@ from nucleus_export.triton import configs
 from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.names import ModelNames
 from nucleus_runtime.bundle import DENOISER, MANIFEST_NAME, SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest, verify_files
+from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH, TENSORRT_RTX
 from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
 
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
 README_NAME = "README.md"
 PLUGIN_DIR = "plugins"
-DEFAULT_PLUGIN_LIBRARY = "plugins/libnucleus_trt_plugins.so"
-# The engine builder's name for TensorRT-RTX in manifest.engines[graph]["backend"] (nucleus_export.engines.backends).
-TENSORRT_RTX = "tensorrt-rtx"
 
 
 @dataclasses.dataclass
@@ -203,7 +201,7 @@ def _plugin_library(bundle_dir: Path, manifest: Manifest) -> Path | None:
     """The plugin library the engines need, or None when they were built without plugins."""
     if not manifest.plugins and manifest.moe_lowering != "plugin":
         return None
-    candidates = [v for v in _strings(manifest.plugins) if v.endswith(".so")] or [DEFAULT_PLUGIN_LIBRARY]
+    candidates = [v for v in _strings(manifest.plugins) if v.endswith(".so")] or [PLUGIN_LIBRARY_PATH]
     for relpath in candidates:
         path = Path(relpath) if Path(relpath).is_absolute() else bundle_dir / relpath
         if path.is_file():

@@ -15,15 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import GRAPHS, MANIFEST_NAME, SCHEDULER_CONFIG_NAME
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
 
-MANIFEST_NAME = "manifest.json"
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 FORMAT_VERSION = 1
 
-TEXT_KV = "text_kv"
-DENOISER = "denoiser"
-GRAPHS = (TEXT_KV, DENOISER)
 
 
 @dataclasses.dataclass

@@ -105,6 +105,11 @@ def capacity(numerator: int, denominator: int, image_tokens: int, num_experts: i
     return max(1, -(-numerator * image_tokens // (denominator * num_experts)))
 
 
+def capacity_fits(capacity_tokens: int, image_tokens: int) -> bool:
+    """Each expert picks C distinct tokens of a row, so C <= S (diffusers' topk fails otherwise)."""
+    return capacity_tokens <= image_tokens
+
+
 def capacity_fraction(capacity_factor: float, num_experts: int, max_image_tokens: int) -> tuple[int, int] | None:
     """The capacity factor as an integer fraction (num, den) whose integer rule equals diffusers' float formula for
     every S up to max_image_tokens; None where no short fraction does."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nucleus_runtime.contract import CUSTOM_OPS as PLUGIN_NAMES
+from nucleus_runtime.contract import PLUGIN_LIBRARY_NAME as LIBRARY_NAME
+from nucleus_runtime.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION
 from nucleus_runtime.errors import NucleusError
 
-LIBRARY_NAME = "libnucleus_trt_plugins.so"
-PLUGIN_NAMESPACE = "nucleus"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMES = ("ExpertChoiceRouter", "MoECombine")
 ENTRY_SYMBOLS = ("getCreators", "setLoggerFinder")
 
 _BUILD_FIX = (

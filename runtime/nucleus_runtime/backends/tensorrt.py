@@ -20,18 +20,16 @@ import numpy as np
 
 from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
 from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
+from nucleus_runtime.contract import TENSORRT_MODULES
 from nucleus_runtime.errors import NucleusError
 
 logger = logging.getLogger("nucleus_runtime")
 
 
-_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-
-
 def _import_tensorrt(manifest: Manifest | None = None) -> Any:
     """The module the engines were built with (a plan only deserializes in the library that built it)."""
     built_with = {(r or {}).get("backend") for r in (manifest.engines or {}).values() if isinstance(r, dict)} if manifest else set()
-    names = [_MODULES[b] for b in built_with if b in _MODULES] or list(_MODULES.values())
+    names = [TENSORRT_MODULES[b] for b in built_with if b in TENSORRT_MODULES] or list(TENSORRT_MODULES.values())
     for name in names:
         try:
             return __import__(name)
@@ -75,15 +73,9 @@ def parse_compute_capability(value: Any) -> tuple[int, int]:
 
 
 def engine_compute_capabilities(manifest: Manifest, graph: str) -> list[tuple[int, int]]:
-    """Compute capabilities the manifest says an engine targets (per-graph entry first, then bundle-wide)."""
-    engines = manifest.engines or {}
-    for record in (engines.get(graph) or {}, engines):
-        if not isinstance(record, dict):
-            continue
-        values = record.get("compute_capabilities") or ([record["compute_capability"]] if record.get("compute_capability") else [])
-        if values:
-            return [parse_compute_capability(v) for v in values]
-    return []
+    """Compute capabilities the build targeted (manifest engines[graph].compute_capabilities; none: portable)."""
+    record = (manifest.engines or {}).get(graph) or {}
+    return [parse_compute_capability(v) for v in record.get("compute_capabilities") or []]
 
 
 class DeviceBuffer:

@@ -83,7 +83,6 @@ PIPELINE_INPUTS: tuple[IOSpec, ...] = (
 PIPELINE_OUTPUTS: tuple[IOSpec, ...] = (
     IOSpec(OUTPUT_LATENTS, "float32", (-1, -1, "in_channels"), doc="[B, S, C] final packed latents"),
 )
-SCALARS = ("height", "width", "num_inference_steps", "guidance_scale", "seed")
 
 
 @dataclasses.dataclass
