@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from nucleus_export import __version__
@@ -17,8 +16,6 @@ from nucleus_runtime.errors import NucleusError
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func` to a callable(args) -> int.
 COMMAND_MODULES = ("inspect", "export", "check", "build", "run", "triton")
-
-logger = logging.getLogger("nucleus_export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -255,7 +255,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
         model_config=config.to_dict(),
         config_hash=config.config_hash(),
         precision=precision.compute,
-        moe_lowering="functions",
+        moe_lowering=contract.MOE_FUNCTIONS,
         profiles=profiles,
         io=io,
         files={f: file_record(out_dir, f) for f in sorted(set(files))},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from nucleus_export.engines.backends import BACKEND_CHOICES
@@ -20,8 +19,6 @@ from nucleus_export.export import refuse_existing
 from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.model.tiny import cache_root
-
-logger = logging.getLogger("nucleus_export")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -70,7 +67,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--fp8", action="store_true", help="E4M3 Q/DQ on attention, dense MLP and expert GEMMs (router, norms stay high)"
     )
     quant.add_argument("--fp8-scales", type=Path, help="reuse fp8_scales.json (e.g. from an earlier bundle) instead of calibrating")
-    quant.add_argument("--calibration-prompts", type=Path, help="prompt embeddings for calibration (see the quant docs)")
+    quant.add_argument("--calibration-prompts", type=Path, help="safetensors with prompt_embeds [N,T,D] (+ optional prompt_embeds_mask) for FP8 calibration (README, build --fp8)")
     quant.add_argument("--calibration-size", type=int, default=8, help="calibration samples (default 8)")
     parser.add_argument("--skip-quality", action="store_true", help="skip the CPU quality report (parity.json)")
     parser.set_defaults(func=run)

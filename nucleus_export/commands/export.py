@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from nucleus_export.commands.common import add_export_arguments, add_model_argument, add_out_argument, bundle_path, export_options
 from nucleus_export.export import export_bundle
 from nucleus_export.model.checkpoint import open_model
-
-logger = logging.getLogger("nucleus_export")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

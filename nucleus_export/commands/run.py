@@ -7,7 +7,6 @@ latents [B,S,64] as `latents`. Decoding them to pixels (the VAE) is outside the 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import tempfile
 import time
@@ -24,8 +23,6 @@ from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.pipeline import generate
 from nucleus_runtime.scheduler import SchedulerConfig
 from nucleus_runtime.text_kv_cache import TextKVCache
-
-logger = logging.getLogger("nucleus_export")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -7,7 +7,6 @@ place at the end, so a failed or interrupted build never leaves a half bundle be
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -35,8 +34,6 @@ from nucleus_export.log import console
 from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
 from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH
 from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
-
-logger = logging.getLogger("nucleus_export")
 
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"

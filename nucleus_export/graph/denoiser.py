@@ -12,8 +12,9 @@ from nucleus_export.graph import moe_ops
 from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.model.config import ModelConfig
+from nucleus_runtime import contract
 
-B, S, T = "batch", "image_tokens", "text_len"
+B, S, T = contract.BATCH_DIM, contract.IMAGE_TOKENS_DIM, contract.TEXT_LEN_DIM
 MASK_BIAS = -1e30  # exp underflows to exactly 0 in float32, like SDPA's boolean mask
 
 
@@ -43,14 +44,16 @@ class DenoiserBuilder:
 
     def build(self, on_block: Callable[[int], None] = lambda idx: None) -> None:
         g, emit, c = self.g, self.emit, self.config
-        hidden = g.input("hidden_states", TensorProto.FLOAT, [B, S, c.in_channels])
-        timestep = g.input("timestep", TensorProto.FLOAT, [B])
-        self.img_cos = g.input("img_rope_cos", TensorProto.FLOAT, [S, c.rope_dim])
-        self.img_sin = g.input("img_rope_sin", TensorProto.FLOAT, [S, c.rope_dim])
+        hidden = g.input(contract.HIDDEN_STATES, TensorProto.FLOAT, [B, S, c.in_channels])
+        timestep = g.input(contract.TIMESTEP, TensorProto.FLOAT, [B])
+        self.img_cos = g.input(contract.IMG_ROPE_COS, TensorProto.FLOAT, [S, c.rope_dim])
+        self.img_sin = g.input(contract.IMG_ROPE_SIN, TensorProto.FLOAT, [S, c.rope_dim])
         self.text_kv = g.input(
-            "text_kv", emit.precision.onnx_type, [c.num_layers, 2, B, T, c.kv_heads, c.attention_head_dim]
+            contract.TEXT_KV,
+            emit.precision.onnx_type,
+            list(contract.text_kv_shape(c.num_layers, B, T, c.kv_heads, c.attention_head_dim)),
         )
-        mask = g.input("encoder_hidden_states_mask", TensorProto.INT64, [B, T])
+        mask = g.input(contract.ENCODER_HIDDEN_STATES_MASK, TensorProto.INT64, [B, T])
 
         x = emit.to_f32(emit.linear(emit.to_compute(hidden), "img_in", bias=True))
         self.temb = self.time_embedding(timestep)
@@ -68,7 +71,7 @@ class DenoiserBuilder:
         x = g.op("Add", [self.modulate(normed, g.op("Unsqueeze", [scale, axis1])), g.op("Unsqueeze", [shift, axis1])])
         sample = emit.to_f32(emit.linear(emit.to_compute(x), "proj_out"))
         g.scope = ""
-        g.output(sample, "sample", TensorProto.FLOAT, [B, S, c.output_channels])
+        g.output(sample, contract.SAMPLE, TensorProto.FLOAT, [B, S, c.output_channels])
 
     # ---- pieces ------------------------------------------------------------------------------------------------
 

@@ -8,16 +8,17 @@ from onnx import TensorProto
 from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.model.config import ModelConfig
+from nucleus_runtime import contract
 
-B, T = "batch", "text_len"
+B, T = contract.BATCH_DIM, contract.TEXT_LEN_DIM
 
 
 def build_text_kv(g: GraphBuilder, emit: LayerEmitter, config: ModelConfig, on_block=lambda idx: None) -> None:
     """Fill `g` with the text_kv graph of the artifact contract (docs/contract.md)."""
     half = config.rope_dim
-    text = g.input("encoder_hidden_states", TensorProto.FLOAT, [B, T, config.joint_attention_dim])
-    cos = g.input("txt_rope_cos", TensorProto.FLOAT, [T, half])
-    sin = g.input("txt_rope_sin", TensorProto.FLOAT, [T, half])
+    text = g.input(contract.ENCODER_HIDDEN_STATES, TensorProto.FLOAT, [B, T, config.joint_attention_dim])
+    cos = g.input(contract.TXT_ROPE_COS, TensorProto.FLOAT, [T, half])
+    sin = g.input(contract.TXT_ROPE_SIN, TensorProto.FLOAT, [T, half])
     text_cd = emit.to_compute(emit.rms_norm(text, "txt_norm.weight"))
     axis0 = g.const([0], np.int64)
     per_block = []
@@ -35,7 +36,7 @@ def build_text_kv(g: GraphBuilder, emit: LayerEmitter, config: ModelConfig, on_b
     stacked = g.op("Concat", per_block, axis=0, hint="text_kv")
     g.output(
         stacked,
-        "text_kv",
+        contract.TEXT_KV,
         emit.precision.onnx_type,
-        [config.num_layers, 2, B, T, config.kv_heads, config.attention_head_dim],
+        list(contract.text_kv_shape(config.num_layers, B, T, config.kv_heads, config.attention_head_dim)),
     )

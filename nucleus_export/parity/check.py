@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -29,8 +28,6 @@ from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest, write_atomi
 if TYPE_CHECKING:
     import onnxruntime
     import torch
-
-logger = logging.getLogger("nucleus_export")
 PARITY_NAME = "parity.json"
 
 

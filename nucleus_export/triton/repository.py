@@ -28,7 +28,7 @@ from nucleus_export.triton import configs
 from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.names import ModelNames
 from nucleus_runtime.bundle import DENOISER, MANIFEST_NAME, SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest, verify_files
-from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH, TENSORRT_RTX
+from nucleus_runtime.contract import MOE_PLUGIN, PLUGIN_LIBRARY_PATH, TENSORRT_RTX
 from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
 
 CONFIG_NAME = "config.pbtxt"
@@ -199,7 +199,7 @@ def _onnx_files(bundle_dir: Path, graph: str, version_dir: str) -> list[RepoFile
 
 def _plugin_library(bundle_dir: Path, manifest: Manifest) -> Path | None:
     """The plugin library the engines need, or None when they were built without plugins."""
-    if not manifest.plugins and manifest.moe_lowering != "plugin":
+    if not manifest.plugins and manifest.moe_lowering != MOE_PLUGIN:
         return None
     candidates = [v for v in _strings(manifest.plugins) if v.endswith(".so")] or [PLUGIN_LIBRARY_PATH]
     for relpath in candidates:

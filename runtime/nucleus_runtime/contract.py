@@ -53,14 +53,17 @@ HOST_INPUT_DTYPES = {
 # -- dimension names (symbolic axes of the graphs and the engine profiles) ---------------------------------------
 BATCH_DIM = "batch"
 IMAGE_TOKENS_DIM = "image_tokens"
-TEXT_TOKENS_DIM = "text_tokens"
+TEXT_LEN_DIM = "text_len"
 
 # text_kv axis 1: which of the pair
 TEXT_KV_KEY = 0
 TEXT_KV_VALUE = 1
 
 
-def text_kv_shape(num_layers: int, batch: int, text_len: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+Dim = int | str  # a size, or a symbolic dimension name
+
+
+def text_kv_shape(num_layers: int, batch: Dim, text_len: Dim, kv_heads: int, head_dim: int) -> tuple[Dim, ...]:
     """[L, 2, B, T, Hkv, Dh]: per block the text keys (after norm and RoPE) and values."""
     return (num_layers, 2, batch, text_len, kv_heads, head_dim)
 
@@ -86,7 +89,9 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # Added to the per-token gating sum before dividing, as diffusers does, so a token no expert chose cannot divide by 0.
 GATING_EPS = 1e-12
 
-# MoE lowerings a bundle's engines may use (manifest `moe_lowering`)
+# manifest `moe_lowering`: the ONNX as exported (custom nodes with function bodies), or what the engines were built
+# with (native TensorRT layers, or the plugins)
+MOE_FUNCTIONS = "functions"
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
 MOE_LOWERINGS = (MOE_NATIVE, MOE_PLUGIN)

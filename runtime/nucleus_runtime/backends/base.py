@@ -59,7 +59,7 @@ class TextKVHandle(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """Runs the two graphs of a bundle (contract in ../shared/DESIGN.md and README "Artifact contract")."""
+    """Runs the two graphs of a bundle (contract: docs/contract.md)."""
 
     name: str = "backend"
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
 from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
-from nucleus_runtime.contract import TENSORRT_MODULES
+from nucleus_runtime.contract import MOE_PLUGIN, TENSORRT_MODULES
 from nucleus_runtime.errors import NucleusError
 
 logger = logging.getLogger("nucleus_runtime")
@@ -172,13 +172,13 @@ class TensorRTBackend(Backend):
             )
         if verify_checksums:
             # The plugin library runs inside the engines: check it like the plans.
-            plugin = [self.manifest.plugins["library"]] if self.manifest.moe_lowering == "plugin" and self.manifest.plugins else []
+            plugin = [self.manifest.plugins["library"]] if self.manifest.moe_lowering == MOE_PLUGIN and self.manifest.plugins else []
             verify_files(self.bundle_dir, self.manifest, plans + plugin)
         self.trt = _import_tensorrt(self.manifest)
         self.cudart = _import_cudart()
         self.name = self.trt.__name__
         self._check_gpu()
-        if self.manifest.moe_lowering == "plugin":
+        if self.manifest.moe_lowering == MOE_PLUGIN:
             # Lazy: only bundles built with plugins need the library (and runtime/plugins.py).
             from nucleus_runtime import plugins
 

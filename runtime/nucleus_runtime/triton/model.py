@@ -46,7 +46,7 @@ PARAM_TEXT_KV_CACHE_BYTES = "text_kv_cache_bytes"
 
 OUTPUT_LATENTS = "latents"
 
-# Request defaults: the model's recommended settings (DESIGN.md); height/width default to the bundle's opt resolution.
+# Request defaults: the model's recommended settings (README); height/width default to the bundle's opt resolution.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED = 0
