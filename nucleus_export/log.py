@@ -10,7 +10,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -66,3 +66,35 @@ def stage(description: str) -> Iterator[None]:
         progress.add_task(description, total=None)
         yield
     logger.debug("%s done", description)
+
+
+class PhaseProgress:
+    """Nested phases reported by a long native job (TensorRT's IProgressMonitor) as progress bars on stderr; when
+    stderr is not a terminal, top-level phases are logged as they start and finish so a piped log shows progress.
+
+    Call it with (event, phase, step, total), event in "start", "step", "finish"; thread-safe callers only."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self._progress = _progress()
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> PhaseProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def __call__(self, event: str, phase: str, step: int, total: int) -> None:
+        label = f"{self.description}: {phase}"
+        if event == "start":
+            if not self._tasks and not console.is_terminal:
+                logger.info("%s ...", label)
+            self._tasks[phase] = self._progress.add_task(label, total=max(total, 1))
+        elif event == "step" and phase in self._tasks:
+            self._progress.update(self._tasks[phase], completed=step)
+        elif event == "finish" and phase in self._tasks:
+            self._progress.remove_task(self._tasks.pop(phase))
+            if not self._tasks and not console.is_terminal:
+                logger.info("%s done", label)

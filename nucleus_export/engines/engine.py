@@ -262,33 +262,6 @@ def make_progress_monitor(backend: Backend, on_event: Callable[[str, str, int, i
     return _Monitor()
 
 
-class RichBuildProgress:
-    """Shows TensorRT's build phases as progress bars on stderr (the top-level phase plus the current sub-phase)."""
-
-    def __init__(self, description: str):
-        from nucleus_export.log import _progress
-
-        self.description = description
-        self._progress = _progress()
-        self._tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> RichBuildProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)
-
-    def __call__(self, event: str, phase: str, step: int, total: int) -> None:
-        label = f"{self.description}: {phase}"
-        if event == "start":
-            self._tasks[phase] = self._progress.add_task(label, total=max(total, 1))
-        elif event == "step" and phase in self._tasks:
-            self._progress.update(self._tasks[phase], completed=step)
-        elif event == "finish" and phase in self._tasks:
-            self._progress.remove_task(self._tasks.pop(phase))
-
-
 # ---- loaders ----------------------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ from nucleus_export.engines.engine import (
     BuildSettings,
     EngineFromOnnx,
     NetworkFromOnnxPath,
-    RichBuildProgress,
     dim_ranges_from_profiles,
     load_plugins,
     onnx_input_shapes,
@@ -30,7 +29,7 @@ from nucleus_export.engines.engine import (
 from nucleus_export.engines.lowering import lower_moe_native, prepare_for_plugins
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
-from nucleus_export.log import console
+from nucleus_export.log import PhaseProgress, console
 from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
 from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH
 from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
@@ -106,7 +105,7 @@ def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, option
                 optimization_level=options.optimization_level,
                 compute_capabilities=options.compute_capabilities,
             )
-            with RichBuildProgress(f"build {graph}.plan") as progress:
+            with PhaseProgress(f"build {graph}.plan") as progress:
                 report = EngineFromOnnx(
                     NetworkFromOnnxPath(backend, onnx_path, plugin_override=options.moe == MOE_PLUGIN),
                     settings,

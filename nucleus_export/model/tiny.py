@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from nucleus_export.cache import cache_root
 from nucleus_export.model.config import ModelConfig
 
 TINY_SPEC = "tiny"
@@ -45,10 +46,6 @@ TINY_CONFIG: dict[str, Any] = {
 TINY_SEED = 0
 # Bump when random_weight changes, so cached tiny checkpoints of the old init are not reused.
 TINY_INIT_VERSION = 2
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("NUCLEUS_EXPORT_CACHE", Path.home() / ".cache" / "nucleus-export"))
 
 
 def _tensor_seed(seed: int, name: str) -> int:
