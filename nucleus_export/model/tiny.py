@@ -8,7 +8,6 @@ Weights are drawn from a seeded numpy generator per tensor name, so the checkpoi
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
