@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force)
     total = sum(r.build_seconds for r in reports)
     print(
-        f"built {out}: {manifest.precision}{'+fp8' if args.fp8 else ''}, MoE {moe}, "
+        f"built {out}: {precision_label(manifest.precision, args.fp8)}, MoE {moe}, "
         f"{', '.join(f'{r.graph}.plan {r.engine_bytes / 2**20:.1f} MiB' for r in reports)}, engine build {total:.1f} s"
     )
     if parity is not None and not parity.passed:
