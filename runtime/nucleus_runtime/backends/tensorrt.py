@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
+from nucleus_runtime.backends.base import Backend, DeviceArray, TextKVHandle, denoiser_host_inputs, text_kv_inputs
 from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
 from nucleus_runtime.errors import NucleusError
 
@@ -143,7 +143,8 @@ class _Engine:
         current = self.buffers.get(name)
         if current is None or current.nbytes < nbytes:
             current = self.buffers[name] = DeviceBuffer(self.cudart, nbytes)
-            self.context.set_tensor_address(name, current.ptr)
+        # Bound every time: a `denoise_device` run may have pointed the context at the caller's tensors.
+        self.context.set_tensor_address(name, current.ptr)
         return current
 
     def output_shape(self, name: str) -> tuple[int, ...]:
@@ -271,6 +272,28 @@ class TensorRTBackend(Backend):
         host = np.empty(shape, dtype=dtype)
         self.copy_to_host(host, out.ptr)
         return host.astype(np.float32, copy=False)
+
+    def denoise_device(
+        self, inputs: dict[str, DeviceArray], text_kv: TextKVHandle, sample: DeviceArray, stream: int
+    ) -> None:
+        if not isinstance(text_kv, TrtTextKV):
+            raise TypeError(f"TensorRTBackend.denoise_device needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
+        engine = self._denoiser
+        for name, array in inputs.items():
+            engine.context.set_input_shape(name, array.shape)
+            engine.context.set_tensor_address(name, array.ptr)
+        engine.context.set_input_shape("text_kv", text_kv.shape)
+        engine.context.set_tensor_address("text_kv", text_kv.buffer.ptr)
+        self._bound_text_kv = text_kv
+        shape = engine.output_shape("sample")
+        if tuple(shape) != tuple(sample.shape):
+            raise NucleusError(
+                f"denoiser output is {list(shape)} but the sample buffer is {list(sample.shape)}.",
+                "pass a sample tensor shaped like hidden_states with the model's output channels.",
+            )
+        engine.context.set_tensor_address("sample", sample.ptr)
+        if not engine.context.execute_async_v3(int(stream)):
+            raise NucleusError(f"TensorRT failed to run {DENOISER}.plan (see the TensorRT log above).", "rerun with --verbose.")
 
     def close(self) -> None:
         self._bound_text_kv = None
