@@ -89,7 +89,8 @@ def fetch_snapshot(repo_id: str, folders: tuple[str, ...], purpose: str) -> Path
     cache, offline = hub_cache_dir(), hub_offline()
     listing = ", ".join(f"{f}/" for f in folders)
     fetch_hint = f"hf download {repo_id} --include " + " ".join(f"'{f}/*'" for f in folders)
-    logger.info("%s: %s of %s from the Hugging Face Hub (cache %s)", purpose, listing, repo_id, cache)
+    # Offline nothing is fetched, so there is nothing to announce.
+    logger.log(logging.DEBUG if offline else logging.INFO, "%s: %s of %s from the Hugging Face Hub (cache %s)", purpose, listing, repo_id, cache)
     try:
         path = Path(
             snapshot_download(repo_id, allow_patterns=allow_patterns(folders), cache_dir=cache, local_files_only=offline)
