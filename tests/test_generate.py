@@ -16,7 +16,7 @@ from toy_pipeline import allow_processor_without_torchvision, ensure_toy_pipelin
 
 from nucleus_export import EngineTransformer
 from nucleus_export.cli import main
-from nucleus_export.commands.generate import Request, Timings, format_report, text_to_image
+from nucleus_export.commands.generate import Request, Timings, text_to_image
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.tiny import ensure_tiny_checkpoint

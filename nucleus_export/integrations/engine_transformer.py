@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,8 +45,6 @@ from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.pipeline import cache_namespace, check_text
 from nucleus_runtime.rope import image_rope, text_rope
 from nucleus_runtime.text_kv_cache import TextKVCache, text_kv_key
-
-logger = logging.getLogger("nucleus_export")
 
 # Input dtypes accepted: the graphs take float32, and these widen to it exactly.
 IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,7 +95,8 @@ class EngineTransformer(torch.nn.Module):
         self._key_memo: collections.OrderedDict[tuple, tuple[Any, Any, str]] = collections.OrderedDict()
         self._rope: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._device_rope: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._device_path = True  # until the backend says it has none
+        # Backends that override denoise_device read and write device memory (TensorRT); the others take host arrays.
+        self._device_path = type(self.backend).denoise_device is not Backend.denoise_device
 
     # ---- the surface DiffusionPipeline reads ------------------------------------------------------------------
 
@@ -166,8 +164,7 @@ class EngineTransformer(torch.nn.Module):
 
         if hidden_states.is_cuda and self._device_path:
             sample = self._denoise_device(hidden_states, timestep, mask, text_kv, grid)
-            if sample is not None:
-                return self._result(sample.to(out_dtype), return_dict)
+            return self._result(sample.to(out_dtype), return_dict)
         sample = self._denoise_host(hidden_states, timestep, mask, text_kv, grid)
         return self._result(sample.to(hidden_states.device, out_dtype), return_dict)
 
@@ -215,7 +212,7 @@ class EngineTransformer(torch.nn.Module):
         return tuple(hidden_states.shape)  # type: ignore[return-value]
 
     def _grid(self, img_shapes: Any, batch: int, tokens: int) -> tuple[int, int]:
-        shapes = [img_shapes] if isinstance(img_shapes, tuple) else list(img_shapes)
+        shapes = [img_shapes] if len(img_shapes) and isinstance(img_shapes[0], int) else list(img_shapes)
         grids = {(int(s[1]), int(s[2])) for s in shapes}
         if len(grids) != 1 or any(int(s[0]) != 1 for s in shapes) or len(shapes) not in (1, batch):
             raise NucleusError(
@@ -323,9 +320,8 @@ class EngineTransformer(torch.nn.Module):
     def _denoise_device(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor, text_kv: TextKVHandle,
         grid: tuple[int, int],
-    ) -> torch.Tensor | None:
-        """The engine reads torch's CUDA tensors and writes a torch tensor, on torch's current stream; None when the
-        backend has no device path (then the host path runs from now on)."""
+    ) -> torch.Tensor:
+        """The engine reads torch's CUDA tensors and writes a torch tensor, on torch's current stream."""
         device = hidden_states.device
         rope_key = (*grid, str(device))
         if rope_key not in self._device_rope:
@@ -342,18 +338,18 @@ class EngineTransformer(torch.nn.Module):
         }
         out_channels = self.config["patch_size"] ** 2 * (self.config.get("out_channels") or self.config["in_channels"])
         sample = torch.empty((*hidden_states.shape[:2], out_channels), dtype=torch.float32, device=device)
-        try:
-            self.backend.denoise_device(
-                {name: _device_array(t) for name, t in tensors.items()},
-                text_kv,
-                _device_array(sample),
-                torch.cuda.current_stream(device).cuda_stream,
-            )
-        except NotImplementedError:
-            logger.info("%s takes host arrays: CUDA tensors are copied to the host per call", self.backend.name)
-            self._device_path = False
-            return None
+        self.backend.denoise_device(
+            {name: _device_array(t) for name, t in tensors.items()},
+            text_kv,
+            _device_array(sample),
+            torch.cuda.current_stream(device).cuda_stream,
+        )
         return sample
+
+    def close(self) -> None:
+        """Release the backend's sessions or engines and the cached text K/V."""
+        self.text_kv_cache.clear()
+        self.backend.close()
 
     def extra_repr(self) -> str:
         return f"bundle={self.bundle}, backend={self.backend.name}, precision={self.manifest.precision}"

@@ -90,7 +90,8 @@ def fetch_snapshot(repo_id: str, folders: tuple[str, ...], purpose: str) -> Path
     listing = ", ".join(f"{f}/" for f in folders)
     fetch_hint = f"hf download {repo_id} --include " + " ".join(f"'{f}/*'" for f in folders)
     # Offline nothing is fetched, so there is nothing to announce.
-    logger.log(logging.DEBUG if offline else logging.INFO, "%s: %s of %s from the Hugging Face Hub (cache %s)", purpose, listing, repo_id, cache)
+    level = logging.DEBUG if offline else logging.INFO
+    logger.log(level, "%s: %s of %s from the Hugging Face Hub (cache %s)", purpose, listing, repo_id, cache)
     try:
         path = Path(
             snapshot_download(repo_id, allow_patterns=allow_patterns(folders), cache_dir=cache, local_files_only=offline)
@@ -115,7 +116,7 @@ def fetch_snapshot(repo_id: str, folders: tuple[str, ...], purpose: str) -> Path
         ) from None
     except RepositoryNotFoundError:
         raise NucleusExportError(
-            f"{repo_id} is not a Hugging Face Hub repository this account can see.",
+            f"{repo_id} is neither a local folder nor a Hugging Face Hub repository this account can see.",
             "check the id (e.g. NucleusAI/NucleusMoE-Image); for a private repository log in (`hf auth login` or HF_TOKEN).",
         ) from None
     except RevisionNotFoundError:
@@ -130,6 +131,7 @@ def fetch_snapshot(repo_id: str, folders: tuple[str, ...], purpose: str) -> Path
         raise NucleusExportError(
             f"the snapshot of {repo_id} in {path} has no {', '.join(f'{m}/' for m in missing)}: "
             f"it is not a diffusers pipeline repository{' or the cached copy is partial' if offline else ''}.",
-            f"pass the Nucleus-Image pipeline repository (e.g. NucleusAI/NucleusMoE-Image){'' if not offline else f', or fetch it: `{fetch_hint}`'}.",
+            "pass the Nucleus-Image pipeline repository (e.g. NucleusAI/NucleusMoE-Image)"
+            + (f", or fetch it: `{fetch_hint}`." if offline else "."),
         )
     return path
