@@ -12,9 +12,10 @@ img_shapes=, attention_kwargs=, return_dict=False)` twice per step (prompt, then
 - text K/V comes from the runtime's content-keyed `TextKVCache`: computed once per (prompt embedding, mask, image
   grid), so the per-step calls only run the denoiser. Hashing needs the embedding on the host once; afterwards the
   same unmodified tensor object (checked by identity and torch's in-place version counter) maps to its key directly.
-- on a GPU with the TensorRT backend, torch's CUDA tensors are bound to the engine by address and the engine runs
-  on torch's current stream: no host copy and no synchronization per call. ONNX Runtime takes host arrays, so its
-  path copies inputs to the host (free on the CPU: torch and numpy share the memory).
+- on a GPU with the TensorRT backend, torch's CUDA tensors reach the engine through DLPack (`Backend.denoise_device`)
+  and the output is a torch tensor the engine writes, all on torch's current stream: no host copy and no
+  synchronization per call. ONNX Runtime takes host arrays, so its path copies inputs to the host (free on the CPU:
+  torch and numpy share the memory).
 - what a bundle cannot serve is refused with one line naming it: a resolution outside its profiles, a batch or
   text length outside its ranges, an input dtype other than float32/bfloat16/float16, a LoRA scale.
 """
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from nucleus_export.integrations.runtime_backend import AUTO, open_backend
-from nucleus_runtime.backends.base import Backend, DeviceArray, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.bundle import Manifest, load_manifest
 from nucleus_runtime.contract import (
     ENCODER_HIDDEN_STATES_MASK,
@@ -338,12 +339,7 @@ class EngineTransformer(torch.nn.Module):
         }
         out_channels = self.config["patch_size"] ** 2 * (self.config.get("out_channels") or self.config["in_channels"])
         sample = torch.empty((*hidden_states.shape[:2], out_channels), dtype=torch.float32, device=device)
-        self.backend.denoise_device(
-            {name: _device_array(t) for name, t in tensors.items()},
-            text_kv,
-            _device_array(sample),
-            torch.cuda.current_stream(device).cuda_stream,
-        )
+        self.backend.denoise_device(tensors, text_kv, sample, torch.cuda.current_stream(device).cuda_stream)
         return sample
 
     def close(self) -> None:
@@ -353,7 +349,3 @@ class EngineTransformer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"bundle={self.bundle}, backend={self.backend.name}, precision={self.manifest.precision}"
-
-
-def _device_array(tensor: torch.Tensor) -> DeviceArray:
-    return DeviceArray(tensor.data_ptr(), tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))

@@ -9,7 +9,6 @@ device memory (TensorRT binds it as the denoiser's `text_kv` input once, no per-
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -41,21 +40,6 @@ def denoiser_host_inputs(
         "img_rope_sin": np.ascontiguousarray(img_rope_sin, dtype=np.float32),
         "encoder_hidden_states_mask": np.ascontiguousarray(encoder_hidden_states_mask, dtype=np.int64),
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceArray:
-    """A contiguous tensor in device memory that the caller owns (e.g. a torch CUDA tensor), passed by address.
-
-    Attributes:
-        ptr: device address of the first element.
-        shape: dimensions.
-        dtype: element type name as in the contract ("float32", "int64").
-    """
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: str
 
 
 class TextKVHandle(abc.ABC):
@@ -97,14 +81,14 @@ class Backend(abc.ABC):
     ) -> np.ndarray:
         """One transformer forward: hidden_states [B,S,C_in], timestep [B] (t/1000) -> sample [B,S,C_out]."""
 
-    def denoise_device(
-        self, inputs: dict[str, DeviceArray], text_kv: TextKVHandle, sample: DeviceArray, stream: int
-    ) -> None:
-        """One transformer forward on caller-owned device memory, enqueued on the caller's CUDA `stream`.
+    def denoise_device(self, inputs: dict[str, Any], text_kv: TextKVHandle, sample: Any, stream: int) -> None:
+        """One transformer forward on caller-owned GPU tensors, enqueued on the caller's CUDA `stream`.
 
-        `inputs` holds the denoiser inputs other than `text_kv` by contract name, in the contract's dtypes; `sample`
-        receives the output. Nothing is copied to the host and nothing waits: the caller orders its own work on
-        `stream`. Backends that only take host arrays raise NotImplementedError (callers fall back to `denoise`).
+        `inputs` holds the denoiser inputs other than `text_kv` by contract name and `sample` receives the output, all
+        contiguous DLPack tensors (torch, CuPy, JAX) on the GPU in the contract's dtypes. Nothing is copied to the host
+        and nothing waits: DLPack's stream protocol orders the producer's pending work before `stream`, and the
+        caller orders its later work on `stream`. Backends that take host arrays only do not override this (callers
+        use `denoise`).
         """
         raise NotImplementedError(f"the {self.name} backend takes host arrays only")
 
