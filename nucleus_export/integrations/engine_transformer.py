@@ -34,12 +34,14 @@ import torch
 
 from nucleus_export.integrations.runtime_backend import AUTO, open_backend
 from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.onnxruntime import CUDA_EP
 from nucleus_runtime.bundle import Manifest, load_manifest
 from nucleus_runtime.contract import (
     ENCODER_HIDDEN_STATES_MASK,
     HIDDEN_STATES,
     IMG_ROPE_COS,
     IMG_ROPE_SIN,
+    ONNXRUNTIME,
     TIMESTEP,
 )
 from nucleus_runtime.errors import NucleusError
@@ -90,7 +92,8 @@ class EngineTransformer(torch.nn.Module):
         self.backend: Backend = open_backend(self.bundle, self.manifest, backend, threads=threads, verify_checksums=verify_checksums)
         self.text_kv_cache = cache if cache is not None else TextKVCache()
         self._namespace = cache_namespace(self.manifest, self.backend)
-        on_gpu = self.backend.name != "onnxruntime" or "CUDAExecutionProvider" in getattr(self.backend, "providers", [])[:1]
+        # Where the pipeline should keep its tensors: the GPU for engines and for ONNX Runtime's CUDA provider.
+        on_gpu = self.backend.name != ONNXRUNTIME or getattr(self.backend, "providers", [None])[0] == CUDA_EP
         self._device = torch.device("cuda" if on_gpu else "cpu")
         self._dtype = torch.float32
         self._key_memo: collections.OrderedDict[tuple, tuple[Any, Any, str]] = collections.OrderedDict()
