@@ -15,7 +15,7 @@ from nucleus_export.log import console, setup_logging
 from nucleus_runtime.errors import NucleusError
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func` to a callable(args) -> int.
-COMMAND_MODULES = ("inspect", "export", "check", "build", "run", "triton")
+COMMAND_MODULES = ("inspect", "export", "check", "build", "run", "triton", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

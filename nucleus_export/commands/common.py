@@ -14,7 +14,8 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="'tiny' (embedded tiny model, generated offline), a diffusers transformer folder, or a pipeline root",
+        help="'tiny' (embedded tiny model, generated offline), a diffusers transformer folder, a pipeline root, or a "
+        "Hugging Face Hub id such as NucleusAI/NucleusMoE-Image (only transformer/ and scheduler/ are downloaded)",
     )
 
 

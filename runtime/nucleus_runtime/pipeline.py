@@ -102,6 +102,13 @@ def _check_profile(manifest: Manifest, batch: int, text_len: int, cfg: bool) -> 
         )
 
 
+def cache_namespace(manifest: Manifest, backend: Backend) -> str:
+    """What text K/V cache keys share for one bundle on one backend (the `namespace` of `text_kv_key`)."""
+    # The text_kv graph's checksums identify the weights: two checkpoints of one architecture must not share.
+    weights = ",".join(r["sha256"] for f, r in sorted(manifest.files.items()) if f.startswith(f"{TEXT_KV}.onnx"))
+    return f"{manifest.config_hash}|{weights}|{manifest.precision}|{backend.name}"
+
+
 def generate(
     backend: Backend,
     manifest: Manifest,
@@ -189,10 +196,7 @@ def generate(
     if recompute_text_kv:
         text_kv = None
     elif cache is not None:
-        # The text_kv graph's checksums identify the weights: two checkpoints of one architecture must not share.
-        weights = ",".join(r["sha256"] for f, r in sorted(manifest.files.items()) if f.startswith(f"{TEXT_KV}.onnx"))
-        namespace = f"{manifest.config_hash}|{weights}|{manifest.precision}|{backend.name}"
-        text_kv = cache.get_or_compute(text_kv_key(namespace, embeddings, mask, grid), compute_text_kv)
+        text_kv = cache.get_or_compute(text_kv_key(cache_namespace(manifest, backend), embeddings, mask, grid), compute_text_kv)
     else:
         text_kv = compute_text_kv()
 

@@ -81,6 +81,17 @@ class Backend(abc.ABC):
     ) -> np.ndarray:
         """One transformer forward: hidden_states [B,S,C_in], timestep [B] (t/1000) -> sample [B,S,C_out]."""
 
+    def denoise_device(self, inputs: dict[str, Any], text_kv: TextKVHandle, sample: Any, stream: int) -> None:
+        """One transformer forward on caller-owned GPU tensors, enqueued on the caller's CUDA `stream`.
+
+        `inputs` holds the denoiser inputs other than `text_kv` by contract name and `sample` receives the output, all
+        contiguous DLPack tensors (torch, CuPy, JAX) on the GPU in the contract's dtypes. Nothing is copied to the host
+        and nothing waits: DLPack's stream protocol orders the producer's pending work before `stream`, and the
+        caller orders its later work on `stream`. Backends that take host arrays only do not override this (callers
+        use `denoise`).
+        """
+        raise NotImplementedError(f"the {self.name} backend takes host arrays only")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory and sessions."""
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from nucleus_runtime import dlpack
 from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
 from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
-from nucleus_runtime.contract import MOE_PLUGIN, TENSORRT_MODULES
+from nucleus_runtime.contract import HOST_INPUT_DTYPES, MOE_PLUGIN, SAMPLE, TENSORRT_MODULES
+from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.errors import NucleusError
 
 logger = logging.getLogger("nucleus_runtime")
@@ -135,7 +137,8 @@ class _Engine:
         current = self.buffers.get(name)
         if current is None or current.nbytes < nbytes:
             current = self.buffers[name] = DeviceBuffer(self.cudart, nbytes)
-            self.context.set_tensor_address(name, current.ptr)
+        # Bound every time: a `denoise_device` run may have pointed the context at the caller's tensors.
+        self.context.set_tensor_address(name, current.ptr)
         return current
 
     def output_shape(self, name: str) -> tuple[int, ...]:
@@ -263,6 +266,34 @@ class TensorRTBackend(Backend):
         host = np.empty(shape, dtype=dtype)
         self.copy_to_host(host, out.ptr)
         return host.astype(np.float32, copy=False)
+
+    def denoise_device(self, inputs: dict[str, Any], text_kv: TextKVHandle, sample: Any, stream: int) -> None:
+        if not isinstance(text_kv, TrtTextKV):
+            raise TypeError(f"TensorRTBackend.denoise_device needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
+        # The views hold the DLPack capsules, and with them the tensors, until the run is enqueued.
+        views = {name: dlpack.view(tensor, stream) for name, tensor in {**inputs, SAMPLE: sample}.items()}
+        for name, view in views.items():
+            if view.device_type != dlpack.KDL_CUDA or view.dtype != HOST_INPUT_DTYPES[name]:
+                raise NucleusError(
+                    f"{name} is {view.dtype} in {view.device} memory; the engine binds {HOST_INPUT_DTYPES[name]} on the GPU.",
+                    "pass contiguous CUDA tensors in the contract's dtypes, or use `denoise` with host arrays.",
+                )
+        engine = self._denoiser
+        for name, view in views.items():
+            if name != SAMPLE:
+                engine.context.set_input_shape(name, view.shape)
+            engine.context.set_tensor_address(name, view.ptr)
+        engine.context.set_input_shape(TEXT_KV_TENSOR, text_kv.shape)
+        engine.context.set_tensor_address(TEXT_KV_TENSOR, text_kv.buffer.ptr)
+        self._bound_text_kv = text_kv
+        shape = engine.output_shape(SAMPLE)
+        if tuple(shape) != views[SAMPLE].shape:
+            raise NucleusError(
+                f"the denoiser's output is {list(shape)} but the sample tensor is {list(views[SAMPLE].shape)}.",
+                "pass a sample tensor of the hidden states' batch and tokens and the model's output width.",
+            )
+        if not engine.context.execute_async_v3(int(stream)):
+            raise NucleusError(f"TensorRT failed to run {DENOISER}.plan (see the TensorRT log above).", "rerun with --verbose.")
 
     def close(self) -> None:
         self._bound_text_kv = None

@@ -1,0 +1,1 @@
+"""Integrations of bundles into other frameworks' code (diffusers' pipelines)."""

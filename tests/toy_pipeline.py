@@ -1,0 +1,151 @@
+"""A NucleusMoEImagePipeline folder of tiny random components of the real classes, built offline.
+
+- text encoder: transformers' Qwen3VLForConditionalGeneration with a tiny config (hidden size = the tiny
+  transformer's joint_attention_dim; 9 layers, since the pipeline reads hidden_states[-8]);
+- processor: transformers' Qwen3VLProcessor around a character-level WordLevel tokenizer (tokenizers) with Qwen's
+  special tokens and a ChatML chat template;
+- VAE: diffusers' AutoencoderKLQwenImage with a small base width (same downsampling: 8x, 16 latent channels);
+- transformer: the embedded tiny model (nucleus_export/model/tiny.py); scheduler: the runtime's default config.
+
+Saved with the pipeline's own save_pretrained, so it loads through NucleusMoEImagePipeline.from_pretrained.
+
+transformers gates Qwen3VLProcessor's video processor on torchvision, whose PyPI wheels are CUDA builds that cannot
+load next to the CPU torch of these machines; `allow_processor_without_torchvision` lets transformers find the
+(torch-only) video processor classes so the real processor class loads. Only text goes through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SEED = 0
+
+
+@contextlib.contextmanager
+def allow_processor_without_torchvision() -> Iterator[None]:
+    """Let transformers build and load Qwen3VLProcessor when torchvision is absent (restored on exit)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+    from transformers import processing_utils
+
+    video_utils = importlib.import_module("transformers.video_processing_utils")
+    qwen3_video = importlib.import_module("transformers.models.qwen3_vl.video_processing_qwen3_vl")
+    auto_video = importlib.import_module("transformers.models.auto.video_processing_auto")
+    module = processing_utils.transformers_module
+    had_mixin = "VideoProcessorMixin" in vars(module)
+    original_loader = auto_video.AutoVideoProcessor.__dict__["from_pretrained"]
+
+    def load_video_processor(cls: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        return qwen3_video.Qwen3VLVideoProcessor.from_pretrained(path, *args, **kwargs)
+
+    module.VideoProcessorMixin = video_utils.VideoProcessorMixin
+    auto_video.AutoVideoProcessor.from_pretrained = classmethod(load_video_processor)
+    try:
+        yield
+    finally:
+        auto_video.AutoVideoProcessor.from_pretrained = original_loader
+        if not had_mixin:
+            del module.VideoProcessorMixin
+
+
+def _processor() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    video = importlib.import_module("transformers.models.qwen3_vl.video_processing_qwen3_vl")
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:]
+    )
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(),
+        tokenizer=fast,
+        video_processor=video.Qwen3VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    ), vocab
+
+
+def _text_encoder(vocab: dict[str, int], text_dim: int) -> Any:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": text_dim,
+            "intermediate_size": 2 * text_dim,
+            "num_hidden_layers": 9,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": text_dim // 4,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        vision_config={
+            "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": text_dim,
+            "patch_size": 4, "num_position_embeddings": 16, "deepstack_visual_indexes": [0],
+        },
+        image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+    )
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def write_toy_pipeline(out_dir: Path) -> Path:
+    """Write the toy pipeline folder (model_index.json, transformer/, text_encoder/, processor/, vae/, scheduler/)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline
+
+    from nucleus_export.model.checkpoint import open_checkpoint
+    from nucleus_export.model.reference import load_reference
+    from nucleus_export.model.tiny import TINY_CONFIG, ensure_tiny_checkpoint
+    from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
+
+    torch.manual_seed(SEED)
+    with allow_processor_without_torchvision():
+        processor, vocab = _processor()
+        pipe = NucleusMoEImagePipeline(
+            transformer=load_reference(open_checkpoint(ensure_tiny_checkpoint())),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(DEFAULT_SCHEDULER_CONFIG),
+            vae=AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval(),
+            text_encoder=_text_encoder(vocab, TINY_CONFIG["joint_attention_dim"]),
+            processor=processor,
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            pipe.save_pretrained(tmp)
+            tmp.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_toy_pipeline() -> Path:
+    """The toy pipeline in the test run's private model cache (NUCLEUS_EXPORT_CACHE), written on first use."""
+    from nucleus_export.model.tiny import cache_root
+
+    path = cache_root() / "toy-nucleus-pipeline"
+    if not (path / "model_index.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_toy_pipeline(path)
+    return path
+
