@@ -19,6 +19,7 @@ from nucleus_export.export import refuse_existing
 from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.cache import cache_root
+from nucleus_runtime.contract import precision_label
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
