@@ -53,9 +53,13 @@ CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
 README_NAME = "README.md"
 PLUGIN_DIR = "plugins"
-# What the Fix: of an error asks for (tests/test_triton_repository.py checks these parse with the real CLI).
-BUILD_COMMAND = "`nucleus-export build --model MODEL --out BUNDLE`"
-EXPORT_COMMAND = "`nucleus-export export --model MODEL --out BUNDLE`"
+# The commands a Fix: asks for (tests/test_triton_repository.py parses every one with the real CLI parser).
+BUILD = "build --model MODEL --out BUNDLE"
+EXPORT = "export --model MODEL --out BUNDLE"
+
+
+def _cli(arguments: str) -> str:
+    return f"`nucleus-export {arguments}`"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,9 +214,9 @@ def _inprocess_files(bundle_dir: Path, manifest: Manifest, platform: str, versio
             continue  # older bundles: the model falls back to the default scheduler settings
         if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
             if platform == configs.TENSORRT_PLAN:
-                fix = f"build the engines ({BUILD_COMMAND}), or serve the ONNX graphs with --platform onnxruntime."
+                fix = f"build the engines ({_cli(BUILD)}), or serve the ONNX graphs with --platform onnxruntime."
             else:
-                fix = f"copy the complete bundle, or export it again ({EXPORT_COMMAND})."
+                fix = f"copy the complete bundle, or export it again ({_cli(EXPORT)})."
             raise NucleusExportError(f"bundle {bundle_dir} has no file {name}, which the {backend} backend reads.", fix)
         files.append(_bundle_file(bundle_dir, manifest, name, f"{version_dir}/{name}"))
     return files
@@ -233,7 +237,7 @@ def _engine(bundle_dir: Path, manifest: Manifest, graph: str, refuse_rtx: bool) 
             f"bundle {bundle_dir} has no TensorRT engine {path.name}"
             + ("" if manifest.engines else " (its manifest records no engines)")
             + ", which --platform tensorrt_plan serves.",
-            f"build the engines first ({BUILD_COMMAND}), or serve the ONNX graphs with --platform onnxruntime.",
+            f"build the engines first ({_cli(BUILD)}), or serve the ONNX graphs with --platform onnxruntime.",
         )
     record = (manifest.engines or {}).get(graph)
     built_with = record.get("backend") if isinstance(record, dict) else None
@@ -242,7 +246,7 @@ def _engine(bundle_dir: Path, manifest: Manifest, graph: str, refuse_rtx: bool) 
         raise NucleusExportError(
             f"{path} was built with TensorRT-RTX; Triton's tensorrt_plan backend runs full TensorRT engines only.",
             "serve them in-process (--layout inprocess, the runtime loads TensorRT-RTX engines), build full TensorRT "
-            f"engines ({BUILD_COMMAND} --backend tensorrt, on a GPU machine with your Triton release's TensorRT), "
+            f"engines ({_cli(BUILD + ' --backend tensorrt')}, on a GPU machine with your Triton release's TensorRT), "
             "or serve the ONNX graphs with --platform onnxruntime.",
         )
     return path
@@ -257,7 +261,7 @@ def _onnx_files(bundle_dir: Path, manifest: Manifest, graph: str, version_dir: s
     if not path.is_file():
         raise NucleusExportError(
             f"bundle {bundle_dir} has no {path.name}, which --platform onnxruntime serves.",
-            f"export the bundle again ({EXPORT_COMMAND}).",
+            f"export the bundle again ({_cli(EXPORT)}).",
         )
     model = onnx.load(str(path), load_external_data=False)
     locations: set[str] = set()
@@ -271,7 +275,7 @@ def _onnx_files(bundle_dir: Path, manifest: Manifest, graph: str, version_dir: s
         if not data.is_file() or Path(location).is_absolute() or ".." in Path(location).parts:
             raise NucleusExportError(
                 f"{path.name} references external data '{location}', which is not a file inside {bundle_dir}.",
-                f"copy the complete bundle (with its .onnx.data files), or export it again ({EXPORT_COMMAND}).",
+                f"copy the complete bundle (with its .onnx.data files), or export it again ({_cli(EXPORT)}).",
             )
         files.append(_bundle_file(bundle_dir, manifest, location, f"{version_dir}/{location}"))
     return files
@@ -289,8 +293,8 @@ def _plugin_library(bundle_dir: Path, manifest: Manifest) -> Path | None:
     raise NucleusExportError(
         f"the engines of bundle {bundle_dir} use TensorRT plugins, but the plugin library ({', '.join(candidates)}) "
         "is not in the bundle.",
-        f"build the engines again with the library ({BUILD_COMMAND} --moe plugin --plugins "
-        f"build/{PLUGIN_LIBRARY_NAME}), which copies it into the bundle.",
+        f"build the engines again with the library ({_cli(f'{BUILD} --moe plugin --plugins build/{PLUGIN_LIBRARY_NAME}')}), "
+        "which copies it into the bundle.",
     )
 
 

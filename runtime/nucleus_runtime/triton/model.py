@@ -152,6 +152,13 @@ def parse_request(tensors: Mapping[str, np.ndarray], parameters: Mapping[str, An
         raise NucleusError(f"unknown inputs {unknown}.", f"the pipeline takes: {', '.join(sorted(known))}.")
     if "prompt_embeds" not in tensors:
         raise NucleusError("the request has no prompt_embeds.", "send the text encoder's hidden states as prompt_embeds.")
+    for spec in PIPELINE_INPUTS:
+        value = tensors.get(spec.name)
+        # A NaN or inf would flow through every step into latents that look like an answer: refuse it up front.
+        if spec.dtype == "float32" and value is not None and not np.isfinite(value).all():
+            raise NucleusError(
+                f"input {spec.name} holds NaN or infinite values.", f"send finite values in {spec.name}."
+            )
     opt_h, opt_w = manifest.profiles.opt_resolution
     guidance = _scalar("guidance_scale", tensors, parameters, DEFAULT_GUIDANCE)
     try:
