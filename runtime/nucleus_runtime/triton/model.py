@@ -232,17 +232,23 @@ class PipelineCore:
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-# Host tensors cross the stub through DLPack, not `Tensor.as_numpy()` / `Tensor(name, array)`: those go through the
-# pybind11 the stub was built with, and the 2.51 stub (Triton 24.10) reads numpy 1's dtype layout, so under numpy 2
-# its outputs came back empty (found with the real server). DLPack views the same memory under any numpy.
+# How host tensors cross the Python backend stub depends on the numpy in its environment (both found with the real
+# 2.51 stub): its pybind11 reads numpy 1's dtype layout, so under numpy 2 `Tensor(name, array)` produced empty
+# outputs; DLPack views the same memory under any numpy, but the stub renames a consumed capsule "used_dlpack" where
+# numpy 1's deleter expects "used_dltensor", which broke the stub under numpy 1. So: the stub's own numpy path under
+# numpy 1, DLPack under numpy 2.
+_DLPACK = int(np.__version__.split(".")[0]) >= 2
+
+
 def from_triton(tensor: Any) -> np.ndarray:
-    """A host pb_utils.Tensor as a numpy array (a view, no copy)."""
-    return np.from_dlpack(tensor)
+    """A host pb_utils.Tensor as a numpy array."""
+    return np.from_dlpack(tensor) if _DLPACK else tensor.as_numpy()
 
 
 def to_triton(pb_utils: Any, name: str, array: np.ndarray) -> Any:
     """A numpy array as a pb_utils.Tensor."""
-    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    return pb_utils.Tensor.from_dlpack(name, array) if _DLPACK else pb_utils.Tensor(name, array)
 
 
 def open_inprocess_backend(model_dir: Path, manifest: Manifest, params: Mapping[str, str], device_id: int | None) -> Backend:
