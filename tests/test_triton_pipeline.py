@@ -1,10 +1,11 @@
 """The nucleus_pipeline model: its request core on the tiny model against `nucleus-export run` (bit for bit), request
 parsing and errors, and the generated model.py's Triton glue driven through a stand-in for the Python backend.
 
-Triton does not run here. The stand-in (`StandInPbUtils`) implements the few `triton_python_backend_utils` calls the
-model makes and answers BLS requests by running the generated repository's ONNX models with ONNX Runtime; it checks
-the glue (tensor names, model names from the config, text K/V passed through unchanged, errors as responses), not
-Triton's own behaviour.
+Triton does not run in this file (tests/test_triton_server.py starts a real server, which cannot run the bls layout's
+graph models: its wheel has no ONNX Runtime backend). The stand-in (`StandInPbUtils`) implements the few
+`triton_python_backend_utils` calls the model makes and answers BLS requests by running the generated repository's
+ONNX models with ONNX Runtime; it checks the bls glue (tensor names, model names from the config, text K/V passed
+through unchanged, errors as responses), not Triton's own behaviour.
 """
 
 from __future__ import annotations
