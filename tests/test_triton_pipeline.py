@@ -224,6 +224,13 @@ class StandInPbUtils:
     def PreferredMemory(self, kind: int, device: int) -> tuple[int, int]:  # noqa: N802 - pb_utils' name
         return (kind, device)
 
+    class Logger:
+        messages: list[str] = []
+
+        @classmethod
+        def log_verbose(cls, message: str) -> None:
+            cls.messages.append(message)
+
     @staticmethod
     def get_input_tensor_by_name(request: Any, name: str) -> Any:
         return next((t for t in request.inputs if t.name() == name), None)

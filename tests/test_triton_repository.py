@@ -8,6 +8,7 @@ configs point at. tests/test_triton_server.py starts a real tritonserver on gene
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -163,6 +164,22 @@ def test_inprocess_is_one_model_owning_the_bundle_files(bundle, tmp_path, platfo
         assert params[pipeline_model.PARAM_BACKEND] == "onnxruntime" and params[pipeline_model.PARAM_THREADS] == "3"
         assert {"text_kv.onnx", "denoiser.onnx"} <= version and not any(f.endswith(".plan") for f in version)
     assert {"model.py", MANIFEST_NAME, "scheduler_config.json", "nucleus_runtime/pipeline.py"} <= version
+
+
+def test_text_kv_bytes_per_token_of_the_real_model(bundle):
+    from nucleus_export.triton.serving import text_kv_bytes_per_token
+    from nucleus_runtime.bundle import TensorSpec, load_manifest
+
+    manifest = load_manifest(bundle)
+    # The real model: 32 blocks, 4 K/V heads x 128, bf16 text K/V; CFG as a batch of 2.
+    real = {"text_kv": {"outputs": {"text_kv": TensorSpec("bfloat16", [32, 2, "batch", "text_len", 4, 128])}}}
+    assert text_kv_bytes_per_token(dataclasses.replace(manifest, io=real)) == 128 * 1024
+    tiny = manifest.io["text_kv"]["outputs"]["text_kv"]
+    layers, _, _, _, kv_heads, head_dim = tiny.shape
+    per_token = layers * 2 * 2 * kv_heads * head_dim * 4  # fp32 bundle
+    assert text_kv_bytes_per_token(manifest) == per_token
+    readme = next(f.text for f in plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME)).files if f.relpath == "README.md")
+    assert f"{per_token / 1024:g} KiB per text token" in readme
 
 
 def test_inprocess_version_folder_is_a_bundle_the_runtime_opens(bundle, tmp_path):

@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -257,7 +258,7 @@ def inprocess_server(triton_install, tiny_bundle, tmp_path_factory) -> Iterator[
     repo = root / "repo"
     options = TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME, instances=2, onnxruntime_threads=THREADS)
     write_repository(plan_repository(tiny_bundle, options), repo)
-    with running_server(triton_install, repo, root / "server.log") as server:
+    with running_server(triton_install, repo, root / "server.log", log_verbose="1") as server:
         print(f"\ntritonserver ready in {server.start_seconds:.2f} s")
         yield server
 
@@ -297,6 +298,25 @@ def test_four_concurrent_requests_are_all_correct(inprocess_server, tiny_bundle,
     print("\nconcurrent latencies (s): " + ", ".join(f"{seconds:.3f}" for _, seconds in results))
     for (latents, _), reference_latents, case in zip(results, expected, cases):
         assert np.array_equal(latents, reference_latents), case[0]
+
+
+def _cache_hits(log: str) -> dict[str, int]:
+    """Each instance's latest text K/V cache hit count, from the model's verbose log lines."""
+    return {m[0]: int(m[1]) for m in re.findall(r"(\w+): text K/V cache hits (\d+)", log)}
+
+
+def test_text_kv_is_reused_across_requests(inprocess_server):
+    prompt, negative = texts(21, 7, 3)
+    inputs = request_inputs(prompt, negative, 160, 96, 4.0, 0)
+    before = _cache_hits(inprocess_server.log(tail=100_000))
+    lines_before = len(inprocess_server.log(tail=100_000).splitlines())
+    results = [infer(inprocess_server.url("http"), "http", inputs) for _ in range(3)]
+    assert all(np.array_equal(r, results[0]) for r in results)
+    new_lines = "\n".join(inprocess_server.log(tail=100_000).splitlines()[lines_before:])
+    after = _cache_hits(new_lines)
+    # A new prompt: each instance that served it computed its text K/V once, every other request was a hit.
+    new_hits = sum(hits - before.get(instance, 0) for instance, hits in after.items())
+    assert after and new_hits == 3 - len(after), new_lines
 
 
 @pytest.mark.parametrize(

@@ -168,7 +168,7 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     plan = RepositoryPlan(
         names=names, platform=options.platform, files=files, plugin_library=plugin_relpath, layout=options.layout
     )
-    files.append(RepoFile(README_NAME, text=serving.serving_notes(plan, *manifest.profiles.opt_resolution)))
+    files.append(RepoFile(README_NAME, text=serving.serving_notes(plan, manifest)))
     return plan
 
 

@@ -8,9 +8,15 @@ requests by running `client_code`, so what the README says is what the test ran.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from typing import TYPE_CHECKING
 
+import ml_dtypes  # noqa: F401 - registers bfloat16 and the float8 types with numpy by name
+import numpy as np
+
+from nucleus_runtime.bundle import Manifest
+from nucleus_runtime.contract import TEXT_KV, TEXT_KV_GRAPH
 from nucleus_runtime.triton import model as pipeline_model
 
 if TYPE_CHECKING:
@@ -115,15 +121,28 @@ latents = client.infer("{model}", inputs).as_numpy("{pipeline_model.OUTPUT_LATEN
 """
 
 
-def serving_notes(plan: RepositoryPlan, height: int = 1024, width: int = 1024) -> str:
+CFG_BATCH = 2  # prompt and negative prompt as one batch
+
+
+def text_kv_bytes_per_token(manifest: Manifest, batch: int = CFG_BATCH) -> int:
+    """Bytes of text K/V per text token for one denoiser call: what the bls layout hands through Triton every step."""
+    spec = manifest.io[TEXT_KV_GRAPH]["outputs"][TEXT_KV]
+    fixed = math.prod(d for d in spec.shape if isinstance(d, int))
+    return fixed * batch * np.dtype(spec.dtype).itemsize
+
+
+def serving_notes(plan: RepositoryPlan, manifest: Manifest) -> str:
     """README.md at the repository root: how to serve it and call it."""
     n = plan.names
+    height, width = manifest.profiles.opt_resolution
+    per_token = text_kv_bytes_per_token(manifest) / 1024
     command = server_command("REPO", plan.bls_plugin_library)
     if plan.layout == pipeline_model.LAYOUT_INPROCESS:
         models = (
             f"Model: `{n.pipeline}` (Python backend), which runs whole requests with nucleus_runtime's own "
             f"{'TensorRT' if plan.platform == 'tensorrt_plan' else 'ONNX Runtime'} backend over the bundle files in "
-            f"`{n.pipeline}/1/`; text K/V stays in that backend across steps and requests."
+            f"`{n.pipeline}/1/`; text K/V ({per_token:g} KiB per text token with CFG) stays in that backend across "
+            "steps and requests."
         )
         needs = (
             "Triton's Python environment (PYTHONPATH of the Python backend's stub) needs numpy and the runtime's "
@@ -137,6 +156,10 @@ def serving_notes(plan: RepositoryPlan, height: int = 1024, width: int = 1024) -
         models = (
             f"Models: `{n.text_kv}` and `{n.denoiser}` (the bundle's graphs), `{n.pipeline}` (whole requests, Python "
             "backend, calling the other two with BLS)."
+        )
+        models += (
+            f" Each step hands the text K/V to `{n.denoiser}` through Triton: {per_token:g} KiB per text token with "
+            "CFG (`--layout inprocess` keeps it in one model instead)."
         )
         needs = (
             f"The server needs Triton's {'TensorRT' if plan.platform == 'tensorrt_plan' else 'ONNX Runtime'} backend; "

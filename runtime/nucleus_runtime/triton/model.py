@@ -383,6 +383,7 @@ class TritonPythonModel:
             raise NucleusError(f"config parameter {PARAM_LAYOUT} is '{layout}'.", f"use one of: {', '.join(LAYOUTS)}.")
         cache_bytes = int(params.get(PARAM_TEXT_KV_CACHE_BYTES) or DEFAULT_MAX_BYTES)
         self.core = PipelineCore(backend, manifest, scheduler, cache_bytes)
+        self.instance = args.get("model_instance_name", "nucleus_pipeline")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb
@@ -397,6 +398,12 @@ class TritonPythonModel:
                 parameters = json.loads(request.parameters() or "{}")
                 outputs = self.core(tensors, parameters)
                 responses.append(pb.InferenceResponse(output_tensors=[to_triton(pb, k, v) for k, v in outputs.items()]))
+                stats = self.core.cache.stats
+                # tritonserver --log-verbose=1 shows it: whether text K/V was reused across requests.
+                pb.Logger.log_verbose(
+                    f"{self.instance}: text K/V cache hits {stats.hits}, misses {stats.misses}, "
+                    f"{stats.entries} entries, {stats.bytes} bytes"
+                )
             except NucleusError as exc:
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc))))
             except Exception as exc:  # noqa: BLE001 - one failed request must not take the instance down
