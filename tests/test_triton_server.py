@@ -342,29 +342,41 @@ def test_bad_request_gets_an_error_and_the_server_keeps_serving(inprocess_server
 # ---- every layout through the server's own config validation -------------------------------------------------------
 
 
+def _model_states(install: dict[str, Path], repo: Path, log_path: Path) -> tuple[dict[str, dict], str]:
+    """The server's repository index (name -> state, reason) for `repo`, and its log."""
+    # exit-on-error off: the server stays up to report each model, also the ones that cannot load here. Without
+    # model control it loads every model before it opens its endpoints, so one query sees the final states.
+    with (
+        running_server(install, repo, log_path, wait_ready=False, exit_on_error="false") as server,
+        contextlib.closing(tritonclient_http.InferenceServerClient(server.url("http"))) as client,
+    ):
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+    return index, server.log(200)
+
+
 @pytest.mark.parametrize("layout", [INPROCESS, BLS])
 def test_generated_configs_pass_the_servers_validation(triton_install, tiny_bundle, tmp_path, layout):
     repo = tmp_path / "repo"
     write_repository(plan_repository(tiny_bundle, TritonOptions(layout=layout, platform=ONNXRUNTIME)), repo)
-    # exit-on-error off: the server stays up to report each model's state, also the ones that cannot load here.
-    with (
-        running_server(triton_install, repo, tmp_path / "server.log", wait_ready=False, exit_on_error="false") as server,
-        contextlib.closing(tritonclient_http.InferenceServerClient(server.url("http"))) as client,
-    ):
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            index = {m["name"]: m for m in client.get_model_repository_index()}
-            if all(m.get("state") in ("READY", "UNAVAILABLE") for m in index.values()) and index:
-                break
-            assert time.monotonic() < deadline, f"models still loading after {READY_TIMEOUT_S:.0f} s:\n{server.log()}"
-            time.sleep(0.1)
-    log = server.log(200)
-    assert index[PIPELINE]["state"] == "READY", log
+    index, log = _model_states(triton_install, repo, tmp_path / "server.log")
+    assert index[PIPELINE].get("state") == "READY", log
     if layout == INPROCESS:
         assert set(index) == {PIPELINE}
     else:
-        # The wheel has no ONNX Runtime backend. The server validates a config before it looks for the backend, so
-        # this reason (and no other) means the config was accepted.
+        # The wheel has no ONNX Runtime backend. The server validates a config when it reads the repository, before
+        # it looks for the backend (a config that fails has no state at all, see the next test), so this reason and
+        # no other means the config was accepted.
         for name in ("nucleus_text_kv", "nucleus_denoiser"):
-            assert index[name]["state"] == "UNAVAILABLE"
+            assert index[name].get("state") == "UNAVAILABLE", log
             assert "unable to find backend library for backend 'onnxruntime'" in index[name]["reason"], log
+
+
+def test_the_servers_validation_rejects_a_broken_config(triton_install, tiny_bundle, tmp_path):
+    """The control for the test above: a config the server finds invalid never gets as far as the backend."""
+    repo = tmp_path / "repo"
+    write_repository(plan_repository(tiny_bundle, TritonOptions(layout=BLS, platform=ONNXRUNTIME)), repo)
+    config = repo / "nucleus_text_kv" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ -1, -1, 64 ]", "dims: [ -1, 0, 64 ]", 1))
+    index, log = _model_states(triton_install, repo, tmp_path / "server.log")
+    assert "state" not in index["nucleus_text_kv"], index
+    assert "dimension must be integer >= 1" in log
