@@ -185,7 +185,7 @@ def _graph_models(
         config = configs.graph_model_config(manifest, graph, name, options.platform, options.instances)
         files.append(RepoFile(f"{name}/{CONFIG_NAME}", text=config.to_pbtxt()))
         if options.platform == configs.TENSORRT_PLAN:
-            engine = _engine(bundle_dir, manifest, graph, refuse_rtx=True)
+            engine = _engine(bundle_dir, manifest, graph)
             model_file = f"{name}/{VERSION}/{configs.MODEL_FILENAMES[configs.TENSORRT_PLAN]}"
             files.append(_bundle_file(bundle_dir, manifest, engine.name, model_file))
         else:
@@ -230,7 +230,8 @@ def _recorded_name(bundle_dir: Path, manifest: Manifest, path: Path) -> str | No
     return name if name in manifest.files else None
 
 
-def _engine(bundle_dir: Path, manifest: Manifest, graph: str, refuse_rtx: bool) -> Path:
+def _engine(bundle_dir: Path, manifest: Manifest, graph: str) -> Path:
+    """bls: the engine Triton's TensorRT backend serves; TensorRT-RTX engines are refused (it links full TensorRT)."""
     path = bundle_dir / plan_file(graph)
     if not path.is_file():
         raise NucleusExportError(
@@ -241,7 +242,7 @@ def _engine(bundle_dir: Path, manifest: Manifest, graph: str, refuse_rtx: bool) 
         )
     record = (manifest.engines or {}).get(graph)
     built_with = record.get("backend") if isinstance(record, dict) else None
-    if refuse_rtx and built_with == TENSORRT_RTX:
+    if built_with == TENSORRT_RTX:
         # Triton's tensorrt backend links full TensorRT, which cannot deserialize TensorRT-RTX engines.
         raise NucleusExportError(
             f"{path} was built with TensorRT-RTX; Triton's tensorrt_plan backend runs full TensorRT engines only.",
