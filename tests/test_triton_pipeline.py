@@ -1,10 +1,11 @@
 """The nucleus_pipeline model: its request core on the tiny model against `nucleus-export run` (bit for bit), request
 parsing and errors, and the generated model.py's Triton glue driven through a stand-in for the Python backend.
 
-Triton does not run here. The stand-in (`StandInPbUtils`) implements the few `triton_python_backend_utils` calls the
-model makes and answers BLS requests by running the generated repository's ONNX models with ONNX Runtime; it checks
-the glue (tensor names, model names from the config, text K/V passed through unchanged, errors as responses), not
-Triton's own behaviour.
+Triton does not run in this file (tests/test_triton_server.py starts a real server, which cannot run the bls layout's
+graph models: its wheel has no ONNX Runtime backend). The stand-in (`StandInPbUtils`) implements the few
+`triton_python_backend_utils` calls the model makes and answers BLS requests by running the generated repository's
+ONNX models with ONNX Runtime; it checks the bls glue (tensor names, model names from the config, text K/V passed
+through unchanged, errors as responses), not Triton's own behaviour.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.triton import schema
 from nucleus_runtime.triton import model as pipeline_model
-from nucleus_export.triton.configs import ONNXRUNTIME
+from nucleus_export.triton.configs import BLS, ONNXRUNTIME
 from nucleus_runtime.triton.model import OUTPUT_LATENTS, PipelineCore
 from nucleus_export.triton.repository import TritonOptions, plan_repository, write_repository
 from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
@@ -133,6 +134,8 @@ def test_tensor_inputs_win_over_parameters(core, texts):
         ({"num_inference_steps": np.array([0])}, "num_inference_steps"),
         ({"height": np.array([100])}, "not in this bundle's profiles"),
         ({"guidance_scale": np.array([np.nan], np.float32)}, "guidance_scale"),
+        ({"prompt_embeds": np.full((1, 9, 64), np.nan, np.float32)}, "prompt_embeds holds NaN"),
+        ({"negative_prompt_embeds": np.full((1, 4, 64), np.inf, np.float32)}, "negative_prompt_embeds holds NaN or inf"),
         ({"negative_prompt_embeds": None}, "negative prompt"),
         ({"prompt_embeds": np.zeros((1, 40, 64), np.float32), "prompt_embeds_mask": None}, "outside the bundle's profile"),
         ({"seed": np.array([1, 2])}, "takes one"),
@@ -169,6 +172,16 @@ class StandInPbUtils:
 
             def as_numpy(self) -> np.ndarray:
                 return self._array
+
+            @classmethod
+            def from_dlpack(cls, name: str, owner: Any) -> Tensor:
+                return cls(name, np.from_dlpack(owner))
+
+            def __dlpack__(self, **kwargs: Any) -> Any:
+                return self._array.__dlpack__(**kwargs)
+
+            def __dlpack_device__(self) -> tuple[int, int]:
+                return self._array.__dlpack_device__()
 
             def is_cpu(self) -> bool:
                 return True
@@ -211,6 +224,13 @@ class StandInPbUtils:
     def PreferredMemory(self, kind: int, device: int) -> tuple[int, int]:  # noqa: N802 - pb_utils' name
         return (kind, device)
 
+    class Logger:
+        messages: list[str] = []
+
+        @classmethod
+        def log_verbose(cls, message: str) -> None:
+            cls.messages.append(message)
+
     @staticmethod
     def get_input_tensor_by_name(request: Any, name: str) -> Any:
         return next((t for t in request.inputs if t.name() == name), None)
@@ -251,7 +271,7 @@ def load_generated_model(repo: Path, pb: StandInPbUtils, monkeypatch, model_name
 @pytest.mark.skipif(not schema.available(), reason="tritonclient is not installed")
 def test_generated_model_py_serves_requests_through_bls(core, bundle, texts, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
-    write_repository(plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME, name_prefix="t_")), repo)
+    write_repository(plan_repository(bundle, TritonOptions(layout=BLS, platform=ONNXRUNTIME, name_prefix="t_")), repo)
     pb = StandInPbUtils(repo)
     model = load_generated_model(repo, pb, monkeypatch, "t_nucleus_pipeline")
 
@@ -283,7 +303,7 @@ def test_generated_model_py_serves_requests_through_bls(core, bundle, texts, tmp
 @pytest.mark.skipif(not schema.available(), reason="tritonclient is not installed")
 def test_failed_bls_call_becomes_an_error_response(bundle, texts, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
-    write_repository(plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME)), repo)
+    write_repository(plan_repository(bundle, TritonOptions(layout=BLS, platform=ONNXRUNTIME)), repo)
     pb = StandInPbUtils(repo)
     model = load_generated_model(repo, pb, monkeypatch)
     model.core.backend.denoiser_model = "missing_denoiser"

@@ -1,13 +1,18 @@
-"""`nucleus-export triton`: generated configs against Triton's own ModelConfig schema and the ONNX graphs, repository
-layout and writing, and the refusals (no engines, non-empty folder, bad names).
+"""`nucleus-export triton`: generated configs against Triton's own ModelConfig schema and the ONNX graphs, both
+layouts and what they place in the repository, writing (hard links, atomic replace), and the refusals (no engines,
+TensorRT-RTX engines for Triton's TensorRT backend, non-empty folder, bad names) with fixes that name real commands.
 
-Triton itself does not run here; what is checked is what Triton reads: config.pbtxt (parsed with tritonclient's
-model_config_pb2) and the files the configs point at.
+What Triton reads is checked here: config.pbtxt (parsed with tritonclient's model_config_pb2) and the files the
+configs point at. tests/test_triton_server.py starts a real tritonserver on generated repositories.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,16 +22,17 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from nucleus_export.cli import main
+from nucleus_export.cli import build_parser, main
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.triton import schema
 from nucleus_runtime.triton import model as pipeline_model
-from nucleus_export.triton.configs import ONNXRUNTIME, TENSORRT_PLAN
+from nucleus_export.triton.configs import BLS, INPROCESS, ONNXRUNTIME, TENSORRT_PLAN
 from nucleus_export.triton.names import ModelNames, validate_model_name
 from nucleus_export.triton.repository import RepoFile, TritonOptions, plan_repository, write_repository
+from nucleus_runtime.backends.factory import open_backend
 from nucleus_runtime.bundle import MANIFEST_NAME, file_record
 
 pb2 = schema.load_model_config_pb2()
@@ -103,7 +109,7 @@ def assert_matches_graph(config, graph: onnx.ModelProto) -> None:
 def test_configs_parse_and_match_onnx_graphs(request, tmp_path, compute, platform):
     source = request.getfixturevalue("bundle" if compute == "fp32" else "bf16_bundle")
     bundle = with_engines(source, tmp_path / "b", plugins=False) if platform == TENSORRT_PLAN else source
-    plan = plan_repository(bundle, TritonOptions(platform=platform, instances=2))
+    plan = plan_repository(bundle, TritonOptions(layout=BLS, platform=platform, instances=2))
     configs = {name: parse(text) for name, text in plan.configs().items()}
     assert set(configs) == {"nucleus_text_kv", "nucleus_denoiser", "nucleus_pipeline"}
     kind = pb2.ModelInstanceGroup.KIND_GPU if platform == TENSORRT_PLAN else pb2.ModelInstanceGroup.KIND_CPU
@@ -128,13 +134,67 @@ def test_configs_parse_and_match_onnx_graphs(request, tmp_path, compute, platfor
     assert {t.name for t in pipeline.input if not t.optional} == {"prompt_embeds"}
     assert list({t.name: t for t in pipeline.input}["prompt_embeds"].dims) == [-1, -1, 64]
     params = {k: v.string_value for k, v in pipeline.parameters.items()}
+    assert params[pipeline_model.PARAM_LAYOUT] == BLS
     assert params[pipeline_model.PARAM_TEXT_KV_MODEL] == "nucleus_text_kv"
     assert params[pipeline_model.PARAM_DENOISER_MODEL] == "nucleus_denoiser"
+    assert [(g.kind, g.count) for g in pipeline.instance_group] == [(pb2.ModelInstanceGroup.KIND_CPU, 2)]
     assert not pipeline.HasField("dynamic_batching")
 
 
+@pytest.mark.parametrize("platform", [ONNXRUNTIME, TENSORRT_PLAN])
+def test_inprocess_is_one_model_owning_the_bundle_files(bundle, tmp_path, platform):
+    source = with_engines(bundle, tmp_path / "b", plugins=True) if platform == TENSORRT_PLAN else bundle
+    plan = plan_repository(source, TritonOptions(layout=INPROCESS, platform=platform, instances=2, onnxruntime_threads=3))
+    configs = {name: parse(text) for name, text in plan.configs().items()}
+    assert set(configs) == {"nucleus_pipeline"}
+    pipeline = configs["nucleus_pipeline"]
+    assert pipeline.backend == "python" and pipeline.max_batch_size == 0
+    params = {k: v.string_value for k, v in pipeline.parameters.items()}
+    assert params[pipeline_model.PARAM_LAYOUT] == INPROCESS
+    assert params[pipeline_model.PARAM_VERIFY_CHECKSUMS] == "true"
+    # The engines' instance owns the GPU work, so Triton must give it a device; ONNX Runtime serves on the CPU.
+    kind = pb2.ModelInstanceGroup.KIND_GPU if platform == TENSORRT_PLAN else pb2.ModelInstanceGroup.KIND_CPU
+    assert [(g.kind, g.count) for g in pipeline.instance_group] == [(kind, 2)]
+    assert pipeline_model.PARAM_TEXT_KV_MODEL not in params
+    version = {f.relpath.removeprefix("nucleus_pipeline/1/") for f in plan.files if f.relpath.startswith("nucleus_pipeline/1/")}
+    if platform == TENSORRT_PLAN:
+        assert params[pipeline_model.PARAM_BACKEND] == "tensorrt"
+        assert {"text_kv.plan", "denoiser.plan", PLUGIN_LIB} <= version and not any(".onnx" in f for f in version)
+    else:
+        assert params[pipeline_model.PARAM_BACKEND] == "onnxruntime" and params[pipeline_model.PARAM_THREADS] == "3"
+        assert {"text_kv.onnx", "denoiser.onnx"} <= version and not any(f.endswith(".plan") for f in version)
+    assert {"model.py", MANIFEST_NAME, "scheduler_config.json", "nucleus_runtime/pipeline.py"} <= version
+
+
+def test_text_kv_bytes_per_token_of_the_real_model(bundle):
+    from nucleus_export.triton.serving import text_kv_bytes_per_token
+    from nucleus_runtime.bundle import TensorSpec, load_manifest
+
+    manifest = load_manifest(bundle)
+    # The real model: 32 blocks, 4 K/V heads x 128, bf16 text K/V; CFG as a batch of 2.
+    real = {"text_kv": {"outputs": {"text_kv": TensorSpec("bfloat16", [32, 2, "batch", "text_len", 4, 128])}}}
+    assert text_kv_bytes_per_token(dataclasses.replace(manifest, io=real)) == 128 * 1024
+    tiny = manifest.io["text_kv"]["outputs"]["text_kv"]
+    layers, _, _, _, kv_heads, head_dim = tiny.shape
+    per_token = layers * 2 * 2 * kv_heads * head_dim * 4  # fp32 bundle
+    assert text_kv_bytes_per_token(manifest) == per_token
+    readme = next(f.text for f in plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME)).files if f.relpath == "README.md")
+    assert f"{per_token / 1024:g} KiB per text token" in readme
+
+
+def test_inprocess_version_folder_is_a_bundle_the_runtime_opens(bundle, tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime"]) == 0
+    version = repo / "nucleus_pipeline" / "1"
+    for name in ("text_kv.onnx", "denoiser.onnx", "scheduler_config.json"):
+        # Hard links where the file system allows (here: the same tmp file system), so no multi-GB copies.
+        assert os.path.samefile(version / name, bundle / name), name
+    backend = open_backend(version, "onnxruntime", device="cpu")  # checks every graph file against the manifest
+    backend.close()
+
+
 def test_queue_delay_and_prefix(bundle):
-    plan = plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME, queue_timeout_us=250_000, name_prefix="fp32_"))
+    plan = plan_repository(bundle, TritonOptions(layout=BLS, platform=ONNXRUNTIME, queue_timeout_us=250_000, name_prefix="fp32_"))
     configs = {name: parse(text) for name, text in plan.configs().items()}
     assert set(configs) == {"fp32_nucleus_text_kv", "fp32_nucleus_denoiser", "fp32_nucleus_pipeline"}
     pipeline = configs["fp32_nucleus_pipeline"]
@@ -150,16 +210,14 @@ def test_queue_delay_and_prefix(bundle):
 def test_written_tensorrt_repository_with_plugins(bundle, tmp_path):
     built = with_engines(bundle, tmp_path / "built", plugins=True)
     repo = tmp_path / "repo"
-    assert main(["triton", "--bundle", str(built), "--repo", str(repo)]) == 0
+    assert main(["triton", "--bundle", str(built), "--repo", str(repo), "--layout", "bls"]) == 0
     for graph in ("text_kv", "denoiser"):
         assert (repo / f"nucleus_{graph}/1/model.plan").read_bytes() == (built / f"{graph}.plan").read_bytes()
     plugin = repo / "nucleus_denoiser" / PLUGIN_LIB
     assert plugin.read_bytes() == (built / PLUGIN_LIB).read_bytes()
     readme = (repo / "README.md").read_text()
-    assert f"LD_PRELOAD=$PWD/REPO/nucleus_denoiser/{PLUGIN_LIB}" in readme
+    assert f"LD_PRELOAD=REPO/nucleus_denoiser/{PLUGIN_LIB} tritonserver --model-repository=REPO" in readme
     assert "--backend-config=tensorrt,plugins=" in readme
-    import re
-
     example_inputs = re.findall(r'^    \("(\w+)", ', readme, flags=re.M)
     assert "prompt_embeds" in example_inputs
     assert set(example_inputs) <= {s.name for s in pipeline_model.PIPELINE_INPUTS}
@@ -176,7 +234,9 @@ def test_plugin_bundle_without_library_is_refused(bundle, tmp_path):
     built = with_engines(bundle, tmp_path / "built", plugins=True)
     (built / PLUGIN_LIB).unlink()
     with pytest.raises(NucleusExportError, match="plugin library"):
-        plan_repository(built, TritonOptions(platform=TENSORRT_PLAN))
+        plan_repository(built, TritonOptions(layout=BLS, platform=TENSORRT_PLAN))
+    with pytest.raises(NucleusExportError, match=f"no file {PLUGIN_LIB}"):
+        plan_repository(built, TritonOptions(layout=INPROCESS, platform=TENSORRT_PLAN))
 
 
 def test_generated_model_imports_the_repository_copy_of_the_runtime(bundle, tmp_path):
@@ -200,46 +260,97 @@ def test_onnx_external_data_travels_with_the_graph(tmp_path):
     bundle = tmp_path / "ext"
     export_bundle(open_model("tiny"), bundle, options)
     repo = tmp_path / "repo"
-    write_repository(plan_repository(bundle, TritonOptions(platform=ONNXRUNTIME)), repo)
+    write_repository(plan_repository(bundle, TritonOptions(layout=BLS, platform=ONNXRUNTIME)), repo)
     import onnxruntime
 
     for graph in ("text_kv", "denoiser"):
         version = repo / f"nucleus_{graph}" / "1"
         assert (version / f"{graph}.onnx.data").is_file()
         onnxruntime.InferenceSession(str(version / "model.onnx"))  # loads only if its weights are found
+    inprocess = tmp_path / "inprocess"
+    write_repository(plan_repository(bundle, TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME)), inprocess)
+    version = inprocess / "nucleus_pipeline" / "1"
+    assert {p.name for p in version.glob("*.onnx.data")} == {"text_kv.onnx.data", "denoiser.onnx.data"}
+    open_backend(version, "onnxruntime", device="cpu").close()
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
 
 
-def test_tensorrt_plan_without_engines_is_refused(bundle, tmp_path, capsys):
-    with pytest.raises(NucleusExportError, match="no TensorRT engine text_kv.plan"):
-        plan_repository(bundle, TritonOptions(platform=TENSORRT_PLAN))
-    assert main(["triton", "--bundle", str(bundle), "--repo", str(tmp_path / "repo")]) == 1
+@pytest.mark.parametrize("layout,message", [(BLS, "no TensorRT engine text_kv.plan"), (INPROCESS, "no file text_kv.plan")])
+def test_tensorrt_plan_without_engines_is_refused(bundle, tmp_path, capsys, layout, message):
+    with pytest.raises(NucleusExportError, match=message):
+        plan_repository(bundle, TritonOptions(layout=layout, platform=TENSORRT_PLAN))
+    assert main(["triton", "--bundle", str(bundle), "--repo", str(tmp_path / "repo"), "--layout", layout]) == 1
     err = capsys.readouterr().err
-    assert "nucleus-export build" in err and "--platform onnxruntime" in err
+    assert "nucleus-export build --model" in err and "--platform onnxruntime" in err
     assert not (tmp_path / "repo").exists()
 
 
-def test_tensorrt_rtx_engines_are_refused(bundle, tmp_path):
+def test_tensorrt_rtx_engines_are_refused_for_tritons_tensorrt_backend_only(bundle, tmp_path):
     built = with_engines(bundle, tmp_path / "built", plugins=False, backend="tensorrt-rtx")
-    with pytest.raises(NucleusExportError, match="TensorRT-RTX"):
-        plan_repository(built, TritonOptions(platform=TENSORRT_PLAN))
-    plan_repository(built, TritonOptions(platform=ONNXRUNTIME))  # the ONNX graphs still serve
+    with pytest.raises(NucleusExportError, match="TensorRT-RTX") as refused:
+        plan_repository(built, TritonOptions(layout=BLS, platform=TENSORRT_PLAN))
+    assert "--layout inprocess" in refused.value.fix
+    plan_repository(built, TritonOptions(layout=BLS, platform=ONNXRUNTIME))  # the ONNX graphs still serve
+    # In-process, the runtime's TensorRT backend loads the engines with tensorrt_rtx, the library that built them.
+    plan = plan_repository(built, TritonOptions(layout=INPROCESS, platform=TENSORRT_PLAN))
+    assert {"nucleus_pipeline/1/text_kv.plan", "nucleus_pipeline/1/denoiser.plan"} <= {f.relpath for f in plan.files}
+
+
+def _refusals(bundle: Path, tmp_path: Path) -> list[NucleusExportError]:
+    """Every refusal of the repository planner that a user can meet, each with its Fix."""
+    rtx = with_engines(bundle, tmp_path / "rtx", plugins=False, backend="tensorrt-rtx")
+    no_library = with_engines(bundle, tmp_path / "nolib", plugins=True)
+    (no_library / PLUGIN_LIB).unlink()
+    no_onnx = tmp_path / "noonnx"
+    shutil.copytree(bundle, no_onnx)
+    (no_onnx / "denoiser.onnx").unlink()
+    cases = [
+        (bundle, BLS, TENSORRT_PLAN),
+        (bundle, INPROCESS, TENSORRT_PLAN),
+        (rtx, BLS, TENSORRT_PLAN),
+        (no_library, BLS, TENSORRT_PLAN),
+        (no_library, INPROCESS, TENSORRT_PLAN),
+        (no_onnx, BLS, ONNXRUNTIME),
+        (no_onnx, INPROCESS, ONNXRUNTIME),
+    ]
+    errors = []
+    for source, layout, platform in cases:
+        with pytest.raises(NucleusExportError) as refused:
+            plan_repository(source, TritonOptions(layout=layout, platform=platform, verify_checksums=False))
+        errors.append(refused.value)
+    return errors
+
+
+def test_every_fix_names_commands_that_exist(bundle, tmp_path):
+    parser = build_parser()
+    placeholders = {"MODEL": "tiny", "BUNDLE": str(tmp_path / "out")}
+    for error in _refusals(bundle, tmp_path):
+        commands = re.findall(r"`(nucleus-export [^`]+)`", error.fix)
+        flags = re.findall(r"(?<![\w`-])(--[a-z][a-z0-9-]*)(?: ([a-z][a-z_-]*))?", re.sub(r"`[^`]*`", "", error.fix))
+        assert commands or flags, error.fix
+        for command in commands:
+            argv = [placeholders.get(word, word) for word in shlex.split(command)[1:]]
+            parser.parse_args(argv)  # SystemExit (a failed test) on an unknown command, flag or choice
+        for flag, value in flags:
+            # A bare flag in a Fix is an option of `nucleus-export triton` (the command that raised it).
+            argv = ["triton", "--bundle", "b", "--repo", "r", flag] + ([value] if value else [])
+            parser.parse_args(argv)
 
 
 def test_non_empty_repo_needs_force(bundle, tmp_path, capsys):
     repo = tmp_path / "repo"
     args = ["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime"]
     assert main(args) == 0
-    stale = repo / "nucleus_text_kv" / "stale.txt"
+    stale = repo / "nucleus_pipeline" / "stale.txt"
     stale.write_text("old")
     assert main(args) == 2
     assert "--force" in capsys.readouterr().err
     assert stale.exists()
     assert main(args + ["--force", "--instances", "3"]) == 0
     assert not stale.exists()
-    assert parse((repo / "nucleus_denoiser" / "config.pbtxt").read_text()).instance_group[0].count == 3
+    assert parse((repo / "nucleus_pipeline" / "config.pbtxt").read_text()).instance_group[0].count == 3
 
 
 def test_force_never_deletes_a_folder_that_is_not_a_model_repository(bundle, tmp_path, capsys):
@@ -261,7 +372,8 @@ def test_empty_existing_repo_is_used(bundle, tmp_path):
 
 def test_dry_run_prints_tree_and_configs_and_writes_nothing(bundle, tmp_path, capsys):
     repo = tmp_path / "repo"
-    assert main(["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime", "--dry-run"]) == 0
+    args = ["triton", "--bundle", str(bundle), "--repo", str(repo), "--platform", "onnxruntime", "--layout", "bls", "--dry-run"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "nucleus_text_kv/1/model.onnx" in out and "nucleus_pipeline/1/model.py" in out
     for model in ("nucleus_text_kv", "nucleus_denoiser", "nucleus_pipeline"):
@@ -304,7 +416,7 @@ def test_bad_prefix_on_the_command_line(bundle, tmp_path, capsys):
         ModelNames("same", "same", "other").validate()
 
 
-@pytest.mark.parametrize("flag,value", [("--instances", "0"), ("--max-queue-delay-us", "-1")])
+@pytest.mark.parametrize("flag,value", [("--instances", "0"), ("--max-queue-delay-us", "-1"), ("--onnxruntime-threads", "-1")])
 def test_bad_numbers(bundle, tmp_path, flag, value):
     args = ["triton", "--bundle", str(bundle), "--repo", str(tmp_path / "r"), "--platform", "onnxruntime", flag, value]
     assert main(args) == 2

@@ -17,6 +17,7 @@ import numpy as np
 from nucleus_export.errors import UsageError
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import WeightStore, read_safetensors_header
+from nucleus_runtime.backends import factory
 from nucleus_runtime.backends.base import Backend
 from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, load_manifest, verify_files
 from nucleus_runtime.errors import NucleusError
@@ -81,14 +82,9 @@ def write_latents(path: Path, latents: np.ndarray, metadata: dict[str, str]) -> 
 
 
 def open_backend(args: argparse.Namespace, bundle: Path, manifest) -> Backend:  # noqa: ANN001 - Manifest
-    if args.backend == "tensorrt":
-        from nucleus_runtime.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(bundle, manifest=manifest, verify_checksums=not args.skip_checksums)
-    from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
-
-    options = OrtOptions(threads=args.threads, device=args.device, verify_checksums=not args.skip_checksums)
-    return OrtBackend(bundle, options, manifest=manifest)
+    return factory.open_backend(
+        bundle, args.backend, manifest, device=args.device, threads=args.threads, verify_checksums=not args.skip_checksums
+    )
 
 
 def run(args: argparse.Namespace) -> int:

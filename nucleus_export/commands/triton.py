@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from nucleus_export.triton import configs, schema
+from nucleus_export.triton import configs, schema, serving
 from nucleus_export.triton.repository import TritonOptions, check_target, plan_repository, write_repository
 from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
 
@@ -19,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         parents=[common],
         help="write a Triton model repository for a bundle",
         description="Turn a bundle into a model repository that `tritonserver --model-repository REPO` serves: "
-        "nucleus_text_kv and nucleus_denoiser (TensorRT engines, or the ONNX graphs on ONNX Runtime) and "
-        "nucleus_pipeline (whole requests through the runtime's denoising loop, Python backend + BLS).",
+        "nucleus_pipeline (whole requests through the runtime's denoising loop, Python backend) owning the engines "
+        "or graphs itself (--layout inprocess), or calling nucleus_text_kv and nucleus_denoiser served by Triton's "
+        "TensorRT / ONNX Runtime backends (--layout bls).",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (manifest.json, graphs, engines)")
     p.add_argument("--repo", type=Path, required=True, help="model repository folder to write (new or empty)")
@@ -29,6 +30,20 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         choices=configs.PLATFORMS,
         default=configs.TENSORRT_PLAN,
         help="serve the TensorRT engines (GPU, default) or the ONNX graphs with ONNX Runtime (CPU, debugging)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=configs.LAYOUTS,
+        default=configs.DEFAULT_LAYOUT,
+        help="inprocess (default): one Python model runs the graphs with nucleus_runtime, text K/V stays in it; "
+        "bls: the graphs are Triton models called per step (text K/V crosses Triton every step). README: 'triton'",
+    )
+    p.add_argument(
+        "--onnxruntime-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="inprocess on ONNX Runtime: intra-op threads per instance (0 = one per core)",
     )
     p.add_argument("--instances", type=int, default=1, help="instances of each model (default 1)")
     p.add_argument(
@@ -54,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def run(args: argparse.Namespace) -> int:
     options = TritonOptions(
+        layout=args.layout,
         platform=args.platform,
+        onnxruntime_threads=args.onnxruntime_threads,
         instances=args.instances,
         queue_timeout_us=args.max_queue_delay_us,
         name_prefix=args.name_prefix,
@@ -71,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
         print(plan.describe(str(args.repo)))
         return 0
     write_repository(plan, args.repo, force=args.force)
-    logger.info("wrote %s (%s): %s", args.repo, args.platform, ", ".join(plan.configs()))
-    print(f"tritonserver --model-repository={args.repo.absolute()}" + (
-        f"  # with LD_PRELOAD={args.repo.absolute() / plan.plugin_library}" if plan.plugin_library else ""
-    ))
+    logger.info("wrote %s (%s, %s): %s", args.repo, args.layout, args.platform, ", ".join(plan.configs()))
+    print(serving.server_command(str(args.repo.absolute()), plan.bls_plugin_library).shell())
     return 0

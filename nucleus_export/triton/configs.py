@@ -1,9 +1,13 @@
-"""The three model configs of a repository, derived from a bundle's manifest.
+"""The model configs of a repository, derived from a bundle's manifest.
 
-- `nucleus_text_kv`, `nucleus_denoiser`: the bundle's two graphs, served by TensorRT (`tensorrt_plan`) or ONNX
-  Runtime. Inputs and outputs are the manifest's io specs verbatim: names, element types, and the full shape with -1
-  for every symbolic axis (`batch`, `text_len`, `image_tokens`).
-- `nucleus_pipeline`: the Python-backend model that runs whole requests through the runtime's loop (pipeline_model.py).
+Two layouts (`--layout`, see README "triton"):
+- `inprocess`: one model, `nucleus_pipeline` (Python backend), that runs whole requests through the runtime's loop
+  with the runtime's own backend over the bundle files in its version folder (TensorRT on the GPU, ONNX Runtime on
+  the CPU). Text K/V never leaves that backend.
+- `bls`: `nucleus_text_kv` and `nucleus_denoiser`, the bundle's two graphs served by Triton's TensorRT
+  (`tensorrt_plan`) or ONNX Runtime backend, plus `nucleus_pipeline` calling them with BLS. Inputs and outputs of
+  the graph models are the manifest's io specs verbatim: names, element types, and the full shape with -1 for every
+  symbolic axis (`batch`, `text_len`, `image_tokens`).
 
 Batching: every model has max_batch_size 0. Triton's batcher concatenates requests along dim 0, but in this contract
 batch is not dim 0 of everything: `text_kv` is [L, 2, B, T, Hkv, Dh] and the rope tables have no batch axis, so Triton
@@ -14,6 +18,8 @@ composition would not guarantee. Throughput comes from `--instances` (concurrent
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_runtime.triton import model as pipeline_model
@@ -27,11 +33,22 @@ from nucleus_export.triton.pbtxt import (
     QueuePolicy,
     TensorConfig,
 )
+from nucleus_runtime import contract
 from nucleus_runtime.bundle import Manifest, TensorSpec
+from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
 
 TENSORRT_PLAN = "tensorrt_plan"
-ONNXRUNTIME = "onnxruntime"
+ONNXRUNTIME = contract.ONNXRUNTIME
 PLATFORMS = (TENSORRT_PLAN, ONNXRUNTIME)
+# The runtime backend that serves a platform's files in the inprocess layout.
+RUNTIME_BACKENDS = {TENSORRT_PLAN: contract.TENSORRT, ONNXRUNTIME: contract.ONNXRUNTIME}
+
+INPROCESS = pipeline_model.LAYOUT_INPROCESS
+BLS = pipeline_model.LAYOUT_BLS
+LAYOUTS = pipeline_model.LAYOUTS
+# Inprocess by default: it is the layout in which the text K/V cache does what it is for (no per-step transfer), and
+# the only one that serves TensorRT-RTX engines; bls is for servers whose Python environment must stay numpy-only.
+DEFAULT_LAYOUT = INPROCESS
 
 # Triton's default file names for each platform; the version folder holds exactly this file (plus external data).
 MODEL_FILENAMES = {TENSORRT_PLAN: "model.plan", ONNXRUNTIME: "model.onnx"}
@@ -88,13 +105,25 @@ def graph_model_config(manifest: Manifest, graph: str, name: str, platform: str,
     raise NucleusExportError(f"unknown platform '{platform}'.", f"use one of: {', '.join(PLATFORMS)}.")
 
 
-def pipeline_model_config(
-    manifest: Manifest, names: ModelNames, instances: int, queue_timeout_us: int, text_kv_cache_bytes: int
-) -> ModelConfig:
-    """Config of the Python model that serves whole requests through BLS calls to the two graph models.
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """What the pipeline model's config carries besides its inputs and outputs (see commands/triton.py for help)."""
 
-    Its instances run on the CPU: they only orchestrate (the GPU work happens in the graph models they call), and a
-    Python-backend instance is a process, so KIND_GPU would only pin it to a device id it never uses.
+    layout: str = DEFAULT_LAYOUT
+    platform: str = TENSORRT_PLAN
+    instances: int = 1
+    queue_timeout_us: int = 0
+    text_kv_cache_bytes: int = DEFAULT_MAX_BYTES
+    onnxruntime_threads: int = 0
+    verify_checksums: bool = True
+
+
+def pipeline_model_config(manifest: Manifest, names: ModelNames, settings: PipelineSettings) -> ModelConfig:
+    """Config of the Python model that serves whole requests, in either layout.
+
+    Instances run on the CPU except for inprocess TensorRT, where the instance owns the engines and Triton's
+    KIND_GPU gives it its device. A bls instance only orchestrates (the GPU work happens in the graph models it
+    calls), and a Python-backend instance is a process, so KIND_GPU would only pin it to a device id it never uses.
     """
     model_config = manifest.model_config
     inputs = [
@@ -104,18 +133,34 @@ def pipeline_model_config(
     outputs = [
         TensorConfig(spec.name, TRITON_DTYPES[spec.dtype], spec.dims_for(model_config)) for spec in pipeline_model.PIPELINE_OUTPUTS
     ]
+    parameters = {
+        pipeline_model.PARAM_LAYOUT: settings.layout,
+        pipeline_model.PARAM_TEXT_KV_CACHE_BYTES: str(settings.text_kv_cache_bytes),
+    }
+    kind = KIND_CPU
+    if settings.layout == INPROCESS:
+        backend = RUNTIME_BACKENDS[settings.platform]
+        parameters[pipeline_model.PARAM_BACKEND] = backend
+        parameters[pipeline_model.PARAM_VERIFY_CHECKSUMS] = str(settings.verify_checksums).lower()
+        if backend == contract.ONNXRUNTIME:
+            parameters[pipeline_model.PARAM_THREADS] = str(settings.onnxruntime_threads)
+        else:
+            kind = KIND_GPU
+        how = f"with nucleus_runtime's {backend} backend over the bundle files in its version folder"
+    elif settings.layout == BLS:
+        parameters[pipeline_model.PARAM_TEXT_KV_MODEL] = names.text_kv
+        parameters[pipeline_model.PARAM_DENOISER_MODEL] = names.denoiser
+        how = f"calling {names.text_kv} and {names.denoiser} with BLS"
+    else:
+        raise NucleusExportError(f"unknown layout '{settings.layout}'.", f"use one of: {', '.join(LAYOUTS)}.")
     return ModelConfig(
         name=names.pipeline,
         backend="python",
         inputs=inputs,
         outputs=outputs,
-        instance_group=InstanceGroup(KIND_CPU, instances),
-        queue_policy=QueuePolicy(queue_timeout_us) if queue_timeout_us > 0 else None,
-        parameters={
-            pipeline_model.PARAM_TEXT_KV_MODEL: names.text_kv,
-            pipeline_model.PARAM_DENOISER_MODEL: names.denoiser,
-            pipeline_model.PARAM_TEXT_KV_CACHE_BYTES: str(text_kv_cache_bytes),
-        },
-        comment="Whole requests (prompt embeddings in, latents out) through nucleus_runtime's denoising loop, calling "
-        f"{names.text_kv} and {names.denoiser} with BLS; generated by nucleus-export triton.",
+        instance_group=InstanceGroup(kind, settings.instances),
+        queue_policy=QueuePolicy(settings.queue_timeout_us) if settings.queue_timeout_us > 0 else None,
+        parameters=parameters,
+        comment=f"Whole requests (prompt embeddings in, latents out) through nucleus_runtime's denoising loop, {how}; "
+        "generated by nucleus-export triton.",
     )

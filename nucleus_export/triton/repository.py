@@ -1,17 +1,26 @@
 """What a generated model repository holds, and writing it: atomically, refusing to clobber, or as a dry run.
 
-Layout (default names; `--name-prefix` prefixes all three):
+Layouts (default names; `--name-prefix` prefixes all of them):
 
+    --layout inprocess (default)
     REPO/
       README.md                      how to start tritonserver on this folder (Triton ignores files at the root)
+      nucleus_pipeline/config.pbtxt  1/model.py, 1/nucleus_runtime/ (a copy of the runtime), and the bundle files
+                                     the runtime backend reads under their bundle names: 1/manifest.json,
+                                     1/scheduler_config.json, 1/text_kv.plan + 1/denoiser.plan (+ plugins/<lib>.so)
+                                     or 1/text_kv.onnx + 1/denoiser.onnx (+ external data)
+
+    --layout bls
+    REPO/
+      README.md
       nucleus_text_kv/config.pbtxt   1/model.plan (TensorRT) or 1/model.onnx (+ external data) (ONNX Runtime)
       nucleus_denoiser/config.pbtxt  1/model.plan or 1/model.onnx (+ external data); plugins/<lib>.so if used
-      nucleus_pipeline/config.pbtxt  1/model.py, 1/manifest.json, 1/scheduler_config.json,
-                                     1/nucleus_runtime/ (a copy of the runtime that made the bundle's `run` results)
+      nucleus_pipeline/config.pbtxt  1/model.py, 1/manifest.json, 1/scheduler_config.json, 1/nucleus_runtime/
 
-The pipeline model imports the copied runtime, not an installed one: the repository is then self-contained, the
-Triton Python environment needs nothing beyond numpy (which Triton's containers ship), and the loop that serves is
-the same code whose results the tests compare with `nucleus-export run`.
+The pipeline model imports the copied runtime, not an installed one: the loop that serves is the same code whose
+results the tests compare with `nucleus-export run`. Bundle files are hard-linked into the repository where the
+file system allows (same file system, no copy of multi-GB graphs), copied otherwise; they are checked against the
+manifest's checksums before, and copies again after writing.
 """
 
 from __future__ import annotations
@@ -24,38 +33,53 @@ from pathlib import Path
 
 import nucleus_runtime
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.triton import configs
-from nucleus_runtime.triton import model as pipeline_model
+from nucleus_export.triton import configs, serving
 from nucleus_export.triton.names import ModelNames
-from nucleus_runtime.bundle import DENOISER, MANIFEST_NAME, SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest, verify_files
-from nucleus_runtime.contract import MOE_PLUGIN, PLUGIN_LIBRARY_PATH, TENSORRT_RTX
-from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
+from nucleus_runtime.backends import factory
+from nucleus_runtime.bundle import MANIFEST_NAME, SCHEDULER_CONFIG_NAME, Manifest, load_manifest, sha256_file, verify_files
+from nucleus_runtime.contract import (
+    DENOISER_GRAPH as DENOISER,
+    MOE_PLUGIN,
+    PLUGIN_LIBRARY_NAME,
+    PLUGIN_LIBRARY_PATH,
+    TENSORRT_RTX,
+    TEXT_KV_GRAPH as TEXT_KV,
+    onnx_file,
+    plan_file,
+)
+from nucleus_runtime.triton import model as pipeline_model
 
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
 README_NAME = "README.md"
 PLUGIN_DIR = "plugins"
+# The commands a Fix: asks for (tests/test_triton_repository.py parses every one with the real CLI parser).
+BUILD = "build --model MODEL --out BUNDLE"
+EXPORT = "export --model MODEL --out BUNDLE"
 
 
-@dataclasses.dataclass
-class TritonOptions:
+def _cli(arguments: str) -> str:
+    return f"`nucleus-export {arguments}`"
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonOptions(configs.PipelineSettings):
     """Choices of `nucleus-export triton` (see commands/triton.py for their help)."""
 
-    platform: str = configs.TENSORRT_PLAN
-    instances: int = 1
-    queue_timeout_us: int = 0
     name_prefix: str = ""
-    text_kv_cache_bytes: int = DEFAULT_MAX_BYTES
-    verify_checksums: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class RepoFile:
-    """One file of the repository: generated `text`, or a copy of `source`."""
+    """One file of the repository: generated `text`, or `source` copied (or hard-linked, for bundle files).
+
+    `bundle_name` is the file's name in the bundle when the manifest records its checksum.
+    """
 
     relpath: str
     text: str | None = None
     source: Path | None = None
+    bundle_name: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -70,6 +94,12 @@ class RepositoryPlan:
     platform: str
     files: list[RepoFile]
     plugin_library: str | None = None  # relpath inside the repository
+    layout: str = configs.DEFAULT_LAYOUT
+
+    @property
+    def bls_plugin_library(self) -> str | None:
+        """The plugin library Triton's TensorRT backend must load (the inprocess model loads it itself)."""
+        return self.plugin_library if self.layout == configs.BLS else None
 
     def configs(self) -> dict[str, str]:
         """model name -> config.pbtxt text."""
@@ -102,59 +132,113 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
         raise UsageError(f"--instances must be at least 1, got {options.instances}.", "pass --instances 1 or more.")
     if options.queue_timeout_us < 0:
         raise UsageError(f"--max-queue-delay-us must be 0 or more, got {options.queue_timeout_us}.", "pass 0 for no limit.")
+    if options.onnxruntime_threads < 0:
+        raise UsageError(f"--onnxruntime-threads must be 0 or more, got {options.onnxruntime_threads}.", "pass 0 for one per core.")
     if options.platform not in configs.PLATFORMS:
         raise UsageError(f"unknown platform '{options.platform}'.", f"use one of: {', '.join(configs.PLATFORMS)}.")
+    if options.layout not in configs.LAYOUTS:
+        raise UsageError(f"unknown layout '{options.layout}'.", f"use one of: {', '.join(configs.LAYOUTS)}.")
     names = ModelNames.with_prefix(options.name_prefix)
     manifest = load_manifest(bundle_dir)
 
     files: list[RepoFile] = []
     plugin_relpath: str | None = None
+    version_dir = f"{names.pipeline}/{VERSION}"
+    if options.layout == configs.BLS:
+        files, plugin_relpath = _graph_models(bundle_dir, manifest, names, options)
+        files.append(RepoFile(f"{version_dir}/{MANIFEST_NAME}", source=bundle_dir / MANIFEST_NAME))
+        scheduler_config = bundle_dir / SCHEDULER_CONFIG_NAME
+        if scheduler_config.is_file():
+            files.append(_bundle_file(bundle_dir, manifest, SCHEDULER_CONFIG_NAME, f"{version_dir}/{SCHEDULER_CONFIG_NAME}"))
+    else:
+        files = _inprocess_files(bundle_dir, manifest, options.platform, version_dir)
+        library = next((f for f in files if f.relpath.endswith(".so")), None)
+        plugin_relpath = library.relpath if library else None
+
+    pipeline_config = configs.pipeline_model_config(manifest, names, options)
+    files.append(RepoFile(f"{names.pipeline}/{CONFIG_NAME}", text=pipeline_config.to_pbtxt()))
+    files.append(RepoFile(f"{version_dir}/model.py", source=Path(pipeline_model.__file__)))
+    files += _runtime_files(f"{version_dir}/nucleus_runtime")
+
+    if options.verify_checksums:
+        recorded = [f.bundle_name for f in files if f.bundle_name is not None]
+        if recorded:
+            verify_files(bundle_dir, manifest, recorded)
+
+    plan = RepositoryPlan(
+        names=names, platform=options.platform, files=files, plugin_library=plugin_relpath, layout=options.layout
+    )
+    files.append(RepoFile(README_NAME, text=serving.serving_notes(plan, manifest)))
+    return plan
+
+
+def _bundle_file(bundle_dir: Path, manifest: Manifest, name: str, relpath: str) -> RepoFile:
+    return RepoFile(relpath, source=bundle_dir / name, bundle_name=name if name in manifest.files else None)
+
+
+def _graph_models(
+    bundle_dir: Path, manifest: Manifest, names: ModelNames, options: TritonOptions
+) -> tuple[list[RepoFile], str | None]:
+    """bls layout: the two graph models (config + graph file each) and the plugin library's place, if any."""
+    files: list[RepoFile] = []
     for graph, name in ((TEXT_KV, names.text_kv), (DENOISER, names.denoiser)):
         config = configs.graph_model_config(manifest, graph, name, options.platform, options.instances)
         files.append(RepoFile(f"{name}/{CONFIG_NAME}", text=config.to_pbtxt()))
         if options.platform == configs.TENSORRT_PLAN:
-            files.append(RepoFile(f"{name}/{VERSION}/{configs.MODEL_FILENAMES[configs.TENSORRT_PLAN]}", source=_engine(bundle_dir, manifest, graph)))
+            engine = _engine(bundle_dir, manifest, graph)
+            model_file = f"{name}/{VERSION}/{configs.MODEL_FILENAMES[configs.TENSORRT_PLAN]}"
+            files.append(_bundle_file(bundle_dir, manifest, engine.name, model_file))
         else:
-            files += _onnx_files(bundle_dir, graph, f"{name}/{VERSION}")
-    if options.platform == configs.TENSORRT_PLAN:
-        library = _plugin_library(bundle_dir, manifest)
-        if library is not None:
-            # Inside a model folder, not at the root: Triton would take a root folder without config.pbtxt for a
-            # broken model. The denoiser is the graph with the MoE ops the plugins implement.
-            plugin_relpath = f"{names.denoiser}/{PLUGIN_DIR}/{library.name}"
-            files.append(RepoFile(plugin_relpath, source=library))
+            files += _onnx_files(bundle_dir, manifest, graph, f"{name}/{VERSION}")
+    if options.platform != configs.TENSORRT_PLAN:
+        return files, None
+    library = _plugin_library(bundle_dir, manifest)
+    if library is None:
+        return files, None
+    # Inside a model folder, not at the root: Triton would take a root folder without config.pbtxt for a broken
+    # model. The denoiser is the graph with the MoE ops the plugins implement.
+    plugin_relpath = f"{names.denoiser}/{PLUGIN_DIR}/{library.name}"
+    files.append(RepoFile(plugin_relpath, source=library, bundle_name=_recorded_name(bundle_dir, manifest, library)))
+    return files, plugin_relpath
 
-    pipeline_config = configs.pipeline_model_config(
-        manifest, names, options.instances, options.queue_timeout_us, options.text_kv_cache_bytes
-    )
-    files.append(RepoFile(f"{names.pipeline}/{CONFIG_NAME}", text=pipeline_config.to_pbtxt()))
-    version_dir = f"{names.pipeline}/{VERSION}"
-    files.append(RepoFile(f"{version_dir}/model.py", source=Path(pipeline_model.__file__)))
-    files.append(RepoFile(f"{version_dir}/{MANIFEST_NAME}", source=bundle_dir / MANIFEST_NAME))
-    scheduler_config = bundle_dir / SCHEDULER_CONFIG_NAME
-    if scheduler_config.is_file():
-        files.append(RepoFile(f"{version_dir}/{SCHEDULER_CONFIG_NAME}", source=scheduler_config))
-    files += _runtime_files(f"{version_dir}/nucleus_runtime")
 
-    if options.verify_checksums:
-        recorded = [f.source.name for f in files if f.source is not None and f.source.parent == bundle_dir and f.source.name in manifest.files]
-        if recorded:
-            verify_files(bundle_dir, manifest, recorded)
+def _inprocess_files(bundle_dir: Path, manifest: Manifest, platform: str, version_dir: str) -> list[RepoFile]:
+    """inprocess layout: the files the runtime backend reads, under their bundle names in the version folder."""
+    # Any engine the runtime loads is fine here, TensorRT-RTX ones included: the runtime's TensorRT backend loads
+    # them with the library that built them (tensorrt_rtx), not with Triton's TensorRT backend.
+    backend = configs.RUNTIME_BACKENDS[platform]
+    files = []
+    for name in factory.serving_files(manifest, backend):
+        path = bundle_dir / name
+        if name == SCHEDULER_CONFIG_NAME and not path.is_file():
+            continue  # older bundles: the model falls back to the default scheduler settings
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+            if platform == configs.TENSORRT_PLAN:
+                fix = f"build the engines ({_cli(BUILD)}), or serve the ONNX graphs with --platform onnxruntime."
+            else:
+                fix = f"copy the complete bundle, or export it again ({_cli(EXPORT)})."
+            raise NucleusExportError(f"bundle {bundle_dir} has no file {name}, which the {backend} backend reads.", fix)
+        files.append(_bundle_file(bundle_dir, manifest, name, f"{version_dir}/{name}"))
+    return files
 
-    plan = RepositoryPlan(names=names, platform=options.platform, files=files, plugin_library=plugin_relpath)
-    files.append(RepoFile(README_NAME, text=serving_notes(plan)))
-    return plan
+
+def _recorded_name(bundle_dir: Path, manifest: Manifest, path: Path) -> str | None:
+    try:
+        name = path.resolve().relative_to(bundle_dir.resolve()).as_posix()
+    except ValueError:
+        return None
+    return name if name in manifest.files else None
 
 
 def _engine(bundle_dir: Path, manifest: Manifest, graph: str) -> Path:
-    path = bundle_dir / f"{graph}.plan"
+    """bls: the engine Triton's TensorRT backend serves; TensorRT-RTX engines are refused (it links full TensorRT)."""
+    path = bundle_dir / plan_file(graph)
     if not path.is_file():
         raise NucleusExportError(
             f"bundle {bundle_dir} has no TensorRT engine {path.name}"
             + ("" if manifest.engines else " (its manifest records no engines)")
             + ", which --platform tensorrt_plan serves.",
-            f"build the engines first (`nucleus-export build --bundle {bundle_dir}`), or serve the ONNX graphs "
-            "with --platform onnxruntime.",
+            f"build the engines first ({_cli(BUILD)}), or serve the ONNX graphs with --platform onnxruntime.",
         )
     record = (manifest.engines or {}).get(graph)
     built_with = record.get("backend") if isinstance(record, dict) else None
@@ -162,38 +246,39 @@ def _engine(bundle_dir: Path, manifest: Manifest, graph: str) -> Path:
         # Triton's tensorrt backend links full TensorRT, which cannot deserialize TensorRT-RTX engines.
         raise NucleusExportError(
             f"{path} was built with TensorRT-RTX; Triton's tensorrt_plan backend runs full TensorRT engines only.",
-            "build the engines with `nucleus-export build --backend tensorrt` on a machine with the TensorRT version "
-            "of your Triton release, or serve the ONNX graphs with --platform onnxruntime.",
+            "serve them in-process (--layout inprocess, the runtime loads TensorRT-RTX engines), build full TensorRT "
+            f"engines ({_cli(BUILD + ' --backend tensorrt')}, on a GPU machine with your Triton release's TensorRT), "
+            "or serve the ONNX graphs with --platform onnxruntime.",
         )
     return path
 
 
-def _onnx_files(bundle_dir: Path, graph: str, version_dir: str) -> list[RepoFile]:
+def _onnx_files(bundle_dir: Path, manifest: Manifest, graph: str, version_dir: str) -> list[RepoFile]:
     """The graph as model.onnx plus every external-data file it references, under the name it references."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    path = bundle_dir / f"{graph}.onnx"
+    path = bundle_dir / onnx_file(graph)
     if not path.is_file():
         raise NucleusExportError(
             f"bundle {bundle_dir} has no {path.name}, which --platform onnxruntime serves.",
-            "export the bundle again (`nucleus-export export`).",
+            f"export the bundle again ({_cli(EXPORT)}).",
         )
     model = onnx.load(str(path), load_external_data=False)
     locations: set[str] = set()
     for tensor in _get_all_tensors(model):
         if uses_external_data(tensor):
             locations.update(e.value for e in tensor.external_data if e.key == "location")
-    files = [RepoFile(f"{version_dir}/{configs.MODEL_FILENAMES[configs.ONNXRUNTIME]}", source=path)]
+    files = [_bundle_file(bundle_dir, manifest, path.name, f"{version_dir}/{configs.MODEL_FILENAMES[configs.ONNXRUNTIME]}")]
     for location in sorted(locations):
         # ONNX resolves external data relative to the model file, so the data keeps its name next to model.onnx.
         data = bundle_dir / location
         if not data.is_file() or Path(location).is_absolute() or ".." in Path(location).parts:
             raise NucleusExportError(
                 f"{path.name} references external data '{location}', which is not a file inside {bundle_dir}.",
-                "copy the complete bundle (with its .onnx.data files), or export it again.",
+                f"copy the complete bundle (with its .onnx.data files), or export it again ({_cli(EXPORT)}).",
             )
-        files.append(RepoFile(f"{version_dir}/{location}", source=data))
+        files.append(_bundle_file(bundle_dir, manifest, location, f"{version_dir}/{location}"))
     return files
 
 
@@ -209,7 +294,8 @@ def _plugin_library(bundle_dir: Path, manifest: Manifest) -> Path | None:
     raise NucleusExportError(
         f"the engines of bundle {bundle_dir} use TensorRT plugins, but the plugin library ({', '.join(candidates)}) "
         "is not in the bundle.",
-        "build the plugins and the engines again (`nucleus-export build`), which copies the library into the bundle.",
+        f"build the engines again with the library ({_cli(f'{BUILD} --moe plugin --plugins build/{PLUGIN_LIBRARY_NAME}')}), "
+        "which copies it into the bundle.",
     )
 
 
@@ -230,57 +316,6 @@ def _runtime_files(dest: str) -> list[RepoFile]:
         for p in sorted(root.rglob("*.py"))
         if "__pycache__" not in p.parts
     ]
-
-
-def serving_notes(plan: RepositoryPlan) -> str:
-    """README.md at the repository root: how to serve it and call it."""
-    n = plan.names
-    if plan.plugin_library:
-        start = (
-            "The engines use the nucleus TensorRT plugins. Load the library into the server process, either with\n\n"
-            f"    LD_PRELOAD=$PWD/REPO/{plan.plugin_library} tritonserver --model-repository=$PWD/REPO\n\n"
-            "or through the TensorRT backend's own option:\n\n"
-            f"    tritonserver --model-repository=$PWD/REPO --backend-config=tensorrt,plugins=$PWD/REPO/{plan.plugin_library}\n"
-        )
-    else:
-        start = "    tritonserver --model-repository=$PWD/REPO\n"
-    return f"""# Triton model repository generated by nucleus-export triton ({plan.platform})
-
-Models: `{n.text_kv}` and `{n.denoiser}` (the bundle's graphs), `{n.pipeline}` (whole requests, Python backend,
-calling the other two with BLS). Replace REPO by this folder's path.
-
-## Start the server
-
-{start}
-The pipeline model imports the copy of nucleus_runtime next to its model.py; the Triton Python environment needs
-only numpy.
-
-## Send a request
-
-```python
-import numpy as np
-import tritonclient.http as httpclient
-
-client = httpclient.InferenceServerClient("localhost:8000")
-prompt = np.load("prompt_embeds.npy").astype(np.float32)      # [1, T, joint_attention_dim], text encoder output
-negative = np.load("negative_embeds.npy").astype(np.float32)  # [1, T', joint_attention_dim], e.g. of ""
-inputs = []
-for name, value, dtype in [
-    ("prompt_embeds", prompt, "FP32"),
-    ("negative_prompt_embeds", negative, "FP32"),
-    ("height", np.array([1024], np.int64), "INT64"),
-    ("width", np.array([1024], np.int64), "INT64"),
-    ("num_inference_steps", np.array([50], np.int64), "INT64"),
-    ("guidance_scale", np.array([4.0], np.float32), "FP32"),
-    ("seed", np.array([0], np.int64), "INT64"),
-]:
-    tensor = httpclient.InferInput(name, list(value.shape), dtype)
-    tensor.set_data_from_numpy(value)
-    inputs.append(tensor)
-result = client.infer("{n.pipeline}", inputs)
-latents = result.as_numpy("{pipeline_model.OUTPUT_LATENTS}")  # [1, S, 64] packed; unpack with nucleus_runtime.latents
-```
-"""
 
 
 def check_target(repo: Path, force: bool) -> None:
@@ -310,7 +345,8 @@ def write_repository(plan: RepositoryPlan, repo: Path, force: bool = False) -> N
     """Write the plan into `repo`: into a temporary sibling first, renamed into place when complete.
 
     A failure part-way leaves `repo` as it was; with --force the old repository is moved aside, the new one renamed
-    in, and only then the old one deleted.
+    in, and only then the old one deleted. Bundle files are hard-linked when the file system allows, else copied and
+    the copy checked against the source's checksum.
     """
     repo = Path(repo).absolute()
     check_target(repo, force)
@@ -322,8 +358,13 @@ def write_repository(plan: RepositoryPlan, repo: Path, force: bool = False) -> N
             dest.parent.mkdir(parents=True, exist_ok=True)
             if f.text is not None:
                 dest.write_text(f.text)
-            else:
+            elif f.bundle_name is None or not _hard_link(f.source, dest):  # type: ignore[arg-type]
                 shutil.copyfile(f.source, dest)  # type: ignore[arg-type]
+                if f.bundle_name is not None and sha256_file(dest) != sha256_file(f.source):  # type: ignore[arg-type]
+                    raise NucleusExportError(
+                        f"the copy of {f.source} in the repository differs from the original.",
+                        "check the target file system (space, errors) and run the command again.",
+                    )
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a server running as another user must read it
         if repo.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{repo.name}.old-", dir=repo.parent))
@@ -335,6 +376,15 @@ def write_repository(plan: RepositoryPlan, repo: Path, force: bool = False) -> N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _hard_link(source: Path, dest: Path) -> bool:
+    """Link instead of copying a (possibly multi-GB) bundle file; False where the file system refuses."""
+    try:
+        os.link(source, dest)
+    except OSError:  # another file system (EXDEV), no hard links (EPERM, e.g. fs.protected_hardlinks), ...
+        return False
+    return True
 
 
 def _size(nbytes: int) -> str:

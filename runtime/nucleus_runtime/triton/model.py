@@ -7,8 +7,13 @@ Two layers, so that almost all of it runs without Triton:
 - the core, `PipelineCore`: request tensors and parameters -> `nucleus_runtime.pipeline.generate` with any
   `Backend` -> response tensors. The tests run it with the runtime's ONNX Runtime backend and compare it with
   `nucleus-export run`.
-- the Triton adapter, kept small: `BlsBackend` (the runtime's `Backend` interface over BLS calls to the
-  `nucleus_text_kv` and `nucleus_denoiser` models) and `TritonPythonModel` (reads requests, writes responses).
+- the Triton adapter, kept small: `TritonPythonModel` (reads requests, writes responses) and the backend it gives
+  the core, chosen by the config's `layout` parameter:
+  - `inprocess`: the runtime's own backend (`nucleus_runtime.backends.factory.open_backend`: TensorRT on the GPU,
+    ONNX Runtime on the CPU) over the bundle files placed in this version folder. Text K/V stays where that backend
+    put it (device memory for TensorRT) for every step and, through the cache, for later requests.
+  - `bls`: `BlsBackend`, the runtime's `Backend` interface over BLS calls to the `nucleus_text_kv` and
+    `nucleus_denoiser` models; the text K/V tensor travels through Triton at every step.
   `triton_python_backend_utils` exists only inside Triton's Python backend, so it is imported in `initialize`.
 
 The denoising loop and the text K/V cache are the runtime's: text K/V is computed once per (prompt, mask, image grid)
@@ -32,17 +37,30 @@ if (_HERE / "nucleus_runtime").is_dir() and str(_HERE) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from nucleus_runtime.backends import factory  # noqa: E402
 from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs  # noqa: E402
 from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest  # noqa: E402
+from nucleus_runtime.contract import ONNXRUNTIME, TENSORRT  # noqa: E402
 from nucleus_runtime.errors import NucleusError  # noqa: E402
 from nucleus_runtime.pipeline import generate  # noqa: E402
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG, SchedulerConfig  # noqa: E402
 from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES, TextKVCache  # noqa: E402
 
+# How the pipeline model reaches the graphs (config parameter `layout`; see the module docstring).
+LAYOUT_INPROCESS = "inprocess"
+LAYOUT_BLS = "bls"
+LAYOUTS = (LAYOUT_INPROCESS, LAYOUT_BLS)
+
 # config.pbtxt parameters of the pipeline model (written by nucleus_export.triton.configs).
+PARAM_LAYOUT = "layout"
+PARAM_TEXT_KV_CACHE_BYTES = "text_kv_cache_bytes"
+# bls: the graph models it calls
 PARAM_TEXT_KV_MODEL = "text_kv_model"
 PARAM_DENOISER_MODEL = "denoiser_model"
-PARAM_TEXT_KV_CACHE_BYTES = "text_kv_cache_bytes"
+# inprocess: the runtime backend over the files in the version folder, ONNX Runtime's threads, load-time checksums
+PARAM_BACKEND = "backend"
+PARAM_THREADS = "onnxruntime_threads"
+PARAM_VERIFY_CHECKSUMS = "verify_checksums"
 
 OUTPUT_LATENTS = "latents"
 
@@ -133,6 +151,13 @@ def parse_request(tensors: Mapping[str, np.ndarray], parameters: Mapping[str, An
         raise NucleusError(f"unknown inputs {unknown}.", f"the pipeline takes: {', '.join(sorted(known))}.")
     if "prompt_embeds" not in tensors:
         raise NucleusError("the request has no prompt_embeds.", "send the text encoder's hidden states as prompt_embeds.")
+    for spec in PIPELINE_INPUTS:
+        value = tensors.get(spec.name)
+        # A NaN or inf would flow through every step into latents that look like an answer: refuse it up front.
+        if spec.dtype == "float32" and value is not None and not np.isfinite(value).all():
+            raise NucleusError(
+                f"input {spec.name} holds NaN or infinite values.", f"send finite values in {spec.name}."
+            )
     opt_h, opt_w = manifest.profiles.opt_resolution
     guidance = _scalar("guidance_scale", tensors, parameters, DEFAULT_GUIDANCE)
     try:
@@ -206,6 +231,47 @@ class PipelineCore:
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+# How host tensors cross the Python backend stub depends on the numpy in its environment (both found with the real
+# 2.51 stub): its pybind11 reads numpy 1's dtype layout, so under numpy 2 `Tensor(name, array)` produced empty
+# outputs; DLPack views the same memory under any numpy, but the stub renames a consumed capsule "used_dlpack" where
+# numpy 1's deleter expects "used_dltensor", which broke the stub under numpy 1. So: the stub's own numpy path under
+# numpy 1, DLPack under numpy 2.
+_DLPACK = int(np.__version__.split(".")[0]) >= 2
+
+
+def from_triton(tensor: Any) -> np.ndarray:
+    """A host pb_utils.Tensor as a numpy array."""
+    return np.from_dlpack(tensor) if _DLPACK else tensor.as_numpy()
+
+
+def to_triton(pb_utils: Any, name: str, array: np.ndarray) -> Any:
+    """A numpy array as a pb_utils.Tensor."""
+    array = np.ascontiguousarray(array)
+    return pb_utils.Tensor.from_dlpack(name, array) if _DLPACK else pb_utils.Tensor(name, array)
+
+
+def open_inprocess_backend(model_dir: Path, manifest: Manifest, params: Mapping[str, str], device_id: int | None) -> Backend:
+    """The runtime backend the config names, over the bundle files in `model_dir` (the model's version folder).
+
+    Args:
+        params: the config's parameters (`backend`, `onnxruntime_threads`, `verify_checksums`).
+        device_id: the GPU Triton gave this instance (KIND_GPU), made current before TensorRT loads the engines.
+    """
+    name = params.get(PARAM_BACKEND, ONNXRUNTIME)
+    if name == TENSORRT and device_id is not None:
+        factory.select_cuda_device(device_id)
+    threads = int(params.get(PARAM_THREADS) or 0)
+    return factory.open_backend(
+        model_dir,
+        name,
+        manifest,
+        # The instance group is KIND_CPU for ONNX Runtime: stay on the CPU even where onnxruntime-gpu is installed.
+        device="cpu" if name == ONNXRUNTIME else "auto",
+        threads=threads or None,
+        verify_checksums=params.get(PARAM_VERIFY_CHECKSUMS, "true") != "false",
+    )
+
+
 class BlsTextKV(TextKVHandle):
     """Text K/V as the pb_utils.Tensor that nucleus_text_kv returned, left where Triton put it (GPU for TensorRT).
 
@@ -262,8 +328,8 @@ class BlsBackend(Backend):
         return self.pb.get_output_tensor_by_name(response, output)
 
     def compute_text_kv(self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray) -> BlsTextKV:
-        t = self.pb.Tensor
-        inputs = [t(name, array) for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items()]
+        host = text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin)
+        inputs = [to_triton(self.pb, name, array) for name, array in host.items()]
         tensor = self._exec(self.text_kv_model, inputs, "text_kv", host=False)
         batch, text_len = encoder_hidden_states.shape[:2]
         sizes = {"batch": batch, "text_len": text_len}
@@ -281,16 +347,15 @@ class BlsBackend(Backend):
     ) -> np.ndarray:
         if not isinstance(text_kv, BlsTextKV):
             raise TypeError(f"BlsBackend.denoise needs text K/V from BlsBackend, got {type(text_kv).__name__}")
-        t = self.pb.Tensor
         host = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
-        inputs = [t(name, array) for name, array in host.items()] + [text_kv.tensor]
+        inputs = [to_triton(self.pb, name, array) for name, array in host.items()] + [text_kv.tensor]
         sample = self._exec(self.denoiser_model, inputs, "sample", host=True)
         if not sample.is_cpu():
             raise NucleusError(
                 f"{self.denoiser_model} returned 'sample' in GPU memory and this Triton cannot ask BLS for host outputs.",
                 "use Triton 23.04 or newer (pb_utils.PreferredMemory).",
             )
-        return sample.as_numpy()
+        return from_triton(sample)
 
 
 class TritonPythonModel:
@@ -302,14 +367,22 @@ class TritonPythonModel:
         self.pb = pb_utils
         params = {k: v.get("string_value", "") for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         manifest, scheduler = PipelineCore.load_bundle_files(_HERE)
-        backend = BlsBackend(
-            pb_utils,
-            manifest,
-            params.get(PARAM_TEXT_KV_MODEL, "nucleus_text_kv"),
-            params.get(PARAM_DENOISER_MODEL, "nucleus_denoiser"),
-        )
+        layout = params.get(PARAM_LAYOUT, LAYOUT_BLS)
+        if layout == LAYOUT_INPROCESS:
+            device_id = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
+            backend = open_inprocess_backend(_HERE, manifest, params, device_id)
+        elif layout == LAYOUT_BLS:
+            backend = BlsBackend(
+                pb_utils,
+                manifest,
+                params.get(PARAM_TEXT_KV_MODEL, "nucleus_text_kv"),
+                params.get(PARAM_DENOISER_MODEL, "nucleus_denoiser"),
+            )
+        else:
+            raise NucleusError(f"config parameter {PARAM_LAYOUT} is '{layout}'.", f"use one of: {', '.join(LAYOUTS)}.")
         cache_bytes = int(params.get(PARAM_TEXT_KV_CACHE_BYTES) or DEFAULT_MAX_BYTES)
         self.core = PipelineCore(backend, manifest, scheduler, cache_bytes)
+        self.instance = args.get("model_instance_name", "nucleus_pipeline")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb
@@ -320,10 +393,16 @@ class TritonPythonModel:
                 for spec in PIPELINE_INPUTS:
                     tensor = pb.get_input_tensor_by_name(request, spec.name)
                     if tensor is not None:
-                        tensors[spec.name] = tensor.as_numpy()
+                        tensors[spec.name] = from_triton(tensor)
                 parameters = json.loads(request.parameters() or "{}")
                 outputs = self.core(tensors, parameters)
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in outputs.items()]))
+                responses.append(pb.InferenceResponse(output_tensors=[to_triton(pb, k, v) for k, v in outputs.items()]))
+                stats = self.core.cache.stats
+                # tritonserver --log-verbose=1 shows it: whether text K/V was reused across requests.
+                pb.Logger.log_verbose(
+                    f"{self.instance}: text K/V cache hits {stats.hits}, misses {stats.misses}, "
+                    f"{stats.entries} entries, {stats.bytes} bytes"
+                )
             except NucleusError as exc:
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc))))
             except Exception as exc:  # noqa: BLE001 - one failed request must not take the instance down
@@ -332,3 +411,4 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.core.cache.clear()
+        self.core.backend.close()

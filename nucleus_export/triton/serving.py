@@ -1,0 +1,190 @@
+"""How to serve a generated repository and call it: the one source of the commands in the repository's README.md.
+
+`server_command` builds the tritonserver command line and `client_code` the request code; `serving_notes` renders
+both into the README, and tests/test_triton_server.py starts a real tritonserver with `server_command` and sends
+requests by running `client_code`, so what the README says is what the test ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+from typing import TYPE_CHECKING
+
+import ml_dtypes  # noqa: F401 - registers bfloat16 and the float8 types with numpy by name
+import numpy as np
+
+from nucleus_runtime.bundle import Manifest
+from nucleus_runtime.contract import TEXT_KV, TEXT_KV_GRAPH
+from nucleus_runtime.triton import model as pipeline_model
+
+if TYPE_CHECKING:
+    from nucleus_export.triton.repository import RepositoryPlan
+
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+PROTOCOLS = ("http", "grpc")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerCommand:
+    """tritonserver's argv and the environment variables it needs on top of the caller's."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+    def shell(self) -> str:
+        return " ".join([f"{k}={shlex.quote(v)}" for k, v in self.env.items()] + [shlex.join(self.argv)])
+
+
+def server_command(
+    repo: str,
+    plugin_library: str | None = None,
+    *,
+    executable: str = "tritonserver",
+    backend_directory: str | None = None,
+    address: str | None = None,
+    http_port: int = HTTP_PORT,
+    grpc_port: int = GRPC_PORT,
+    metrics: bool = True,
+) -> ServerCommand:
+    """tritonserver serving `repo`.
+
+    Auto-completion of configs is off (the 2.x form of --strict-model-config=true): the server then takes every
+    generated config.pbtxt as written and validates it as complete, instead of filling in what it would guess.
+
+    Args:
+        repo: the repository folder as the server sees it.
+        plugin_library: repository-relative path of the TensorRT plugin library that Triton's TensorRT backend
+            must load (bls layout with plugin engines); the inprocess model loads it itself.
+        executable, backend_directory: where tritonserver and its backends are, when not the container's defaults.
+        address: interface for HTTP and gRPC (default: Triton's, all interfaces).
+        http_port, grpc_port: ports; metrics: serve Prometheus metrics.
+    """
+    argv = [executable, f"--model-repository={repo}", "--disable-auto-complete-config"]
+    if backend_directory is not None:
+        argv.append(f"--backend-directory={backend_directory}")
+    if address is not None:
+        argv += [f"--http-address={address}", f"--grpc-address={address}"]
+    if http_port != HTTP_PORT:
+        argv.append(f"--http-port={http_port}")
+    if grpc_port != GRPC_PORT:
+        argv.append(f"--grpc-port={grpc_port}")
+    if not metrics:
+        argv.append("--allow-metrics=false")
+    env = {"LD_PRELOAD": f"{repo}/{plugin_library}"} if plugin_library else {}
+    return ServerCommand(argv, env)
+
+
+def client_code(
+    model: str,
+    url: str,
+    protocol: str = "http",
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = pipeline_model.DEFAULT_STEPS,
+    guidance: float = pipeline_model.DEFAULT_GUIDANCE,
+    seed: int = pipeline_model.DEFAULT_SEED,
+) -> str:
+    """Python that sends one request with tritonclient and leaves the result in `latents`.
+
+    It reads `prompt_embeds.npy` and `negative_embeds.npy` from the current folder (text encoder outputs).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    dtypes = {spec.name: spec.dtype for spec in pipeline_model.PIPELINE_INPUTS}
+    triton_types = {"float32": "FP32", "int64": "INT64"}
+    scalars = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance, "seed": seed}
+    rows = [
+        '    ("prompt_embeds", prompt),',
+        '    ("negative_prompt_embeds", negative),',
+        *(f'    ("{k}", np.array([{v!r}], np.{dtypes[k]})),' for k, v in scalars.items()),
+    ]
+    types = ", ".join(f'"{np_type}": "{t}"' for np_type, t in triton_types.items())
+    return f"""import numpy as np
+import tritonclient.{protocol} as tritonclient
+
+client = tritonclient.InferenceServerClient("{url}")
+prompt = np.load("prompt_embeds.npy").astype(np.float32)      # [1, T, joint_attention_dim], text encoder output
+negative = np.load("negative_embeds.npy").astype(np.float32)  # [1, T', joint_attention_dim], e.g. of ""
+triton_types = {{{types}}}
+inputs = []
+for name, value in [
+{chr(10).join(rows)}
+]:
+    tensor = tritonclient.InferInput(name, list(value.shape), triton_types[value.dtype.name])
+    tensor.set_data_from_numpy(value)
+    inputs.append(tensor)
+latents = client.infer("{model}", inputs).as_numpy("{pipeline_model.OUTPUT_LATENTS}")  # [1, S, 64] packed
+"""
+
+
+CFG_BATCH = 2  # prompt and negative prompt as one batch
+
+
+def text_kv_bytes_per_token(manifest: Manifest, batch: int = CFG_BATCH) -> int:
+    """Bytes of text K/V per text token for one denoiser call: what the bls layout hands through Triton every step."""
+    spec = manifest.io[TEXT_KV_GRAPH]["outputs"][TEXT_KV]
+    fixed = math.prod(d for d in spec.shape if isinstance(d, int))
+    return fixed * batch * np.dtype(spec.dtype).itemsize
+
+
+def serving_notes(plan: RepositoryPlan, manifest: Manifest) -> str:
+    """README.md at the repository root: how to serve it and call it."""
+    n = plan.names
+    height, width = manifest.profiles.opt_resolution
+    per_token = text_kv_bytes_per_token(manifest) / 1024
+    command = server_command("REPO", plan.bls_plugin_library)
+    if plan.layout == pipeline_model.LAYOUT_INPROCESS:
+        models = (
+            f"Model: `{n.pipeline}` (Python backend), which runs whole requests with nucleus_runtime's own "
+            f"{'TensorRT' if plan.platform == 'tensorrt_plan' else 'ONNX Runtime'} backend over the bundle files in "
+            f"`{n.pipeline}/1/`; text K/V ({per_token:g} KiB per text token with CFG) stays in that backend across "
+            "steps and requests."
+        )
+        needs = (
+            "Triton's Python environment (PYTHONPATH of the Python backend's stub) needs numpy and the runtime's "
+            + (
+                "backend package: `tensorrt` (or `tensorrt_rtx` for TensorRT-RTX engines) and `cuda-python`."
+                if plan.platform == "tensorrt_plan"
+                else "backend package: `onnxruntime`."
+            )
+        )
+    else:
+        models = (
+            f"Models: `{n.text_kv}` and `{n.denoiser}` (the bundle's graphs), `{n.pipeline}` (whole requests, Python "
+            "backend, calling the other two with BLS)."
+        )
+        models += (
+            f" Each step hands the text K/V to `{n.denoiser}` through Triton: {per_token:g} KiB per text token with "
+            "CFG (`--layout inprocess` keeps it in one model instead)."
+        )
+        needs = (
+            f"The server needs Triton's {'TensorRT' if plan.platform == 'tensorrt_plan' else 'ONNX Runtime'} backend; "
+            "the pipeline model imports the copy of nucleus_runtime next to its model.py and needs only numpy."
+        )
+        if plan.plugin_library:
+            needs += (
+                " The engines use the nucleus TensorRT plugins: the command preloads the library (or pass "
+                f"`--backend-config=tensorrt,plugins=REPO/{plan.plugin_library}`)."
+            )
+    client = client_code(n.pipeline, f"localhost:{HTTP_PORT}", height=height, width=width)
+    return f"""# Triton model repository generated by nucleus-export triton ({plan.layout}, {plan.platform})
+
+{models} Replace REPO by the absolute path of this folder.
+
+## Start the server
+
+    {command.shell()}
+
+{needs}
+
+## Send a request
+
+Over gRPC: `tritonclient.grpc` and port {GRPC_PORT} instead; the rest is the same.
+
+```python
+{client}```
+"""

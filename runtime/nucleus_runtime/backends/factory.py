@@ -1,0 +1,90 @@
+"""Open a bundle with a backend by name, and name the bundle files each backend reads.
+
+One place for "which backend runs this bundle, from which files": `nucleus-export run`, the benchmarks and the
+Triton in-process model all open backends here, and `nucleus-export triton --layout inprocess` places exactly
+`backend_files` into the model's version folder. The files are chosen from the manifest's records (every recorded
+ONNX graph and external-data file, or every recorded engine and the plugin library), not from fixed names, so a
+bundle with more graph files than the two of the basic contract (e.g. a denoiser split into several engines)
+travels unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nucleus_runtime.backends.base import Backend
+from nucleus_runtime.bundle import MANIFEST_NAME, SCHEDULER_CONFIG_NAME, Manifest, load_manifest
+from nucleus_runtime.contract import GRAPHS, MOE_PLUGIN, ONNXRUNTIME, TENSORRT, onnx_file, plan_file
+from nucleus_runtime.errors import NucleusError
+
+# Runtime backend names (`Backend.name` of the ONNX Runtime backend; the TensorRT backend answers to either engine
+# library, see backends/tensorrt.py).
+BACKENDS = (ONNXRUNTIME, TENSORRT)
+ENGINE_SUFFIX = ".plan"
+
+
+def backend_files(manifest: Manifest, backend: str) -> list[str]:
+    """Bundle-relative paths a backend reads besides the manifest and scheduler config, in manifest order.
+
+    Raises:
+        NucleusError: unknown backend name.
+    """
+    recorded = list(manifest.files)
+    library: list[str] = []
+    if backend == ONNXRUNTIME:
+        files = [f for f in recorded if ".onnx" in Path(f).name]
+        defaults = [onnx_file(g) for g in GRAPHS]
+    elif backend == TENSORRT:
+        files = [f for f in recorded if f.endswith(ENGINE_SUFFIX)]
+        defaults = [plan_file(g) for g in GRAPHS]
+        if manifest.moe_lowering == MOE_PLUGIN and manifest.plugins and manifest.plugins.get("library"):
+            library = [str(manifest.plugins["library"])]
+    else:
+        raise NucleusError(f"unknown backend '{backend}'.", f"use one of: {', '.join(BACKENDS)}.")
+    # A manifest without checksum records still names its graphs by the contract.
+    return (files or defaults) + [f for f in library if f not in files]
+
+
+def serving_files(manifest: Manifest, backend: str) -> list[str]:
+    """Everything a folder needs so that `open_backend(folder, backend)` and the denoising loop can serve it."""
+    return [MANIFEST_NAME, SCHEDULER_CONFIG_NAME, *backend_files(manifest, backend)]
+
+
+def open_backend(
+    bundle_dir: Path,
+    backend: str,
+    manifest: Manifest | None = None,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    verify_checksums: bool = True,
+) -> Backend:
+    """The bundle's graphs in a backend.
+
+    Args:
+        bundle_dir: a bundle folder (or any folder holding `serving_files`).
+        backend: "onnxruntime" or "tensorrt".
+        manifest: the bundle's manifest, when the caller has it loaded already.
+        device: ONNX Runtime's device ("auto", "cpu", "cuda"); the TensorRT backend runs on the current CUDA device.
+        threads: ONNX Runtime intra-op threads (None: one per physical core).
+        verify_checksums: check the files against the manifest before loading them.
+    """
+    manifest = manifest or load_manifest(bundle_dir)
+    if backend == TENSORRT:
+        from nucleus_runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle_dir, manifest=manifest, verify_checksums=verify_checksums)
+    if backend == ONNXRUNTIME:
+        from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+
+        options = OrtOptions(threads=threads, device=device, verify_checksums=verify_checksums)
+        return OrtBackend(bundle_dir, options, manifest=manifest)
+    raise NucleusError(f"unknown backend '{backend}'.", f"use one of: {', '.join(BACKENDS)}.")
+
+
+def select_cuda_device(device_id: int) -> None:
+    """Make `device_id` the current CUDA device of this process, before a TensorRT backend is opened on it."""
+    from nucleus_runtime.backends import tensorrt
+
+    cudart = tensorrt._import_cudart()
+    tensorrt._check(cudart.cudaSetDevice(device_id), f"cudaSetDevice({device_id})")

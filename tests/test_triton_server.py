@@ -1,0 +1,382 @@
+"""A real Triton Inference Server on generated repositories.
+
+The `nvidia-pytriton` wheel (in the `dev` and `triton` extras) ships a real `tritonserver` (2.51), its Python backend
+and per-Python stubs. The tests assemble a backend folder from them, start the server on free loopback ports with
+the command `nucleus_export.triton.serving.server_command` builds (the one the repository's README shows), and talk
+to it with tritonclient over HTTP and gRPC by running the README's client code (`serving.client_code`).
+
+- inprocess on ONNX Runtime (CPU): latents equal `nucleus-export run` bit for bit, over HTTP and gRPC; four
+  concurrent requests with different prompts, sizes and guidance are all correct; bad requests get Triton error
+  responses and the server keeps serving.
+- every layout's configs pass the server's own validation (auto-complete off): inprocess loads READY; in bls the
+  pipeline loads READY and the graph models fail only for want of Triton's ONNX Runtime backend, which the wheel
+  does not ship (so their configs were accepted as complete).
+
+Determinism: both sides run ONNX Runtime with one intra-op thread (`--onnxruntime-threads 1` for the repository,
+`--threads 1` for `run`), so the bit-for-bit comparison does not rest on two processes splitting reductions across
+their thread pools the same way, and two server instances do not oversubscribe a 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from nucleus_export.cli import main
+from nucleus_export.triton import serving
+from nucleus_export.triton.configs import BLS, INPROCESS, ONNXRUNTIME
+from nucleus_export.triton.repository import TritonOptions, plan_repository, write_repository
+
+PIPELINE = "nucleus_pipeline"
+THREADS = 1
+READY_TIMEOUT_S = 120.0
+STEPS = 3
+JOINT_DIM = 64  # the tiny model's text width
+
+try:
+    import tritonclient.grpc as tritonclient_grpc
+    import tritonclient.http as tritonclient_http
+    from tritonclient.utils import InferenceServerException
+except ImportError:  # reported by the triton_install fixture, which every test here uses
+    tritonclient_grpc = tritonclient_http = None
+    InferenceServerException = Exception
+
+
+# ---- the server from the nvidia-pytriton wheel -----------------------------------------------------------------------
+
+
+def _wheel_installable() -> str | None:
+    """Why the nvidia-pytriton wheel cannot be installed here, or None where it can (manylinux_2_35 x86_64)."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"nvidia-pytriton ships for Linux x86_64 only (this is {sys.platform} {platform.machine()})"
+    libc, version = platform.libc_ver()
+    if libc != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
+        return f"nvidia-pytriton needs glibc >= 2.35 (this is {libc} {version})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def triton_install(tmp_path_factory) -> dict[str, Path]:
+    """tritonserver, a backend folder holding the Python backend with this Python's stub, and the wheel's libraries."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations or tritonclient_http is None:
+        reason = _wheel_installable()
+        if reason:
+            pytest.skip(reason)
+        pytest.fail("nvidia-pytriton (or tritonclient) is not installed but installs here: pip install -e '.[dev]'.")
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    python_tag = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / python_tag / "triton_python_backend_stub"
+    if not stub.is_file():
+        pytest.skip(f"nvidia-pytriton has no Python backend stub for Python {python_tag}")
+    backends = tmp_path_factory.mktemp("triton_backends")
+    python_backend = backends / "python"
+    shutil.copytree(root / "backends" / "python", python_backend, ignore=shutil.ignore_patterns("__pycache__"))
+    # The Python backend looks for its stub next to libtriton_python.so.
+    shutil.copy2(stub, python_backend / stub.name)
+    return {
+        "server": root / "bin" / "tritonserver",
+        "backends": backends,
+        "libs": root.parent.parent / "nvidia_pytriton.libs",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_env(install: dict[str, Path]) -> dict[str, str]:
+    env = dict(os.environ)
+    libs = [str(install["libs"]), sysconfig.get_config_var("LIBDIR")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+    # The 2.51 stub embeds Python with the environment variables ignored (PYTHONPATH has no effect there); it takes
+    # its prefix from the first `python3` on PATH, so this interpreter's bin folder first gives the stub this
+    # environment's site-packages (numpy, onnxruntime).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+class Server:
+    """A running tritonserver on loopback ports; `url(protocol)` for clients; `log()` for failures."""
+
+    def __init__(self, process: subprocess.Popen, http_port: int, grpc_port: int, log_path: Path):
+        self.process, self.http_port, self.grpc_port, self.log_path = process, http_port, grpc_port, log_path
+        self.start_seconds = 0.0
+
+    def url(self, protocol: str) -> str:
+        return f"127.0.0.1:{self.http_port if protocol == 'http' else self.grpc_port}"
+
+    def log(self, tail: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-tail:])
+
+    def stop(self) -> None:
+        """Stop the server (it unloads the models, ending their stub processes), then kill whatever is left of its
+        process group."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def running_server(install: dict[str, Path], repo: Path, log_path: Path, wait_ready: bool = True, **extra: str) -> Iterator[Server]:
+    """Start tritonserver on `repo`; wait until it is ready (or only live, with wait_ready=False); always stop it."""
+    http_port, grpc_port = _free_port(), _free_port()
+    command = serving.server_command(
+        str(repo),
+        executable=str(install["server"]),
+        backend_directory=str(install["backends"]),
+        address="127.0.0.1",
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics=False,
+    )
+    argv = command.argv + [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
+    env = {**_server_env(install), **command.env}
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        # Its own process group, so that stop() reaches the Python stubs it forks too.
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(process, http_port, grpc_port, log_path)
+    try:
+        # Closed when done: the server's shutdown waits (up to its exit timeout) for open HTTP connections.
+        with contextlib.closing(tritonclient_http.InferenceServerClient(server.url("http"))) as client:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    raise AssertionError(f"tritonserver exited with {process.returncode}:\n{server.log()}")
+                with contextlib.suppress(Exception):  # connection refused until the HTTP endpoint is up
+                    if client.is_server_ready() if wait_ready else client.is_server_live():
+                        break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"tritonserver not ready after {READY_TIMEOUT_S:.0f} s:\n{server.log()}")
+                time.sleep(0.1)
+        server.start_seconds = time.perf_counter() - start
+        yield server
+    finally:
+        server.stop()
+
+
+# ---- requests and references -----------------------------------------------------------------------------------------
+
+
+def texts(seed: int, prompt_len: int, negative_len: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((1, prompt_len, JOINT_DIM)).astype(np.float32),
+        rng.standard_normal((1, negative_len, JOINT_DIM)).astype(np.float32),
+    )
+
+
+def reference(bundle: Path, folder: Path, prompt: np.ndarray, negative: np.ndarray, height: int, width: int, guidance: float, seed: int) -> np.ndarray:
+    """`nucleus-export run` on the same inputs (ONNX Runtime on the CPU, one thread, like the served repository)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt_embeds": prompt}, folder / "p.safetensors")
+    save_file({"prompt_embeds": negative}, folder / "n.safetensors")
+    out = folder / "out.safetensors"
+    args = ["run", "--bundle", str(bundle), "--prompt-embeds", str(folder / "p.safetensors"), "--negative-prompt-embeds",
+            str(folder / "n.safetensors"), "--height", str(height), "--width", str(width), "--steps", str(STEPS),
+            "--guidance", str(guidance), "--seed", str(seed), "--out", str(out), "--device", "cpu",
+            "--threads", str(THREADS)]  # fmt: skip
+    assert main(args) == 0
+    return load_file(str(out))["latents"]
+
+
+def readme_client(folder: Path, url: str, protocol: str, prompt: np.ndarray, negative: np.ndarray, **request) -> np.ndarray:
+    """Run the README's client code in `folder` (it reads prompt_embeds.npy and negative_embeds.npy there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "prompt_embeds.npy", prompt)
+    np.save(folder / "negative_embeds.npy", negative)
+    code = serving.client_code(PIPELINE, url, protocol, steps=STEPS, **request)
+    namespace: dict = {}
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        exec(compile(code, f"<README client code, {protocol}>", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+        if "client" in namespace:
+            namespace["client"].close()
+    return namespace["latents"]
+
+
+def infer(url: str, protocol: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """One request with tritonclient; thread-safe (a client per call)."""
+    module = tritonclient_http if protocol == "http" else tritonclient_grpc
+    tensors = []
+    for name, value in inputs.items():
+        tensor = module.InferInput(name, list(value.shape), {"float32": "FP32", "int64": "INT64"}[value.dtype.name])
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    with contextlib.closing(module.InferenceServerClient(url)) as client:
+        return client.infer(PIPELINE, tensors).as_numpy("latents")
+
+
+def request_inputs(prompt: np.ndarray, negative: np.ndarray | None, height: int, width: int, guidance: float, seed: int) -> dict[str, np.ndarray]:
+    inputs = {"prompt_embeds": prompt}
+    if negative is not None:
+        inputs["negative_prompt_embeds"] = negative
+    inputs.update(
+        height=np.array([height], np.int64),
+        width=np.array([width], np.int64),
+        num_inference_steps=np.array([STEPS], np.int64),
+        guidance_scale=np.array([guidance], np.float32),
+        seed=np.array([seed], np.int64),
+    )
+    return inputs
+
+
+# ---- inprocess on ONNX Runtime -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inprocess_server(triton_install, tiny_bundle, tmp_path_factory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("triton_server")
+    repo = root / "repo"
+    options = TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME, instances=2, onnxruntime_threads=THREADS)
+    write_repository(plan_repository(tiny_bundle, options), repo)
+    with running_server(triton_install, repo, root / "server.log", log_verbose="1") as server:
+        print(f"\ntritonserver ready in {server.start_seconds:.2f} s")
+        yield server
+
+
+@pytest.mark.parametrize("protocol", serving.PROTOCOLS)
+def test_readme_client_gets_the_latents_of_nucleus_export_run(inprocess_server, tiny_bundle, tmp_path, protocol):
+    prompt, negative = texts(1, 9, 4)
+    expected = reference(tiny_bundle, tmp_path / "ref", prompt, negative, 96, 160, 4.0, 7)
+    start = time.perf_counter()
+    latents = readme_client(tmp_path / "client", inprocess_server.url(protocol), protocol, prompt, negative,
+                            height=96, width=160, guidance=4.0, seed=7)  # fmt: skip
+    print(f"\n{protocol}: one request ({STEPS} steps, 96x160, CFG) in {time.perf_counter() - start:.3f} s")
+    assert latents.dtype == np.float32 and latents.shape == expected.shape == (1, 6 * 10, 64)
+    assert np.array_equal(latents, expected)
+
+
+def test_four_concurrent_requests_are_all_correct(inprocess_server, tiny_bundle, tmp_path):
+    # Different prompt lengths, sizes, guidance (with and without CFG), seeds and protocols, all in flight at once.
+    cases = [
+        ("http", texts(11, 5, 3), 128, 128, 4.0, 0),
+        ("grpc", texts(12, 17, 2), 96, 160, 3.0, 1),
+        ("http", texts(13, 30, 30), 160, 96, 1.0, 2),
+        ("grpc", texts(14, 1, 8), 128, 128, 5.5, 3),
+    ]
+    expected = [
+        reference(tiny_bundle, tmp_path / f"ref{i}", p, n, h, w, g, s) for i, (_, (p, n), h, w, g, s) in enumerate(cases)
+    ]
+
+    def send(case):
+        protocol, (prompt, negative), height, width, guidance, seed = case
+        start = time.perf_counter()
+        out = infer(inprocess_server.url(protocol), protocol, request_inputs(prompt, negative, height, width, guidance, seed))
+        return out, time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        results = list(pool.map(send, cases))
+    print("\nconcurrent latencies (s): " + ", ".join(f"{seconds:.3f}" for _, seconds in results))
+    for (latents, _), reference_latents, case in zip(results, expected, cases):
+        assert np.array_equal(latents, reference_latents), case[0]
+
+
+def _cache_hits(log: str) -> dict[str, int]:
+    """Each instance's latest text K/V cache hit count, from the model's verbose log lines."""
+    return {m[0]: int(m[1]) for m in re.findall(r"(\w+): text K/V cache hits (\d+)", log)}
+
+
+def test_text_kv_is_reused_across_requests(inprocess_server):
+    prompt, negative = texts(21, 7, 3)
+    inputs = request_inputs(prompt, negative, 160, 96, 4.0, 0)
+    before = _cache_hits(inprocess_server.log(tail=100_000))
+    lines_before = len(inprocess_server.log(tail=100_000).splitlines())
+    results = [infer(inprocess_server.url("http"), "http", inputs) for _ in range(3)]
+    assert all(np.array_equal(r, results[0]) for r in results)
+    new_lines = "\n".join(inprocess_server.log(tail=100_000).splitlines()[lines_before:])
+    after = _cache_hits(new_lines)
+    # A new prompt: each instance that served it computed its text K/V once, every other request was a hit.
+    new_hits = sum(hits - before.get(instance, 0) for instance, hits in after.items())
+    assert after and new_hits == 3 - len(after), new_lines
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"width": np.array([200], np.int64)}, "resolution 128x200 is not in this bundle's profiles"),
+        ({"negative_prompt_embeds": None}, "needs negative prompt embeddings"),
+        ({"prompt_embeds": np.full((1, 6, JOINT_DIM), np.nan, np.float32)}, "prompt_embeds holds NaN"),
+    ],
+    ids=["wrong-width", "no-negative-prompt", "nan-embeddings"],
+)
+@pytest.mark.parametrize("protocol", serving.PROTOCOLS)
+def test_bad_request_gets_an_error_and_the_server_keeps_serving(inprocess_server, protocol, change, message):
+    prompt, negative = texts(5, 6, 2)
+    good = request_inputs(prompt, negative, 128, 128, 4.0, 0)
+    bad = {k: v for k, v in {**good, **change}.items() if v is not None}
+    with pytest.raises(InferenceServerException, match=message):
+        infer(inprocess_server.url(protocol), protocol, bad)
+    assert inprocess_server.process.poll() is None
+    assert np.isfinite(infer(inprocess_server.url(protocol), protocol, good)).all()
+
+
+# ---- every layout through the server's own config validation -------------------------------------------------------
+
+
+def _model_states(install: dict[str, Path], repo: Path, log_path: Path) -> tuple[dict[str, dict], str]:
+    """The server's repository index (name -> state, reason) for `repo`, and its log."""
+    # exit-on-error off: the server stays up to report each model, also the ones that cannot load here. Without
+    # model control it loads every model before it opens its endpoints, so one query sees the final states.
+    with (
+        running_server(install, repo, log_path, wait_ready=False, exit_on_error="false") as server,
+        contextlib.closing(tritonclient_http.InferenceServerClient(server.url("http"))) as client,
+    ):
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+    return index, server.log(200)
+
+
+@pytest.mark.parametrize("layout", [INPROCESS, BLS])
+def test_generated_configs_pass_the_servers_validation(triton_install, tiny_bundle, tmp_path, layout):
+    repo = tmp_path / "repo"
+    write_repository(plan_repository(tiny_bundle, TritonOptions(layout=layout, platform=ONNXRUNTIME)), repo)
+    index, log = _model_states(triton_install, repo, tmp_path / "server.log")
+    assert index[PIPELINE].get("state") == "READY", log
+    if layout == INPROCESS:
+        assert set(index) == {PIPELINE}
+    else:
+        # The wheel has no ONNX Runtime backend. The server validates a config when it reads the repository, before
+        # it looks for the backend (a config that fails has no state at all, see the next test), so this reason and
+        # no other means the config was accepted.
+        for name in ("nucleus_text_kv", "nucleus_denoiser"):
+            assert index[name].get("state") == "UNAVAILABLE", log
+            assert "unable to find backend library for backend 'onnxruntime'" in index[name]["reason"], log
+
+
+def test_the_servers_validation_rejects_a_broken_config(triton_install, tiny_bundle, tmp_path):
+    """The control for the test above: a config the server finds invalid never gets as far as the backend."""
+    repo = tmp_path / "repo"
+    write_repository(plan_repository(tiny_bundle, TritonOptions(layout=BLS, platform=ONNXRUNTIME)), repo)
+    config = repo / "nucleus_text_kv" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ -1, -1, 64 ]", "dims: [ -1, 0, 64 ]", 1))
+    index, log = _model_states(triton_install, repo, tmp_path / "server.log")
+    assert "state" not in index["nucleus_text_kv"], index
+    assert "dimension must be integer >= 1" in log
