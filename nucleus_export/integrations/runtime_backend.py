@@ -1,4 +1,5 @@
-"""Pick and open the runtime backend for a bundle: TensorRT engines on a GPU, else ONNX Runtime.
+"""Resolve "auto" to a runtime backend for a bundle (TensorRT engines on a GPU, else ONNX Runtime) and open it
+through the runtime's backend factory.
 
 Shared by `EngineTransformer` and `nucleus-export generate`, which both let the user say "auto".
 """
@@ -9,6 +10,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from nucleus_runtime.backends import factory
 from nucleus_runtime.backends.base import Backend
 from nucleus_runtime.bundle import Manifest
 from nucleus_runtime.contract import DENOISER_GRAPH, ONNXRUNTIME, TENSORRT, TENSORRT_MODULES, TEXT_KV_GRAPH, plan_file
@@ -66,10 +68,6 @@ def open_backend(
     """
     resolved = resolve_backend_choice(Path(bundle), choice)
     logger.debug("backend %s (asked: %s)", resolved, choice)
-    if resolved == TENSORRT:
-        from nucleus_runtime.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(Path(bundle), manifest=manifest, verify_checksums=verify_checksums)
-    from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
-
-    return OrtBackend(Path(bundle), OrtOptions(threads=threads, device=device, verify_checksums=verify_checksums), manifest)
+    return factory.open_backend(
+        Path(bundle), resolved, manifest, device=device, threads=threads, verify_checksums=verify_checksums
+    )
