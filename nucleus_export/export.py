@@ -11,9 +11,6 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -30,6 +27,7 @@ from nucleus_export.log import console
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
 from nucleus_runtime import rope
+from nucleus_runtime.atomic import atomic_dir
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from nucleus_runtime.bundle import (
     DENOISER,
@@ -167,25 +165,11 @@ def refuse_existing(out_dir: Path, force: bool) -> None:
         raise UsageError(f"output folder {out_dir} already exists.", "pass --force to overwrite it, or choose another --out.")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces out_dir, on failure it is removed."""
-    out_dir = Path(out_dir)
+def atomic_output_dir(out_dir: Path, force: bool) -> contextlib.AbstractContextManager[Path]:
+    """A temporary sibling folder that replaces out_dir on success and is removed on failure or a signal (see
+    nucleus_runtime.atomic); an existing out_dir is refused unless force."""
     refuse_existing(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_dir(out_dir)
 
 
 def scheduler_config(checkpoint: Checkpoint) -> dict:

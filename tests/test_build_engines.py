@@ -195,7 +195,7 @@ def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
     library.write_bytes(b"stand-in for the plugin library")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    info = bundle_plugin_library(bundle, library)
+    info = bundle_plugin_library(bundle, library, sha256_file(library))
     manifest = refresh_manifest(bundle, bf16_build[1], moe_lowering="plugin", plugins=info)
     relpath = "plugins/libnucleus_trt_plugins.so"
     assert info == {"library": relpath, "sha256": sha256_file(library), "ops": ["ExpertChoiceRouter", "MoECombine"],

@@ -74,7 +74,8 @@ def with_engines(bundle: Path, dest: Path, plugins: bool, backend: str = "tensor
     if plugins:
         (dest / "plugins").mkdir()
         (dest / PLUGIN_LIB).write_bytes(b"\x7fELF placeholder")
-        manifest["plugins"] = {"library": PLUGIN_LIB}
+        manifest["files"][PLUGIN_LIB] = file_record(dest, PLUGIN_LIB)
+        manifest["plugins"] = {"library": PLUGIN_LIB, "sha256": manifest["files"][PLUGIN_LIB]["sha256"]}
         manifest["moe_lowering"] = "plugin"
     (dest / MANIFEST_NAME).write_text(json.dumps(manifest))
     return dest

@@ -157,15 +157,20 @@ def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[s
     }
 
 
-def bundle_plugin_library(bundle_dir: Path, library: Path) -> dict[str, Any]:
-    """Copy the plugin library into the bundle; returns the manifest's `plugins` record (its sha256 is also in
-    `files`, so verify_files covers it like any other bundle file)."""
+def bundle_plugin_library(bundle_dir: Path, library: Path, sha256: str) -> dict[str, Any]:
+    """Copy the plugin library the engines were built with into the bundle and verify the copy against the checksum
+    taken before loading; returns the manifest's `plugins` record (the file's sha256 is also in `files`)."""
     target = bundle_dir / PLUGIN_LIBRARY
     target.parent.mkdir(exist_ok=True)
     shutil.copy2(library, target)
+    if sha256_file(target) != sha256:
+        raise NucleusExportError(
+            f"the plugin library {library} changed while the engines were built (its copy has another sha256).",
+            "build again, and leave the library alone while the build runs.",
+        )
     return {
         "library": PLUGIN_LIBRARY,
-        "sha256": sha256_file(target),
+        "sha256": sha256,
         "ops": list(PLUGIN_NAMES),
         "namespace": PLUGIN_NAMESPACE,
         "version": PLUGIN_VERSION,
@@ -200,12 +205,12 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
     plugin_library = None
     if options.moe == MOE_PLUGIN:
         assert options.plugin_library is not None
-        plugin_library = load_plugins(backend, options.plugin_library)
+        plugin_library = load_plugins(backend, options.plugin_library)  # (path, sha256)
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force) as tmp:
         manifest = write_bundle_files(tmp, checkpoint, export_options)
         reports = build_engines(tmp, manifest, backend, options)
-        plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, plugin_library)
+        plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, *plugin_library)
         parity = None
         if options.quality:
             parity = run_quality_report(checkpoint, tmp, export_options)

@@ -17,24 +17,33 @@ the same code whose results the tests compare with `nucleus-export run`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import nucleus_runtime
 from nucleus_export.errors import NucleusExportError, UsageError
+from nucleus_runtime.errors import NucleusError
 from nucleus_export.triton import configs
 from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.names import ModelNames
-from nucleus_runtime.bundle import DENOISER, MANIFEST_NAME, SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest, verify_files
+from nucleus_runtime import plugins
+from nucleus_runtime.atomic import atomic_dir
+from nucleus_runtime.bundle import (
+    DENOISER,
+    MANIFEST_NAME,
+    SCHEDULER_CONFIG_NAME,
+    TEXT_KV,
+    Manifest,
+    load_manifest,
+    sha256_file,
+    verify_files,
+)
 from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
 
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
 README_NAME = "README.md"
 PLUGIN_DIR = "plugins"
-DEFAULT_PLUGIN_LIBRARY = "plugins/libnucleus_trt_plugins.so"
 # The engine builder's name for TensorRT-RTX in manifest.engines[graph]["backend"] (nucleus_export.engines.backends).
 TENSORRT_RTX = "tensorrt-rtx"
 
@@ -49,15 +58,17 @@ class TritonOptions:
     name_prefix: str = ""
     text_kv_cache_bytes: int = DEFAULT_MAX_BYTES
     verify_checksums: bool = True
+    expect_manifest_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class RepoFile:
-    """One file of the repository: generated `text`, or a copy of `source`."""
+    """One file of the repository: generated `text`, or a copy of `source` (whose copy must have `sha256` if set)."""
 
     relpath: str
     text: str | None = None
     source: Path | None = None
+    sha256: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -99,7 +110,7 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
         NucleusExportError: the bundle lacks what the platform needs (engines, ONNX files, plugin library).
         UsageError: bad options (model names, instance count, queue timeout).
     """
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = Path(bundle_dir).absolute()
     if options.instances < 1:
         raise UsageError(f"--instances must be at least 1, got {options.instances}.", "pass --instances 1 or more.")
     if options.queue_timeout_us < 0:
@@ -107,7 +118,7 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     if options.platform not in configs.PLATFORMS:
         raise UsageError(f"unknown platform '{options.platform}'.", f"use one of: {', '.join(configs.PLATFORMS)}.")
     names = ModelNames.with_prefix(options.name_prefix)
-    manifest = load_manifest(bundle_dir)
+    manifest = load_manifest(bundle_dir, options.expect_manifest_sha256)
 
     files: list[RepoFile] = []
     plugin_relpath: str | None = None
@@ -122,9 +133,10 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
         library = _plugin_library(bundle_dir, manifest)
         if library is not None:
             # Inside a model folder, not at the root: Triton would take a root folder without config.pbtxt for a
-            # broken model. The denoiser is the graph with the MoE ops the plugins implement.
-            plugin_relpath = f"{names.denoiser}/{PLUGIN_DIR}/{library.name}"
-            files.append(RepoFile(plugin_relpath, source=library))
+            # broken model. The denoiser is the graph with the MoE ops the plugins implement. The server loads this
+            # copy (LD_PRELOAD), so the copy itself is verified when written.
+            plugin_relpath = f"{names.denoiser}/{PLUGIN_DIR}/{library[0].name}"
+            files.append(RepoFile(plugin_relpath, source=library[0], sha256=library[1]))
 
     pipeline_config = configs.pipeline_model_config(
         manifest, names, options.instances, options.queue_timeout_us, options.text_kv_cache_bytes
@@ -139,9 +151,9 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     files += _runtime_files(f"{version_dir}/nucleus_runtime")
 
     if options.verify_checksums:
-        recorded = [f.source.name for f in files if f.source is not None and f.source.parent == bundle_dir and f.source.name in manifest.files]
-        if recorded:
-            verify_files(bundle_dir, manifest, recorded)
+        # Every file copied from the bundle (graphs, external data, engines, scheduler config) must be recorded.
+        copied = [f.source.relative_to(bundle_dir).as_posix() for f in files if f.source is not None and f.source.is_relative_to(bundle_dir)]
+        verify_files(bundle_dir, manifest, [c for c in copied if c != MANIFEST_NAME])
 
     plan = RepositoryPlan(names=names, platform=options.platform, files=files, plugin_library=plugin_relpath)
     files.append(RepoFile(README_NAME, text=serving_notes(plan)))
@@ -199,30 +211,16 @@ def _onnx_files(bundle_dir: Path, graph: str, version_dir: str) -> list[RepoFile
     return files
 
 
-def _plugin_library(bundle_dir: Path, manifest: Manifest) -> Path | None:
-    """The plugin library the engines need, or None when they were built without plugins."""
-    if not manifest.plugins and manifest.moe_lowering != "plugin":
-        return None
-    candidates = [v for v in _strings(manifest.plugins) if v.endswith(".so")] or [DEFAULT_PLUGIN_LIBRARY]
-    for relpath in candidates:
-        path = Path(relpath) if Path(relpath).is_absolute() else bundle_dir / relpath
-        if path.is_file():
-            return path
-    raise NucleusExportError(
-        f"the engines of bundle {bundle_dir} use TensorRT plugins, but the plugin library ({', '.join(candidates)}) "
-        "is not in the bundle.",
-        "build the plugins and the engines again (`nucleus-export build`), which copies the library into the bundle.",
-    )
-
-
-def _strings(value: object) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return []
+def _plugin_library(bundle_dir: Path, manifest: Manifest) -> tuple[Path, str] | None:
+    """The verified plugin library (path, sha256) the engines need, or None when they were built without plugins."""
+    try:
+        return plugins.bundle_plugin_library(bundle_dir, manifest)
+    except NucleusError as exc:
+        raise NucleusExportError(
+            f"the engines of bundle {bundle_dir} use TensorRT plugins, but their plugin library cannot be used: "
+            f"{exc.problem}",
+            "build the plugins and the engines again (`nucleus-export build`), which copies the library into the bundle.",
+        ) from None
 
 
 def _runtime_files(dest: str) -> list[RepoFile]:
@@ -316,27 +314,19 @@ def write_repository(plan: RepositoryPlan, repo: Path, force: bool = False) -> N
     """
     repo = Path(repo).absolute()
     check_target(repo, force)
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.tmp-", dir=repo.parent))
-    try:
+    with atomic_dir(repo) as tmp:
         for f in plan.files:
             dest = tmp / f.relpath
             dest.parent.mkdir(parents=True, exist_ok=True)
             if f.text is not None:
                 dest.write_text(f.text)
-            else:
-                shutil.copyfile(f.source, dest)  # type: ignore[arg-type]
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a server running as another user must read it
-        if repo.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{repo.name}.old-", dir=repo.parent))
-            os.replace(repo, old / "repo")
-            os.replace(tmp, repo)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, repo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                continue
+            shutil.copyfile(f.source, dest)  # type: ignore[arg-type]
+            if f.sha256 is not None and sha256_file(dest) != f.sha256:
+                raise NucleusExportError(
+                    f"{f.source} changed while the repository was written (its copy fails the recorded sha256).",
+                    "copy the bundle again from its source and rerun.",
+                )
 
 
 def _size(nbytes: int) -> str:

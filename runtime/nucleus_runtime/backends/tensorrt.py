@@ -178,19 +178,19 @@ class TensorRTBackend(Backend):
                 f"bundle {self.bundle_dir} has no TensorRT engines ({', '.join(missing)}).",
                 "build them with `nucleus-export build`, or run with --backend onnxruntime.",
             )
+        # The plugin library is native code that runs in this process: verified whatever verify_checksums says,
+        # before TensorRT is even imported, and loaded from the path the manifest records.
+        from nucleus_runtime import plugins
+
+        library = plugins.bundle_plugin_library(self.bundle_dir, self.manifest)
         if verify_checksums:
-            # The plugin library runs inside the engines: check it like the plans.
-            plugin = [self.manifest.plugins["library"]] if self.manifest.moe_lowering == "plugin" and self.manifest.plugins else []
-            verify_files(self.bundle_dir, self.manifest, plans + plugin)
+            verify_files(self.bundle_dir, self.manifest, plans)
         self.trt = _import_tensorrt(self.manifest)
         self.cudart = _import_cudart()
         self.name = self.trt.__name__
         self._check_gpu()
-        if self.manifest.moe_lowering == "plugin":
-            # Lazy: only bundles built with plugins need the library (and runtime/plugins.py).
-            from nucleus_runtime import plugins
-
-            plugins.load_plugin_library(self.bundle_dir, self.trt)
+        if library is not None:
+            plugins.load_plugin_library(library[0], self.trt, sha256=library[1])
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = self.trt.Runtime(self._logger)
         self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart)
