@@ -122,6 +122,10 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
 
     files: list[RepoFile] = []
     plugin_relpath: str | None = None
+    # Verified before they are parsed (for their external data), the rest of the copies once they are known.
+    verified = [f"{g}.onnx" for g in (TEXT_KV, DENOISER)] if options.platform == configs.ONNXRUNTIME else []
+    if options.verify_checksums:
+        verify_files(bundle_dir, manifest, verified)
     for graph, name in ((TEXT_KV, names.text_kv), (DENOISER, names.denoiser)):
         config = configs.graph_model_config(manifest, graph, name, options.platform, options.instances)
         files.append(RepoFile(f"{name}/{CONFIG_NAME}", text=config.to_pbtxt()))
@@ -146,14 +150,14 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     files.append(RepoFile(f"{version_dir}/model.py", source=Path(pipeline_model.__file__)))
     files.append(RepoFile(f"{version_dir}/{MANIFEST_NAME}", source=bundle_dir / MANIFEST_NAME))
     scheduler_config = bundle_dir / SCHEDULER_CONFIG_NAME
-    if scheduler_config.is_file():
+    if scheduler_config.is_file() or SCHEDULER_CONFIG_NAME in manifest.files:  # recorded: must be there
         files.append(RepoFile(f"{version_dir}/{SCHEDULER_CONFIG_NAME}", source=scheduler_config))
     files += _runtime_files(f"{version_dir}/nucleus_runtime")
 
     if options.verify_checksums:
         # Every file copied from the bundle (graphs, external data, engines, scheduler config) must be recorded.
         copied = [f.source.relative_to(bundle_dir).as_posix() for f in files if f.source is not None and f.source.is_relative_to(bundle_dir)]
-        verify_files(bundle_dir, manifest, [c for c in copied if c != MANIFEST_NAME])
+        verify_files(bundle_dir, manifest, [c for c in copied if c not in (MANIFEST_NAME, *verified)])
 
     plan = RepositoryPlan(names=names, platform=options.platform, files=files, plugin_library=plugin_relpath)
     files.append(RepoFile(README_NAME, text=serving_notes(plan)))
