@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     write_repository(plan, args.repo, force=args.force)
     logger.info("wrote %s (%s): %s", args.repo, args.platform, ", ".join(plan.configs()))
+    # The library in the repository is the bundle's, verified against the manifest when it was copied.
     print(f"tritonserver --model-repository={args.repo.absolute()}" + (
         f"  # with LD_PRELOAD={args.repo.absolute() / plan.plugin_library}" if plan.plugin_library else ""
     ))
