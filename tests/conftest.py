@@ -13,6 +13,8 @@ import pytest
 _OWN_CACHE = None if "NUCLEUS_EXPORT_CACHE" in os.environ else tempfile.mkdtemp(prefix="nucleus-export-test-cache-")
 if _OWN_CACHE is not None:
     os.environ["NUCLEUS_EXPORT_CACHE"] = _OWN_CACHE
+    # torch's compile cache would otherwise land in the system temp folder too.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_OWN_CACHE, "torchinductor"))
 
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest's hook signature

@@ -347,11 +347,22 @@ def fake_tensorrt(monkeypatch):
 
 
 def test_runtime_loads_the_recorded_library_after_verifying(bundle, fake_tensorrt):
+    """The library loaded is the one at the path the manifest records, not whatever sits at the default path."""
     backend, registry = fake_tensorrt
     make_plugin_bundle(bundle)
+    recorded = "engines/plugins/libnucleus_trt_plugins.so"
+    (bundle / recorded).parent.mkdir(parents=True)
+    shutil.move(bundle / PLUGIN_LIBRARY_PATH, bundle / recorded)
+    (bundle / PLUGIN_LIBRARY_PATH).write_bytes(FAKE_PLUGIN + b"decoy")  # unrecorded: must never be loaded
+
+    def edit(m: dict) -> None:
+        m["files"][recorded] = m["files"].pop(PLUGIN_LIBRARY_PATH)
+        m["plugins"]["library"] = recorded
+
+    edit_manifest(bundle, edit)
     with pytest.raises(NucleusError, match="could not load"):
         backend(bundle)
-    assert registry.loaded == [str((bundle / PLUGIN_LIBRARY_PATH).resolve())]
+    assert registry.loaded == [str((bundle / recorded).resolve())]
 
 
 @pytest.mark.parametrize("damage", PLUGIN_DAMAGES)
@@ -425,6 +436,15 @@ def test_bad_prompt_embeddings(case, which, bundle, prompts, tmp_path, capsys):
 def test_bad_guidance(guidance, bundle, prompts, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     assert_refused(command("run", bundle, out, prompts, "--guidance", guidance), capsys, out, match="guidance")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_bad_initial_latents(value, bundle, prompts, tmp_path, capsys):
+    latents = np.zeros((1, 64, 64), np.float32)  # 128x128 pixels: an 8x8 patch grid
+    latents[0, 5, 7] = value
+    path = _embeds(tmp_path, "latents", latents=latents)
+    out = tmp_path / "out.safetensors"
+    assert_refused(command("run", bundle, out, prompts, "--latents", str(path)), capsys, out, match="latents holds 1 NaN")
 
 
 def test_runtime_checks_are_shared_with_triton(tiny_bundle):
@@ -671,3 +691,18 @@ def test_atomic_writers_restore_the_sigterm_handler(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
     assert (tmp_path / "d" / "f").read_text() == "x" and _leftovers(tmp_path) == []
+
+
+def test_a_test_session_leaves_no_temporary_folders(tmp_path):
+    """conftest's private model cache is removed when the session ends (pytest's own basetemp aside)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("NUCLEUS_EXPORT_CACHE", "TORCHINDUCTOR_CACHE_DIR")}
+    env["TMPDIR"] = str(temp)
+    test = "tests/test_trust.py::test_safetensors_header_accepts_any_order_and_empty_tensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'base'}", test],
+        cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(temp.iterdir()) == []
