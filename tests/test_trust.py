@@ -476,6 +476,17 @@ def test_out_in_missing_folder_is_refused_and_not_created(bundle, prompts, tmp_p
     assert not out.parent.exists()
 
 
+@pytest.mark.parametrize("cmd", ["export", "triton"])
+def test_output_folder_in_missing_parent_is_refused_and_not_created(cmd, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "missing" / "out"
+    if cmd == "export":
+        argv = ["export", "--model", "tiny", "--out", str(out), "--resolutions", "128x128", "--max-text-len", "8"]
+    else:
+        argv = ["triton", "--bundle", str(tiny_bundle), "--repo", str(out), "--platform", "onnxruntime"]
+    assert_refused(argv, capsys, None, match="does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_prompt_file_is_not_called_a_shard(bundle, prompts, tmp_path, capsys):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")

@@ -54,7 +54,7 @@ def signals_raise() -> Iterator[None]:
     """While open, SIGTERM raises Terminated (SIGINT already raises KeyboardInterrupt). Nests; main thread only
     (Python runs signal handlers there; elsewhere, e.g. in a Triton model thread, the process keeps its handlers)."""
     global _depth, _previous_handler
-    if not _in_main_thread():
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # an ignored SIGTERM stays so
         yield
         return
     if _depth == 0:
@@ -65,13 +65,14 @@ def signals_raise() -> Iterator[None]:
     finally:
         _depth -= 1
         if _depth == 0:
-            signal.signal(signal.SIGTERM, _previous_handler)  # type: ignore[arg-type]
+            # None: a handler installed outside Python, which cannot be put back; the default is the closest.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if _previous_handler is None else _previous_handler)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
     """Hold SIGINT/SIGTERM back (they are delivered when this closes) around creating or removing a temporary."""
-    if not _in_main_thread():
+    if not _in_main_thread() or not hasattr(signal, "pthread_sigmask"):  # POSIX only
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
