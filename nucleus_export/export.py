@@ -161,6 +161,9 @@ def write_graph(
 
 
 def refuse_existing(out_dir: Path, force: bool) -> None:
+    """Refuse an output folder that exists (unless force) or whose parent does not (no folder is created for it)."""
+    if not Path(out_dir).absolute().parent.is_dir():
+        raise UsageError(f"the folder of --out {out_dir} does not exist.", "create it first, or choose another --out.")
     if Path(out_dir).exists() and not force:
         raise UsageError(f"output folder {out_dir} already exists.", "pass --force to overwrite it, or choose another --out.")
 

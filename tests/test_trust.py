@@ -19,12 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nucleus_runtime.bundle import (
+    MANIFEST_NAME,
+    file_record,
+    load_manifest,
+    sha256_file,
+)
+from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH
+from nucleus_runtime.errors import NucleusError
 from safetensors.numpy import save_file
 
 from nucleus_export.cli import main
-from nucleus_runtime.bundle import MANIFEST_NAME, file_record, load_manifest, sha256_file
-from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH
-from nucleus_runtime.errors import NucleusError
 
 TEXT_DIM = 64  # the tiny model's joint_attention_dim
 PLUGIN_NAMES_BLOB = b"\0".join(n.encode() for n in ("ExpertChoiceRouter", "MoECombine", "getCreators", "setLoggerFinder"))
@@ -455,7 +460,7 @@ def test_runtime_checks_are_shared_with_triton(tiny_bundle):
 
     manifest = load_manifest(tiny_bundle)
     scheduler = SchedulerConfig.from_file(tiny_bundle / "scheduler_config.json")
-    kwargs = dict(height=128, width=128, steps=1, seed=0)
+    kwargs = {"height": 128, "width": 128, "steps": 1, "seed": 0}
     with pytest.raises(NucleusError, match="NaN or infinite"):
         generate(None, manifest, scheduler, _nan(), guidance=1.0, **kwargs)
     with pytest.raises(NucleusError, match="guidance nan"):
@@ -483,7 +488,7 @@ def test_output_folder_in_missing_parent_is_refused_and_not_created(cmd, tiny_bu
         argv = ["export", "--model", "tiny", "--out", str(out), "--resolutions", "128x128", "--max-text-len", "8"]
     else:
         argv = ["triton", "--bundle", str(tiny_bundle), "--repo", str(out), "--platform", "onnxruntime"]
-    assert_refused(argv, capsys, None, match="does not exist")
+    assert_refused(argv, capsys, None, code=2, match="does not exist")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -558,7 +563,7 @@ def test_index_shard_symlink_outside_is_refused(checkpoint_copy, tmp_path):
     from nucleus_export.model.checkpoint import INDEX_NAME, open_checkpoint
 
     index = json.loads((checkpoint_copy / INDEX_NAME).read_text())
-    shard = checkpoint_copy / sorted(set(index["weight_map"].values()))[0]
+    shard = checkpoint_copy / min(index["weight_map"].values())
     outside = tmp_path / "outside.safetensors"
     shutil.move(shard, outside)
     shard.symlink_to(outside)
@@ -638,7 +643,7 @@ def signal_mid_write(request, monkeypatch):
         original = getattr(owner, attr)
 
         def write_then_signal(*args, **kwargs):
-            result = original(*args, **kwargs)
+            original(*args, **kwargs)  # the write happens, then the signal arrives
             os.kill(os.getpid(), request.param)
             time.sleep(1)  # the handler runs at the next bytecode; the sleep is never finished
             raise AssertionError("the signal did not interrupt the write")

@@ -288,7 +288,10 @@ latents = result.as_numpy("{pipeline_model.OUTPUT_LATENTS}")  # [1, S, 64] packe
 
 
 def check_target(repo: Path, force: bool) -> None:
-    """Refuse a non-empty target unless --force, and even then anything that is not a model repository."""
+    """Refuse a non-empty target unless --force, and even then anything that is not a model repository; refuse a
+    target whose parent folder does not exist (none is created for it)."""
+    if not repo.absolute().parent.is_dir():
+        raise UsageError(f"the folder of --repo {repo} does not exist.", "create it first, or choose another --repo.")
     if not repo.exists():
         return
     if not repo.is_dir():
