@@ -699,6 +699,18 @@ def test_signal_during_bundle_write_keeps_the_old_bundle(signal_mid_write, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and (out / "keep").read_text() == "old bundle"
 
 
+def test_signal_during_build_leaves_nothing(signal_mid_write, tiny_checkpoint, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed")
+    from nucleus_export.engines import pipeline
+    from nucleus_export.export import ExportOptions
+
+    signal_mid_write(pipeline, "write_bundle_files")
+    options = pipeline.BuildOptions(backend="tensorrt-rtx", quality=False)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.build_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(resolutions=[(128, 128)], max_text_len=8), options)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_writers_restore_the_sigterm_handler(tmp_path):
     from nucleus_runtime.atomic import atomic_dir, write_atomic
 
