@@ -102,7 +102,8 @@ def checkpoint_for(case: Case, workdir: Path) -> Path:
 
 def runtime_runners(bundle: Path, inputs: dict[str, np.ndarray], case: Case, threads: int, optimization: str) -> dict[str, Runner]:
     from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
-    from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, load_manifest
+    from nucleus_runtime.bundle import load_manifest
+    from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
     from nucleus_runtime.pipeline import generate
     from nucleus_runtime.scheduler import SchedulerConfig
     from nucleus_runtime.text_kv_cache import TextKVCache

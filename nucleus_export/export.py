@@ -11,17 +11,31 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+from nucleus_runtime import contract, rope
+from nucleus_runtime.atomic import atomic_dir
+from nucleus_runtime.bundle import (
+    Manifest,
+    Profiles,
+    TensorSpec,
+    file_record,
+    write_atomic,
+)
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import MANIFEST_NAME, SCHEDULER_CONFIG_NAME
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
+from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from rich.progress import Progress
 
 from nucleus_export import __version__
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.graph.builder import ONNX_TYPE_NAMES, ExternalDataWriter, GraphBuilder
+from nucleus_export.graph.builder import (
+    ONNX_TYPE_NAMES,
+    ExternalDataWriter,
+    GraphBuilder,
+)
 from nucleus_export.graph.denoiser import DenoiserBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.graph.precision import GraphPrecision
@@ -29,19 +43,6 @@ from nucleus_export.graph.text_kv import build_text_kv
 from nucleus_export.log import console
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
-from nucleus_runtime import contract, rope
-from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
-from nucleus_runtime.bundle import (
-    DENOISER,
-    MANIFEST_NAME,
-    SCHEDULER_CONFIG_NAME,
-    TEXT_KV,
-    Manifest,
-    Profiles,
-    TensorSpec,
-    file_record,
-    write_atomic,
-)
 
 logger = logging.getLogger("nucleus_export")
 
@@ -162,29 +163,18 @@ def write_graph(
 
 
 def refuse_existing(out_dir: Path, force: bool) -> None:
+    """Refuse an output folder that exists (unless force) or whose parent does not (no folder is created for it)."""
+    if not Path(out_dir).absolute().parent.is_dir():
+        raise UsageError(f"the folder of --out {out_dir} does not exist.", "create it first, or choose another --out.")
     if Path(out_dir).exists() and not force:
         raise UsageError(f"output folder {out_dir} already exists.", "pass --force to overwrite it, or choose another --out.")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces out_dir, on failure it is removed."""
-    out_dir = Path(out_dir)
+def atomic_output_dir(out_dir: Path, force: bool) -> contextlib.AbstractContextManager[Path]:
+    """A temporary sibling folder that replaces out_dir on success and is removed on failure or a signal (see
+    nucleus_runtime.atomic); an existing out_dir is refused unless force."""
     refuse_existing(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_dir(out_dir)
 
 
 def scheduler_config(checkpoint: Checkpoint) -> dict:

@@ -148,6 +148,8 @@ class Kernels:
     def __init__(self, path: Path):
         if not path.is_file():
             raise SystemExit(f"kernel library {path} not found: run plugins/gpu_check.sh (it compiles it)")
+        # The kernel library gpu_check.sh compiled a moment ago from this checkout (a developer's check, never a
+        # bundle file: bundle native code is loaded only after its checksum, see nucleus_runtime.plugins).
         lib = ctypes.CDLL(str(path))
         c_int, c_size, c_ptr, c_float, c_i64 = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64
         lib.nucleusExpertChoiceRouterCapacity.argtypes = [c_i64, c_i64, c_i64, c_i64]

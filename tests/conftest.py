@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Every test (and every CLI subprocess) uses a private cache, so tests never touch ~/.cache.
-os.environ.setdefault("NUCLEUS_EXPORT_CACHE", tempfile.mkdtemp(prefix="nucleus-export-test-cache-"))
+# Every test (and every CLI subprocess) uses a private cache, so tests never touch ~/.cache; the session removes it.
+_OWN_CACHE = None if "NUCLEUS_EXPORT_CACHE" in os.environ else tempfile.mkdtemp(prefix="nucleus-export-test-cache-")
+if _OWN_CACHE is not None:
+    os.environ["NUCLEUS_EXPORT_CACHE"] = _OWN_CACHE
+    # torch's compile cache would otherwise land in the system temp folder too.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_OWN_CACHE, "torchinductor"))
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest's hook signature
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 SMALL_RESOLUTIONS = [(128, 128), (96, 160), (160, 96)]
 

@@ -6,15 +6,21 @@ from __future__ import annotations
 import json
 
 import pytest
+from nucleus_runtime.bundle import load_manifest, verify_files
+from nucleus_runtime.errors import NucleusError
 
-from nucleus_export.engines.engine import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath, onnx_input_shapes, profile_shapes
-from nucleus_export.engines.pipeline import BuildOptions, build_bundle, prepare_graph
 from nucleus_export.cli import main
+from nucleus_export.engines.engine import (
+    BuildSettings,
+    EngineFromOnnx,
+    NetworkFromOnnxPath,
+    onnx_input_shapes,
+    profile_shapes,
+)
+from nucleus_export.engines.pipeline import BuildOptions, build_bundle, prepare_graph
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import ExportOptions
 from nucleus_export.graph.precision import GraphPrecision
-from nucleus_runtime.bundle import load_manifest, verify_files
-from nucleus_runtime.errors import NucleusError
 
 pytest.importorskip("tensorrt_rtx")
 
@@ -188,14 +194,15 @@ def test_plugin_graph_parses_only_with_the_plugin_library(bf16_build):
 
 def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
     """--moe plugin bundles ship the library at the path the runtime looks for, with its checksum in the manifest."""
-    from nucleus_export.engines.pipeline import bundle_plugin_library, refresh_manifest
     from nucleus_runtime.bundle import sha256_file
+
+    from nucleus_export.engines.pipeline import bundle_plugin_library, refresh_manifest
 
     library = tmp_path / "libcustom_name.so"
     library.write_bytes(b"stand-in for the plugin library")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    info = bundle_plugin_library(bundle, library)
+    info = bundle_plugin_library(bundle, library, sha256_file(library))
     manifest = refresh_manifest(bundle, bf16_build[1], moe_lowering="plugin", plugins=info)
     relpath = "plugins/libnucleus_trt_plugins.so"
     assert info == {"library": relpath, "sha256": sha256_file(library), "ops": ["ExpertChoiceRouter", "MoECombine"],

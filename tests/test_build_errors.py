@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from nucleus_export.cli import main
 from nucleus_export.engines import backends
 from nucleus_export.engines.backends import resolve_backend
 from nucleus_export.engines.engine import profile_shapes, validate_dim_ranges
-from nucleus_export.cli import main
 from nucleus_export.errors import NucleusExportError, UsageError
 
 pytest.importorskip("tensorrt_rtx")
@@ -123,8 +123,9 @@ def test_registry_without_the_nucleus_ops(tmp_path):
     """The build's loading is the runtime's: a registry without the creators lists both missing nucleus ops."""
     from types import SimpleNamespace
 
-    from nucleus_export.engines.engine import load_plugins
     from nucleus_runtime.plugins import ENTRY_SYMBOLS, PLUGIN_NAMES
+
+    from nucleus_export.engines.engine import load_plugins
 
     library = tmp_path / "libnucleus_trt_plugins.so"
     elf_shared_object = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + (3).to_bytes(2, "little")

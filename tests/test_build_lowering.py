@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from onnx import TensorProto, helper, numpy_helper
 
-from nucleus_export.parity.emulation import emulate_bf16_in_fp32
 from nucleus_export.engines.lowering import (
     COMBINE_OP,
     MOE_OPS,
@@ -21,8 +22,7 @@ from nucleus_export.engines.lowering import (
     lower_moe_native,
     prepare_for_plugins,
 )
-from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from nucleus_export.parity.emulation import emulate_bf16_in_fp32
 
 # Ops TensorRT's parser rejects or cannot build with a dynamic S: none may survive the native lowering.
 FORBIDDEN_AFTER_LOWERING = {"OneHot", "NonZero", "Loop", "If"}

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from nucleus_runtime.bundle import load_manifest, verify_files
 
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
@@ -17,9 +18,6 @@ from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.tiny import write_checkpoint
 from nucleus_export.parity.cases import make_cases
 from nucleus_export.parity.check import check_parity
-from nucleus_runtime.bundle import load_manifest, verify_files
-
-
 
 SMALL_RESOLUTIONS = [(128, 128), (96, 160), (160, 96)]  # as the tiny_bundle fixture
 OPTIONS = dict(resolutions=SMALL_RESOLUTIONS, max_text_len=64, opt_text_len=16)

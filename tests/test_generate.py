@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.scheduler import SchedulerConfig
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 from toy_pipeline import allow_processor_without_torchvision, ensure_toy_pipeline
@@ -20,11 +25,6 @@ from nucleus_export.commands.generate import Request, Timings, text_to_image
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.tiny import ensure_tiny_checkpoint
-from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
-from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
-from nucleus_runtime.errors import NucleusError
-from nucleus_runtime.scheduler import SchedulerConfig
 
 RESOLUTIONS = [(128, 128), (96, 160)]
 STEPS = 3

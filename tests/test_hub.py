@@ -9,13 +9,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 
 from nucleus_export.cli import main
 from nucleus_export.commands.generate import resolve_pipeline
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.model.checkpoint import open_model
-from nucleus_export.model.hub import PIPELINE_FOLDERS, TRANSFORMER_FOLDERS, fetch_snapshot, is_hub_id
-from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
+from nucleus_export.model.hub import (
+    PIPELINE_FOLDERS,
+    TRANSFORMER_FOLDERS,
+    fetch_snapshot,
+    is_hub_id,
+)
 
 REPO = "NucleusAI/NucleusMoE-Image"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -89,7 +89,9 @@ torch = pytest.importorskip("torch")
 
 
 def _diffusers_layer(hidden: int, inter: int, experts: int, capacity_factor: float, sigmoid: bool, scale: float):
-    from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoELayer
+    from diffusers.models.transformers.transformer_nucleusmoe_image import (
+        NucleusMoELayer,
+    )
 
     layer = NucleusMoELayer(
         hidden_size=hidden,
@@ -240,6 +242,7 @@ def test_reference_rejects_bad_arguments():
 # 3. nucleus_runtime.plugins: clear errors for bad plugin libraries.
 
 from nucleus_runtime import plugins as rt_plugins  # noqa: E402
+from nucleus_runtime.bundle import sha256_file
 from nucleus_runtime.errors import NucleusError  # noqa: E402
 
 
@@ -315,15 +318,21 @@ def test_load_plugin_library_through_registry(tmp_path: Path):
             return self.handle
 
     registry = Registering(handle=object(), creators={})
-    assert rt_plugins.load_plugin_library(lib, _FakeTrt(registry)) == lib.resolve()
+    sha = sha256_file(lib)
+    with pytest.raises(NucleusError, match="without a checksum"):
+        rt_plugins.load_plugin_library(lib, _FakeTrt(registry))
+    with pytest.raises(NucleusError, match="not the recorded"):
+        rt_plugins.load_plugin_library(lib, _FakeTrt(registry), sha256="0" * 64)
+    assert registry.loaded == []
+    assert rt_plugins.load_plugin_library(lib, _FakeTrt(registry), sha256=sha) == lib.resolve()
     assert registry.loaded == [str(lib.resolve())]
-    rt_plugins.load_plugin_library(lib, _FakeTrt(registry))  # already registered: not loaded twice
+    rt_plugins.load_plugin_library(lib, _FakeTrt(registry), sha256=sha)  # already registered: not loaded twice
     assert len(registry.loaded) == 1
 
     with pytest.raises(NucleusError, match="refused"):
-        rt_plugins.load_plugin_library(lib, _FakeTrt(_FakeRegistry(handle=None, creators={})))
+        rt_plugins.load_plugin_library(lib, _FakeTrt(_FakeRegistry(handle=None, creators={})), sha256=sha)
     with pytest.raises(NucleusError, match="no creator for ExpertChoiceRouter, MoECombine"):
-        rt_plugins.load_plugin_library(lib, _FakeTrt(_FakeRegistry(handle=object(), creators={})))
+        rt_plugins.load_plugin_library(lib, _FakeTrt(_FakeRegistry(handle=object(), creators={})), sha256=sha)
 
 
 def test_real_registry_reports_library_without_creators(tmp_path: Path):
@@ -341,7 +350,7 @@ def test_real_registry_reports_library_without_creators(tmp_path: Path):
     lib = tmp_path / rt_plugins.LIBRARY_NAME
     subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
     with pytest.raises(NucleusError, match="no creator for|refused|could not load"):
-        rt_plugins.load_plugin_library(lib, trt)
+        rt_plugins.load_plugin_library(lib, trt, sha256=sha256_file(lib))
 
 
 # ---------------------------------------------------------------------------------------------------------------

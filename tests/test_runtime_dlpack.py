@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from nucleus_runtime import dlpack
 from nucleus_runtime.errors import NucleusError
 

@@ -10,6 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.pipeline import generate
+from nucleus_runtime.scheduler import SchedulerConfig
+from nucleus_runtime.text_kv_cache import TextKVCache
 from safetensors.numpy import load_file, save_file
 
 from nucleus_export.cli import main
@@ -17,12 +24,6 @@ from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.reference import load_reference
 from nucleus_export.model.tiny import ensure_tiny_checkpoint
-from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
-from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, load_manifest
-from nucleus_runtime.errors import NucleusError
-from nucleus_runtime.pipeline import generate
-from nucleus_runtime.scheduler import SchedulerConfig
-from nucleus_runtime.text_kv_cache import TextKVCache
 
 RESOLUTIONS = [(128, 128), (160, 96)]
 STEPS = 3

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-
 from nucleus_runtime.errors import NucleusError
-from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG, SchedulerConfig, calculate_shift, make_schedule
+from nucleus_runtime.scheduler import (
+    DEFAULT_SCHEDULER_CONFIG,
+    SchedulerConfig,
+    calculate_shift,
+    make_schedule,
+)
 
 CONFIGS = [
     DEFAULT_SCHEDULER_CONFIG,

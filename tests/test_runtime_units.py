@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import NucleusMoEImagePipeline
-
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.bundle import Manifest, Profiles
 from nucleus_runtime.errors import NucleusError
@@ -17,7 +16,6 @@ from nucleus_runtime.latents import initial_noise, pack_latents, unpack_latents
 from nucleus_runtime.pipeline import generate, guidance_combine
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG, SchedulerConfig
 from nucleus_runtime.text_kv_cache import TextKVCache, text_kv_key
-
 
 # ---- latents ---------------------------------------------------------------------------------------------------
 

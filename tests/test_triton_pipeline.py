@@ -19,18 +19,22 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import pytest
+from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.triton import model as pipeline_model
+from nucleus_runtime.triton.model import OUTPUT_LATENTS, PipelineCore
 from safetensors.numpy import load_file, save_file
 
 from nucleus_export.cli import main
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.triton import schema
-from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.configs import BLS, ONNXRUNTIME
-from nucleus_runtime.triton.model import OUTPUT_LATENTS, PipelineCore
-from nucleus_export.triton.repository import TritonOptions, plan_repository, write_repository
-from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
-from nucleus_runtime.errors import NucleusError
+from nucleus_export.triton.repository import (
+    TritonOptions,
+    plan_repository,
+    write_repository,
+)
 
 HEIGHT, WIDTH, STEPS, GUIDANCE, SEED = 128, 256, 3, 4.0, 7
 

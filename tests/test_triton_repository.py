@@ -20,6 +20,11 @@ from pathlib import Path
 
 import onnx
 import pytest
+from nucleus_runtime.backends.factory import open_backend
+from nucleus_runtime.bundle import file_record
+from nucleus_runtime.contract import MANIFEST_NAME
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.triton import model as pipeline_model
 from onnx import TensorProto
 
 from nucleus_export.cli import build_parser, main
@@ -28,12 +33,14 @@ from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.triton import schema
-from nucleus_runtime.triton import model as pipeline_model
 from nucleus_export.triton.configs import BLS, INPROCESS, ONNXRUNTIME, TENSORRT_PLAN
 from nucleus_export.triton.names import ModelNames, validate_model_name
-from nucleus_export.triton.repository import RepoFile, TritonOptions, plan_repository, write_repository
-from nucleus_runtime.backends.factory import open_backend
-from nucleus_runtime.bundle import MANIFEST_NAME, file_record
+from nucleus_export.triton.repository import (
+    RepoFile,
+    TritonOptions,
+    plan_repository,
+    write_repository,
+)
 
 pb2 = schema.load_model_config_pb2()
 pytestmark = pytest.mark.skipif(pb2 is None, reason="tritonclient (Triton's ModelConfig schema) is not installed")
@@ -80,7 +87,8 @@ def with_engines(bundle: Path, dest: Path, plugins: bool, backend: str = "tensor
     if plugins:
         (dest / "plugins").mkdir()
         (dest / PLUGIN_LIB).write_bytes(b"\x7fELF placeholder")
-        manifest["plugins"] = {"library": PLUGIN_LIB}
+        manifest["files"][PLUGIN_LIB] = file_record(dest, PLUGIN_LIB)
+        manifest["plugins"] = {"library": PLUGIN_LIB, "sha256": manifest["files"][PLUGIN_LIB]["sha256"]}
         manifest["moe_lowering"] = "plugin"
     (dest / MANIFEST_NAME).write_text(json.dumps(manifest))
     return dest
@@ -167,8 +175,9 @@ def test_inprocess_is_one_model_owning_the_bundle_files(bundle, tmp_path, platfo
 
 
 def test_text_kv_bytes_per_token_of_the_real_model(bundle):
-    from nucleus_export.triton.serving import text_kv_bytes_per_token
     from nucleus_runtime.bundle import TensorSpec, load_manifest
+
+    from nucleus_export.triton.serving import text_kv_bytes_per_token
 
     manifest = load_manifest(bundle)
     # The real model: 32 blocks, 4 K/V heads x 128, bf16 text K/V; CFG as a batch of 2.
@@ -235,7 +244,7 @@ def test_plugin_bundle_without_library_is_refused(bundle, tmp_path):
     (built / PLUGIN_LIB).unlink()
     with pytest.raises(NucleusExportError, match="plugin library"):
         plan_repository(built, TritonOptions(layout=BLS, platform=TENSORRT_PLAN))
-    with pytest.raises(NucleusExportError, match=f"no file {PLUGIN_LIB}"):
+    with pytest.raises(NucleusError, match=f"{PLUGIN_LIB} is missing"):
         plan_repository(built, TritonOptions(layout=INPROCESS, platform=TENSORRT_PLAN))
 
 

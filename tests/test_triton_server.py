@@ -41,7 +41,11 @@ from safetensors.numpy import load_file, save_file
 from nucleus_export.cli import main
 from nucleus_export.triton import serving
 from nucleus_export.triton.configs import BLS, INPROCESS, ONNXRUNTIME
-from nucleus_export.triton.repository import TritonOptions, plan_repository, write_repository
+from nucleus_export.triton.repository import (
+    TritonOptions,
+    plan_repository,
+    write_repository,
+)
 
 PIPELINE = "nucleus_pipeline"
 THREADS = 1

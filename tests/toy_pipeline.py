@@ -65,7 +65,9 @@ def allow_processor_without_torchvision() -> Iterator[None]:
 def _processor() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     video = importlib.import_module("transformers.models.qwen3_vl.video_processing_qwen3_vl")
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
@@ -113,12 +115,16 @@ def _text_encoder(vocab: dict[str, int], text_dim: int) -> Any:
 def write_toy_pipeline(out_dir: Path) -> Path:
     """Write the toy pipeline folder (model_index.json, transformer/, text_encoder/, processor/, vae/, scheduler/)."""
     import torch
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        NucleusMoEImagePipeline,
+    )
+    from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 
     from nucleus_export.model.checkpoint import open_checkpoint
     from nucleus_export.model.reference import load_reference
     from nucleus_export.model.tiny import TINY_CONFIG, ensure_tiny_checkpoint
-    from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 
     torch.manual_seed(SEED)
     with allow_processor_without_torchvision():

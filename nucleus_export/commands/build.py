@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nucleus_export.engines.backends import BACKEND_CHOICES
-from nucleus_export.engines.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, validate_moe_options
+from nucleus_runtime.contract import precision_label
+
+from nucleus_export.cache import cache_root
 from nucleus_export.commands.common import (
     add_export_arguments,
     add_model_argument,
@@ -14,12 +15,18 @@ from nucleus_export.commands.common import (
     bundle_path,
     export_options,
 )
+from nucleus_export.engines.backends import BACKEND_CHOICES
+from nucleus_export.engines.pipeline import (
+    MOE_NATIVE,
+    MOE_PLUGIN,
+    BuildOptions,
+    build_bundle,
+    validate_moe_options,
+)
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import refuse_existing
 from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
 from nucleus_export.model.checkpoint import open_model
-from nucleus_export.cache import cache_root
-from nucleus_runtime.contract import precision_label
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

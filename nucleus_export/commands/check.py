@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nucleus_export.parity.quality import quality_report, tolerance_for
+from nucleus_runtime.bundle import load_manifest, verify_files
+from nucleus_runtime.contract import GRAPHS, precision_label
+
+from nucleus_export.commands.common import add_expect_manifest_argument
+from nucleus_export.errors import NucleusExportError
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.parity.check import Tolerance, write_report
-from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.contract import precision_label
+from nucleus_export.parity.quality import quality_report, tolerance_for
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -28,11 +31,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--max-rel-error", type=float, help="relative error tolerance (default by precision)")
     parser.add_argument("--min-cosine", type=float, help="minimum cosine similarity (default by precision)")
     parser.add_argument("--min-routing-agreement", type=float, help="minimum routing agreement, 0..1 (default by precision)")
+    add_expect_manifest_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.bundle)
+    manifest = load_manifest(args.bundle, args.expect_manifest_sha256)
+    # Checksums first: a changed or missing file is a one-line error in a second, not a slow parity failure.
+    verify_files(args.bundle, manifest, sorted({*(f"{g}.onnx" for g in GRAPHS), *manifest.files}))
     fp8 = manifest.quantization is not None
     defaults = tolerance_for(manifest.precision, fp8)
     tolerance = Tolerance(
@@ -46,4 +52,13 @@ def run(args: argparse.Namespace) -> int:
     for line in report.summary_lines():
         print(line)
     print(f"wrote {path}")
-    return 0 if report.passed else 1
+    if not report.passed:
+        w = report.worst
+        raise NucleusExportError(
+            f"the bundle's graphs differ from the model over tolerance (worst rel err {w['sample_relative_error']:.3e} "
+            f"vs {tolerance.max_relative_error:g}, min cosine {w['sample_cosine']:.6f} vs {tolerance.min_cosine:g}, "
+            f"routing agreement {100 * w['routing_agreement']:.2f}% vs {100 * tolerance.min_routing_agreement:g}%; "
+            f"details in {path}).",
+            "check that --model is the checkpoint the bundle was exported from; if it is, export the bundle again.",
+        )
+    return 0

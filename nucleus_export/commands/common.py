@@ -5,9 +5,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nucleus_runtime.bundle import check_sha256_hex
+from nucleus_runtime.errors import NucleusError
+
 from nucleus_export.export import ExportOptions
 from nucleus_export.graph.precision import COMPUTE_DTYPES, GraphPrecision
-from nucleus_export.resolutions import DEFAULT_BASE, aspect_resolutions, parse_resolutions
+from nucleus_export.resolutions import (
+    DEFAULT_BASE,
+    aspect_resolutions,
+    parse_resolutions,
+)
+
+
+def _sha256_argument(value: str) -> str:
+    try:
+        return check_sha256_hex(value)
+    except NucleusError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+
+
+def add_expect_manifest_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expect-manifest-sha256",
+        type=_sha256_argument,
+        metavar="HEX",
+        help="refuse the bundle unless manifest.json has this sha256 (`sha256sum BUNDLE/manifest.json` where you "
+        "trust it). The manifest records every file's checksum, so this pins the whole bundle, plugins included",
+    )
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

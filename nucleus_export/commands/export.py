@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from nucleus_export.commands.common import add_export_arguments, add_model_argument, add_out_argument, bundle_path, export_options
+from nucleus_export.commands.common import (
+    add_export_arguments,
+    add_model_argument,
+    add_out_argument,
+    bundle_path,
+    export_options,
+)
 from nucleus_export.export import export_bundle
 from nucleus_export.model.checkpoint import open_model
 

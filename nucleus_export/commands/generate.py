@@ -22,17 +22,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.integrations.runtime_backend import AUTO, BACKEND_CHOICES, open_backend
-from nucleus_export.log import track
-from nucleus_export.model.hub import MODEL_INDEX, PIPELINE_FOLDERS, fetch_snapshot, is_hub_id
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
 from nucleus_runtime.pipeline import generate
 from nucleus_runtime.scheduler import SchedulerConfig
 from nucleus_runtime.text_kv_cache import TextKVCache
+
+from nucleus_export.errors import NucleusExportError, UsageError
+from nucleus_export.integrations.runtime_backend import (
+    AUTO,
+    BACKEND_CHOICES,
+    open_backend,
+)
+from nucleus_export.log import track
+from nucleus_export.model.hub import (
+    MODEL_INDEX,
+    PIPELINE_FOLDERS,
+    fetch_snapshot,
+    is_hub_id,
+)
 
 logger = logging.getLogger("nucleus_export")
 

@@ -12,7 +12,12 @@ from rich.table import Table
 from nucleus_export.commands.common import add_model_argument
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.model.summary import summarize
-from nucleus_export.resolutions import DEFAULT_BASE, aspect_resolutions, parse_resolutions, patch_grid
+from nucleus_export.resolutions import (
+    DEFAULT_BASE,
+    aspect_resolutions,
+    parse_resolutions,
+    patch_grid,
+)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -7,23 +7,24 @@ latents [B,S,64] as `latents`. Decoding them to pixels (the VAE) is outside the 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from nucleus_runtime.atomic import atomic_file
+from nucleus_runtime.backends import factory
+from nucleus_runtime.backends.base import Backend
+from nucleus_runtime.bundle import load_manifest, verify_files
+from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.pipeline import check_guidance, check_text, generate
+from nucleus_runtime.scheduler import SchedulerConfig
+from nucleus_runtime.text_kv_cache import TextKVCache
 
+from nucleus_export.commands.common import add_expect_manifest_argument
 from nucleus_export.errors import UsageError
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import WeightStore, read_safetensors_header
-from nucleus_runtime.backends import factory
-from nucleus_runtime.backends.base import Backend
-from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, load_manifest, verify_files
-from nucleus_runtime.errors import NucleusError
-from nucleus_runtime.pipeline import generate
-from nucleus_runtime.scheduler import SchedulerConfig
-from nucleus_runtime.text_kv_cache import TextKVCache
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -49,7 +50,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
     parser.add_argument("--no-text-kv-cache", action="store_true", help="recompute text K/V at every step (same result, slower)")
-    parser.add_argument("--skip-checksums", action="store_true", help="do not check bundle files against the manifest")
+    parser.add_argument(
+        "--skip-checksums",
+        action="store_true",
+        help="do not check the graphs and engines against the manifest (a plugin library is always checked)",
+    )
+    add_expect_manifest_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -57,7 +63,7 @@ def read_tensors(path: Path, required: tuple[str, ...], optional: tuple[str, ...
     """Named tensors from a safetensors file (any dtype the checkpoint reader knows, bf16 included)."""
     if not path.is_file():
         raise UsageError(f"input file {path} does not exist.", "pass an existing .safetensors file.")
-    store = WeightStore(read_safetensors_header(path))
+    store = WeightStore(read_safetensors_header(path, role="input file"))
     missing = [name for name in required if name not in store]
     if missing:
         raise NucleusError(
@@ -67,18 +73,19 @@ def read_tensors(path: Path, required: tuple[str, ...], optional: tuple[str, ...
     return {name: store.read(name) for name in required + optional if name in store}
 
 
+def check_out_path(path: Path) -> None:
+    """Refuse an --out that cannot be written before any work is done (its folder must exist: none is created)."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder.", "pass a file path such as latents.safetensors.")
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"the folder of --out {path} does not exist.", "create it first, or choose another --out.")
+
+
 def write_latents(path: Path, latents: np.ndarray, metadata: dict[str, str]) -> None:
     from safetensors.numpy import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"latents": np.ascontiguousarray(latents)}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({"latents": np.ascontiguousarray(latents)}, str(tmp), metadata=metadata)
 
 
 def open_backend(args: argparse.Namespace, bundle: Path, manifest) -> Backend:  # noqa: ANN001 - Manifest
@@ -88,7 +95,8 @@ def open_backend(args: argparse.Namespace, bundle: Path, manifest) -> Backend:  
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.bundle)
+    check_out_path(args.out)
+    manifest = load_manifest(args.bundle, args.expect_manifest_sha256)
     if not args.skip_checksums:
         verify_files(args.bundle, manifest, [SCHEDULER_CONFIG_NAME])
     scheduler = SchedulerConfig.from_file(args.bundle / SCHEDULER_CONFIG_NAME)
@@ -100,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
         negative = read_tensors(args.negative_prompt_embeds, ("prompt_embeds",), ("prompt_embeds_mask",))
     latents = read_tensors(args.latents, ("latents",))["latents"] if args.latents else None
     seed = None if latents is not None else (args.seed if args.seed is not None else 0)
+    # The runtime's own checks (generate repeats them), run before the backend loads so bad inputs fail in a moment.
+    check_guidance(args.guidance)
+    text_dim = manifest.model_config["joint_attention_dim"]
+    for tensors, name in ((prompt, "prompt_embeds"), (negative, "negative_prompt_embeds")):
+        if tensors:
+            tensors["prompt_embeds"], tensors["prompt_embeds_mask"] = check_text(
+                name, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"), text_dim
+            )
 
     backend = open_backend(args, args.bundle, manifest)
     cache = None if args.no_text_kv_cache else TextKVCache()

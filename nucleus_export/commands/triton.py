@@ -6,9 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from nucleus_export.triton import configs, schema, serving
-from nucleus_export.triton.repository import TritonOptions, check_target, plan_repository, write_repository
 from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
+
+from nucleus_export.commands.common import add_expect_manifest_argument
+from nucleus_export.triton import configs, schema, serving
+from nucleus_export.triton.repository import (
+    TritonOptions,
+    check_target,
+    plan_repository,
+    write_repository,
+)
 
 logger = logging.getLogger("nucleus_export")
 
@@ -64,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     )
     p.add_argument("--dry-run", action="store_true", help="print the tree and every config.pbtxt; write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing model repository at --repo")
+    add_expect_manifest_argument(p)
     p.set_defaults(func=run)
 
 
@@ -76,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         queue_timeout_us=args.max_queue_delay_us,
         name_prefix=args.name_prefix,
         text_kv_cache_bytes=max(0, args.text_kv_cache_mib) << 20,
+        expect_manifest_sha256=args.expect_manifest_sha256,
     )
     # Refuse a non-empty --repo before reading (and checksumming) a possibly large bundle.
     if not args.dry_run:

@@ -15,8 +15,9 @@ import logging
 import os
 from types import ModuleType
 
-from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_runtime.contract import TENSORRT, TENSORRT_MODULES, TENSORRT_RTX
+
+from nucleus_export.errors import NucleusExportError, UsageError
 
 logger = logging.getLogger("nucleus_export")
 
@@ -72,6 +73,8 @@ def cuda_device_count() -> int:
     Asks the driver API directly (libcuda's cuInit/cuDeviceGetCount) so the check needs neither torch.cuda nor
     cuda-python and never creates a context on the device. CUDA_VISIBLE_DEVICES is honoured by the driver itself.
     """
+    # The system's CUDA driver, found by the dynamic loader like any CUDA program finds it; never a bundle file
+    # (bundle native code, the plugin library, is loaded only after its checksum: nucleus_runtime.plugins).
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             lib = ctypes.CDLL(name)

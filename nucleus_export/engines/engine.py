@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from nucleus_runtime.bundle import sha256_file, write_atomic
+from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.plugins import find_plugin_library, load_plugin_library
 
 from nucleus_export.engines.backends import Backend
 from nucleus_export.errors import NucleusExportError
-from nucleus_runtime.bundle import write_atomic
-from nucleus_runtime.errors import NucleusError
-from nucleus_runtime.plugins import load_plugin_library
 
 logger = logging.getLogger("nucleus_export")
 
@@ -213,17 +213,21 @@ def inspect_network(network: Any) -> NetworkReport:
 # ---- plugins ----------------------------------------------------------------------------------------------------
 
 
-def load_plugins(backend: Backend, library: Path) -> Path:
+def load_plugins(backend: Backend, library: Path) -> tuple[Path, str]:
     """Check the nucleus plugin library and register its creators with the backend's plugin registry.
 
     The checks and the loading are the runtime's (nucleus_runtime.plugins), so a library the build accepts is one
     the runtime accepts. Its errors say how to build the library; the build adds its alternative, the native lowering.
+    The checksum taken here, before loading, is the one the bundle records: the copy shipped in the bundle is then
+    verified against it, so the bundle carries exactly the bytes the engines were built with.
 
     Returns:
-        The resolved library path.
+        The resolved library path and its sha256.
     """
     try:
-        return load_plugin_library(library, backend.trt)
+        path = find_plugin_library(library)
+        sha256 = sha256_file(path)
+        return load_plugin_library(path, backend.trt, sha256=sha256), sha256
     except NucleusError as exc:
         fix = f"{exc.fix.rstrip('.')}; or use --moe native." if exc.fix else "use --moe native."
         raise NucleusExportError(exc.problem, fix) from exc

@@ -20,9 +20,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
-from nucleus_export.graph.moe_ops import emit_capacity
 from nucleus_runtime.contract import (
     ATTR_CAPACITY_DENOMINATOR,
     ATTR_CAPACITY_NUMERATOR,
@@ -37,6 +34,9 @@ from nucleus_runtime.contract import (
 )
 from nucleus_runtime.contract import CUSTOM_OPS as MOE_OPS
 from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
+from onnx import TensorProto, helper, numpy_helper
+
+from nucleus_export.graph.moe_ops import emit_capacity
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from nucleus_runtime.bundle import Manifest, file_record, sha256_file, write_atomic
+from nucleus_runtime.contract import GRAPHS, MANIFEST_NAME, PLUGIN_LIBRARY_PATH
+from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 from nucleus_export.engines.backends import Backend, resolve_backend
 from nucleus_export.engines.engine import (
@@ -30,9 +33,6 @@ from nucleus_export.engines.lowering import lower_moe_native, prepare_for_plugin
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
 from nucleus_export.log import PhaseProgress, console
-from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
-from nucleus_runtime.contract import PLUGIN_LIBRARY_PATH
-from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
@@ -152,15 +152,20 @@ def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[s
     }
 
 
-def bundle_plugin_library(bundle_dir: Path, library: Path) -> dict[str, Any]:
-    """Copy the plugin library into the bundle; returns the manifest's `plugins` record (its sha256 is also in
-    `files`, so verify_files covers it like any other bundle file)."""
+def bundle_plugin_library(bundle_dir: Path, library: Path, sha256: str) -> dict[str, Any]:
+    """Copy the plugin library the engines were built with into the bundle and verify the copy against the checksum
+    taken before loading; returns the manifest's `plugins` record (the file's sha256 is also in `files`)."""
     target = bundle_dir / PLUGIN_LIBRARY_PATH
     target.parent.mkdir(exist_ok=True)
     shutil.copy2(library, target)
+    if sha256_file(target) != sha256:
+        raise NucleusExportError(
+            f"the plugin library {library} changed while the engines were built (its copy has another sha256).",
+            "build again, and leave the library alone while the build runs.",
+        )
     return {
         "library": PLUGIN_LIBRARY_PATH,
-        "sha256": sha256_file(target),
+        "sha256": sha256,
         "ops": list(PLUGIN_NAMES),
         "namespace": PLUGIN_NAMESPACE,
         "version": PLUGIN_VERSION,
@@ -195,12 +200,12 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
     plugin_library = None
     if options.moe == MOE_PLUGIN:
         assert options.plugin_library is not None
-        plugin_library = load_plugins(backend, options.plugin_library)
+        plugin_library = load_plugins(backend, options.plugin_library)  # (path, sha256)
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force) as tmp:
         manifest = write_bundle_files(tmp, checkpoint, export_options)
         reports = build_engines(tmp, manifest, backend, options)
-        plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, plugin_library)
+        plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, *plugin_library)
         parity = None
         if options.quality:
             parity = run_quality_report(checkpoint, tmp, export_options)
@@ -230,9 +235,9 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
 
 def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions) -> Any:
     """parity.json: the bundle's graphs (bf16 emulated, FP8 Q/DQ as is) in ORT vs diffusers' fp32 forward."""
-    from nucleus_export.parity.quality import quality_report
     from nucleus_export.log import stage
     from nucleus_export.parity.check import write_report
+    from nucleus_export.parity.quality import quality_report
 
     precision = export_options.precision
     with stage("quality report (ONNX Runtime CPU vs diffusers float32)"):

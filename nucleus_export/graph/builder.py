@@ -15,10 +15,9 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
-
 from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
 from nucleus_runtime.contract import DOMAIN_VERSION as NUCLEUS_DOMAIN_VERSION
+from onnx import TensorProto, helper
 
 OPSET = 20
 

@@ -6,13 +6,13 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+from nucleus_runtime import contract
 from onnx import TensorProto
 
 from nucleus_export.graph import moe_ops
 from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.model.config import ModelConfig
-from nucleus_runtime import contract
 
 B, S, T = contract.BATCH_DIM, contract.IMAGE_TOKENS_DIM, contract.TEXT_LEN_DIM
 MASK_BIAS = -1e30  # exp underflows to exactly 0 in float32, like SDPA's boolean mask

@@ -9,10 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx
-from onnx import TensorProto, helper
-
-from nucleus_export.graph.builder import NUCLEUS_DOMAIN, OPSET, GraphBuilder
-
 from nucleus_runtime.contract import (
     ATTR_CAPACITY_DENOMINATOR,
     ATTR_CAPACITY_NUMERATOR,
@@ -23,6 +19,9 @@ from nucleus_runtime.contract import (
     ROUTER_OP,
     SCORE_FUNCTIONS,
 )
+from onnx import TensorProto, helper
+
+from nucleus_export.graph.builder import NUCLEUS_DOMAIN, OPSET, GraphBuilder
 
 # Emits one node (op type, inputs, output-name hint) and returns the name of its output.
 NodeEmitter = Callable[[str, list[str], str], str]

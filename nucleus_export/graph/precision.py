@@ -8,10 +8,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from nucleus_runtime.contract import precision_label
 from onnx import TensorProto
 
 from nucleus_export.errors import NucleusExportError
-from nucleus_runtime.contract import precision_label
 
 COMPUTE_DTYPES: dict[str, tuple[int, np.dtype]] = {
     "fp32": (TensorProto.FLOAT, np.dtype(np.float32)),

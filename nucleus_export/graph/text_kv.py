@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from nucleus_runtime import contract
 from onnx import TensorProto
 
 from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.model.config import ModelConfig
-from nucleus_runtime import contract
 
 B, T = contract.BATCH_DIM, contract.TEXT_LEN_DIM
 

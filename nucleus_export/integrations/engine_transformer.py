@@ -31,8 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from nucleus_export.integrations.runtime_backend import AUTO, open_backend
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.backends.onnxruntime import CUDA_EP
 from nucleus_runtime.bundle import Manifest, load_manifest
@@ -48,6 +46,8 @@ from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.pipeline import cache_namespace, check_text
 from nucleus_runtime.rope import image_rope, text_rope
 from nucleus_runtime.text_kv_cache import TextKVCache, text_kv_key
+
+from nucleus_export.integrations.runtime_backend import AUTO, open_backend
 
 # Input dtypes accepted: the graphs take float32, and these widen to it exactly.
 IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -13,7 +13,14 @@ from pathlib import Path
 from nucleus_runtime.backends import factory
 from nucleus_runtime.backends.base import Backend
 from nucleus_runtime.bundle import Manifest
-from nucleus_runtime.contract import DENOISER_GRAPH, ONNXRUNTIME, TENSORRT, TENSORRT_MODULES, TEXT_KV_GRAPH, plan_file
+from nucleus_runtime.contract import (
+    DENOISER_GRAPH,
+    ONNXRUNTIME,
+    TENSORRT,
+    TENSORRT_MODULES,
+    TEXT_KV_GRAPH,
+    plan_file,
+)
 from nucleus_runtime.errors import NucleusError
 
 logger = logging.getLogger("nucleus_export")

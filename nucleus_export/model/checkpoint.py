@@ -19,6 +19,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from nucleus_runtime.bundle import inside
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.model.config import ModelConfig
@@ -58,45 +59,78 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors header and check that every tensor lies inside the file."""
+def read_safetensors_header(path: Path, role: str = "shard") -> dict[str, TensorInfo]:
+    """Parse one safetensors header and validate it fully: every dtype known, every shape a list of non-negative
+    integers, every byte range in order, of exactly shape x itemsize bytes, and the ranges tiling the data region
+    with no gap, overlap or trailing bytes (what the safetensors format requires).
+
+    Args:
+        path: the file.
+        role: what the file is to the user ("shard", "input file"), for the messages.
+    """
+    if role == "shard":
+        fix = "the shard is corrupt: download it again (compare its size with the original)."
+    else:
+        fix = f"write {path.name} again with safetensors (e.g. safetensors.numpy.save_file)."
+
+    def corrupt(problem: str) -> NucleusExportError:
+        return NucleusExportError(f"{role} {path} is not a valid safetensors file: {problem}.", fix)
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) != 8:
-                raise ValueError("file is shorter than the 8-byte header length")
+                raise corrupt("it is empty" if not raw_len else "it is shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(_MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"header length {header_len} exceeds the file size {size}")
+                raise corrupt(f"header length {header_len} exceeds the file size {size}")
             header = json.loads(f.read(header_len))
     except FileNotFoundError:
-        raise NucleusExportError(f"shard {path} is missing.", "download the complete checkpoint again.") from None
+        raise NucleusExportError(f"{role} {path} is missing.", fix) from None
+    except IsADirectoryError:
+        raise NucleusExportError(f"{role} {path} is a folder, not a safetensors file.", fix) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise NucleusExportError(
-            f"{path} is not a valid safetensors file ({exc}).", "the shard is corrupt: download it again."
-        ) from None
+        raise corrupt(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
     base = 8 + header_len
     infos: dict[str, TensorInfo] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise NucleusExportError(
-                f"{path}: header entry for '{name}' is malformed.", "the shard is corrupt: download it again."
-            ) from None
+        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+        ok = ok and all(type(d) is int and d >= 0 for d in entry["shape"]) and len(entry["data_offsets"]) == 2
+        ok = ok and all(type(o) is int and o >= 0 for o in entry["data_offsets"])
+        if not ok:
+            raise corrupt(f"the header entry of '{name}' is malformed (needs dtype, shape and two non-negative offsets)")
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         if dtype not in SAFETENSORS_DTYPES:
-            raise NucleusExportError(f"{path}: tensor '{name}' has unsupported dtype {dtype}.", "convert the checkpoint to bf16, fp16 or fp32.")
-        expected = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
-        if end - begin != expected or base + end > size:
             raise NucleusExportError(
-                f"{path} is truncated or corrupt: tensor '{name}' needs bytes {base + begin}..{base + end} "
-                f"but the file has {size}.",
-                "download this shard again (compare its size with the original).",
+                f"{role} {path}: tensor '{name}' has unsupported dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)}).",
+                "convert the tensors to bf16, fp16 or fp32.",
             )
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        if end < begin or end - begin != expected:
+            raise corrupt(f"tensor '{name}' {dtype}{list(shape)} needs {expected} bytes but its offsets {begin}..{end} span {end - begin}")
+        if base + end > size:
+            raise NucleusExportError(
+                f"{role} {path} is truncated: tensor '{name}' needs bytes {base + begin}..{base + end} but the file has {size}.",
+                fix,
+            )
+        ranges.append((begin, end, name))
         infos[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
+    covered = 0
+    for begin, end, name in sorted(ranges):
+        if begin != covered:
+            raise corrupt(
+                f"tensor '{name}' starts at data byte {begin}, "
+                + ("overlapping the tensor before it" if begin < covered else f"leaving a gap after byte {covered}")
+            )
+        covered = end
+    if base + covered != size:
+        raise corrupt(f"{size - base - covered} bytes after the last tensor belong to none")
     return infos
 
 
@@ -209,7 +243,11 @@ def _shard_files(transformer_dir: Path) -> tuple[list[Path], dict[str, str] | No
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise NucleusExportError(f"{index_path} is not a valid index ({exc}).", "restore the index json from the checkpoint.") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise NucleusExportError(f"{index_path} has no weight_map of tensor name -> shard file.", "restore the index json from the checkpoint.")
         files = sorted(set(weight_map.values()))
+        for f in files:  # shard names are joined onto the folder: none may lead outside it
+            inside(transformer_dir, f, f"{INDEX_NAME} names shard", "restore the index json from the checkpoint.")
         missing = [f for f in files if not (transformer_dir / f).is_file()]
         if missing:
             raise NucleusExportError(

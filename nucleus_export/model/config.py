@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nucleus_export.errors import NucleusExportError
 from nucleus_runtime import contract
+
+from nucleus_export.errors import NucleusExportError
 
 MODEL_CLASS_NAME = "NucleusMoEImageTransformer2DModel"
 

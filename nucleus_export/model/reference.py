@@ -44,7 +44,9 @@ def load_reference(
     """Load the whole model on purpose (parity checks, calibration); float32, on a GPU when there is one."""
     import torch
     from diffusers import NucleusMoEImageTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # stderr carries our progress and one-line errors, not tqdm bars
     dtype = dtype or torch.float32
     device = device or reference_device()
     _check_memory(checkpoint, dtype, device)

@@ -8,12 +8,11 @@ Weights are drawn from a seeded numpy generator per tensor name, so the checkpoi
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nucleus_runtime.atomic import atomic_dir
 
 from nucleus_export.cache import cache_root
 from nucleus_export.model.config import ModelConfig
@@ -79,7 +78,7 @@ def write_checkpoint(
     """Write a random checkpoint of the real architecture in diffusers' layout (config, shards, index).
 
     Args:
-        out_dir: destination folder; written through a temporary sibling and renamed into place.
+        out_dir: destination folder (its parent must exist); written through a temporary sibling, renamed into place.
         config: architecture overrides on top of TINY_CONFIG.
         seed: weight seed.
         max_shard_size: diffusers' shard size limit; small by default so the tiny model has several shards.
@@ -102,15 +101,8 @@ def write_checkpoint(
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -119,5 +111,6 @@ def ensure_tiny_checkpoint() -> Path:
     key = ModelConfig.from_dict(TINY_CONFIG).config_hash()
     path = cache_root() / f"tiny-{key}-seed{TINY_SEED}-init{TINY_INIT_VERSION}"
     if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)  # the cache root is ours to create
         write_checkpoint(path)
     return path

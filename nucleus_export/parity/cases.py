@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from nucleus_export.model.config import ModelConfig
 from nucleus_runtime import rope
 from nucleus_runtime.bundle import Profiles
+
+from nucleus_export.model.config import ModelConfig
 
 # Timestep inputs (t / 1000) near the start, middle and end of a schedule.
 TIMESTEPS = {"early": 0.95, "middle": 0.5, "late": 0.05}

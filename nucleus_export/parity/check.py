@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+from nucleus_runtime.bundle import load_manifest, write_atomic
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from onnx import TensorProto, helper
 
 from nucleus_export.graph.moe_ops import ROUTER_OP
@@ -23,7 +26,6 @@ from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.parity.cases import ParityCase, make_cases
-from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest, write_atomic
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -193,7 +195,9 @@ class ReferenceRunner:
     def text_kv(self, case: ParityCase) -> np.ndarray:
         """Per-block text K/V exactly as diffusers' TextKVCache hook computes them."""
         import torch
-        from diffusers.models.transformers.transformer_nucleusmoe_image import _apply_rotary_emb_nucleus
+        from diffusers.models.transformers.transformer_nucleusmoe_image import (
+            _apply_rotary_emb_nucleus,
+        )
 
         from nucleus_export.model.reference import to_model
 

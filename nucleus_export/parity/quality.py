@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, GRAPHS
 
 from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
-from nucleus_runtime.bundle import DENOISER, GRAPHS
-from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES
 
 # Pass criteria of the build's quality report. FP8: the cosine >= 0.99; routing may flip for tokens whose
 # scores sit within quantization noise of the C-th best, so agreement is reported and held to a loose floor.

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from nucleus_runtime.scheduler import SchedulerConfig, make_schedule
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.graph.precision import Fp8Scales
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
-from nucleus_runtime.scheduler import SchedulerConfig, make_schedule
 
 if TYPE_CHECKING:
     import torch

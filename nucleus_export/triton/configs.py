@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from nucleus_export.errors import NucleusExportError
+from nucleus_runtime import contract
+from nucleus_runtime.bundle import Manifest, TensorSpec
+from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
 from nucleus_runtime.triton import model as pipeline_model
+
+from nucleus_export.errors import NucleusExportError
 from nucleus_export.triton.names import ModelNames
 from nucleus_export.triton.pbtxt import (
     KIND_CPU,
@@ -33,9 +37,6 @@ from nucleus_export.triton.pbtxt import (
     QueuePolicy,
     TensorConfig,
 )
-from nucleus_runtime import contract
-from nucleus_runtime.bundle import Manifest, TensorSpec
-from nucleus_runtime.text_kv_cache import DEFAULT_MAX_BYTES
 
 TENSORRT_PLAN = "tensorrt_plan"
 ONNXRUNTIME = contract.ONNXRUNTIME

@@ -28,26 +28,33 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import nucleus_runtime
-from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.triton import configs, serving
-from nucleus_export.triton.names import ModelNames
+from nucleus_runtime import plugins
+from nucleus_runtime.atomic import atomic_dir
 from nucleus_runtime.backends import factory
-from nucleus_runtime.bundle import MANIFEST_NAME, SCHEDULER_CONFIG_NAME, Manifest, load_manifest, sha256_file, verify_files
+from nucleus_runtime.bundle import Manifest, load_manifest, sha256_file, verify_files
 from nucleus_runtime.contract import (
     DENOISER_GRAPH as DENOISER,
-    MOE_PLUGIN,
+)
+from nucleus_runtime.contract import (
+    MANIFEST_NAME,
     PLUGIN_LIBRARY_NAME,
-    PLUGIN_LIBRARY_PATH,
+    SCHEDULER_CONFIG_NAME,
     TENSORRT_RTX,
-    TEXT_KV_GRAPH as TEXT_KV,
     onnx_file,
     plan_file,
 )
+from nucleus_runtime.contract import (
+    TEXT_KV_GRAPH as TEXT_KV,
+)
+from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.triton import model as pipeline_model
+
+from nucleus_export.errors import NucleusExportError, UsageError
+from nucleus_export.triton import configs, serving
+from nucleus_export.triton.names import ModelNames
 
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
@@ -67,19 +74,22 @@ class TritonOptions(configs.PipelineSettings):
     """Choices of `nucleus-export triton` (see commands/triton.py for their help)."""
 
     name_prefix: str = ""
+    expect_manifest_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class RepoFile:
     """One file of the repository: generated `text`, or `source` copied (or hard-linked, for bundle files).
 
-    `bundle_name` is the file's name in the bundle when the manifest records its checksum.
+    `bundle_name` is the file's name in the bundle when the manifest records its checksum; `sha256`, where set, is
+    what the written file must hash to (the plugin library, which the server loads from the repository).
     """
 
     relpath: str
     text: str | None = None
     source: Path | None = None
     bundle_name: str | None = None
+    sha256: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +137,7 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
         NucleusExportError: the bundle lacks what the platform needs (engines, ONNX files, plugin library).
         UsageError: bad options (model names, instance count, queue timeout).
     """
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = Path(bundle_dir).absolute()
     if options.instances < 1:
         raise UsageError(f"--instances must be at least 1, got {options.instances}.", "pass --instances 1 or more.")
     if options.queue_timeout_us < 0:
@@ -139,19 +149,30 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     if options.layout not in configs.LAYOUTS:
         raise UsageError(f"unknown layout '{options.layout}'.", f"use one of: {', '.join(configs.LAYOUTS)}.")
     names = ModelNames.with_prefix(options.name_prefix)
-    manifest = load_manifest(bundle_dir)
+    manifest = load_manifest(bundle_dir, options.expect_manifest_sha256)
 
     files: list[RepoFile] = []
     plugin_relpath: str | None = None
     version_dir = f"{names.pipeline}/{VERSION}"
     if options.layout == configs.BLS:
+        if options.verify_checksums and options.platform == configs.ONNXRUNTIME:
+            # The graphs are parsed (for their external data) before the other files are verified.
+            verify_files(bundle_dir, manifest, [onnx_file(g) for g in (TEXT_KV, DENOISER)])
         files, plugin_relpath = _graph_models(bundle_dir, manifest, names, options)
         files.append(RepoFile(f"{version_dir}/{MANIFEST_NAME}", source=bundle_dir / MANIFEST_NAME))
         scheduler_config = bundle_dir / SCHEDULER_CONFIG_NAME
         if scheduler_config.is_file():
             files.append(_bundle_file(bundle_dir, manifest, SCHEDULER_CONFIG_NAME, f"{version_dir}/{SCHEDULER_CONFIG_NAME}"))
     else:
+        served = factory.serving_files(manifest, configs.RUNTIME_BACKENDS[options.platform])
+        if options.verify_checksums:
+            verify_files(bundle_dir, manifest, [n for n in served if n in manifest.files])
         files = _inprocess_files(bundle_dir, manifest, options.platform, version_dir)
+        # Files the backend reads must be recorded (the scheduler config only where recorded: older bundles have
+        # none and the model falls back to the default settings).
+        unrecorded = [n for n in served if n not in manifest.files and n not in (MANIFEST_NAME, SCHEDULER_CONFIG_NAME)]
+        if options.verify_checksums and unrecorded:
+            verify_files(bundle_dir, manifest, unrecorded)
         library = next((f for f in files if f.relpath.endswith(".so")), None)
         plugin_relpath = library.relpath if library else None
 
@@ -197,8 +218,9 @@ def _graph_models(
         return files, None
     # Inside a model folder, not at the root: Triton would take a root folder without config.pbtxt for a broken
     # model. The denoiser is the graph with the MoE ops the plugins implement.
-    plugin_relpath = f"{names.denoiser}/{PLUGIN_DIR}/{library.name}"
-    files.append(RepoFile(plugin_relpath, source=library, bundle_name=_recorded_name(bundle_dir, manifest, library)))
+    path, sha256 = library
+    plugin_relpath = f"{names.denoiser}/{PLUGIN_DIR}/{path.name}"
+    files.append(RepoFile(plugin_relpath, source=path, bundle_name=_recorded_name(bundle_dir, manifest, path), sha256=sha256))
     return files, plugin_relpath
 
 
@@ -282,31 +304,17 @@ def _onnx_files(bundle_dir: Path, manifest: Manifest, graph: str, version_dir: s
     return files
 
 
-def _plugin_library(bundle_dir: Path, manifest: Manifest) -> Path | None:
-    """The plugin library the engines need, or None when they were built without plugins."""
-    if not manifest.plugins and manifest.moe_lowering != MOE_PLUGIN:
-        return None
-    candidates = [v for v in _strings(manifest.plugins) if v.endswith(".so")] or [PLUGIN_LIBRARY_PATH]
-    for relpath in candidates:
-        path = Path(relpath) if Path(relpath).is_absolute() else bundle_dir / relpath
-        if path.is_file():
-            return path
-    raise NucleusExportError(
-        f"the engines of bundle {bundle_dir} use TensorRT plugins, but the plugin library ({', '.join(candidates)}) "
-        "is not in the bundle.",
-        f"build the engines again with the library ({_cli(f'{BUILD} --moe plugin --plugins build/{PLUGIN_LIBRARY_NAME}')}), "
-        "which copies it into the bundle.",
-    )
-
-
-def _strings(value: object) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return []
+def _plugin_library(bundle_dir: Path, manifest: Manifest) -> tuple[Path, str] | None:
+    """The verified plugin library (path, sha256) the engines need, or None when they were built without plugins."""
+    try:
+        return plugins.bundle_plugin_library(bundle_dir, manifest)
+    except NucleusError as exc:
+        raise NucleusExportError(
+            f"the engines of bundle {bundle_dir} use TensorRT plugins, but their plugin library cannot be used: "
+            f"{exc.problem}",
+            f"build the engines again with the library ({_cli(f'{BUILD} --moe plugin --plugins build/{PLUGIN_LIBRARY_NAME}')}), "
+            "which copies it into the bundle.",
+        ) from None
 
 
 def _runtime_files(dest: str) -> list[RepoFile]:
@@ -319,7 +327,10 @@ def _runtime_files(dest: str) -> list[RepoFile]:
 
 
 def check_target(repo: Path, force: bool) -> None:
-    """Refuse a non-empty target unless --force, and even then anything that is not a model repository."""
+    """Refuse a non-empty target unless --force, and even then anything that is not a model repository; refuse a
+    target whose parent folder does not exist (none is created for it)."""
+    if not repo.absolute().parent.is_dir():
+        raise UsageError(f"the folder of --repo {repo} does not exist.", "create it first, or choose another --repo.")
     if not repo.exists():
         return
     if not repo.is_dir():
@@ -350,9 +361,7 @@ def write_repository(plan: RepositoryPlan, repo: Path, force: bool = False) -> N
     """
     repo = Path(repo).absolute()
     check_target(repo, force)
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.tmp-", dir=repo.parent))
-    try:
+    with atomic_dir(repo) as tmp:
         for f in plan.files:
             dest = tmp / f.relpath
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -365,17 +374,11 @@ def write_repository(plan: RepositoryPlan, repo: Path, force: bool = False) -> N
                         f"the copy of {f.source} in the repository differs from the original.",
                         "check the target file system (space, errors) and run the command again.",
                     )
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a server running as another user must read it
-        if repo.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{repo.name}.old-", dir=repo.parent))
-            os.replace(repo, old / "repo")
-            os.replace(tmp, repo)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, repo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if f.sha256 is not None and sha256_file(dest) != f.sha256:
+                raise NucleusExportError(
+                    f"{f.source} changed while the repository was written (it fails its recorded sha256).",
+                    "copy the bundle again from its source and rerun.",
+                )
 
 
 def _hard_link(source: Path, dest: Path) -> bool:

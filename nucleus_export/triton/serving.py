@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 and the float8 types with numpy by name
 import numpy as np
-
 from nucleus_runtime.bundle import Manifest
 from nucleus_runtime.contract import TEXT_KV, TEXT_KV_GRAPH
 from nucleus_runtime.triton import model as pipeline_model

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
-from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
-from nucleus_runtime.contract import GRAPHS, MANIFEST_NAME, SCHEDULER_CONFIG_NAME
-from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
+from nucleus_runtime.atomic import write_atomic  # noqa: F401 - the bundle writers' name for the shared helper
+from nucleus_runtime.contract import (
+    GRAPHS,
+    MANIFEST_NAME,
+    MOE_PLUGIN,
+)
 from nucleus_runtime.errors import NucleusError
 
 FORMAT_VERSION = 1
@@ -110,55 +112,208 @@ def file_record(bundle_dir: Path, relpath: str) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def load_manifest(bundle_dir: Path) -> Manifest:
+_DAMAGED_FIX = "the manifest was damaged or edited: copy the bundle again from its source, or export it again."
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_relpath(relpath: object, what: str, fix: str = _DAMAGED_FIX) -> str:
+    """A path recorded in a manifest or index must be relative and stay inside its folder: no absolute path, no
+    drive, no backslash, no `..`, `.` or empty component. Returns it unchanged."""
+    parts = relpath.split("/") if isinstance(relpath, str) else []
+    if (
+        not parts
+        or any(part in ("", ".", "..") for part in parts)
+        or "\\" in relpath  # type: ignore[operator]
+        or "\0" in relpath  # type: ignore[operator]
+        or re.match(r"^[A-Za-z]:", relpath)  # type: ignore[arg-type]
+    ):
+        raise NucleusError(f"{what} {relpath!r} is not a relative path inside its folder.", fix)
+    return relpath  # type: ignore[return-value]
+
+
+def inside(root: Path, relpath: str, what: str, fix: str = _DAMAGED_FIX) -> Path:
+    """root/relpath, refused when the path or a symlink on it leads outside root."""
+    check_relpath(relpath, what, fix)
+    path = Path(root) / relpath
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise NucleusError(f"{what} {relpath!r} is a symlink that leads outside {root}.", fix)
+    return path
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _expect(ok: bool, where: str, value: object, expected: str) -> None:
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise NucleusError(f"{MANIFEST_NAME}: {where} is {shown} ({_kind(value)}); expected {expected}.", _DAMAGED_FIX)
+
+
+def _is_int(value: object, minimum: int = 0) -> bool:
+    return type(value) is int and value >= minimum
+
+
+def _is_int_list(value: object, length: int | None = None, minimum: int = 0) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and all(_is_int(v, minimum) for v in value)
+
+
+# Top-level fields: (JSON type, required). Everything a consumer reads is checked before it is used, so a damaged
+# manifest fails with one line naming the field instead of somewhere deep in a backend.
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "model_config": ((dict,), True),
+    "config_hash": ((str,), True),
+    "precision": ((str,), True),
+    "moe_lowering": ((str,), True),
+    "profiles": ((dict,), True),
+    "io": ((dict,), True),
+    "files": ((dict,), True),
+    "quantization": ((dict, type(None)), False),
+    "engines": ((dict, type(None)), False),
+    "plugins": ((dict, type(None)), False),
+    "tools": ((dict,), False),
+    "format_version": ((int,), True),
+}
+# The model_config entries the runtime reads (rope axes, patching, text width).
+_RUNTIME_CONFIG_INTS = ("patch_size", "in_channels", "joint_attention_dim", "num_layers")
+
+
+def validate_manifest(raw: object) -> None:
+    """Check a parsed manifest's structure, types and paths; raises NucleusError naming the first bad field."""
+    _expect(isinstance(raw, dict), "the top level", raw, "an object")
+    assert isinstance(raw, dict)
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise NucleusError(f"{MANIFEST_NAME} has unknown fields {', '.join(unknown)}.", _DAMAGED_FIX)
+    for name, (types, required) in _FIELDS.items():
+        if name not in raw:
+            if required:
+                raise NucleusError(f"{MANIFEST_NAME} has no field '{name}'.", _DAMAGED_FIX)
+            continue
+        value = raw[name]
+        _expect(isinstance(value, types) and not isinstance(value, bool), f"field '{name}'", value,
+                " or ".join("null" if t is type(None) else {dict: "an object", str: "a string", int: "an integer"}[t] for t in types))
+    if raw["format_version"] != FORMAT_VERSION:
+        raise NucleusError(
+            f"{MANIFEST_NAME} has format version {raw['format_version']}; this runtime reads version {FORMAT_VERSION}.",
+            "export the bundle again with this version of nucleus-export.",
+        )
+    config = raw["model_config"]
+    for key in _RUNTIME_CONFIG_INTS:
+        _expect(_is_int(config.get(key), 1), f"model_config.{key}", config.get(key), "a positive integer")
+    _expect(_is_int_list(config.get("axes_dims_rope"), 3, 1), "model_config.axes_dims_rope", config.get("axes_dims_rope"),
+            "three positive integers")
+
+    profiles = raw["profiles"]
+    for key in ("batch", "text_len"):
+        value = profiles.get(key)
+        _expect(_is_int_list(value, 3, 1) and value[0] <= value[1] <= value[2], f"profiles.{key}", value, "[min, opt, max] with 1 <= min <= opt <= max")
+    resolutions, grids = profiles.get("resolutions"), profiles.get("grids")
+    for key, value in (("resolutions", resolutions), ("grids", grids)):
+        _expect(isinstance(value, list) and bool(value) and all(_is_int_list(v, 2, 1) for v in value), f"profiles.{key}", value,
+                "a non-empty list of [height, width] pairs")
+    _expect(len(grids) == len(resolutions), "profiles.grids", grids, f"one grid per resolution ({len(resolutions)})")
+    _expect(profiles.get("opt_resolution") in resolutions, "profiles.opt_resolution", profiles.get("opt_resolution"),
+            "one of profiles.resolutions")
+
+    for graph in GRAPHS:
+        sides = raw["io"].get(graph)
+        _expect(isinstance(sides, dict) and set(sides) == {"inputs", "outputs"}, f"io.{graph}", sides, "an object with inputs and outputs")
+        for side, specs in sides.items():
+            _expect(isinstance(specs, dict), f"io.{graph}.{side}", specs, "an object")
+            for tensor, spec in specs.items():
+                ok = isinstance(spec, dict) and set(spec) == {"dtype", "shape"} and isinstance(spec["dtype"], str) and (
+                    isinstance(spec["shape"], list) and all(isinstance(d, str) or _is_int(d) for d in spec["shape"])
+                )
+                _expect(ok, f"io.{graph}.{side}.{tensor}", spec, "{dtype: string, shape: [int or name, ...]}")
+
+    files = raw["files"]
+    for relpath, record in files.items():
+        check_relpath(relpath, f"{MANIFEST_NAME}: files entry")
+        ok = isinstance(record, dict) and isinstance(record.get("sha256"), str) and _SHA256.fullmatch(record["sha256"])
+        _expect(bool(ok) and _is_int(record.get("bytes")), f"files[{relpath!r}]", record, "{sha256: 64 hex digits, bytes: integer}")
+
+    plugins = raw.get("plugins")
+    if raw["moe_lowering"] == MOE_PLUGIN and plugins is None:
+        raise NucleusError(
+            f"{MANIFEST_NAME} says the engines use TensorRT plugins (moe_lowering 'plugin') but has no plugins record, "
+            "so the plugin library cannot be verified.",
+            _DAMAGED_FIX,
+        )
+    if plugins is not None:
+        library = plugins.get("library")
+        check_relpath(library, f"{MANIFEST_NAME}: plugins.library")
+        if library not in files:
+            raise NucleusError(f"{MANIFEST_NAME}: the plugin library {library!r} has no checksum in 'files'.", _DAMAGED_FIX)
+        if "sha256" in plugins and plugins["sha256"] != files[library]["sha256"]:
+            raise NucleusError(f"{MANIFEST_NAME}: plugins.sha256 and files[{library!r}] disagree.", _DAMAGED_FIX)
+    for graph, record in (raw.get("engines") or {}).items():
+        if isinstance(record, dict) and "file" in record:
+            check_relpath(record["file"], f"{MANIFEST_NAME}: engines.{graph}.file")
+    scales = (raw.get("quantization") or {}).get("scales_file")
+    if scales is not None:
+        check_relpath(scales, f"{MANIFEST_NAME}: quantization.scales_file")
+
+
+def check_sha256_hex(value: str) -> str:
+    """A sha256 as the user pins it (`sha256sum manifest.json`): 64 hex digits, any case."""
+    digest = value.strip().lower()
+    if not _SHA256.fullmatch(digest):
+        raise NucleusError(f"{value!r} is not a sha256 (64 hex digits).", f"pass the output of `sha256sum {MANIFEST_NAME}`.")
+    return digest
+
+
+def load_manifest(bundle_dir: Path, expect_sha256: str | None = None) -> Manifest:
+    """Read and validate a bundle's manifest.
+
+    Args:
+        bundle_dir: the bundle folder.
+        expect_sha256: the manifest's sha256 as the user pinned it. The manifest holds every other file's checksum,
+            so pinning it pins the whole bundle: without it, checksums catch corruption but not a deliberate change.
+
+    Raises:
+        NucleusError: no manifest, a pinned hash that differs, or a damaged manifest (unreadable JSON, a field of the
+            wrong type, a path leading outside the bundle, a plugin bundle without a verifiable library).
+    """
     path = Path(bundle_dir) / MANIFEST_NAME
     if not path.is_file():
         raise NucleusError(
             f"{bundle_dir} has no {MANIFEST_NAME}: it is not a nucleus-export bundle.",
             "run `nucleus-export export` (or `build`) to create one.",
         )
+    data = path.read_bytes()
+    if expect_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != check_sha256_hex(expect_sha256):
+            raise NucleusError(
+                f"{path} has sha256 {actual}, not the pinned {expect_sha256.strip().lower()}: the bundle is not the one "
+                "you trusted.",
+                "get the bundle again from its trusted source, or pin the new hash only if you trust the change.",
+            )
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise NucleusError(f"{path} is unreadable ({exc}).", "export the bundle again.") from None
-    if manifest.format_version != FORMAT_VERSION:
-        raise NucleusError(
-            f"{path} has format version {manifest.format_version}; this runtime reads version {FORMAT_VERSION}.",
-            "export the bundle again with this version of nucleus-export.",
-        )
-    return manifest
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NucleusError(f"{path} is not valid JSON ({exc}).", _DAMAGED_FIX) from None
+    validate_manifest(raw)
+    try:
+        return Manifest.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NucleusError(f"{path} is unreadable ({type(exc).__name__}: {exc}).", _DAMAGED_FIX) from None
 
 
 def verify_files(bundle_dir: Path, manifest: Manifest, names: list[str] | None = None) -> None:
-    """Check that the named files (default: all recorded) exist and match their recorded sha256."""
-    for relpath in names or list(manifest.files):
+    """Check that the named files (default: all recorded) are inside the bundle, exist and match their sha256."""
+    for relpath in list(manifest.files) if names is None else names:
         record = manifest.files.get(relpath)
-        path = Path(bundle_dir) / relpath
         if record is None:
-            raise NucleusError(f"{relpath} is not recorded in {bundle_dir}/{MANIFEST_NAME}.", "export the bundle again.")
-        if not path.is_file():
+            raise NucleusError(f"{relpath} is not recorded in {bundle_dir}/{MANIFEST_NAME}.", _DAMAGED_FIX)
+        path = inside(bundle_dir, relpath, f"{MANIFEST_NAME}: files entry")
+        if not path.exists():
             raise NucleusError(f"bundle file {path} is missing.", "copy the complete bundle, or export it again.")
+        if not path.is_file():
+            raise NucleusError(f"bundle file {path} is not a regular file.", "copy the bundle again, or export it again.")
         if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
             raise NucleusError(
                 f"bundle file {path} does not match its checksum in {MANIFEST_NAME}: it was changed or truncated.",
                 "copy the bundle again, or export it again.",
             )
-
-
-def write_atomic(path: Path, data: bytes | memoryview | str) -> None:
-    """Write through a temporary file in the same folder, fsync, rename into place: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); bundle files are ordinary artifacts, readable like the ONNX files.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,12 +15,14 @@ The loop is backend-agnostic: ONNX Runtime, TensorRT and the Triton BLS model al
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from nucleus_runtime.backends.base import Backend, TextKVHandle
-from nucleus_runtime.bundle import TEXT_KV, Manifest
+from nucleus_runtime.bundle import Manifest
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.latents import initial_noise
 from nucleus_runtime.rope import image_rope, text_rope
@@ -33,10 +35,35 @@ logger = logging.getLogger("nucleus_runtime")
 Progress = Callable[[range], Iterable[int]]
 
 
+def _float32(name: str, array: np.ndarray, what: str) -> np.ndarray:
+    """Floating data as float32: 16-bit and 64-bit floats are converted (with a warning), integers refused, and
+    NaN or Inf refused (they would silently turn every output latent into NaN)."""
+    dtype = array.dtype
+    if dtype.kind != "f" and dtype.name != "bfloat16":  # bfloat16 (ml_dtypes) is a floating type numpy calls void
+        raise NucleusError(
+            f"{name} has dtype {dtype.name}; {what} are floating point (integers look like token ids, not {what}).",
+            f"pass the {what} as float32.",
+        )
+    if dtype != np.float32:
+        logger.warning("%s is %s; converting it to float32 (the graphs take float32 inputs)", name, dtype.name)
+        array = array.astype(np.float32)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise NucleusError(
+            f"{name} holds {bad} NaN or infinite values; the output would be NaN.",
+            f"check what produced the {what} (a text encoder run in float16 can overflow; run it in bfloat16 or float32).",
+        )
+    return array
+
+
 def check_text(
     name: str, embeddings: np.ndarray, mask: np.ndarray | None, text_dim: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate [B, T, D] embeddings and a [B, T] mask; return float32 embeddings and an int64 0/1 mask."""
+    """Validate [B, T, D] embeddings and a [B, T] mask; return float32 embeddings and an int64 0/1 mask.
+
+    Shared by every caller of `generate` (the CLI, the Triton pipeline model), so every front end refuses the same
+    inputs with the same message.
+    """
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 3:
         raise NucleusError(
@@ -48,6 +75,12 @@ def check_text(
             f"{name} has width {embeddings.shape[2]}; this model takes {text_dim}-wide text embeddings.",
             "pass embeddings from the model's text encoder (Qwen3-VL hidden states for Nucleus-Image).",
         )
+    if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+        raise NucleusError(
+            f"{name} has shape {list(embeddings.shape)}: no {'prompts' if embeddings.shape[0] == 0 else 'tokens'}.",
+            "pass at least one prompt of at least one token (the empty prompt '' still encodes to tokens).",
+        )
+    embeddings = _float32(name, embeddings, "text encoder hidden states")
     if mask is None:
         mask = np.ones(embeddings.shape[:2], dtype=np.int64)
     mask = np.asarray(mask)
@@ -57,7 +90,30 @@ def check_text(
             "the mask must be [batch, text_len] of the embeddings.",
             "pass the attention mask that came with these embeddings.",
         )
-    return embeddings.astype(np.float32, copy=False), (mask != 0).astype(np.int64)
+    if mask.dtype.kind not in "biuf" or (mask.dtype.kind == "f" and not np.isfinite(mask).all()):
+        raise NucleusError(f"{name}_mask has dtype {mask.dtype.name} or non-finite values.", "pass a 0/1 integer mask.")
+    empty = [int(row) for row in np.flatnonzero(~(mask != 0).any(axis=1))]
+    if empty:
+        raise NucleusError(
+            f"{name}_mask masks out every token of batch row{'s' if len(empty) > 1 else ''} {empty}; attention over no "
+            "text is undefined.",
+            "pass the mask that came with the embeddings (1 for real tokens), or no mask.",
+        )
+    return embeddings, (mask != 0).astype(np.int64)
+
+
+def check_guidance(guidance: float) -> float:
+    """The CFG scale: finite and >= 0 (CFG runs when > 1, as in the pipeline)."""
+    try:
+        value = float(guidance)
+    except (TypeError, ValueError):
+        raise NucleusError(f"guidance {guidance!r} is not a number.", "pass a guidance scale such as 4.0.") from None
+    if not math.isfinite(value) or value < 0:
+        raise NucleusError(
+            f"guidance {value} is not a finite number >= 0.",
+            "pass a guidance scale such as 4.0 (values <= 1 run without classifier-free guidance).",
+        )
+    return value
 
 
 def batch_for_cfg(
@@ -152,6 +208,7 @@ def generate(
     grid = manifest.grid_for(height, width)
     tokens = grid[0] * grid[1]
 
+    guidance = check_guidance(guidance)
     prompt = check_text("prompt_embeds", prompt_embeds, prompt_mask, text_dim)
     batch = prompt[0].shape[0]
     cfg = guidance > 1
@@ -183,7 +240,7 @@ def generate(
             f"[{batch}, {tokens}, {in_channels}] (packed layout).",
             "pass packed latents for this resolution, or a --seed.",
         )
-    latents = latents.astype(np.float32)
+    latents = _float32("latents", latents, "initial latents")
 
     axes = tuple(config["axes_dims_rope"])
     img_cos, img_sin = image_rope(axes, *grid)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nucleus_runtime.bundle import Manifest, sha256_file, verify_files
 from nucleus_runtime.contract import CUSTOM_OPS as PLUGIN_NAMES
+from nucleus_runtime.contract import MOE_PLUGIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from nucleus_runtime.contract import PLUGIN_LIBRARY_NAME as LIBRARY_NAME
-from nucleus_runtime.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION
 from nucleus_runtime.errors import NucleusError
 
 ENTRY_SYMBOLS = ("getCreators", "setLoggerFinder")
@@ -71,13 +72,33 @@ def find_plugin_library(path: str | Path) -> Path:
     return p.resolve()
 
 
-def load_plugin_library(path: str | Path, trt_module: Any = None) -> Path:
+def bundle_plugin_library(bundle_dir: Path, manifest: Manifest) -> tuple[Path, str] | None:
+    """The plugin library a bundle's engines need, verified: the path the manifest records (inside the bundle) and
+    its recorded sha256, checked against the file. None when the engines use no plugins.
+
+    Always verified, whatever the caller's checksum setting: loading the library runs its native code.
+    """
+    if manifest.plugins is None and manifest.moe_lowering != MOE_PLUGIN:
+        return None
+    if manifest.plugins is None:  # load_manifest refuses this; a Manifest built in code may still hold it
+        raise NucleusError(
+            f"bundle {bundle_dir} uses TensorRT plugins but its manifest has no plugins record to verify them with.",
+            "build the bundle again with `nucleus-export build --plugins ...`.",
+        )
+    relpath = manifest.plugins["library"]
+    verify_files(bundle_dir, manifest, [relpath])
+    return Path(bundle_dir) / relpath, manifest.files[relpath]["sha256"]
+
+
+def load_plugin_library(path: str | Path, trt_module: Any = None, sha256: str | None = None) -> Path:
     """Check the library and register its creators with TensorRT's plugin registry.
 
     Args:
         path: as for find_plugin_library.
         trt_module: the imported `tensorrt` (or `tensorrt_rtx`) module. None: only the static checks of
             find_plugin_library run (for backends that do not use TensorRT, e.g. to validate a bundle).
+        sha256: the checksum the library must have (from a bundle's manifest, or taken by the build that records
+            it); required to load, and checked right before the registry opens the file.
 
     Returns:
         The resolved library path.
@@ -91,6 +112,14 @@ def load_plugin_library(path: str | Path, trt_module: Any = None) -> Path:
         return lib
     registry = trt_module.get_plugin_registry()
     if not _creators_registered(registry):
+        if sha256 is None:
+            raise NucleusError(f"refusing to load {lib} without a checksum to verify it.", "load it from a bundle.")
+        actual = sha256_file(lib)
+        if actual != sha256:
+            raise NucleusError(
+                f"plugin library {lib} has sha256 {actual}, not the recorded {sha256}: it was changed.",
+                "copy the bundle again, or build it again; never load a library you cannot verify.",
+            )
         try:
             handle = registry.load_library(str(lib))
         except Exception as exc:  # the bindings raise on a failed dlopen (missing CUDA runtime, wrong ABI)

@@ -13,8 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from nucleus_runtime.backends.base import Backend
-from nucleus_runtime.bundle import MANIFEST_NAME, SCHEDULER_CONFIG_NAME, Manifest, load_manifest
-from nucleus_runtime.contract import GRAPHS, MOE_PLUGIN, ONNXRUNTIME, TENSORRT, onnx_file, plan_file
+from nucleus_runtime.bundle import Manifest, load_manifest
+from nucleus_runtime.contract import (
+    GRAPHS,
+    MANIFEST_NAME,
+    MOE_PLUGIN,
+    ONNXRUNTIME,
+    SCHEDULER_CONFIG_NAME,
+    TENSORRT,
+    onnx_file,
+    plan_file,
+)
 from nucleus_runtime.errors import NucleusError
 
 # Runtime backend names (`Backend.name` of the ONNX Runtime backend; the TensorRT backend answers to either engine
@@ -41,8 +50,10 @@ def backend_files(manifest: Manifest, backend: str) -> list[str]:
             library = [str(manifest.plugins["library"])]
     else:
         raise NucleusError(f"unknown backend '{backend}'.", f"use one of: {', '.join(BACKENDS)}.")
-    # A manifest without checksum records still names its graphs by the contract.
-    return (files or defaults) + [f for f in library if f not in files]
+    # The contract's graph files always (a manifest that lost their records must not silently serve without them),
+    # then whatever else is recorded (external data, further graph files).
+    names = defaults + [f for f in files if f not in defaults]
+    return names + [f for f in library if f not in names]
 
 
 def serving_files(manifest: Manifest, backend: str) -> list[str]:

@@ -14,8 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
-from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
+from nucleus_runtime.backends.base import (
+    Backend,
+    TextKVHandle,
+    denoiser_host_inputs,
+    text_kv_inputs,
+)
+from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
 
 logger = logging.getLogger("nucleus_runtime")
@@ -105,7 +112,8 @@ class OrtBackend(Backend):
         graph_files = [f"{TEXT_KV}.onnx", f"{DENOISER}.onnx"]
         if self.options.verify_checksums:
             # External weight files travel with the graphs, so they are checked too.
-            verify_files(self.bundle_dir, self.manifest, [f for f in self.manifest.files if ".onnx" in f] or graph_files)
+            # The graphs must be recorded: a manifest without them would verify nothing.
+            verify_files(self.bundle_dir, self.manifest, sorted({*graph_files, *(f for f in self.manifest.files if ".onnx" in f)}))
         self.providers = _providers(ort, self.options.device)
         self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
         session_options = ort.SessionOptions()

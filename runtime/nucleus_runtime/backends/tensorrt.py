@@ -19,10 +19,17 @@ from typing import Any
 import numpy as np
 
 from nucleus_runtime import dlpack
-from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs
-from nucleus_runtime.bundle import DENOISER, TEXT_KV, Manifest, load_manifest, verify_files
-from nucleus_runtime.contract import HOST_INPUT_DTYPES, MOE_PLUGIN, SAMPLE, TENSORRT_MODULES
+from nucleus_runtime.backends.base import (
+    Backend,
+    TextKVHandle,
+    denoiser_host_inputs,
+    text_kv_inputs,
+)
+from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import HOST_INPUT_DTYPES, SAMPLE, TENSORRT_MODULES
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
 
 logger = logging.getLogger("nucleus_runtime")
@@ -173,19 +180,19 @@ class TensorRTBackend(Backend):
                 f"bundle {self.bundle_dir} has no TensorRT engines ({', '.join(missing)}).",
                 "build them with `nucleus-export build`, or run with --backend onnxruntime.",
             )
+        # The plugin library is native code that runs in this process: verified whatever verify_checksums says,
+        # before TensorRT is even imported, and loaded from the path the manifest records.
+        from nucleus_runtime import plugins
+
+        library = plugins.bundle_plugin_library(self.bundle_dir, self.manifest)
         if verify_checksums:
-            # The plugin library runs inside the engines: check it like the plans.
-            plugin = [self.manifest.plugins["library"]] if self.manifest.moe_lowering == MOE_PLUGIN and self.manifest.plugins else []
-            verify_files(self.bundle_dir, self.manifest, plans + plugin)
+            verify_files(self.bundle_dir, self.manifest, plans)
         self.trt = _import_tensorrt(self.manifest)
         self.cudart = _import_cudart()
         self.name = self.trt.__name__
         self._check_gpu()
-        if self.manifest.moe_lowering == MOE_PLUGIN:
-            # Lazy: only bundles built with plugins need the library (and runtime/plugins.py).
-            from nucleus_runtime import plugins
-
-            plugins.load_plugin_library(self.bundle_dir, self.trt)
+        if library is not None:
+            plugins.load_plugin_library(library[0], self.trt, sha256=library[1])
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = self.trt.Runtime(self._logger)
         self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart)

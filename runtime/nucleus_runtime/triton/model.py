@@ -38,9 +38,15 @@ if (_HERE / "nucleus_runtime").is_dir() and str(_HERE) not in sys.path:
 import numpy as np  # noqa: E402
 
 from nucleus_runtime.backends import factory  # noqa: E402
-from nucleus_runtime.backends.base import Backend, TextKVHandle, denoiser_host_inputs, text_kv_inputs  # noqa: E402
-from nucleus_runtime.bundle import SCHEDULER_CONFIG_NAME, TEXT_KV, Manifest, load_manifest  # noqa: E402
-from nucleus_runtime.contract import ONNXRUNTIME, TENSORRT  # noqa: E402
+from nucleus_runtime.backends.base import (  # noqa: E402
+    Backend,
+    TextKVHandle,
+    denoiser_host_inputs,
+    text_kv_inputs,
+)
+from nucleus_runtime.bundle import Manifest, load_manifest  # noqa: E402
+from nucleus_runtime.contract import ONNXRUNTIME, SCHEDULER_CONFIG_NAME, TENSORRT  # noqa: E402
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV  # noqa: E402
 from nucleus_runtime.errors import NucleusError  # noqa: E402
 from nucleus_runtime.pipeline import generate  # noqa: E402
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG, SchedulerConfig  # noqa: E402
