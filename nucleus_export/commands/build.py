@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from nucleus_export.engines.backends import BACKEND_CHOICES
+from nucleus_export.engines.cost import COMBINE_CHOICES
 from nucleus_export.engines.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, validate_moe_options
 from nucleus_export.commands.common import (
     add_export_arguments,
@@ -52,6 +53,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "(default with --plugins)",
     )
     group.add_argument("--plugins", type=Path, help="libnucleus_trt_plugins.so for --moe plugin")
+    group.add_argument(
+        "--combine",
+        choices=COMBINE_CHOICES,
+        default="auto",
+        help="native MoE combine: one-hot GEMM (fast at low resolution, quadratic in image tokens), per-expert "
+        "gather-add-scatter chain (linear), or auto: the cheaper over the served resolutions by the cost model",
+    )
     group.add_argument(
         "--timing-cache",
         type=Path,
@@ -107,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         compute_capabilities=args.compute_capabilities,
         optimization_level=args.optimization_level,
         quality=not args.skip_quality,
+        combine=args.combine,
     )
+    if moe == MOE_PLUGIN and args.combine != "auto":
+        raise NucleusExportError("--combine chooses the native combine; --moe plugin uses the plugin's.", "drop --combine.")
     # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
     from nucleus_export.engines.backends import resolve_backend
 

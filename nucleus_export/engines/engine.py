@@ -362,7 +362,28 @@ class NetworkFromOnnxPath:
                 f"{self.backend.name} could not parse {self.path}: " + " | ".join(e.splitlines()[0] for e in errors[:5]),
                 _parse_fix(errors),
             )
+        allow_float32_attention_decomposition(self.backend, network)
         return ParsedNetwork(self.backend, builder, network, parser, seconds, logger_)
+
+
+def allow_float32_attention_decomposition(backend: Backend, network: Any) -> int:
+    """Mark float32 fused attentions decomposable; returns how many.
+
+    TensorRT-RTX 1.7 has dedicated attention kernels for bf16/fp16 only: a float32 IAttention fails the build
+    ("Attention operation was not supported by a dedicated kernel") unless it may be decomposed into MatMul/Softmax
+    layers. Deployment engines (bf16, FP8) keep the fused kernel.
+    """
+    trt = backend.trt
+    if not hasattr(trt, "IAttentionInputLayer"):
+        return 0
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if _type_name(layer.type) == "ATTENTION_INPUT" and _dtype_name(layer.get_input(0).dtype) == "FLOAT":
+            layer.__class__ = trt.IAttentionInputLayer  # the binding returns the base ILayer; downcast as Polygraphy does
+            layer.attention.decomposable = True
+            marked += 1
+    return marked
 
 
 def _parse_fix(errors: list[str]) -> str:
