@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nucleus_export.engines.backends import BACKEND_CHOICES
 from nucleus_export.engines.cost import COMBINE_CHOICES
-from nucleus_export.engines.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, validate_moe_options
+from nucleus_export.engines.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, preflight, validate_moe_options
 from nucleus_export.commands.common import (
     add_export_arguments,
     add_model_argument,
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing(out, args.force)
     checkpoint = open_model(args.model)
     options = export_options(args)
+    preflight(checkpoint, options, build, backend.name)  # refuse what TensorRT cannot build before calibrating
     if args.fp8:
         options.precision = GraphPrecision(args.precision, fp8_scales(args, checkpoint, options))
     manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force)

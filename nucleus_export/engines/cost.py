@@ -154,9 +154,10 @@ def crossover_tokens(config, batch: int, gpu: Gpu, element_bytes: int = 2, limit
 
 
 def choose_combine(requested: str, config, batch: int, token_counts: Sequence[int], element_bytes: int = 2,
-                   gpu: str = "h200") -> CombineChoice:
-    """Resolve --combine: "auto" takes the formulation with the least modeled time summed over the served token
-    counts (one engine serves them all); "onehot" / "chain" are kept as asked and the model is reported anyway."""
+                   gpu: str = "h200", candidates: Sequence[str] = (ONEHOT, CHAIN)) -> CombineChoice:
+    """Resolve --combine: "auto" takes, among `candidates` (those the backend can build), the formulation with the
+    least modeled time summed over the served token counts (one engine serves them all); "onehot" / "chain" are
+    kept as asked and the model is reported anyway."""
     if requested not in COMBINE_CHOICES:
         raise ValueError(f"unknown combine {requested!r}; use one of {COMBINE_CHOICES}")
     target = GPUS[gpu]
@@ -165,7 +166,7 @@ def choose_combine(requested: str, config, batch: int, token_counts: Sequence[in
         for name in COMBINE_COSTS
     }
     if requested == "auto":
-        formulation = min(COMBINE_COSTS, key=lambda name: (math.fsum(seconds[name].values()), name != ONEHOT))
+        formulation = min(candidates, key=lambda name: (math.fsum(seconds[name].values()), name != ONEHOT))
     else:
         formulation = requested
     return CombineChoice(formulation, requested, gpu, seconds, crossover_tokens(config, batch, target, element_bytes))

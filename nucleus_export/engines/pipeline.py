@@ -23,19 +23,21 @@ from nucleus_export.engines.engine import (
     EngineFromOnnx,
     NetworkFromOnnxPath,
     RichBuildProgress,
+    check_profile_limits,
     dim_ranges_from_profiles,
     load_plugins,
     onnx_input_shapes,
+    profile_limit_problems,
     profile_shapes,
     write_build_log,
 )
-from nucleus_export.engines.cost import CombineChoice, choose_combine
+from nucleus_export.engines.cost import CHAIN, ONEHOT, CombineChoice, choose_combine
 from nucleus_export.engines.lowering import broadcast_attention_masks, lower_moe_native, prepare_for_plugins
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
+from nucleus_export.export import ExportOptions, atomic_output_dir, build_profiles, write_bundle_files
 from nucleus_export.log import console
 from nucleus_export.model.config import ModelConfig
-from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
+from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, Profiles, file_record, sha256_file, write_atomic
 from nucleus_runtime.contract import DENOISER_GRAPH
 from nucleus_runtime.plugins import LIBRARY_NAME, PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -102,13 +104,29 @@ def engine_onnx_name(graph: str) -> str:
     return f"{graph}.engine.onnx"
 
 
-def combine_choice(manifest: Manifest, requested: str, backend: str) -> CombineChoice:
-    """The combine formulation for this bundle's profile (all served resolutions at the largest batch)."""
-    config = ModelConfig.from_dict(manifest.model_config)
-    tokens = sorted({h * w for h, w in manifest.profiles.grids})
-    element_bytes = 4 if manifest.precision == "fp32" else 2
-    return choose_combine(requested, config, manifest.profiles.batch[2], tokens, element_bytes,
-                          COMBINE_COST_GPU.get(backend, "h100"))
+def combine_choice(config: ModelConfig, profiles: Profiles, compute: str, requested: str, backend: str) -> CombineChoice:
+    """The combine formulation for this profile (all served resolutions at the largest batch); "auto" leaves out
+    the one-hot GEMM where TensorRT could not build it (engine.profile_limit_problems)."""
+    tokens = sorted({h * w for h, w in profiles.grids})
+    batch, text_len = profiles.batch[2], profiles.text_len[2]
+    buildable = [
+        name for name in (ONEHOT, CHAIN)
+        if not profile_limit_problems(config, batch, max(tokens), text_len, compute == "fp32", name)
+    ]
+    return choose_combine(requested, config, batch, tokens, 4 if compute == "fp32" else 2,
+                          COMBINE_COST_GPU.get(backend, "h100"), candidates=buildable or [CHAIN])
+
+
+def preflight(checkpoint: Any, export_options: ExportOptions, options: BuildOptions, backend: str) -> CombineChoice | None:
+    """Checks that need no export: the profile is one TensorRT can build (engine.check_profile_limits). Returns the
+    combine formulation for --moe native (None for plugins). Cheap; run before export and calibration."""
+    profiles = build_profiles(checkpoint, export_options)
+    compute = export_options.precision.compute
+    combine = None
+    if options.moe == MOE_NATIVE:
+        combine = combine_choice(checkpoint.config, profiles, compute, options.combine, backend)
+    check_profile_limits(checkpoint.config, profiles, compute == "fp32", combine and combine.formulation)
+    return combine
 
 
 def prepare_graph(bundle_dir: Path, graph: str, moe: str, combine: str = "onehot") -> Path:
@@ -224,6 +242,7 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         (manifest, engine build reports, ParityReport or None).
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
+    combine = preflight(checkpoint, export_options, options, backend.name)
     if options.quality:
         from nucleus_export.parity.quality import check_quality_memory
 
@@ -235,7 +254,6 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force) as tmp:
         manifest = write_bundle_files(tmp, checkpoint, export_options)
-        combine = combine_choice(manifest, options.combine, backend.name) if options.moe == MOE_NATIVE else None
         if combine is not None:
             console.print(_combine_line(combine), highlight=False)
         reports = build_engines(tmp, manifest, backend, options, combine)
