@@ -226,3 +226,12 @@ def test_both_combine_formulations_build(bf16_build, tmp_path, combine):
     assert report.engine_bytes > 0 and not report.network.plugin_layers
     gemms_with_one_hot = [g for g in report.network.gemms if "combined" in g.name]
     assert len(gemms_with_one_hot) == (len(MOE_BLOCKS) if combine == "onehot" else 0)
+
+
+def test_inspect_built_bundle_counts_fused_attention(bf16_build):
+    from nucleus_export.engines.bundle_cost import bundle_cost
+
+    report = bundle_cost(bf16_build[0], "h100")
+    assert report.engine_onnx == engine_onnx_name("denoiser") and not report.notes
+    assert report.fused_attention_layers == report.blocks == 5
+    assert report.combine == bf16_build[1].engines["denoiser"]["combine"]["formulation"]

@@ -7,7 +7,8 @@ are loaded and no float tensor is computed: this runs on a real-size graph in se
 
 Counting rules: MatMul 2*M*K*N per batch matrix; Attention 4*B*Hq*S*(S+T)*D (scores and context); every other op
 one FLOP per output element. Bytes: every node reads its inputs and writes its outputs once (an upper bound that
-ignores the fusion TensorRT does, which mostly removes "other" traffic).
+ignores the fusion TensorRT does, which mostly removes "other" traffic), except gathers and slices, which read
+what they select, and scatters, counted in place (the rows they write), as engines/cost.py models the chain.
 """
 
 from __future__ import annotations
@@ -126,9 +127,22 @@ def graph_cost(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]]) ->
             cost.gemm_flops += flops
         else:
             cost.other_flops += flops
-        cost.bytes += sum(_numel(types[t]) * _elem_bytes(types[t].tensor_type.elem_type) for t in [*known, *node.output] if t)
+        cost.bytes += _bytes(node, types)
         cost.nodes += 1
     return costs
+
+
+def _bytes(node: onnx.NodeProto, types: dict[str, onnx.TypeProto]) -> float:
+    def size(name: str) -> float:
+        return _numel(types[name]) * _elem_bytes(types[name].tensor_type.elem_type)
+
+    if node.op_type in ("ScatterND", "ScatterElements"):
+        # In place: indices and updates read, updated rows written (the data tensor is not copied).
+        return size(node.input[1]) + 2 * size(node.input[2])
+    if node.op_type in ("Gather", "GatherND", "GatherElements", "Slice"):
+        # Only the selected elements are read.
+        return sum(size(t) for t in node.input[1:] if t) + 2 * sum(size(t) for t in node.output if t)
+    return sum(size(t) for t in [*node.input, *node.output] if t)
 
 
 def _numel(t: onnx.TypeProto) -> int:
