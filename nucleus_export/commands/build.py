@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nucleus_export.engines.backends import BACKEND_CHOICES
 from nucleus_export.engines.cost import COMBINE_CHOICES
-from nucleus_export.engines.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, preflight, validate_moe_options
+from nucleus_export.engines.pipeline import MOE_NATIVE, MOE_PLUGIN, BuildOptions, build_bundle, check_moe_backend, preflight, validate_moe_options
 from nucleus_export.commands.common import (
     add_export_arguments,
     add_model_argument,
@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from nucleus_export.engines.backends import resolve_backend
 
     backend = resolve_backend(args.backend)
+    check_moe_backend(moe, backend.name)
     if build.timing_cache is None:
         build.timing_cache = cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
         build.timing_cache.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from nucleus_export.export import ExportOptions, atomic_output_dir, build_profil
 from nucleus_export.log import console
 from nucleus_export.model.config import ModelConfig
 from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, Profiles, file_record, sha256_file, write_atomic
-from nucleus_runtime.contract import DENOISER_GRAPH
+from nucleus_runtime.contract import DENOISER_GRAPH, TENSORRT_RTX
 from nucleus_runtime.plugins import LIBRARY_NAME, PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 logger = logging.getLogger("nucleus_export")
@@ -115,6 +115,18 @@ def combine_choice(config: ModelConfig, profiles: Profiles, compute: str, reques
     ]
     return choose_combine(requested, config, batch, tokens, 4 if compute == "fp32" else 2,
                           COMBINE_COST_GPU.get(backend, "h100"), candidates=buildable or [CHAIN])
+
+
+def check_moe_backend(moe: str, backend: str) -> None:
+    """Refuse --moe plugin with TensorRT-RTX: its 1.7 builder aborts the whole process ("terminate called without
+    an active exception") as soon as the ONNX parser adds a plugin layer, with any IPluginV3, a minimal identity
+    plugin included, and its Python network API has no add_plugin_v3 (README-facts.md)."""
+    if moe == MOE_PLUGIN and backend == TENSORRT_RTX:
+        raise NucleusExportError(
+            "TensorRT-RTX 1.7 cannot build networks with plugin layers (adding an IPluginV3 layer aborts the process), "
+            "so --moe plugin needs full TensorRT.",
+            "build with --moe native (the default) for tensorrt-rtx, or use --backend tensorrt on a GPU machine.",
+        )
 
 
 def preflight(checkpoint: Any, export_options: ExportOptions, options: BuildOptions, backend: str) -> CombineChoice | None:
@@ -242,6 +254,7 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         (manifest, engine build reports, ParityReport or None).
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
+    check_moe_backend(options.moe, backend.name)
     combine = preflight(checkpoint, export_options, options, backend.name)
     if options.quality:
         from nucleus_export.parity.quality import check_quality_memory
