@@ -17,7 +17,7 @@ from nucleus_export.engines.lowering import broadcast_attention_masks, lower_moe
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.model.config import ModelConfig
 from nucleus_runtime.bundle import Manifest, load_manifest
-from nucleus_runtime.contract import DENOISER_GRAPH, onnx_file
+from nucleus_runtime.contract import DENOISER_GRAPH, TENSORRT, TENSORRT_MODULES, onnx_file
 
 logger = logging.getLogger("nucleus_export")
 
@@ -78,7 +78,7 @@ def _engine_graph(bundle: Path, manifest: Manifest) -> tuple[onnx.ModelProto, st
     from nucleus_export.engines.pipeline import combine_choice
 
     config = ModelConfig.from_dict(manifest.model_config)
-    combine = combine_choice(config, manifest.profiles, manifest.precision, "auto", "tensorrt").formulation
+    combine = combine_choice(config, manifest.profiles, manifest.precision, "auto", TENSORRT).formulation
     model = onnx.load(str(bundle / onnx_file(DENOISER_GRAPH)), load_external_data=False)
     return broadcast_attention_masks(lower_moe_native(model, combine)), combine, f"{onnx_file(DENOISER_GRAPH)} lowered as `build` would", None
 
@@ -95,12 +95,16 @@ def tensorrt_layers(path: Path) -> dict[str, int] | None:
     from nucleus_export.engines.backends import resolve_backend
     from nucleus_export.engines.engine import NetworkFromOnnxPath, inspect_network
 
-    for name, module in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx")):
+    for name, module in TENSORRT_MODULES.items():
         if importlib.util.find_spec(module) is None:
             continue
         try:
-            parsed = NetworkFromOnnxPath(resolve_backend(name), path)()
-        except Exception as exc:  # noqa: BLE001 - a parse failure is reported, not fatal, for an inspection
+            backend = resolve_backend(name)  # full TensorRT refuses without a GPU: then try TensorRT-RTX
+        except NucleusExportError:
+            continue
+        try:
+            parsed = NetworkFromOnnxPath(backend, path)()
+        except NucleusExportError as exc:  # reported, not fatal, for an inspection
             logger.warning("%s could not parse %s: %s", name, path, exc)
             return None
         return inspect_network(parsed.network).layer_types

@@ -38,7 +38,7 @@ from nucleus_export.export import ExportOptions, atomic_output_dir, build_profil
 from nucleus_export.log import console
 from nucleus_export.model.config import ModelConfig
 from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, Profiles, file_record, sha256_file, write_atomic
-from nucleus_runtime.contract import DENOISER_GRAPH, TENSORRT_RTX
+from nucleus_runtime.contract import DENOISER_GRAPH, TENSORRT, TENSORRT_RTX
 from nucleus_runtime.plugins import LIBRARY_NAME, PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 logger = logging.getLogger("nucleus_export")
@@ -95,7 +95,7 @@ def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
 
 # The cost model's GPU per backend when choosing the combine: TensorRT-RTX engines run on RTX cards, full TensorRT
 # engines on datacenter GPUs.
-COMBINE_COST_GPU = {"tensorrt": "h100", "tensorrt-rtx": "rtx5090"}
+COMBINE_COST_GPU = {TENSORRT: "h100", TENSORRT_RTX: "rtx5090"}
 
 
 def engine_onnx_name(graph: str) -> str:
