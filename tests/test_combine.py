@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from nucleus_runtime.contract import COMBINE_OP, DOMAIN, DOMAIN_VERSION
 from onnx import TensorProto, helper
 
 from nucleus_export.engines.lowering import COMBINE_FORMULATIONS, lower_moe_native
 from nucleus_export.graph.builder import OPSET
 from nucleus_export.graph.moe_ops import combine_function
 from nucleus_export.parity.emulation import emulate_bf16_in_fp32
-from nucleus_runtime.contract import COMBINE_OP, DOMAIN, DOMAIN_VERSION
 
 DTYPES = {"fp32": (TensorProto.FLOAT, np.float32), "bf16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16)}
 

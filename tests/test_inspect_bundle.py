@@ -6,12 +6,12 @@ import json
 
 import onnx
 import pytest
+from nucleus_runtime.bundle import load_manifest
 
 from nucleus_export.cli import main
 from nucleus_export.engines.flops import GEMM_CLASSES, graph_cost, intrinsic_flops
 from nucleus_export.engines.lowering import broadcast_attention_masks, lower_moe_native
 from nucleus_export.model.checkpoint import expected_parameter_shapes
-from nucleus_runtime.bundle import load_manifest
 
 
 def _costs(bundle, combine, batch, tokens, text_len):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from nucleus_runtime.bundle import Profiles
 
 from nucleus_export.engines.backends import resolve_backend
 from nucleus_export.engines.engine import TOPK_MAX_K, check_profile_limits, profile_limit_problems
@@ -10,7 +11,7 @@ from nucleus_export.engines.pipeline import BuildOptions, build_bundle
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import ExportOptions
 from nucleus_export.model.config import ModelConfig
-from nucleus_runtime.bundle import Profiles
+
 
 def _profiles(*resolutions: tuple[int, int]) -> Profiles:
     grids = [(h // 16, w // 16) for h, w in resolutions]

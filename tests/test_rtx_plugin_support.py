@@ -72,7 +72,8 @@ def test_tensorrt_rtx_cannot_add_a_plugin_layer():
     import tensorrt_rtx
 
     assert not any("plugin" in name for name in dir(tensorrt_rtx.INetworkDefinition))  # no add_plugin_v2/v3
-    result = subprocess.run([sys.executable, "-c", IDENTITY_PLUGIN_BUILD], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", IDENTITY_PLUGIN_BUILD], check=False, capture_output=True,
+                            text=True, timeout=300)
     assert "Successfully created plugin: NucleusIdentity" in result.stdout + result.stderr  # the creator is found and used
     assert result.returncode != 0 and "BUILT" not in result.stdout
     assert "terminate called" in result.stderr

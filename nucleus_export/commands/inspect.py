@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-
-from pathlib import Path
 
 from nucleus_export.engines.cost import GPUS
 from nucleus_export.model.checkpoint import open_model

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from nucleus_runtime.bundle import Manifest, load_manifest
+from nucleus_runtime.contract import DENOISER_GRAPH, TENSORRT, TENSORRT_MODULES, onnx_file
 
 from nucleus_export.engines.cost import GPUS, Cost
 from nucleus_export.engines.flops import CLASSES, GEMM_CLASSES, graph_cost, intrinsic_flops
 from nucleus_export.engines.lowering import broadcast_attention_masks, lower_moe_native
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.model.config import ModelConfig
-from nucleus_runtime.bundle import Manifest, load_manifest
-from nucleus_runtime.contract import DENOISER_GRAPH, TENSORRT, TENSORRT_MODULES, onnx_file
 
 logger = logging.getLogger("nucleus_export")
 

@@ -159,7 +159,7 @@ def _evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], opsets) -> li
             opset_imports=opsets,
         )
         outputs = ReferenceEvaluator(single).run(None, feeds)
-    except Exception:  # an op the reference runtime cannot run on these inputs: fall back to shape inference
+    except Exception:  # noqa: BLE001 - any op the reference runtime cannot run here: fall back to shape inference
         return None
     outputs = [np.asarray(o) for o in outputs]
     if any(o.size > _MAX_EVALUATED or o.dtype.kind not in "iub" for o in outputs):
