@@ -212,6 +212,7 @@ def _combine_chain(node: onnx.NodeProto, em: _Emitter, num_experts: int) -> None
     em.nodes.append(helper.make_node("CastLike", [total, shared], [output], name=em.name("output")))
 
 
+# name -> emitter(node, emitter, num_experts); the one-hot GEMM needs no static E, the chain unrolls over it.
 COMBINE_FORMULATIONS = {"onehot": _combine_onehot, "chain": _combine_chain}
 
 
