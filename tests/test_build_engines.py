@@ -4,6 +4,7 @@ the parsed networks, the bundle, the build log and the CPU quality report."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from nucleus_runtime.bundle import load_manifest, verify_files
@@ -17,7 +18,12 @@ from nucleus_export.engines.engine import (
     onnx_input_shapes,
     profile_shapes,
 )
-from nucleus_export.engines.pipeline import BuildOptions, build_bundle, prepare_graph
+from nucleus_export.engines.pipeline import (
+    BuildOptions,
+    build_bundle,
+    engine_onnx_name,
+    prepare_graph,
+)
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import ExportOptions
 from nucleus_export.graph.precision import GraphPrecision
@@ -85,6 +91,15 @@ def test_bf16_bundle(bf16_build):
     assert all(g.input_dtypes == ["BF16", "BF16"] for g in _gemms(reports["denoiser"], 3, ATTENTION + EXPERTS))
     assert "SCATTER" in denoiser.layer_types and "TOPK" in denoiser.layer_types  # native lowering, no plugins
     assert not denoiser.plugin_layers
+    # One fused attention (its input and output boundary layers) per block; nothing decomposed around it.
+    assert denoiser.layer_types["ATTENTION_INPUT"] == denoiser.layer_types["ATTENTION_OUTPUT"] == 5
+    assert "SOFTMAX" not in denoiser.layer_types or denoiser.layer_types["SOFTMAX"] == len(MOE_BLOCKS)  # the routers
+    assert "ROTARY_EMBEDDING" in denoiser.layer_types
+    # The exact ONNX each engine was built from stays in the bundle, recorded in the manifest.
+    for graph in ("text_kv", "denoiser"):
+        assert manifest.engines[graph]["onnx"] == engine_onnx_name(graph) and (out / engine_onnx_name(graph)).is_file()
+    combine = manifest.engines["denoiser"]["combine"]
+    assert combine["requested"] == "auto" and combine["formulation"] in ("onehot", "chain")
     # Optimization profile: batch 1..2 (opt 2), image tokens over the served grids, opt at the largest one here.
     lo, opt, hi = reports["denoiser"].profile["hidden_states"]
     assert (lo[0], opt[0], hi[0]) == (1, 2, 2)
@@ -163,33 +178,27 @@ def test_engine_loader_rejects_inverted_profile(bf16_build, tmp_path):
     """The engine loader validates shapes itself, whatever produced them."""
     from nucleus_export.engines.backends import resolve_backend
 
-    out = bf16_build[0]
-    path = prepare_graph(out, "text_kv", "native")
-    try:
-        shapes = profile_shapes(onnx_input_shapes(path), {"batch": (1, 2, 2), "text_len": (1, 16, 64)})
-        lo, opt, hi = shapes["encoder_hidden_states"]
-        shapes["encoder_hidden_states"] = (hi, opt, lo)
-        loader = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path), BuildSettings(shapes),
-                                tmp_path / "x.plan", "text_kv")
-        with pytest.raises(NucleusExportError, match="impossible profile"):
-            loader()
-        assert not (tmp_path / "x.plan").exists()
-    finally:
-        path.unlink()
+    path = bf16_build[0] / engine_onnx_name("text_kv")
+    shapes = profile_shapes(onnx_input_shapes(path), {"batch": (1, 2, 2), "text_len": (1, 16, 64)})
+    lo, opt, hi = shapes["encoder_hidden_states"]
+    shapes["encoder_hidden_states"] = (hi, opt, lo)
+    loader = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path), BuildSettings(shapes),
+                            tmp_path / "x.plan", "text_kv")
+    with pytest.raises(NucleusExportError, match="impossible profile"):
+        loader()
+    assert not (tmp_path / "x.plan").exists()
 
 
-def test_plugin_graph_parses_only_with_the_plugin_library(bf16_build):
+def test_plugin_graph_parses_only_with_the_plugin_library(bf16_build, tmp_path):
     """The plugin-prepared denoiser has no reference bodies to fall back on: without the nucleus creators (namespace
     "nucleus"), TensorRT-RTX's parser stops at the MoE nodes and the error says to load the library."""
     from nucleus_export.engines.backends import resolve_backend
 
-    path = prepare_graph(bf16_build[0], "denoiser", "plugin")
-    try:
-        with pytest.raises(NucleusExportError, match="Plugin not found") as info:
-            NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path, plugin_override=True)()
-        assert "--plugins" in info.value.fix
-    finally:
-        path.unlink()
+    shutil.copy(bf16_build[0] / "denoiser.onnx", tmp_path)  # the tiny model's weights are embedded
+    path = prepare_graph(tmp_path, "denoiser", "plugin")
+    with pytest.raises(NucleusExportError, match="Plugin not found") as info:
+        NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path, plugin_override=True)()
+    assert "--plugins" in info.value.fix
 
 
 def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
@@ -212,3 +221,29 @@ def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
     (bundle / relpath).write_bytes(b"changed")
     with pytest.raises(NucleusError, match="does not match its checksum"):
         verify_files(bundle, load_manifest(bundle))
+
+
+@pytest.mark.parametrize("combine", ["onehot", "chain"])
+def test_both_combine_formulations_build(bf16_build, tmp_path, combine):
+    """Each native combine parses into native layers and builds with TensorRT-RTX over the bundle's profile."""
+    from nucleus_export.engines.backends import resolve_backend
+    from nucleus_export.engines.engine import dim_ranges_from_profiles
+
+    out, manifest = bf16_build[0], bf16_build[1]
+    shutil.copy(out / "denoiser.onnx", tmp_path)
+    path = prepare_graph(tmp_path, "denoiser", "native", combine)
+    shapes = profile_shapes(onnx_input_shapes(path), dim_ranges_from_profiles(manifest.profiles))
+    report = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path), BuildSettings(shapes),
+                            tmp_path / "denoiser.plan", "denoiser")()
+    assert report.engine_bytes > 0 and not report.network.plugin_layers
+    gemms_with_one_hot = [g for g in report.network.gemms if "combined" in g.name]
+    assert len(gemms_with_one_hot) == (len(MOE_BLOCKS) if combine == "onehot" else 0)
+
+
+def test_inspect_built_bundle_counts_fused_attention(bf16_build):
+    from nucleus_export.engines.bundle_cost import bundle_cost
+
+    report = bundle_cost(bf16_build[0], "h100")
+    assert report.engine_onnx == engine_onnx_name("denoiser") and not report.notes
+    assert report.fused_attention_layers == report.blocks == 5
+    assert report.combine == bf16_build[1].engines["denoiser"]["combine"]["formulation"]

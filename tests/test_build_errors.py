@@ -75,25 +75,41 @@ def test_plugin_lowering_needs_a_library(tmp_path, capsys):
     assert "--plugins" in capsys.readouterr().err
 
 
-def test_missing_plugin_library(tmp_path, capsys):
-    missing = tmp_path / "libnucleus_trt_plugins.so"
-    assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b"), "--plugins", str(missing)]) == 1
+def test_plugins_refused_with_tensorrt_rtx(tmp_path, capsys):
+    """TensorRT-RTX 1.7 aborts the process when a plugin layer is added: refused before any work, one line."""
+    library = tmp_path / "libnucleus_trt_plugins.so"
+    assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b"), "--plugins", str(library), "--backend",
+                 "tensorrt-rtx"]) == 1
     err = capsys.readouterr().err
-    assert "does not exist" in err and str(missing) in err and "or use --moe native" in err
-    assert not (tmp_path / "b").exists()
+    assert "TensorRT-RTX 1.7 cannot build networks with plugin layers" in err and "--moe native" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
-def test_library_that_is_not_a_plugin_library(tmp_path, capsys):
+def _load_into_rtx(library: Path) -> None:
+    from nucleus_export.engines.engine import load_plugins
+
+    load_plugins(resolve_backend("tensorrt-rtx"), library)
+
+
+def test_missing_plugin_library(tmp_path):
+    missing = tmp_path / "libnucleus_trt_plugins.so"
+    with pytest.raises(NucleusExportError) as info:
+        _load_into_rtx(missing)
+    assert "does not exist" in str(info.value) and str(missing) in str(info.value)
+    assert info.value.fix.endswith("or use --moe native.")
+
+
+def test_library_that_is_not_a_plugin_library():
     not_plugins = Path(subprocess.run(["gcc", "-print-file-name=libm.so.6"], capture_output=True, text=True).stdout.strip())
     if not not_plugins.is_file():
         pytest.skip("no libm to load")
-    assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b"), "--plugins", str(not_plugins)]) == 1
-    err = capsys.readouterr().err
-    assert "not the nucleus TensorRT plugins" in err and "or use --moe native" in err
+    with pytest.raises(NucleusExportError, match="not the nucleus TensorRT plugins") as info:
+        _load_into_rtx(not_plugins)
+    assert info.value.fix.endswith("or use --moe native.")
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
-def test_plugin_library_lacking_the_ops(tmp_path, capsys):
+def test_plugin_library_lacking_the_ops(tmp_path):
     """A library with the plugin names and entry points that registers no creators: it passes the static checks of
     nucleus_runtime.plugins, and TensorRT-RTX's registry refuses to load it."""
     source = tmp_path / "empty_plugins.c"
@@ -104,9 +120,9 @@ def test_plugin_library_lacking_the_ops(tmp_path, capsys):
     )
     library = tmp_path / "libnucleus_trt_plugins.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
-    assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b"), "--plugins", str(library)]) == 1
-    err = capsys.readouterr().err
-    assert "refused plugin library" in err and "or use --moe native" in err
+    with pytest.raises(NucleusExportError, match="refused plugin library") as info:
+        _load_into_rtx(library)
+    assert info.value.fix.endswith("or use --moe native.")
 
 
 class _LoadsNothing:

@@ -18,6 +18,7 @@ from nucleus_export.engines.lowering import (
     MOE_OPS,
     NUCLEUS_DOMAIN,
     ROUTER_OP,
+    broadcast_attention_masks,
     count_moe_nodes,
     lower_moe_native,
     prepare_for_plugins,
@@ -79,14 +80,15 @@ def test_native_lowering_removes_custom_ops_and_functions(fp32_denoiser):
     assert count_moe_nodes(fp32_denoiser)[ROUTER_OP] == 2
 
 
+@pytest.mark.parametrize("combine", ["onehot", "chain"])
 @pytest.mark.parametrize(("batch", "tokens", "text_len"), [(1, 64, 16), (2, 60, 7), (2, 64, 64)])
-def test_native_lowering_is_exact_in_onnx_runtime(fp32_denoiser, tiny_bundle, batch, tokens, text_len):
+def test_native_lowering_is_exact_in_onnx_runtime(fp32_denoiser, tiny_bundle, batch, tokens, text_len, combine):
     """Same token indices bit for bit; gating and sample equal up to float32 summation order."""
     manifest = load_manifest(tiny_bundle)
     assert manifest.profiles.image_tokens[0] <= tokens <= manifest.profiles.image_tokens[2]
     router_outputs = [o for n in fp32_denoiser.graph.node if n.op_type == ROUTER_OP for o in n.output]
     original = _session(_with_router_outputs(fp32_denoiser, router_outputs))
-    lowered = _session(_with_router_outputs(lower_moe_native(fp32_denoiser), router_outputs))
+    lowered = _session(_with_router_outputs(lower_moe_native(fp32_denoiser, combine), router_outputs))
     feeds = _denoiser_feeds(fp32_denoiser, batch, tokens, text_len, seed=tokens)
     names = ["sample", *router_outputs]
     expected = dict(zip(names, original.run(names, feeds)))
@@ -97,6 +99,19 @@ def test_native_lowering_is_exact_in_onnx_runtime(fp32_denoiser, tiny_bundle, ba
         else:
             scale = float(np.abs(expected[name]).max())
             np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=1e-5 * max(scale, 1.0), err_msg=name)
+
+
+def test_attention_masks_reach_tensorrt_unexpanded(fp32_denoiser):
+    """ORT needs the mask expanded over the queries; the engine graph gets the [B, 1, 1, S+T] mask instead."""
+    producers = {o: n for n in fp32_denoiser.graph.node for o in n.output}
+    attentions = [n for n in fp32_denoiser.graph.node if n.op_type == "Attention"]
+    assert len(attentions) == 5 and all(producers[n.input[3]].op_type == "Expand" for n in attentions)
+    rewritten = broadcast_attention_masks(fp32_denoiser)
+    onnx.checker.check_model(rewritten, full_check=True)
+    producers = {o: n for n in rewritten.graph.node for o in n.output}
+    masks = {n.input[3] for n in rewritten.graph.node if n.op_type == "Attention"}
+    assert len(masks) == 1 and producers[masks.pop()].op_type != "Expand"
+    assert sum(n.op_type == "Expand" for n in rewritten.graph.node) < sum(n.op_type == "Expand" for n in fp32_denoiser.graph.node)
 
 
 def _router_model(score_function: str, num: int, den: int) -> onnx.ModelProto:
@@ -207,3 +222,19 @@ def test_bf16_emulation_of_exported_bf16_denoiser(tiny_checkpoint, tmp_path):
     cosine = float((out["fp32"].ravel() @ out["bf16"].ravel()) / np.linalg.norm(out["fp32"]) / np.linalg.norm(out["bf16"]))
     assert cosine > 0.99
     assert not np.array_equal(out["fp32"], out["bf16"])
+
+
+def test_engine_onnx_shares_the_external_data(tiny_checkpoint, tmp_path):
+    """The kept engine ONNX points into the exported graph's data file (relative location, nothing copied)."""
+    from nucleus_export.engines.pipeline import engine_onnx_name, prepare_graph
+    from nucleus_export.export import ExportOptions, export_bundle
+
+    bundle = tmp_path / "bundle"
+    export_bundle(tiny_checkpoint, bundle, ExportOptions(resolutions=[(128, 128)], max_text_len=16, external_data=True))
+    path = prepare_graph(bundle, "denoiser", "native", "chain")
+    assert path == bundle / engine_onnx_name("denoiser")
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+    assert locations == {"denoiser.onnx.data"}
+    assert path.stat().st_size < (bundle / "denoiser.onnx.data").stat().st_size / 10
+    onnx.load(str(path))  # the data resolves from the engine ONNX's folder

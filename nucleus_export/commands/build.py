@@ -16,11 +16,14 @@ from nucleus_export.commands.common import (
     export_options,
 )
 from nucleus_export.engines.backends import BACKEND_CHOICES
+from nucleus_export.engines.cost import COMBINE_CHOICES
 from nucleus_export.engines.pipeline import (
     MOE_NATIVE,
     MOE_PLUGIN,
     BuildOptions,
     build_bundle,
+    check_moe_backend,
+    preflight,
     validate_moe_options,
 )
 from nucleus_export.errors import NucleusExportError
@@ -57,6 +60,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "(default with --plugins)",
     )
     group.add_argument("--plugins", type=Path, help="libnucleus_trt_plugins.so for --moe plugin")
+    group.add_argument(
+        "--combine",
+        choices=COMBINE_CHOICES,
+        default="auto",
+        help="native MoE combine: one-hot GEMM (fast at low resolution, quadratic in image tokens), per-expert "
+        "gather-add-scatter chain (linear), or auto: the cheaper over the served resolutions by the cost model",
+    )
     group.add_argument(
         "--timing-cache",
         type=Path,
@@ -112,11 +122,15 @@ def run(args: argparse.Namespace) -> int:
         compute_capabilities=args.compute_capabilities,
         optimization_level=args.optimization_level,
         quality=not args.skip_quality,
+        combine=args.combine,
     )
+    if moe == MOE_PLUGIN and args.combine != "auto":
+        raise NucleusExportError("--combine chooses the native combine; --moe plugin uses the plugin's.", "drop --combine.")
     # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
     from nucleus_export.engines.backends import resolve_backend
 
     backend = resolve_backend(args.backend)
+    check_moe_backend(moe, backend.name)
     if build.timing_cache is None:
         build.timing_cache = cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
         build.timing_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing(out, args.force)
     checkpoint = open_model(args.model)
     options = export_options(args)
+    preflight(checkpoint, options, build, backend.name)  # refuse what TensorRT cannot build before calibrating
     if args.fp8:
         options.precision = GraphPrecision(args.precision, fp8_scales(args, checkpoint, options))
     manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force)

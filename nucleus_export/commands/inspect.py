@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from nucleus_export.commands.common import add_model_argument
+from nucleus_export.engines.cost import GPUS
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.model.summary import summarize
 from nucleus_export.resolutions import (
@@ -24,10 +25,19 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser = sub.add_parser(
         "inspect",
         parents=[common],
-        help="layers, experts, capacities, parameters (total and per token), weight bytes, shards",
-        description="Validate a checkpoint (headers only, no weights loaded) and summarize it.",
+        help="a checkpoint (layers, experts, capacities, parameters, shards) or a bundle (FLOPs, bytes, roofline time)",
+        description="With --model: validate a checkpoint (headers only, no weights loaded) and summarize it. With "
+        "--bundle: per served resolution, the denoiser step's FLOPs and bytes as built, by op class, next to the "
+        "model's intrinsic FLOPs, a roofline step time on --gpu from its published peaks, and the layer types "
+        "TensorRT parses (fused attention layers counted) when tensorrt or tensorrt_rtx is importable.",
     )
-    add_model_argument(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--model",
+        help="'tiny' (embedded tiny model, generated offline), a diffusers transformer folder, or a pipeline root",
+    )
+    source.add_argument("--bundle", type=Path, help="a bundle folder (from export or build)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU for the roofline estimate (default h100)")
     parser.add_argument(
         "--resolutions",
         type=parse_resolutions,
@@ -45,6 +55,8 @@ def _fmt(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bundle is not None:
+        return run_bundle(args)
     checkpoint = open_model(args.model)
     resolutions = args.resolutions or aspect_resolutions()
     for h, w in resolutions:
@@ -98,4 +110,38 @@ def run(args: argparse.Namespace) -> int:
     for shard, size in summary.shards:
         storage.add_row(shard, f"{size / 1e6:.1f} MB")
     out.print(storage)
+    return 0
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    from nucleus_export.engines.bundle_cost import bundle_cost
+
+    report = bundle_cost(args.bundle, args.gpu)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    out = Console()
+    out.print(f"[bold]{report.bundle}[/bold]: {report.precision}, combine {report.combine}, counted on {report.engine_onnx}")
+    for r in report.resolutions:
+        table = Table(
+            title=f"{r.resolution[0]}x{r.resolution[1]}: one denoiser step, batch {r.batch}, {r.tokens} image tokens, "
+            f"{r.text_len} text tokens"
+        )
+        for column in ("op class", "GEMM+attn GFLOP", "intrinsic GFLOP", "other GFLOP", "GB moved", f"ms on {args.gpu}"):
+            table.add_column(column, justify="right" if column != "op class" else "left")
+        for row in r.rows:
+            table.add_row(row.name, f"{row.gemm_flops / 1e9:.3f}", f"{row.intrinsic_flops / 1e9:.3f}",
+                          f"{row.other_flops / 1e9:.3f}", f"{row.bytes / 1e9:.3f}", f"{row.seconds * 1e3:.3f}")
+        out.print(table)
+        out.print(
+            f"  built GEMM+attention FLOPs = {r.gemm_ratio:.3f} x intrinsic; combine ({report.combine}) "
+            f"{100 * r.combine_share:.1f}% of built FLOPs; roofline {r.roofline_seconds * 1e3:.2f} ms per step, "
+            f"compute floor {r.compute_floor_seconds * 1e3:.2f} ms ({report.gpu}, {report.gpu_source})"
+        )
+    if report.tensorrt_layers is not None:
+        layers = ", ".join(f"{k} {v}" for k, v in report.tensorrt_layers.items())
+        out.print(f"TensorRT parsed layers: {layers}")
+        out.print(f"fused attention layers: {report.fused_attention_layers} for {report.blocks} blocks")
+    for note in report.notes:
+        out.print(f"note: {note}")
     return 0

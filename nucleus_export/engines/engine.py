@@ -116,6 +116,64 @@ def dim_ranges_from_profiles(profiles: Any) -> dict[str, DimRange]:
     }
 
 
+# ---- limits of TensorRT a profile must respect ---------------------------------------------------------------------
+
+# TopK's largest K ("K exceeds the maximum value allowed (3840)"); the router's K is the expert capacity C.
+TOPK_MAX_K = 3840
+# Largest element count of one tensor (int32 volume).
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+
+
+def profile_limit_problems(config: Any, batch: int, tokens: int, text_len: int, float32: bool,
+                           combine: str | None) -> list[str]:
+    """What TensorRT cannot build at this size (empty when it fits). `combine` is the native combine formulation
+    (None for plugins); `float32` engines decompose attention and so materialize its scores."""
+    problems = []
+    experts = config.num_experts
+    for idx in config.moe_layers:
+        c = config.capacity(idx, tokens)
+        if combine is not None and c > TOPK_MAX_K:  # the native router's TopK (plugins route without it)
+            problems.append(f"block {idx}: expert capacity C={c} exceeds TensorRT's TopK limit K <= {TOPK_MAX_K}")
+        if combine == "onehot" and batch * tokens * experts * c > MAX_TENSOR_ELEMENTS:
+            problems.append(f"block {idx}: the one-hot combine tensor [{batch}, {tokens}, {experts * c}] exceeds 2^31 elements")
+        if experts * batch * c * 2 * config.moe_intermediate_dim > MAX_TENSOR_ELEMENTS:
+            problems.append(f"block {idx}: the expert activations [{experts}, {batch * c}, {2 * config.moe_intermediate_dim}] "
+                            "exceed 2^31 elements")
+    scores = batch * config.num_attention_heads * tokens * (tokens + text_len)
+    if float32 and scores > MAX_TENSOR_ELEMENTS:
+        problems.append(f"float32 attention (decomposed) scores [{batch}, {config.num_attention_heads}, {tokens}, "
+                        f"{tokens + text_len}] exceed 2^31 elements")
+    return problems
+
+
+def check_profile_limits(config: Any, profiles: Any, float32: bool, combine: str | None) -> None:
+    """Refuse, before any export or build work, a profile TensorRT cannot build: the reason at the largest served
+    resolution and the largest served resolution (and square size) that fits.
+
+    Raises:
+        NucleusExportError: some served resolution exceeds a limit.
+    """
+    batch, text_len = profiles.batch[2], profiles.text_len[2]
+
+    def problems(tokens: int) -> list[str]:
+        return profile_limit_problems(config, batch, tokens, text_len, float32, combine)
+
+    failing = [(r, g) for r, g in zip(profiles.resolutions, profiles.grids) if problems(g[0] * g[1])]
+    if not failing:
+        return
+    (height, width), grid = max(failing, key=lambda item: item[1][0] * item[1][1])
+    fitting = [r for r, g in zip(profiles.resolutions, profiles.grids) if not problems(g[0] * g[1])]
+    side = max((n for n in range(1, 4096) if not problems(n * n)), default=0)  # problems grow with S: one boundary
+    step = 8 * config.patch_size
+    best = max(fitting, key=lambda r: r[0] * r[1], default=None)
+    served = f"the largest served resolution that fits is {best[0]}x{best[1]}; " if best else ""
+    raise NucleusExportError(
+        f"TensorRT cannot build {height}x{width} (batch {batch}): " + "; ".join(problems(grid[0] * grid[1])[:3]) + ".",
+        f"{served}square sizes fit up to {side * step}x{side * step}: drop the larger --resolutions"
+        + ("" if combine != "onehot" else ", or use --combine chain") + ".",
+    )
+
+
 # ---- network inspection -----------------------------------------------------------------------------------------
 
 
@@ -339,7 +397,28 @@ class NetworkFromOnnxPath:
                 f"{self.backend.name} could not parse {self.path}: " + " | ".join(e.splitlines()[0] for e in errors[:5]),
                 _parse_fix(errors),
             )
+        allow_float32_attention_decomposition(self.backend, network)
         return ParsedNetwork(self.backend, builder, network, parser, seconds, logger_)
+
+
+def allow_float32_attention_decomposition(backend: Backend, network: Any) -> int:
+    """Mark float32 fused attentions decomposable; returns how many.
+
+    TensorRT-RTX 1.7 has dedicated attention kernels for bf16/fp16 only: a float32 IAttention fails the build
+    ("Attention operation was not supported by a dedicated kernel") unless it may be decomposed into MatMul/Softmax
+    layers. Deployment engines (bf16, FP8) keep the fused kernel.
+    """
+    trt = backend.trt
+    if not hasattr(trt, "IAttentionInputLayer"):
+        return 0
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if _type_name(layer.type) == "ATTENTION_INPUT" and _dtype_name(layer.get_input(0).dtype) == "FLOAT":
+            layer.__class__ = trt.IAttentionInputLayer  # the binding returns the base ILayer; downcast as Polygraphy does
+            layer.attention.decomposable = True
+            marked += 1
+    return marked
 
 
 def _parse_fix(errors: list[str]) -> str:

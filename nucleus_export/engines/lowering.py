@@ -4,6 +4,7 @@
   layers every TensorRT parser supports, and removes their function bodies.
 - `prepare_for_plugins`: keeps the custom nodes for the plugin library and removes their function bodies, so a node
   can only become a plugin layer (a missing plugin fails the parse instead of silently inlining the slow reference).
+- `broadcast_attention_masks`: gives TensorRT the attention mask unexpanded over the queries.
 
 Why the lowering looks the way it does (facts checked with TensorRT-RTX 1.7.1 on the CPU, see README-facts.md):
 - ScatterElements / ScatterND with reduction="add" are rejected by the parser ("Unsupported reduction type"), so the
@@ -141,14 +142,20 @@ def _router_nodes(node: onnx.NodeProto, em: _Emitter) -> None:
     )
 
 
-def _combine_nodes(node: onnx.NodeProto, em: _Emitter) -> None:
-    shared, expert_output, token_indices, gating = node.input[:4]
-    output = node.output[0]
-    # weighted[e, b, c] = cast_to_compute(float32(expert_output[e, b, c]) * gating[b, e, c]) as in the contract.
+def _weighted_contributions(node: onnx.NodeProto, em: _Emitter) -> str:
+    """weighted[e, b, c] = cast_to_compute(float32(expert_output[e, b, c]) * gating[b, e, c]), as in the contract."""
+    shared, expert_output, _, gating = node.input[:4]
     gating_ebc = em.one("Transpose", [gating], "gating_ebc", perm=[1, 0, 2])
     gating_ebc1 = em.one("Unsqueeze", [gating_ebc, em.const(_i64(-1), "last_axis")], "gating_ebc1")
     expert_f32 = em.one("Cast", [expert_output], "expert_f32", to=TensorProto.FLOAT)
-    weighted = em.one("CastLike", [em.one("Mul", [expert_f32, gating_ebc1], "weighted_f32"), shared], "weighted")
+    return em.one("CastLike", [em.one("Mul", [expert_f32, gating_ebc1], "weighted_f32"), shared], "weighted")
+
+
+def _combine_onehot(node: onnx.NodeProto, em: _Emitter, num_experts: int) -> None:
+    """One GEMM [B, S, E*C] x [B, E*C, H] with a 0/1 matrix: tensor-core speed, but quadratic in S (engines/cost.py)."""
+    shared, _, token_indices, _ = node.input[:4]
+    output = node.output[0]
+    weighted = _weighted_contributions(node, em)
     # [E, B, C, H] -> [B, E*C, H]
     weighted_b = em.one("Transpose", [weighted], "weighted_becH", perm=[1, 0, 2, 3])
     shared_shape = em.one("Shape", [shared], "shared_shape")
@@ -167,6 +174,45 @@ def _combine_nodes(node: onnx.NodeProto, em: _Emitter) -> None:
     # Exact in any dtype: each product is x * 1 or x * 0; the sum runs in the GEMM accumulator.
     combined = em.one("MatMul", [one_hot, weighted_flat], "combined")
     em.nodes.append(helper.make_node("Add", [shared, combined], [output], name=em.name("output")))
+
+
+def _combine_chain(node: onnx.NodeProto, em: _Emitter, num_experts: int) -> None:
+    """Per expert, in ascending order: gather the float32 running sums of its B*C tokens, add its contributions,
+    scatter them back. Linear in S. Exact: the C tokens of one expert (offset by b*S per batch row) are distinct, so
+    a ScatterND without reduction (which TensorRT builds, unlike reduction="add") never collides, and every token
+    sums shared + e0 + e1 + ... in float32, in the contract's order."""
+    shared, _, token_indices, _ = node.input[:4]
+    output = node.output[0]
+    rounded = em.one("Cast", [_weighted_contributions(node, em)], "rounded_f32", to=TensorProto.FLOAT)
+    shared_shape = em.one("Shape", [shared], "shared_shape")
+    h_dim = em.one("Slice", [shared_shape, em.const(_i64(2), "s2"), em.const(_i64(3), "s3")], "H")
+    rows_shape = em.one("Concat", [em.const(_i64(-1), "minus_one"), h_dim], "rows_shape", axis=0)
+    acc = em.one("Reshape", [em.one("Cast", [shared], "shared_f32", to=TensorProto.FLOAT), rows_shape], "acc")
+    per_expert_shape = em.one("Concat", [em.const(_i64(num_experts, -1), "e_rows"), h_dim], "per_expert_shape", axis=0)
+    per_expert = em.one("Reshape", [rounded, per_expert_shape], "contributions")  # [E, B*C, H]
+    # Row of token s of batch row b in [B*S, H]: b * S + s; per expert [B*C, 1].
+    s_dim = em.one("Slice", [shared_shape, em.const(_i64(1), "t1"), em.const(_i64(2), "t2")], "S")
+    b_scalar = em.one("Squeeze", [em.one("Slice", [shared_shape, em.const(_i64(0), "s0"), em.const(_i64(1), "s1")], "B")],
+                      "B_scalar")
+    batch_index = em.one("Range", [em.const(np.array(0, np.int64), "r0"), b_scalar, em.const(np.array(1, np.int64), "r1")],
+                         "batch_index")
+    offsets = em.one("Reshape", [em.one("Mul", [batch_index, s_dim], "batch_offset"), em.const(_i64(-1, 1, 1), "b11")],
+                     "batch_offset_b11")
+    rows_bec = em.one("Add", [token_indices, offsets], "rows_bec")
+    rows = em.one("Reshape", [em.one("Transpose", [rows_bec], "rows_ebc", perm=[1, 0, 2]),
+                              em.const(_i64(num_experts, -1, 1), "rows_shape_e")], "rows")  # [E, B*C, 1]
+    for e in range(num_experts):
+        index = em.const(np.array(e, np.int64), f"expert{e}")
+        rows_e = em.one("Gather", [rows, index], f"rows{e}", axis=0)
+        current = em.one("GatherND", [acc, rows_e], f"sum{e}")
+        updated = em.one("Add", [current, em.one("Gather", [per_expert, index], f"contribution{e}", axis=0)], f"add{e}")
+        acc = em.one("ScatterND", [acc, rows_e, updated], f"scatter{e}")
+    total = em.one("Reshape", [acc, shared_shape], "sum_f32")
+    em.nodes.append(helper.make_node("CastLike", [total, shared], [output], name=em.name("output")))
+
+
+# name -> emitter(node, emitter, num_experts); the one-hot GEMM needs no static E, the chain unrolls over it.
+COMBINE_FORMULATIONS = {"onehot": _combine_onehot, "chain": _combine_chain}
 
 
 def _rewrite(model: onnx.ModelProto, replace: dict[str, object]) -> onnx.ModelProto:
@@ -200,24 +246,79 @@ def _drop_functions(model: onnx.ModelProto, ops: Iterable[str]) -> None:
         model.opset_import.extend(keep_ops)
 
 
-def lower_moe_native(model: onnx.ModelProto) -> onnx.ModelProto:
+def expert_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """E of every MoECombine node (by node name), from the static first dim of its expert_output.
+
+    Shape inference runs on the graph without weights (initializers are not loaded) with data propagation, which
+    carries E through the Reshape that forms expert_output."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {v.name: v.type.tensor_type.shape for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    counts = {}
+    for node in model.graph.node:
+        if node.domain == NUCLEUS_DOMAIN and node.op_type == COMBINE_OP:
+            shape = shapes.get(node.input[1])
+            dim = shape.dim[0].dim_value if shape is not None and len(shape.dim) == 4 else 0
+            if dim <= 0:
+                raise ValueError(f"{node.name}: the number of experts (expert_output dim 0) is not static")
+            counts[node.name] = dim
+    return counts
+
+
+def lower_moe_native(model: onnx.ModelProto, combine: str = "onehot") -> onnx.ModelProto:
     """Replace every nucleus.ExpertChoiceRouter / nucleus.MoECombine node with native ONNX ops TensorRT builds.
 
     Exact with respect to docs/contract.md: token indices are equal (same TopK), gating and the combined output are
-    equal up to float summation order (the per-token sums and the combine add the same terms in another order).
+    equal up to float summation order (the per-token sums add the same terms in another order; the "chain" combine
+    adds in exactly the contract's order, the "onehot" GEMM sums the experts in its accumulator, rounds that sum to
+    the compute dtype and then adds the shared output).
 
     Args:
         model: a bundle graph as exported ("functions" lowering); not modified.
+        combine: "onehot" or "chain" (COMBINE_FORMULATIONS; engines/cost.py chooses per profile).
 
     Returns:
         A new model without nucleus nodes or functions.
     """
-    lowered = _rewrite(model, {ROUTER_OP: _router_nodes, COMBINE_OP: _combine_nodes})
+    if combine not in COMBINE_FORMULATIONS:
+        raise ValueError(f"unknown combine formulation {combine!r}; use one of {sorted(COMBINE_FORMULATIONS)}")
+    counts = expert_counts(model) if any(n.op_type == COMBINE_OP for n in model.graph.node) else {}
+    formulation = COMBINE_FORMULATIONS[combine]
+
+    def combine_nodes(node: onnx.NodeProto, em: _Emitter) -> None:
+        formulation(node, em, counts[node.name])
+
+    lowered = _rewrite(model, {ROUTER_OP: _router_nodes, COMBINE_OP: combine_nodes})
     _drop_functions(lowered, MOE_OPS)
     left = [n.op_type for n in lowered.graph.node if n.domain == NUCLEUS_DOMAIN]
     if left:
         raise ValueError(f"nucleus ops without a native lowering: {sorted(set(left))}")
     return lowered
+
+
+def broadcast_attention_masks(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Feed each Attention node the mask before its Expand over the queries ([B, 1, 1, S+T] instead of
+    [B, 1, S, S+T]): valid ONNX (the op broadcasts the mask) that TensorRT builds without materializing B*S*(S+T)
+    mask elements. ONNX Runtime 1.32 needs the expanded form, which is why the exported graph carries it.
+
+    Args:
+        model: a graph; not modified.
+
+    Returns:
+        A new model; Expand nodes left without consumers are removed.
+    """
+    out = copy.deepcopy(model)
+    graph = out.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Attention" and len(node.input) > 3 and node.input[3]:
+            source = producers.get(node.input[3])
+            if source is not None and source.op_type == "Expand":
+                node.input[3] = source.input[0]
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [n for n in graph.node if not (n.op_type == "Expand" and n.output[0] not in used)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return out
 
 
 def prepare_for_plugins(model: onnx.ModelProto) -> onnx.ModelProto:

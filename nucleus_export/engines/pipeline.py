@@ -13,26 +13,52 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from nucleus_runtime.bundle import Manifest, file_record, sha256_file, write_atomic
-from nucleus_runtime.contract import GRAPHS, MANIFEST_NAME, PLUGIN_LIBRARY_PATH
+from nucleus_runtime.bundle import (
+    Manifest,
+    Profiles,
+    file_record,
+    sha256_file,
+    write_atomic,
+)
+from nucleus_runtime.contract import (
+    DENOISER_GRAPH,
+    GRAPHS,
+    MANIFEST_NAME,
+    PLUGIN_LIBRARY_PATH,
+    TENSORRT,
+    TENSORRT_RTX,
+)
 from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 from nucleus_export.engines.backends import Backend, resolve_backend
+from nucleus_export.engines.cost import CHAIN, ONEHOT, CombineChoice, choose_combine
 from nucleus_export.engines.engine import (
     BuildReport,
     BuildSettings,
     EngineFromOnnx,
     NetworkFromOnnxPath,
+    check_profile_limits,
     dim_ranges_from_profiles,
     load_plugins,
     onnx_input_shapes,
+    profile_limit_problems,
     profile_shapes,
     write_build_log,
 )
-from nucleus_export.engines.lowering import lower_moe_native, prepare_for_plugins
+from nucleus_export.engines.lowering import (
+    broadcast_attention_masks,
+    lower_moe_native,
+    prepare_for_plugins,
+)
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
+from nucleus_export.export import (
+    ExportOptions,
+    atomic_output_dir,
+    build_profiles,
+    write_bundle_files,
+)
 from nucleus_export.log import PhaseProgress, console
+from nucleus_export.model.config import ModelConfig
 
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
@@ -54,6 +80,7 @@ class BuildOptions:
         compute_capabilities: TensorRT-RTX targets ("SM89", ...); None for its portable default.
         optimization_level: builder optimization level; None for the default.
         quality: run the CPU quality report (parity.json).
+        combine: native MoE combine formulation: "auto" (engines/cost.py chooses per profile), "onehot" or "chain".
     """
 
     backend: str = "auto"
@@ -63,6 +90,7 @@ class BuildOptions:
     compute_capabilities: list[str] | None = None
     optimization_level: int | None = None
     quality: bool = True
+    combine: str = "auto"
 
 
 def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
@@ -81,41 +109,90 @@ def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
     return moe
 
 
-def prepare_graph(bundle_dir: Path, graph: str, moe: str) -> Path:
-    """Write the graph TensorRT parses: MoE lowered or prepared for plugins, next to the original so its external
-    data (referenced by relative location, not loaded here) still resolves. Returns its path (a hidden file)."""
+# The cost model's GPU per backend when choosing the combine: TensorRT-RTX engines run on RTX cards, full TensorRT
+# engines on datacenter GPUs.
+COMBINE_COST_GPU = {TENSORRT: "h100", TENSORRT_RTX: "rtx5090"}
+
+
+def engine_onnx_name(graph: str) -> str:
+    """The ONNX an engine is built from, kept in the bundle beside the exported graph (whose external data file it
+    shares by relative location), so the engine can be rebuilt with trtexec or Polygraphy."""
+    return f"{graph}.engine.onnx"
+
+
+def combine_choice(config: ModelConfig, profiles: Profiles, compute: str, requested: str, backend: str) -> CombineChoice:
+    """The combine formulation for this profile (all served resolutions at the largest batch); "auto" leaves out
+    the one-hot GEMM where TensorRT could not build it (engine.profile_limit_problems)."""
+    tokens = sorted({h * w for h, w in profiles.grids})
+    batch, text_len = profiles.batch[2], profiles.text_len[2]
+    buildable = [
+        name for name in (ONEHOT, CHAIN)
+        if not profile_limit_problems(config, batch, max(tokens), text_len, compute == "fp32", name)
+    ]
+    return choose_combine(requested, config, batch, tokens, 4 if compute == "fp32" else 2,
+                          COMBINE_COST_GPU.get(backend, "h100"), candidates=buildable or [CHAIN])
+
+
+def check_moe_backend(moe: str, backend: str) -> None:
+    """Refuse --moe plugin with TensorRT-RTX: its 1.7 builder aborts the whole process ("terminate called without
+    an active exception") as soon as the ONNX parser adds a plugin layer, with any IPluginV3, a minimal identity
+    plugin included, and its Python network API has no add_plugin_v3 (README-facts.md)."""
+    if moe == MOE_PLUGIN and backend == TENSORRT_RTX:
+        raise NucleusExportError(
+            "TensorRT-RTX 1.7 cannot build networks with plugin layers (adding an IPluginV3 layer aborts the process), "
+            "so --moe plugin needs full TensorRT.",
+            "build with --moe native (the default) for tensorrt-rtx, or use --backend tensorrt on a GPU machine.",
+        )
+
+
+def preflight(checkpoint: Any, export_options: ExportOptions, options: BuildOptions, backend: str) -> CombineChoice | None:
+    """Checks that need no export: the profile is one TensorRT can build (engine.check_profile_limits). Returns the
+    combine formulation for --moe native (None for plugins). Cheap; run before export and calibration."""
+    profiles = build_profiles(checkpoint, export_options)
+    compute = export_options.precision.compute
+    combine = None
+    if options.moe == MOE_NATIVE:
+        combine = combine_choice(checkpoint.config, profiles, compute, options.combine, backend)
+    check_profile_limits(checkpoint.config, profiles, compute == "fp32", combine and combine.formulation)
+    return combine
+
+
+def prepare_graph(bundle_dir: Path, graph: str, moe: str, combine: str = "onehot") -> Path:
+    """Write the graph TensorRT parses (MoE lowered or prepared for plugins, attention masks unexpanded) next to the
+    original, so its external data (referenced by relative location, not loaded here) still resolves. Returns its
+    path, engine_onnx_name(graph)."""
     source = bundle_dir / f"{graph}.onnx"
     model = onnx.load(str(source), load_external_data=False)
-    prepared = lower_moe_native(model) if moe == MOE_NATIVE else prepare_for_plugins(model)
-    path = bundle_dir / f".{graph}.{moe}.onnx"
-    onnx.save_model(prepared, str(path))
+    prepared = lower_moe_native(model, combine) if moe == MOE_NATIVE else prepare_for_plugins(model)
+    path = bundle_dir / engine_onnx_name(graph)
+    onnx.save_model(broadcast_attention_masks(prepared), str(path))
     return path
 
 
-def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, options: BuildOptions) -> list[BuildReport]:
+def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, options: BuildOptions,
+                  combine: CombineChoice | None = None) -> list[BuildReport]:
     """Build text_kv.plan and denoiser.plan in `bundle_dir` from its ONNX graphs."""
     ranges = dim_ranges_from_profiles(manifest.profiles)
+    formulation = combine.formulation if combine is not None else "onehot"
     reports = []
     for graph in GRAPHS:
-        onnx_path = prepare_graph(bundle_dir, graph, options.moe)
-        try:
-            settings = BuildSettings(
-                shapes=profile_shapes(onnx_input_shapes(onnx_path), ranges),
-                timing_cache=options.timing_cache,
-                optimization_level=options.optimization_level,
-                compute_capabilities=options.compute_capabilities,
-            )
-            with PhaseProgress(f"build {graph}.plan") as progress:
-                report = EngineFromOnnx(
-                    NetworkFromOnnxPath(backend, onnx_path, plugin_override=options.moe == MOE_PLUGIN),
-                    settings,
-                    bundle_dir / f"{graph}.plan",
-                    graph=graph,
-                    progress=progress,
-                    inspect=_plugin_check(graph, options.moe),
-                )()
-        finally:
-            onnx_path.unlink(missing_ok=True)
+        onnx_path = prepare_graph(bundle_dir, graph, options.moe, formulation)
+        settings = BuildSettings(
+            shapes=profile_shapes(onnx_input_shapes(onnx_path), ranges),
+            timing_cache=options.timing_cache,
+            optimization_level=options.optimization_level,
+            compute_capabilities=options.compute_capabilities,
+        )
+        with PhaseProgress(f"build {graph}.plan") as progress:
+            report = EngineFromOnnx(
+                NetworkFromOnnxPath(backend, onnx_path, plugin_override=options.moe == MOE_PLUGIN),
+                settings,
+                bundle_dir / f"{graph}.plan",
+                graph=graph,
+                progress=progress,
+                inspect=_plugin_check(graph, options.moe),
+            )()
+        report.onnx = onnx_path.name
         if report.compute_capabilities is None and backend.name == "tensorrt-rtx":
             report.compute_capabilities = list(RTX_DEFAULT_TARGETS)
         for line in report.summary_lines():
@@ -135,10 +212,12 @@ def _plugin_check(graph: str, moe: str):
     return check
 
 
-def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[str, Any]:
-    return {
+def _engine_records(reports: list[BuildReport], options: BuildOptions,
+                    combine: CombineChoice | None) -> dict[str, Any]:
+    records = {
         r.graph: {
             "file": f"{r.graph}.plan",
+            "onnx": r.onnx,
             "backend": r.backend,
             "backend_version": r.backend_version,
             "bytes": r.engine_bytes,
@@ -150,6 +229,9 @@ def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[s
         }
         for r in reports
     }
+    if combine is not None and DENOISER_GRAPH in records:
+        records[DENOISER_GRAPH]["combine"] = combine.to_dict()
+    return records
 
 
 def bundle_plugin_library(bundle_dir: Path, library: Path, sha256: str) -> dict[str, Any]:
@@ -193,6 +275,8 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         (manifest, engine build reports, ParityReport or None).
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
+    check_moe_backend(options.moe, backend.name)
+    combine = preflight(checkpoint, export_options, options, backend.name)
     if options.quality:
         from nucleus_export.parity.quality import check_quality_memory
 
@@ -204,7 +288,9 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force) as tmp:
         manifest = write_bundle_files(tmp, checkpoint, export_options)
-        reports = build_engines(tmp, manifest, backend, options)
+        if combine is not None:
+            console.print(_combine_line(combine), highlight=False)
+        reports = build_engines(tmp, manifest, backend, options, combine)
         plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, *plugin_library)
         parity = None
         if options.quality:
@@ -226,11 +312,20 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
             tmp,
             manifest,
             moe_lowering=options.moe,
-            engines=_engine_records(reports, options),
+            engines=_engine_records(reports, options, combine),
             plugins=plugin_info,
             tools=tools,
         )
     return manifest, reports, parity
+
+
+def _combine_line(choice: CombineChoice) -> str:
+    per_tokens = ", ".join(
+        f"S={s}: " + "/".join(f"{name} {choice.seconds[name][s] * 1e3:.2f} ms" for name in sorted(choice.seconds))
+        for s in sorted(choice.seconds[choice.formulation])
+    )
+    crossover = f"crossover S={choice.crossover_tokens}" if choice.crossover_tokens else "no crossover"
+    return f"MoE combine: {choice.formulation} ({choice.requested}; modeled on {choice.gpu}, {crossover}; {per_tokens})"
 
 
 def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions) -> Any:

@@ -19,7 +19,8 @@ from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
 from nucleus_runtime.contract import DOMAIN_VERSION as NUCLEUS_DOMAIN_VERSION
 from onnx import TensorProto, helper
 
-OPSET = 20
+# 23: the standard Attention, RMSNormalization and RotaryEmbedding ops, which TensorRT parses into fused layers.
+OPSET = 23
 
 NP_TO_ONNX: dict[np.dtype, int] = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -139,6 +140,11 @@ class GraphBuilder:
         outputs = [base] if n_out == 1 else [f"{base}:{i}" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=base, domain=domain, **attrs))
         return outputs[0] if n_out == 1 else outputs
+
+    def named(self, value: str, name: str) -> str:
+        """Give `value` a fixed name (an Identity node), for tensors other tools address by name."""
+        self.nodes.append(helper.make_node("Identity", [value], [name], name=name))
+        return name
 
     def cast(self, value: str, to: int) -> str:
         return self.op("Cast", [value], to=to)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 from nucleus_runtime import contract
+from nucleus_runtime.contract import block_output
 from onnx import TensorProto
 
 from nucleus_export.graph import moe_ops
@@ -15,7 +17,7 @@ from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.model.config import ModelConfig
 
 B, S, T = contract.BATCH_DIM, contract.IMAGE_TOKENS_DIM, contract.TEXT_LEN_DIM
-MASK_BIAS = -1e30  # exp underflows to exactly 0 in float32, like SDPA's boolean mask
+MASK_BIAS = -1e30  # exp underflows to exactly 0 in float32, like SDPA's boolean mask (lowest finite where smaller)
 
 
 def timestep_frequencies(dim: int) -> np.ndarray:
@@ -61,7 +63,7 @@ class DenoiserBuilder:
         self.mask_bias = self.attention_bias(x, mask)
         for idx in range(c.num_layers):
             g.scope = f"transformer_blocks.{idx}"
-            x = self.block(x, idx)
+            x = g.named(self.block(x, idx), block_output(idx))
             on_block(idx)
         g.scope = "norm_out"
         shift_scale = emit.to_f32(emit.linear(self.temb_silu_cd, "norm_out.linear", bias=True))
@@ -86,12 +88,19 @@ class DenoiserBuilder:
         return emit.rms_norm(emit.to_f32(h), "time_text_embed.norm.weight")
 
     def attention_bias(self, x: str, mask: str) -> str:
-        """[B,1,1,1,S+T] additive bias: 0 for image tokens and real text tokens, MASK_BIAS for padding."""
-        g = self.g
-        text_bias = g.op("Mul", [g.op("Cast", [g.op("Equal", [mask, g.const(0, np.int64)])], to=TensorProto.FLOAT), g.const(MASK_BIAS)])
+        """[B, 1, S, S+T] additive mask in the compute dtype: 0 for image tokens and real text tokens, the mask bias
+        for padding. Expanded over the queries because ONNX Runtime 1.32's Attention does not broadcast the mask's
+        query axis; the engine lowering feeds TensorRT the unexpanded [B, 1, 1, S+T] (lowering.broadcast_attention_masks).
+        """
+        g, emit = self.g, self.emit
+        bias = max(MASK_BIAS, float(ml_dtypes.finfo(emit.precision.np_dtype).min))  # finite in float16 too
+        text_bias = g.op("Mul", [g.op("Cast", [g.op("Equal", [mask, g.const(0, np.int64)])], to=TensorProto.FLOAT), g.const(bias)])
         image_zeros = g.op("ConstantOfShape", [g.op("Shape", [x], start=0, end=2)])
         joint = g.op("Concat", [image_zeros, text_bias], axis=1)
-        return g.op("Unsqueeze", [joint, g.const([1, 2, 3], np.int64)], hint="attention_bias")
+        per_key = emit.to_compute(g.op("Unsqueeze", [joint, g.const([1, 2], np.int64)]))  # [B, 1, 1, S+T]
+        shape = g.op("Concat", [g.op("Shape", [x], start=0, end=1), g.const([1], np.int64), g.op("Shape", [x], start=1, end=2),
+                                g.op("Shape", [joint], start=1, end=2)], axis=0)
+        return g.op("Expand", [per_key, shape], hint="attention_bias")
 
     def modulate(self, normed: str, scale: str) -> str:
         return self.g.op("Mul", [normed, self.g.op("Add", [scale, self.g.const(1.0)])])
@@ -118,6 +127,9 @@ class DenoiserBuilder:
         return g.op("Add", [x, g.op("Mul", [gate2, emit.to_f32(mlp)])], hint="mlp_residual")
 
     def attention(self, x_f32: str, idx: int) -> str:
+        """Joint attention of the image queries over [image K/V ; text K/V] as one standard Attention op (opset 23):
+        GQA through kv_num_heads, the text padding as an additive mask. TensorRT parses it into its fused attention
+        layer, whose kernels keep the scores in float32 before the softmax."""
         g, emit, c = self.g, self.emit, self.config
         attn = f"transformer_blocks.{idx}.attn"
         heads, kv_heads, dim = c.num_attention_heads, c.kv_heads, c.attention_head_dim
@@ -125,30 +137,31 @@ class DenoiserBuilder:
 
         def projected(name: str, n_heads: int, norm: str) -> str:
             h = emit.split_heads(emit.to_f32(emit.linear(x, f"{attn}.{name}", quantize=self.quantize)), n_heads, dim)
-            h = emit.rms_norm(h, f"{attn}.{norm}.weight")
-            return emit.to_compute(emit.rope(h, self.img_cos, self.img_sin, n_heads, dim))
+            h = emit.rope(emit.rms_norm(h, f"{attn}.{norm}.weight"), self.img_cos, self.img_sin, n_heads, dim)
+            return emit.to_compute(self.merge_heads(h, n_heads))
 
         query = projected("to_q", heads, "norm_q")
         key = projected("to_k", kv_heads, "norm_k")
-        value = emit.split_heads(emit.linear(x, f"{attn}.to_v", quantize=self.quantize), kv_heads, dim)
+        value = emit.linear(x, f"{attn}.to_v", quantize=self.quantize)
 
         layer_kv = g.op("Gather", [self.text_kv, g.const(idx, np.int64)], axis=0)
-        text_key = g.op("Gather", [layer_kv, g.const(0, np.int64)], axis=0)
-        text_value = g.op("Gather", [layer_kv, g.const(1, np.int64)], axis=0)
+        text_key = self.merge_heads(g.op("Gather", [layer_kv, g.const(0, np.int64)], axis=0), kv_heads)
+        text_value = self.merge_heads(g.op("Gather", [layer_kv, g.const(1, np.int64)], axis=0), kv_heads)
         joint_key = g.op("Concat", [key, text_key], axis=1)
         joint_value = g.op("Concat", [value, text_value], axis=1)
+        context = g.op(
+            "Attention",
+            [query, joint_key, joint_value, self.mask_bias],
+            hint="attention",
+            q_num_heads=heads,
+            kv_num_heads=kv_heads,
+            scale=1.0 / math.sqrt(dim),
+        )
+        return emit.linear(context, f"{attn}.to_out.0", quantize=self.quantize)
 
-        # GQA without repeating K/V: query heads grouped per K/V head [B, Hkv, G, S, D] against K/V [B, Hkv, 1, ., D].
-        groups = heads // kv_heads
-        axis2 = g.const([2], np.int64)
-        q = g.op("Transpose", [g.op("Reshape", [query, g.const([0, 0, kv_heads, groups, dim], np.int64)])], perm=[0, 2, 3, 1, 4])
-        k = g.op("Unsqueeze", [g.op("Transpose", [joint_key], perm=[0, 2, 3, 1]), axis2])
-        v = g.op("Unsqueeze", [g.op("Transpose", [joint_value], perm=[0, 2, 1, 3]), axis2])
-        scores = g.op("Mul", [emit.to_f32(g.op("MatMul", [q, k], hint="attn_scores")), g.const(1.0 / math.sqrt(dim))])
-        probs = g.op("Softmax", [g.op("Add", [scores, self.mask_bias])], axis=-1)
-        context = g.op("MatMul", [emit.to_compute(probs), v], hint="attn_context")
-        merged = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 3, 1, 2, 4]), g.const([0, 0, heads * dim], np.int64)])
-        return emit.linear(merged, f"{attn}.to_out.0", quantize=self.quantize)
+    def merge_heads(self, x: str, heads: int) -> str:
+        """[B, N, heads, D] -> [B, N, heads * D], the Attention op's 3-D layout."""
+        return self.g.op("Reshape", [x, self.g.const([0, 0, heads * self.config.attention_head_dim], np.int64)])
 
     def moe(self, modulated_f32: str, normed_f32: str, idx: int) -> str:
         g, emit, c = self.g, self.emit, self.config

@@ -96,12 +96,11 @@ class LayerEmitter:
 
     # ---- float32 math --------------------------------------------------------------------------------------------
 
-    def rms_norm(self, x_f32: str, weight: str | None, eps: float = 1e-6) -> str:
-        """diffusers RMSNorm over the last axis, in float32."""
-        mean_sq = self.g.op("ReduceMean", [self.g.op("Mul", [x_f32, x_f32]), self.g.const([-1], np.int64)], keepdims=1)
-        inv = self.g.op("Reciprocal", [self.g.op("Sqrt", [self.g.op("Add", [mean_sq, self.g.const(eps)])])])
-        y = self.g.op("Mul", [x_f32, inv], hint="rms_norm")
-        return self.g.op("Mul", [y, self.tensor(weight)]) if weight else y
+    def rms_norm(self, x_f32: str, weight: str, eps: float = 1e-6) -> str:
+        """diffusers RMSNorm over the last axis, in float32, as the standard RMSNormalization op (opset 23): ONNX
+        Runtime runs it as one kernel; TensorRT-RTX 1.7's parser expands it into the same reduce/elementwise layers
+        a hand-written form gives (README-facts.md)."""
+        return self.g.op("RMSNormalization", [x_f32, self.tensor(weight)], hint="rms_norm", axis=-1, epsilon=eps)
 
     def layer_norm(self, x_f32: str, width: int, eps: float = 1e-6) -> str:
         """nn.LayerNorm without affine parameters, in float32."""
@@ -110,16 +109,20 @@ class LayerEmitter:
 
     def rope(self, x_f32: str, cos: str, sin: str, heads: int, head_dim: int) -> str:
         """Rotate channel pairs (2i, 2i+1) of x [B, N, heads, head_dim] by tables [N, head_dim/2], as diffusers'
-        complex multiply does."""
-        pairs = self.g.op("Reshape", [x_f32, self.g.const([0, 0, heads, head_dim // 2, 2], np.int64)])
-        real, imag = self.g.op("Split", [pairs], n_out=2, hint="rope_split", axis=-1, num_outputs=2)
-        axes = self.g.const([0, 2, 4], np.int64)
-        c = self.g.op("Unsqueeze", [cos, axes])
-        s = self.g.op("Unsqueeze", [sin, axes])
-        out_real = self.g.op("Sub", [self.g.op("Mul", [real, c]), self.g.op("Mul", [imag, s])])
-        out_imag = self.g.op("Add", [self.g.op("Mul", [real, s]), self.g.op("Mul", [imag, c])])
-        rotated = self.g.op("Concat", [out_real, out_imag], axis=-1)
-        return self.g.op("Reshape", [rotated, self.g.const([0, 0, heads, head_dim], np.int64)], hint="rope")
+        complex multiply does: the standard RotaryEmbedding op (opset 23, interleaved), which TensorRT parses into
+        its rotary-embedding layer. Position ids 0..N-1 index the tables, so the tables keep their contract shape."""
+        flat = self.g.op("Reshape", [x_f32, self.g.const([0, 0, heads * head_dim], np.int64)])
+        rotated = self.g.op(
+            "RotaryEmbedding", [flat, cos, sin, self.positions(flat)], hint="rope", interleaved=1, num_heads=heads
+        )
+        return self.split_heads(rotated, heads, head_dim)
+
+    def positions(self, x: str) -> str:
+        """Position ids [B, N] = 0..N-1 per batch row for a [B, N, ...] tensor (RotaryEmbedding wants one per row)."""
+        g = self.g
+        tokens = g.op("Squeeze", [g.op("Shape", [x], start=1, end=2)])
+        ids = g.op("Unsqueeze", [g.op("Range", [g.const(0, np.int64), tokens, g.const(1, np.int64)]), g.const([0], np.int64)])
+        return g.op("Expand", [ids, g.op("Shape", [x], start=0, end=2)], hint="positions")
 
     def split_heads(self, x: str, heads: int, head_dim: int) -> str:
         return self.g.op("Reshape", [x, self.g.const([0, 0, heads, head_dim], np.int64)])

@@ -50,6 +50,14 @@ HOST_INPUT_DTYPES = {
     SAMPLE: "float32",
 }
 
+
+
+def block_output(index: int) -> str:
+    """The denoiser's residual stream [B, S, hidden] float32 after block `index`: a stable name, so the graph can be
+    cut into segments of consecutive blocks at these tensors."""
+    return f"transformer_blocks.{index}.output"
+
+
 # -- dimension names (symbolic axes of the graphs and the engine profiles) ---------------------------------------
 BATCH_DIM = "batch"
 IMAGE_TOKENS_DIM = "image_tokens"
