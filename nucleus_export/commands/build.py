@@ -73,6 +73,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     quant.add_argument("--calibration-prompts", type=Path, help="prompt embeddings for calibration (see the quant docs)")
     quant.add_argument("--calibration-size", type=int, default=8, help="calibration samples (default 8)")
     parser.add_argument("--skip-quality", action="store_true", help="skip the CPU quality report (parity.json)")
+    parser.add_argument(
+        "--quality",
+        choices=("quick", "full"),
+        default="quick",
+        help="quality report cases: two resolutions (quick, default) or every served resolution (full)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         compute_capabilities=args.compute_capabilities,
         optimization_level=args.optimization_level,
         quality=not args.skip_quality,
+        quality_cases=args.quality,
     )
     # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
     from nucleus_export.engines.backends import resolve_backend

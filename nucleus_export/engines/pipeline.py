@@ -59,6 +59,7 @@ class BuildOptions:
         compute_capabilities: TensorRT-RTX targets ("SM89", ...); None for its portable default.
         optimization_level: builder optimization level; None for the default.
         quality: run the CPU quality report (parity.json).
+        quality_cases: its case set: "quick" (two resolutions, the default) or "full" (every served resolution).
     """
 
     backend: str = "auto"
@@ -68,6 +69,7 @@ class BuildOptions:
     compute_capabilities: list[str] | None = None
     optimization_level: int | None = None
     quality: bool = True
+    quality_cases: str = "quick"
 
 
 def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
@@ -208,7 +210,7 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, plugin_library)
         parity = None
         if options.quality:
-            parity = run_quality_report(checkpoint, tmp, export_options)
+            parity = run_quality_report(checkpoint, tmp, export_options, options)
         write_build_log(
             tmp / BUILD_LOG_NAME,
             reports,
@@ -233,18 +235,29 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
     return manifest, reports, parity
 
 
-def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions) -> Any:
-    """parity.json: the bundle's graphs (bf16 emulated, FP8 Q/DQ as is) in ORT vs diffusers' fp32 forward."""
-    from nucleus_export.parity.quality import quality_report
+def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions, options: BuildOptions) -> Any:
+    """parity.json: the graphs as the engines were built from them (MoE lowered, bf16 emulated, FP8 Q/DQ as is) in
+    ORT vs diffusers' float32 forward, next to diffusers in bf16 on the same cases."""
     from nucleus_export.log import stage
     from nucleus_export.parity.check import write_report
+    from nucleus_export.parity.quality import quality_report
 
     precision = export_options.precision
-    with stage("quality report (ONNX Runtime CPU vs diffusers float32)"):
-        report = quality_report(checkpoint, bundle_dir, precision.label, precision.compute, precision.fp8 is not None)
+    started = time.perf_counter()
+    with stage(f"quality report ({options.quality_cases} cases; ONNX Runtime CPU vs diffusers float32 and bf16)"):
+        report = quality_report(
+            checkpoint,
+            bundle_dir,
+            precision.label,
+            precision.compute,
+            precision.fp8 is not None,
+            moe_lowering=options.moe,
+            case_set=options.quality_cases,
+        )
     write_report(bundle_dir, {precision.label: report})
     for line in report.summary_lines():
         console.print(line, highlight=False)
+    logger.info("quality report took %.1f s", time.perf_counter() - started)
     return report
 
 
