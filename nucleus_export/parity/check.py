@@ -313,14 +313,27 @@ class OnnxGraphs:
         self.free = _session(variants.free, variants.directory, threads)
         self.forced = _session(variants.forced, variants.directory, threads)
 
-    def run(self, case: ParityCase, config: ModelConfig, reference_routing: list[np.ndarray]):
-        """(text_kv, end-to-end sample, its selections, forced sample, own selections in the forced run)."""
+    def run(self, case: ParityCase, config: ModelConfig, reference_routing: list[np.ndarray]) -> GraphOutput:
         (text_kv,) = self.text_kv.run(None, case.text_kv_inputs(config))
         inputs = case.denoiser_inputs(config, text_kv)
         free = self.free.run(["sample", *self.variants.free_routing], inputs)
-        forced_inputs = dict(zip(self.variants.forced_routing.forced_inputs, reference_routing))
-        forced = self.forced.run(["sample", *self.variants.forced_routing.selections], {**inputs, **forced_inputs})
-        return text_kv, free[0], free[1:], forced[0], forced[1:]
+        names = self.variants.forced_routing
+        forced_inputs = dict(zip(names.forced_inputs, reference_routing))
+        forced = self.forced.run(["sample", *names.selections, *names.gate_inputs], {**inputs, **forced_inputs})
+        layers = len(names.selections)
+        return GraphOutput(text_kv, free[0], free[1:], forced[0], forced[1 : 1 + layers], forced[1 + layers :])
+
+
+@dataclasses.dataclass
+class GraphOutput:
+    """One batch through the graphs: end to end, and with the reference's routing forced."""
+
+    text_kv: np.ndarray
+    sample: np.ndarray
+    selections: list[np.ndarray]  # per MoE block [B, E, C]
+    forced_sample: np.ndarray
+    own_selections: list[np.ndarray]  # the graph's own choice per block in the forced run
+    gate_inputs: list[np.ndarray]  # the router input features per block in the forced run
 
 
 # ---- PyTorch side --------------------------------------------------------------------------------------------------
@@ -460,24 +473,27 @@ def check_parity(
     results = []
     for batch, members in track(batch_by_resolution(cases or make_cases(config, manifest.profiles)), "parity batches"):
         ref = truth.forward(batch)
-        text_kv, sample, free_sel, forced_sample, own_sel = graphs.run(batch, config, ref.selections)
+        out = graphs.run(batch, config, ref.selections)
         expected_kv = truth.text_kv(batch)
-        bounds = [score_bounds(x, w, s, config.use_sigmoid) for x, w, s in zip(ref.gate_inputs, weights, ref.scores)]
+        bounds = [
+            score_bounds(x, w, s, config.use_sigmoid, input_error=graph_x - x)
+            for x, graph_x, w, s in zip(ref.gate_inputs, out.gate_inputs, weights, ref.scores)
+        ]
         base = low.forward(batch) if low is not None else None
         for case, rows in members:
             routing = {}
             for k, layer in enumerate(layers):
                 expected = ref.selections[k][rows]
-                flips, near, margin, ratio = classify_flips(own_sel[k][rows], expected, ref.scores[k][rows], bounds[k][rows])
+                flips, near, margin, ratio = classify_flips(out.own_selections[k][rows], expected, ref.scores[k][rows], bounds[k][rows])
                 routing[layer] = LayerRouting(
-                    agreement(free_sel[k][rows], expected), agreement(own_sel[k][rows], expected), flips, near, margin, ratio
+                    agreement(out.selections[k][rows], expected), agreement(out.own_selections[k][rows], expected), flips, near, margin, ratio
                 )
             results.append(
                 CaseResult(
                     case.name,
-                    Comparison.of(text_kv[:, :, rows].astype(np.float32), expected_kv[:, :, rows]),
-                    Comparison.of(sample[rows], ref.sample[rows]),
-                    Comparison.of(forced_sample[rows], ref.sample[rows]),
+                    Comparison.of(out.text_kv[:, :, rows].astype(np.float32), expected_kv[:, :, rows]),
+                    Comparison.of(out.sample[rows], ref.sample[rows]),
+                    Comparison.of(out.forced_sample[rows], ref.sample[rows]),
                     routing,
                     None if base is None else Comparison.of(base.sample[rows], ref.sample[rows]),
                     None

@@ -33,6 +33,7 @@ class RoutingNames:
 
     selections: list[str]
     forced_inputs: list[str] = dataclasses.field(default_factory=list)
+    gate_inputs: list[str] = dataclasses.field(default_factory=list)  # the router's input features (float32)
 
 
 def router_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -94,7 +95,8 @@ def with_forced_routing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Routin
     graph inputs `forced_token_indices.<k>` ([B, E, C] int64, k = MoE block in order) and output their own choice.
 
     Returns:
-        The model and its names: `forced_inputs` to feed, `selections` the graph's own choice per block.
+        The model and its names: `forced_inputs` to feed, `selections` the graph's own choice per block,
+        `gate_inputs` the router input features per block (extra float32 outputs, to measure their error).
     """
     out = copy.deepcopy(model)
     bodies = [f for f in out.functions if f.domain == DOMAIN and f.name == ROUTER_OP]
@@ -103,8 +105,13 @@ def with_forced_routing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Routin
     out.functions.append(_forced_router_function(bodies[0]))
     if not any(o.domain == FORCED_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(FORCED_DOMAIN, 1))
-    names = RoutingNames([], [])
+    names = RoutingNames([], [], [])
+    producers = {o: n for n in out.graph.node for o in n.output}
     for k, node in enumerate(router_nodes(out)):
+        gate = producers.get(node.input[0])
+        if gate is None or gate.op_type != "MatMul":
+            raise ValueError(f"router {node.name} is not fed by a gate MatMul; cannot read its input features")
+        names.gate_inputs.append(gate.input[0])
         forced = f"{FORCED_INPUT_PREFIX}.{k}"
         own = f"{node.output[0]}__own"
         out.graph.input.append(helper.make_tensor_value_info(forced, TensorProto.INT64, ["batch", None, None]))
@@ -113,4 +120,6 @@ def with_forced_routing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Routin
         node.output.append(own)
         names.forced_inputs.append(forced)
         names.selections.append(own)
-    return expose(out, names.selections), names
+    out = expose(out, names.selections)
+    out.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names.gate_inputs)
+    return out, names

@@ -1,14 +1,19 @@
 """Routing agreement and the classification of every disagreement by its score margin (numpy only).
 
 Expert-choice routing picks, per (batch row, expert), the C tokens of highest score. Two correct float32
-implementations can disagree where two tokens' scores are closer than the rounding error of the gate logits: the
-logits are dot products of K = 2 * hidden terms, and any two summation orders of a float32 dot product differ by at
-most gamma_K * sum_i |x_i| |w_i| with gamma_K = K u / (1 - K u), u = 2^-24 (Higham, Accuracy and Stability of
-Numerical Algorithms, 3.1). That bound, computed per (token, expert) from the reference's own gate input and weight,
-is the logit tolerance; it is propagated through the score function (softmax: |ds_e| <= s_e (|dl_e| + sum_j s_j
-|dl_j|); sigmoid: |ds| <= s (1 - s) |dl|). A flip of a token t against a competitor t' is a near-tie when the
-reference's score margin |s(t) - s(t')| is at most the sum of their score bounds: rounding alone can explain it.
-Nothing here is tuned: the bound follows from the dimensions and the reference's values.
+implementations can disagree where two tokens' scores are closer than their rounding error. The bound on a score's
+error, per (token, expert), has three parts, none tuned:
+- the gate's own reduction order: logits are dot products of K = 2 * hidden terms, and any two summation orders of
+  a float32 dot product differ by at most gamma_K * sum_i |x_i| |w_i|, gamma_K = K u / (1 - K u), u = 2^-24
+  (Higham, Accuracy and Stability of Numerical Algorithms, 3.1);
+- the gate input's difference between graph and reference (float32 rounding of everything upstream, measured in
+  the forced run, where both sides routed alike): sum_i |dx_i| |w_i|;
+- the score function in float32 (sigmoid: exp, add, divide, 3 u relative; softmax: exp, a sum of E terms, divide,
+  (E + 2) u relative).
+Logit bounds go through the score function (softmax: |ds_e| <= s_e (|dl_e| + sum_j s_j |dl_j|); sigmoid:
+|ds| <= s (1 - s) |dl|). A flip of a token t against a competitor t' is a near-tie when the reference's score margin
+s(t) - s(t') is at most the sum of their bounds: rounding alone can explain it. A wrong gate weight, a wrong score
+function or a lost update gives flips far outside the bound.
 """
 
 from __future__ import annotations
@@ -28,24 +33,35 @@ def gamma(terms: int, unit_roundoff: float = UNIT_ROUNDOFF_FP32) -> float:
     return nu / (1 - nu)
 
 
-def score_bounds(gate_input: np.ndarray, gate_weight: np.ndarray, scores: np.ndarray, sigmoid: bool) -> np.ndarray:
-    """Per (batch row, token, expert) bound on a score's float32 rounding error.
+def score_bounds(
+    gate_input: np.ndarray,
+    gate_weight: np.ndarray,
+    scores: np.ndarray,
+    sigmoid: bool,
+    input_error: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per (batch row, token, expert) bound on a score's float32 rounding error (see the module docstring).
 
     Args:
         gate_input: [B, S, K] router input of the reference.
         gate_weight: [E, K] router weight.
         scores: [B, S, E] the reference's scores (softmax over E, or sigmoid).
         sigmoid: the score function.
+        input_error: [B, S, K] |graph's router input - reference's|, when measured.
 
     Returns:
         [B, S, E] float64 bounds.
     """
-    terms = gate_input.shape[-1]
-    logit_bound = gamma(terms) * (np.abs(gate_input.astype(np.float64)) @ np.abs(gate_weight.astype(np.float64)).T)
+    terms, experts = gate_input.shape[-1], gate_weight.shape[0]
+    abs_w = np.abs(gate_weight.astype(np.float64)).T
+    logit_bound = gamma(terms) * (np.abs(gate_input.astype(np.float64)) @ abs_w)
+    if input_error is not None:
+        logit_bound += np.abs(input_error.astype(np.float64)) @ abs_w
     s = scores.astype(np.float64)
     if sigmoid:
-        return s * (1 - s) * logit_bound
-    return s * (logit_bound + (s * logit_bound).sum(axis=-1, keepdims=True))
+        return s * (1 - s) * logit_bound + 3 * UNIT_ROUNDOFF_FP32 * s
+    propagated = s * (logit_bound + (s * logit_bound).sum(axis=-1, keepdims=True))
+    return propagated + (experts + 2) * UNIT_ROUNDOFF_FP32 * s
 
 
 @dataclasses.dataclass
