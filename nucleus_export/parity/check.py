@@ -391,13 +391,20 @@ class ReferenceRunner:
 
         from nucleus_export.model.reference import to_model
 
+        dtype = next(self.model.parameters()).dtype
+
+        def given(array: np.ndarray) -> torch.Tensor:
+            # Float inputs in the model's dtype: the bf16 baseline takes bf16 inputs, as diffusers served in bf16 does.
+            tensor = to_model(self.model, array)
+            return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
         with torch.no_grad():
             sample = self.model(
-                hidden_states=to_model(self.model, case.hidden_states),
+                hidden_states=given(case.hidden_states),
                 img_shapes=[(1, *case.grid)] * case.batch,
-                encoder_hidden_states=to_model(self.model, case.encoder_hidden_states),
-                encoder_hidden_states_mask=to_model(self.model, case.mask),
-                timestep=to_model(self.model, case.timestep),
+                encoder_hidden_states=given(case.encoder_hidden_states),
+                encoder_hidden_states_mask=given(case.mask),
+                timestep=given(case.timestep),
                 return_dict=False,
             )[0]
             selections, scores, inputs = [], [], []
@@ -418,8 +425,15 @@ def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
-    return copy.deepcopy(model).to(torch.bfloat16)
+    # diffusers warns on .to(dtype) about modules to keep in float32; this model lists none.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return copy.deepcopy(model).to(torch.bfloat16)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def check_parity(
