@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--quality",
         choices=("quick", "full"),
         default="quick",
-        help="quality report cases: two resolutions (quick, default) or every served resolution (full)",
+        help="quality report cases: the optimization resolution (quick, default) or every served resolution (full)",
     )
     parser.set_defaults(func=run)
 

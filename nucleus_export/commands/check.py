@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     parser.add_argument("--model", required=True, help="the model the bundle was exported from ('tiny' or a path)")
     parser.add_argument("--bundle", type=Path, required=True, help="bundle folder")
-    parser.add_argument("--cases", choices=CASE_SETS, default="full", help="all served resolutions (full) or two (quick)")
+    parser.add_argument("--cases", choices=CASE_SETS, default="full", help="every served resolution (full) or the optimization resolution (quick)")
     parser.add_argument("--max-rel-error", type=float, help="end-to-end relative error where routing agreed")
     parser.add_argument("--max-forced-rel-error", type=float, help="relative error with routing forced")
     parser.add_argument("--min-cosine", type=float, help="minimum cosine similarity")

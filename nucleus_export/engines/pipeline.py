@@ -59,7 +59,7 @@ class BuildOptions:
         compute_capabilities: TensorRT-RTX targets ("SM89", ...); None for its portable default.
         optimization_level: builder optimization level; None for the default.
         quality: run the CPU quality report (parity.json).
-        quality_cases: its case set: "quick" (two resolutions, the default) or "full" (every served resolution).
+        quality_cases: its case set: "quick" (the optimization resolution, the default) or "full" (every served resolution).
     """
 
     backend: str = "auto"
