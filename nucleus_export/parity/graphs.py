@@ -99,6 +99,8 @@ def with_forced_routing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Routin
         `gate_inputs` the router input features per block (extra float32 outputs, to measure their error).
     """
     out = copy.deepcopy(model)
+    if not router_nodes(out):
+        return out, RoutingNames([], [], [])  # a model without MoE blocks: nothing to force
     bodies = [f for f in out.functions if f.domain == DOMAIN and f.name == ROUTER_OP]
     if not bodies:
         raise ValueError(f"the graph has no {ROUTER_OP} function body to derive forced routing from")
