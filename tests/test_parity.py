@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from nucleus_runtime.bundle import load_manifest
 from onnx import numpy_helper
 
 from nucleus_export.export import ExportOptions, export_bundle
@@ -14,7 +15,6 @@ from nucleus_export.model.tiny import write_checkpoint
 from nucleus_export.parity.cases import batch_by_resolution, make_cases
 from nucleus_export.parity.check import OnnxGraphs, check_parity, variants_of
 from nucleus_export.parity.routing import agreement, classify_flips, gamma, score_bounds
-from nucleus_runtime.bundle import load_manifest
 
 DEFAULT_1MP = [(1024, 1024)]
 

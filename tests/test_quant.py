@@ -83,7 +83,7 @@ def test_fp8_no_worse_than_diffusers_bf16_on_unseen_architectures(arch, tmp_path
 
     checkpoint = open_checkpoint(write_checkpoint(tmp_path / "ckpt", RANDOM_ARCHITECTURES[arch], seed=5, init=_plain_init))
     reference = load_reference(checkpoint)
-    options = dict(resolutions=[(256, 256)], max_text_len=16)
+    options = {"resolutions": [(256, 256)], "max_text_len": 16}
     scales = calibrate_fp8(checkpoint, ExportOptions(**options), size=2, steps=3, reference=reference)
     pooled = {}
     for label, precision in (("bf16", GraphPrecision("bf16")), ("bf16+fp8", GraphPrecision("bf16", scales))):

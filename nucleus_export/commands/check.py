@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.contract import precision_label
+
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.parity.cases import CASE_SETS
 from nucleus_export.parity.check import write_report
 from nucleus_export.parity.quality import quality_report, tolerance_for
-from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.contract import precision_label
 
 # CLI flag -> Tolerance field it overrides
 OVERRIDES = {

@@ -28,14 +28,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest, write_atomic
+from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, SAMPLE
 
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
-from nucleus_export.parity.graphs import RoutingNames, with_forced_routing, with_router_outputs
-from nucleus_export.parity.routing import LayerRouting, agreement, classify_flips, score_bounds
-from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest, write_atomic
+from nucleus_export.parity.graphs import (
+    RoutingNames,
+    with_forced_routing,
+    with_router_outputs,
+)
+from nucleus_export.parity.routing import (
+    LayerRouting,
+    agreement,
+    classify_flips,
+    score_bounds,
+)
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -244,14 +254,17 @@ class ParityReport:
 
     def summary_lines(self) -> list[str]:
         w, f = self.worst, self.flips
-        lines = [
+        errors = (
             f"{self.graph_precision}: {len(self.cases)} cases, worst end-to-end rel err {w['sample_relative_error']:.3e} "
             f"(max abs {w['sample_max_abs_error']:.3e}, cosine {w['sample_cosine']:.6f}), routing forced "
-            f"{w['forced_relative_error']:.3e}, text_kv {w['text_kv_relative_error']:.3e}",
+            f"{w['forced_relative_error']:.3e}, text_kv {w['text_kv_relative_error']:.3e}"
+        )
+        routing = (
             f"routing: min agreement {100 * w['routing_agreement']:.2f}% end to end, "
             f"{100 * w['forced_routing_agreement']:.2f}% with upstream routing forced; {f['flips']} flips, "
-            f"{f['near_ties']} near-ties (largest flip margin {f['max_flip_margin']:.3e}, {f['max_margin_ratio']:.3g} x bound)",
-        ]
+            f"{f['near_ties']} near-ties (largest flip margin {f['max_flip_margin']:.3e}, {f['max_margin_ratio']:.3g} x bound)"
+        )
+        lines = [errors, routing]
         for label, p in self.pooled.items():
             lines.append(
                 f"vs float32, all cases: {label}: rel err {p['relative_error']:.3e}, cosine {p['cosine']:.6f}, "
@@ -283,7 +296,7 @@ def _session(model: onnx.ModelProto | Path, directory: Path, threads: int | None
     fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=".parity-", dir=directory)
     os.close(fd)
     try:
-        onnx.save_model(model, tmp, save_as_external_data=model.ByteSize() > 1_800_000_000, location=Path(tmp).name + ".data")
+        onnx.save_model(model, tmp, save_as_external_data=model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES, location=Path(tmp).name + ".data")
         return ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -323,10 +336,10 @@ class OnnxGraphs:
     def run(self, case: ParityCase, config: ModelConfig, reference_routing: list[np.ndarray]) -> GraphOutput:
         (text_kv,) = self.text_kv.run(None, case.text_kv_inputs(config))
         inputs = case.denoiser_inputs(config, text_kv)
-        free = self.free.run(["sample", *self.variants.free_routing], inputs)
+        free = self.free.run([SAMPLE, *self.variants.free_routing], inputs)
         names = self.variants.forced_routing
         forced_inputs = dict(zip(names.forced_inputs, reference_routing))
-        forced = self.forced.run(["sample", *names.selections, *names.gate_inputs], {**inputs, **forced_inputs})
+        forced = self.forced.run([SAMPLE, *names.selections, *names.gate_inputs], {**inputs, **forced_inputs})
         layers = len(names.selections)
         return GraphOutput(text_kv, free[0], free[1:], forced[0], forced[1 : 1 + layers], forced[1 + layers :])
 
@@ -376,7 +389,9 @@ class ReferenceRunner:
     def text_kv(self, case: ParityCase) -> np.ndarray:
         """Per-block text K/V exactly as diffusers' TextKVCache hook computes them."""
         import torch
-        from diffusers.models.transformers.transformer_nucleusmoe_image import _apply_rotary_emb_nucleus
+        from diffusers.models.transformers.transformer_nucleusmoe_image import (
+            _apply_rotary_emb_nucleus,
+        )
 
         from nucleus_export.model.reference import to_model
 

@@ -18,9 +18,8 @@ import copy
 import dataclasses
 
 import onnx
-from onnx import TensorProto, helper
-
 from nucleus_runtime.contract import DOMAIN, ROUTER_OP
+from onnx import TensorProto, helper
 
 FORCED_DOMAIN = "nucleus.parity"
 FORCED_ROUTER_OP = f"{ROUTER_OP}Forced"

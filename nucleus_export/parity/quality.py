@@ -19,11 +19,11 @@ from typing import Any
 
 import onnx
 import onnx.inliner
+from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest
+from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE
 
 from nucleus_export.parity.check import GraphVariants, Tolerance, variants_of
 from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
-from nucleus_runtime.bundle import DENOISER, TEXT_KV, load_manifest
-from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE
 
 # The case set is a sample: on the default quick set of the tiny model, the pooled relative error of one graph moves
 # by a few percent between case seeds, so the graph may exceed diffusers-bf16 by that much before it counts as worse.

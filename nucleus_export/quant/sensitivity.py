@@ -76,11 +76,12 @@ def _keep_paths(blocks: tuple[int, ...]) -> tuple[str, ...]:
 
 def _probe(checkpoint: Checkpoint, compute: str, scales: Fp8Scales | None, keep: tuple[int, ...], reference: Any,
            workdir: Path) -> Probe:
+    from nucleus_runtime.bundle import load_manifest
+
     from nucleus_export.export import ExportOptions, export_bundle
     from nucleus_export.parity.cases import make_cases
     from nucleus_export.parity.check import check_parity
     from nucleus_export.parity.quality import built_variants
-    from nucleus_runtime.bundle import load_manifest
 
     fp8 = None if scales is None else dataclasses.replace(scales, keep=_keep_paths(keep))
     out = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir)) / "bundle"
