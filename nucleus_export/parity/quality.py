@@ -25,9 +25,11 @@ from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE
 from nucleus_export.parity.check import GraphVariants, Tolerance, variants_of
 from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
 
-# The case set is a sample: on the default quick set of the tiny model, the pooled relative error of one graph moves
-# by a few percent between case seeds, so the graph may exceed diffusers-bf16 by that much before it counts as worse.
-BASELINE_MARGIN = 0.1
+# The case set is a sample and routing flips are discrete, so one graph's pooled error moves with the inputs: on the
+# tiny model's quick case set over 4 case seeds, the bf16 graph's relative error spans 1.11e-2..1.61e-2 (largest
+# 1.14x the mean), FP8's and diffusers-bf16's 1.01x. A graph may exceed diffusers-bf16 by that spread before it
+# counts as worse.
+BASELINE_MARGIN = 0.15
 
 
 def check_quality_memory(checkpoint: Any) -> None:
