@@ -115,9 +115,14 @@ def test_bf16_quality_report(bf16_build):
     out, _, _, parity = bf16_build
     assert parity is not None and parity.passed
     report = json.loads((out / "parity.json").read_text())["bf16"]
-    assert "bf16 emulated on CPU" in report["note"]
+    assert "bf16 emulated on CPU" in report["note"] and "MoE lowered (native, " in report["note"]
     assert set(report["routing_agreement_by_layer"]) == {str(b) for b in MOE_BLOCKS}
     assert report["worst"]["sample_cosine"] >= 0.99
+    # Gated against diffusers run in bf16 on the same cases, both against float32 truth.
+    graph, baseline = report["pooled"]["graph"], report["pooled"]["diffusers bf16"]
+    assert report["tolerance"]["baseline_margin"] is not None
+    assert graph["relative_error"] <= (1 + report["tolerance"]["baseline_margin"]) * baseline["relative_error"]
+    assert all(case["baseline"] is not None for case in report["cases"])
 
 
 def test_fp8_qdq_placement(fp8_build):
@@ -142,8 +147,9 @@ def test_fp8_quality_report(fp8_build):
     report = json.loads((out / "parity.json").read_text())
     (label,) = report
     assert "fp8" in label
-    assert report[label]["passed"]
+    assert report[label]["passed"], report[label]["failures"]
     assert report[label]["worst"]["sample_cosine"] >= 0.99
+    assert "diffusers bf16" in report[label]["pooled"]
     assert set(report[label]["routing_agreement_by_layer"]) == {str(b) for b in MOE_BLOCKS}
     print("fp8 quality:", report[label]["worst"], report[label]["routing_agreement_by_layer"])
 

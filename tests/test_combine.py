@@ -40,7 +40,7 @@ def _combine_model(experts: int, hidden: int, dtype: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info("out_f32", TensorProto.FLOAT, ["B", "S", hidden])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-                              functions=[combine_function()])
+                              functions=[combine_function(experts)])
     model.ir_version = 10
     return model
 

@@ -365,6 +365,12 @@ def test_gpu_check_cpu_selftest_and_arguments():
     assert (args.batch, args.experts, args.hidden, args.bench_tokens) == (2, 64, 2048, 4096)
     assert args.tokens == [4096, 16384] and args.capacity_factors == [2.0, 4.0]
     assert gpu_check.main(["--cpu-selftest"]) == 0
+    # The whole-layer check's routing agreement (run here on CPU tensors): share of the expected selections kept.
+    import torch
+
+    expected = torch.tensor([[[0, 1, 2], [3, 4, 5]]])
+    assert gpu_check.routing_agreement(torch, expected, expected) == 1.0
+    assert gpu_check.routing_agreement(torch, torch.tensor([[[0, 1, 6], [3, 7, 8]]]), expected) == pytest.approx(0.5)
     script = (PLUGINS / "gpu_check.sh").read_text()
     assert "gpu_check.py" in script and "-Werror" in script
     assert subprocess.run(["bash", "-n", str(PLUGINS / "gpu_check.sh")]).returncode == 0

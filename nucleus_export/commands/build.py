@@ -87,7 +87,19 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     quant.add_argument("--fp8-scales", type=Path, help="reuse fp8_scales.json (e.g. from an earlier bundle) instead of calibrating")
     quant.add_argument("--calibration-prompts", type=Path, help="safetensors with prompt_embeds [N,T,D] (+ optional prompt_embeds_mask) for FP8 calibration (README, build --fp8)")
     quant.add_argument("--calibration-size", type=int, default=8, help="calibration samples (default 8)")
+    quant.add_argument(
+        "--fp8-sensitivity",
+        action="store_true",
+        help="measure FP8 sensitivity one block at a time and keep the most sensitive blocks in bf16 (recorded in "
+        "fp8_scales.json; a few minutes on the tiny model)",
+    )
     parser.add_argument("--skip-quality", action="store_true", help="skip the CPU quality report (parity.json)")
+    parser.add_argument(
+        "--quality",
+        choices=("quick", "full"),
+        default="quick",
+        help="quality report cases: the optimization resolution (quick, default) or every served resolution (full)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -102,18 +114,30 @@ def fp8_scales(args: argparse.Namespace, checkpoint, options) -> Fp8Scales:
             f"FP8 calibration is unavailable in this installation ({exc}).",
             "pass --fp8-scales with a stored fp8_scales.json.",
         ) from None
-    return calibrate_fp8(
+    scales = calibrate_fp8(
         checkpoint,
         options,
         prompts=args.calibration_prompts,
         size=args.calibration_size,
     )
+    if not args.fp8_sensitivity:
+        return scales
+    from nucleus_export.quant.sensitivity import select_bf16_blocks
+
+    scales, sensitivity = select_bf16_blocks(checkpoint, scales, compute=args.precision)
+    print(sensitivity.summary())
+    return scales
 
 
 def run(args: argparse.Namespace) -> int:
     moe = validate_moe_options(args.moe, args.plugins)
-    if (args.fp8_scales or args.calibration_prompts) and not args.fp8:
-        raise NucleusExportError("--fp8-scales / --calibration-prompts only apply with --fp8.", "add --fp8 or drop them.")
+    if args.fp8_sensitivity and args.fp8_scales:
+        raise NucleusExportError(
+            "--fp8-sensitivity chooses blocks for fresh scales; --fp8-scales reuses stored ones (with their choice).",
+            "drop one of them.",
+        )
+    if (args.fp8_scales or args.calibration_prompts or args.fp8_sensitivity) and not args.fp8:
+        raise NucleusExportError("--fp8-scales / --calibration-prompts / --fp8-sensitivity only apply with --fp8.", "add --fp8 or drop them.")
     build = BuildOptions(
         backend=args.backend,
         moe=moe,
@@ -123,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         optimization_level=args.optimization_level,
         quality=not args.skip_quality,
         combine=args.combine,
+        quality_cases=args.quality,
     )
     if moe == MOE_PLUGIN and args.combine != "auto":
         raise NucleusExportError("--combine chooses the native combine; --moe plugin uses the plugin's.", "drop --combine.")

@@ -10,7 +10,7 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 from nucleus_runtime.bundle import (
@@ -58,7 +58,11 @@ from nucleus_export.export import (
     write_bundle_files,
 )
 from nucleus_export.log import PhaseProgress, console
+from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
+
+if TYPE_CHECKING:  # parity imports torch; the build imports it only when a quality report runs
+    from nucleus_export.parity.check import ParityReport
 
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
@@ -81,6 +85,7 @@ class BuildOptions:
         optimization_level: builder optimization level; None for the default.
         quality: run the CPU quality report (parity.json).
         combine: native MoE combine formulation: "auto" (engines/cost.py chooses per profile), "onehot" or "chain".
+        quality_cases: its case set: "quick" (the optimization resolution, the default) or "full" (every served resolution).
     """
 
     backend: str = "auto"
@@ -91,6 +96,7 @@ class BuildOptions:
     optimization_level: int | None = None
     quality: bool = True
     combine: str = "auto"
+    quality_cases: str = "quick"
 
 
 def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
@@ -145,7 +151,7 @@ def check_moe_backend(moe: str, backend: str) -> None:
         )
 
 
-def preflight(checkpoint: Any, export_options: ExportOptions, options: BuildOptions, backend: str) -> CombineChoice | None:
+def preflight(checkpoint: Checkpoint, export_options: ExportOptions, options: BuildOptions, backend: str) -> CombineChoice | None:
     """Checks that need no export: the profile is one TensorRT can build (engine.check_profile_limits). Returns the
     combine formulation for --moe native (None for plugins). Cheap; run before export and calibration."""
     profiles = build_profiles(checkpoint, export_options)
@@ -267,8 +273,8 @@ def refresh_manifest(bundle_dir: Path, manifest: Manifest, **changes: Any) -> Ma
     return manifest
 
 
-def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, options: BuildOptions,
-                 force: bool = False) -> tuple[Manifest, list[BuildReport], Any]:
+def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOptions, options: BuildOptions,
+                 force: bool = False) -> tuple[Manifest, list[BuildReport], ParityReport | None]:
     """Export, build and (optionally) quality-check a bundle, atomically.
 
     Returns:
@@ -294,7 +300,7 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, *plugin_library)
         parity = None
         if options.quality:
-            parity = run_quality_report(checkpoint, tmp, export_options)
+            parity = run_quality_report(checkpoint, tmp, export_options, options, combine)
         write_build_log(
             tmp / BUILD_LOG_NAME,
             reports,
@@ -328,16 +334,31 @@ def _combine_line(choice: CombineChoice) -> str:
     return f"MoE combine: {choice.formulation} ({choice.requested}; modeled on {choice.gpu}, {crossover}; {per_tokens})"
 
 
-def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions) -> Any:
-    """parity.json: the bundle's graphs (bf16 emulated, FP8 Q/DQ as is) in ORT vs diffusers' fp32 forward."""
+def run_quality_report(
+    checkpoint: Checkpoint, bundle_dir: Path, export_options: ExportOptions, options: BuildOptions,
+    combine: CombineChoice | None,
+) -> ParityReport:
+    """parity.json: the graphs as the engines were built from them (MoE lowered, bf16 emulated, FP8 Q/DQ as is) in
+    ORT vs diffusers' float32 forward, next to diffusers in bf16 on the same cases."""
     from nucleus_export.log import stage
     from nucleus_export.parity.check import write_report
     from nucleus_export.parity.quality import quality_report
 
     precision = export_options.precision
-    with stage("quality report (ONNX Runtime CPU vs diffusers float32)"):
-        report = quality_report(checkpoint, bundle_dir, precision.label, precision.compute, precision.fp8 is not None)
+    started = time.perf_counter()
+    with stage(f"quality report ({options.quality_cases} cases; ONNX Runtime CPU vs diffusers float32 and bf16)"):
+        report = quality_report(
+            checkpoint,
+            bundle_dir,
+            precision.label,
+            precision.compute,
+            precision.fp8 is not None,
+            moe_lowering=options.moe,
+            case_set=options.quality_cases,
+            combine=combine.formulation if combine is not None else None,
+        )
     write_report(bundle_dir, {precision.label: report})
     for line in report.summary_lines():
         console.print(line, highlight=False)
+    console.print(f"quality report took {time.perf_counter() - started:.1f} s", highlight=False)
     return report

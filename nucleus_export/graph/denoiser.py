@@ -200,4 +200,4 @@ class DenoiserBuilder:
         expert_output = g.op("Reshape", [down, per_row], hint="expert_output")
 
         shared = emit.feed_forward(x, f"{mlp}.shared_expert", self.quantize)
-        return moe_ops.moe_combine(g, shared, expert_output, indices, gating)
+        return moe_ops.moe_combine(g, shared, expert_output, indices, gating, c.num_experts)

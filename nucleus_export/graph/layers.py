@@ -52,7 +52,7 @@ class LayerEmitter:
     def linear(self, x_cd: str, module: str, bias: bool = False, quantize: bool = False) -> str:
         """x @ W.T (+ b) for an nn.Linear at `module`; FP8 Q/DQ on both inputs when quantizing."""
         cd = self.precision.np_dtype
-        if quantize and self.precision.fp8:
+        if quantize and self.precision.quantizes(module):
             w_q, scales = quantize_per_channel(self.weights.read(f"{module}.weight").T)
             w_name = self.g.weight(f"{module}.weight.T.fp8", w_q)
             w_scale = self.g.weight(f"{module}.weight.T.scale", scales.astype(cd))
@@ -70,7 +70,7 @@ class LayerEmitter:
         GEMM (exact, and what an FP8 GEMM epilogue does), since ONNX per-axis DQ cannot express a 2-D scale."""
         cd = self.precision.np_dtype
         module = name.rsplit(".", 1)[0]
-        if quantize and self.precision.fp8:
+        if quantize and self.precision.quantizes(name):
             w_q, scales = quantize_per_channel(self.weights.read(name))
             w_name = self.g.weight(f"{name}.fp8", w_q)
             ones = self.g.weight(f"{name}.expert_scale", np.ones(w_q.shape[0], dtype=cd))

@@ -109,11 +109,16 @@ def router_function(score_function: str) -> onnx.FunctionProto:
     )
 
 
-def combine_function() -> onnx.FunctionProto:
+def combine_function(num_experts: int) -> onnx.FunctionProto:
     """Reference body of MoECombine: gated scatter-add of [E,B,C,H] expert outputs onto [B,S,H].
 
-    Rows are scattered whole (ScatterND over [B*S, H] with one index per (e, b, c)), in expert-major order, so every
-    token sums its experts in ascending order, as diffusers' flattened scatter_add does.
+    Rows are scattered whole (ScatterND over [B*S, H] with one index per (e, b, c)), one expert after the other, so
+    every token sums its experts in ascending order, as diffusers' flattened scatter_add does. One ScatterND per
+    expert rather than one for all: ONNX Runtime's CPU ScatterND splits its updates over intra-op threads without
+    guarding duplicate indices (microsoft/onnxruntime#18048), so a token chosen by two experts in one call loses
+    updates at random whenever more than one thread runs; within one expert the B*C rows are distinct tokens, so
+    each call is race-free and the result equals the serial sum bit for bit on any thread count. The body is
+    unrolled per model (like the router's score function) because E is a build-time constant of the architecture.
     """
     n = helper.make_node
     nodes = [
@@ -146,8 +151,15 @@ def combine_function() -> onnx.FunctionProto:
         _const("index_shape", [-1, 1]),
         n("Reshape", ["global_ebc", "index_shape"], ["row_indices"]),
         n("Cast", ["shared_output"], ["shared_f32"], to=TensorProto.FLOAT),
-        n("Reshape", ["shared_f32", "rows_shape"], ["shared_rows"]),
-        n("ScatterND", ["shared_rows", "row_indices", "rows"], ["sum_rows"], reduction="add"),
+        n("Reshape", ["shared_f32", "rows_shape"], ["sum_0"]),
+        # Expert-major rows: the e-th of E equal chunks holds expert e's B*C rows.
+        n("Split", ["row_indices"], [f"indices_{e}" for e in range(num_experts)], axis=0, num_outputs=num_experts),
+        n("Split", ["rows"], [f"rows_{e}" for e in range(num_experts)], axis=0, num_outputs=num_experts),
+        *(
+            n("ScatterND", [f"sum_{e}", f"indices_{e}", f"rows_{e}"], [f"sum_{e + 1}"], reduction="add")
+            for e in range(num_experts)
+        ),
+        n("Identity", [f"sum_{num_experts}"], ["sum_rows"]),
         n("Shape", ["shared_output"], ["output_shape"]),
         n("Reshape", ["sum_rows", "output_shape"], ["sum_f32"]),
         n("CastLike", ["sum_f32", "shared_output"], ["output"]),
@@ -189,7 +201,9 @@ def expert_choice_router(
     return indices, gating
 
 
-def moe_combine(g: GraphBuilder, shared_output: str, expert_output: str, token_indices: str, gating: str) -> str:
+def moe_combine(
+    g: GraphBuilder, shared_output: str, expert_output: str, token_indices: str, gating: str, num_experts: int
+) -> str:
     if COMBINE_OP not in g.functions:
-        g.add_function(combine_function())
+        g.add_function(combine_function(num_experts))
     return g.op(COMBINE_OP, [shared_output, expert_output, token_indices, gating], domain=NUCLEUS_DOMAIN, hint="combine")

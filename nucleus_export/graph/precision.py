@@ -25,10 +25,16 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 @dataclasses.dataclass(frozen=True)
 class Fp8Scales:
     """Per-tensor activation amax for each quantized GEMM input, keyed by the GEMM's module path
-    (e.g. "transformer_blocks.3.attn.to_q", "transformer_blocks.3.img_mlp.experts.down_proj")."""
+    (e.g. "transformer_blocks.3.attn.to_q", "transformer_blocks.3.img_mlp.experts.down_proj"), and the module
+    paths whose GEMMs stay in the compute precision (`keep`, e.g. "transformer_blocks.4": a whole block), chosen by
+    nucleus_export.quant.sensitivity."""
 
     activation_amax: dict[str, float]
     calibration: dict = dataclasses.field(default_factory=dict)
+    keep: tuple[str, ...] = ()
+
+    def quantizes(self, gemm: str) -> bool:
+        return not any(gemm == k or gemm.startswith(k + ".") for k in self.keep)
 
     def activation_scale(self, gemm: str) -> float:
         if gemm not in self.activation_amax:
@@ -40,7 +46,12 @@ class Fp8Scales:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"format": "nucleus-fp8-scales/1", "activation_amax": self.activation_amax, "calibration": self.calibration},
+            {
+                "format": "nucleus-fp8-scales/1",
+                "activation_amax": self.activation_amax,
+                "keep": list(self.keep),
+                "calibration": self.calibration,
+            },
             indent=2,
             sort_keys=True,
         )
@@ -49,7 +60,11 @@ class Fp8Scales:
     def load(cls, path: Path) -> Fp8Scales:
         try:
             raw = json.loads(Path(path).read_text())
-            return cls({k: float(v) for k, v in raw["activation_amax"].items()}, raw.get("calibration", {}))
+            return cls(
+                {k: float(v) for k, v in raw["activation_amax"].items()},
+                raw.get("calibration", {}),
+                tuple(str(k) for k in raw.get("keep", [])),
+            )
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise NucleusExportError(f"cannot read FP8 scales from {path} ({exc}).", "recalibrate without --fp8-scales.") from None
 
@@ -73,6 +88,10 @@ class GraphPrecision:
     @property
     def np_dtype(self) -> np.dtype:
         return COMPUTE_DTYPES[self.compute][1]
+
+    def quantizes(self, gemm: str) -> bool:
+        """Whether the GEMM at this module path gets FP8 Q/DQ."""
+        return self.fp8 is not None and self.fp8.quantizes(gemm)
 
     @property
     def label(self) -> str:

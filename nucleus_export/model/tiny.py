@@ -8,6 +8,7 @@ Weights are drawn from a seeded numpy generator per tensor name, so the checkpoi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ def write_checkpoint(
     seed: int = TINY_SEED,
     max_shard_size: str = "2MB",
     dtype: str = "float32",
+    init: Callable[[str, tuple[int, ...], int], np.ndarray] = random_weight,
 ) -> Path:
     """Write a random checkpoint of the real architecture in diffusers' layout (config, shards, index).
 
@@ -83,6 +85,7 @@ def write_checkpoint(
         seed: weight seed.
         max_shard_size: diffusers' shard size limit; small by default so the tiny model has several shards.
         dtype: "float32" or "bfloat16" weights.
+        init: weight per (name, shape, seed); `random_weight` by default.
 
     Returns:
         out_dir.
@@ -95,7 +98,7 @@ def write_checkpoint(
         meta = NucleusMoEImageTransformer2DModel.from_config(model_config.to_dict())
     model = NucleusMoEImageTransformer2DModel.from_config(model_config.to_dict())
     state = {
-        name: torch.from_numpy(random_weight(name, tuple(p.shape), seed)) for name, p in meta.state_dict().items()
+        name: torch.from_numpy(init(name, tuple(p.shape), seed)) for name, p in meta.state_dict().items()
     }
     model.load_state_dict(state, strict=True)
     if dtype != "float32":

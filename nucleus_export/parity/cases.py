@@ -1,4 +1,9 @@
-"""The inputs a parity check runs: every served resolution, batch 1 and 2, padded masks, early/mid/late steps."""
+"""The inputs a parity check runs: every served resolution, batch 1 and 2, padded masks, early/mid/late steps.
+
+Cases of one resolution run as one batch (`batch_by_resolution`): every op of the model is per batch row (attention,
+norms, and expert-choice routing, which picks its top-C per row), so stacking rows changes no result and turns
+21 graph and reference runs into 7.
+"""
 
 from __future__ import annotations
 
@@ -46,13 +51,24 @@ class ParityCase:
         }
 
 
-def make_cases(config: ModelConfig, profiles: Profiles, seed: int = 0, text_len: int | None = None) -> list[ParityCase]:
+CASE_SETS = ("quick", "full")
+
+
+def make_cases(
+    config: ModelConfig, profiles: Profiles, seed: int = 0, text_len: int | None = None, case_set: str = "full"
+) -> list[ParityCase]:
     """Three cases per resolution: batch 1 early, batch 2 middle, batch 2 late; batch-2 rows have different
-    padding so masks matter."""
+    padding so masks matter. The "quick" set keeps the engines' optimization resolution (1024x1024 by default):
+    one batched run instead of one per resolution."""
+    if case_set not in CASE_SETS:
+        raise ValueError(f"case_set must be one of {CASE_SETS}, got {case_set!r}")
     rng = np.random.default_rng(seed)
     text_len = text_len or min(profiles.text_len[2], max(profiles.text_len[1], 8))
+    served = list(zip(profiles.resolutions, profiles.grids))
+    if case_set == "quick":
+        served = [(r, g) for r, g in served if tuple(r) == tuple(profiles.opt_resolution)]
     cases = []
-    for resolution, grid in zip(profiles.resolutions, profiles.grids):
+    for resolution, grid in served:
         tokens = grid[0] * grid[1]
         for batch, phase in ((1, "early"), (2, "middle"), (2, "late")):
             mask = np.ones((batch, text_len), dtype=np.int64)
@@ -70,3 +86,30 @@ def make_cases(config: ModelConfig, profiles: Profiles, seed: int = 0, text_len:
                 )
             )
     return cases
+
+
+def batch_by_resolution(cases: list[ParityCase]) -> list[tuple[ParityCase, list[tuple[ParityCase, slice]]]]:
+    """Stack the cases of each resolution into one case; returns (stacked case, [(case, its rows)]) per resolution,
+    in first-seen order. Cases of one resolution must share the text length (make_cases' do)."""
+    groups: dict[tuple[int, int], list[ParityCase]] = {}
+    for case in cases:
+        groups.setdefault(case.resolution, []).append(case)
+    batches = []
+    for resolution, members in groups.items():
+        if len({c.mask.shape[1] for c in members}) != 1:
+            raise ValueError(f"cases at {resolution} have different text lengths; they cannot share a batch")
+        rows, start = [], 0
+        for case in members:
+            rows.append((case, slice(start, start + case.batch)))
+            start += case.batch
+        stacked = ParityCase(
+            name=f"{resolution[0]}x{resolution[1]}",
+            resolution=resolution,
+            grid=members[0].grid,
+            hidden_states=np.concatenate([c.hidden_states for c in members]),
+            timestep=np.concatenate([c.timestep for c in members]),
+            encoder_hidden_states=np.concatenate([c.encoder_hidden_states for c in members]),
+            mask=np.concatenate([c.mask for c in members]),
+        )
+        batches.append((stacked, rows))
+    return batches

@@ -4,9 +4,11 @@ ONNX Runtime's CPU provider has no bfloat16 MatMul (nor bf16 QuantizeLinear), so
 cannot run there as is. `emulate_bf16_in_fp32` rewrites it into a float32 graph that rounds every tensor that was
 bfloat16 to bfloat16 right where it is produced (Cast to BFLOAT16 then back to FLOAT), with bf16 initializers and
 constants widened exactly to float32. Each op then computes in float32 and stores its result rounded to bf16, which
-is what a GPU bf16 kernel does for GEMMs (fp32 accumulation, one rounding) and elementwise ops. It is an estimate:
-ops that accumulate in bf16 on the GPU (a scatter-add, say) round once here instead of per addition. Reports label
-it "bf16 emulated on CPU".
+is what a GPU bf16 kernel does for GEMMs (fp32 accumulation, one rounding) and elementwise ops. The quality report
+applies it to the graph after MoE lowering (parity.quality.as_built), so the combine's rounding is that of the
+native layers TensorRT builds (e.g. each gated contribution rounded to bf16), whatever formulation the lowering
+chose; inside a function body (not inlined) only the node's outputs are rounded. It remains an estimate where a
+GPU op accumulates in bf16 across additions. Reports label it "bf16 emulated on CPU".
 """
 
 from __future__ import annotations

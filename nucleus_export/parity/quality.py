@@ -1,43 +1,48 @@
-"""Quality report of a built bundle: its bf16 / FP8 graphs in ONNX Runtime on the CPU against diffusers' float32
-forward (relative error, cosine, routing agreement per MoE layer), written to parity.json.
+"""Quality report of a built bundle: the graph TensorRT builds, run in ONNX Runtime on the CPU against diffusers'
+float32 forward, next to diffusers itself run in bf16 on the same cases; written to parity.json.
 
-ONNX Runtime's CPU provider runs FP8 QuantizeLinear/DequantizeLinear and model-local functions, but has no bfloat16
-MatMul or bf16 QuantizeLinear: bf16 graphs run through `emulate_bf16_in_fp32` and the report says so.
+The graph under test is the one the engine was built from: MoE lowered to native layers (`--moe native`,
+nucleus_export.engines.lowering) or, for plugin builds, the custom nodes with the combine inlined (the plugins
+implement the reference bodies). ONNX Runtime's CPU provider runs FP8 QuantizeLinear/DequantizeLinear but has no
+bfloat16 MatMul, so bf16 graphs run through `emulate_bf16_in_fp32` after lowering: every bf16 tensor of the lowered
+graph, the combine's per-contribution rounding included, is rounded where it is produced, whatever formulation the
+lowering chose.
+
+Default gate for bf16, fp16 and FP8 graphs: against float32 truth, pooled over all cases, relative error, 1 - cosine
+and 1 - routing agreement at most (1 + BASELINE_MARGIN) x those of diffusers in bf16 (parity.check.Tolerance).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx.inliner
+from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
-from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, GRAPHS
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 
+from nucleus_export.parity.check import GraphVariants, Tolerance, variants_of
 from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
 
-# Pass criteria of the build's quality report. FP8: the issue's cosine >= 0.99; routing may flip for tokens whose
-# scores sit within quantization noise of the C-th best, so agreement is reported and held to a loose floor.
-QUALITY_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"max_relative_error": 1e-4, "min_cosine": 0.9999, "min_routing_agreement": 1.0},
-    "bf16": {"max_relative_error": 0.15, "min_cosine": 0.99, "min_routing_agreement": 0.9},
-    "fp16": {"max_relative_error": 0.05, "min_cosine": 0.998, "min_routing_agreement": 0.95},
-    "fp8": {"max_relative_error": 0.25, "min_cosine": 0.99, "min_routing_agreement": 0.8},
-}
+# The case set is a sample and routing flips are discrete, so one graph's pooled error moves with the inputs: on the
+# tiny model's quick case set over 4 case seeds, the bf16 graph's relative error spans 1.11e-2..1.61e-2 (largest
+# 1.14x the mean), FP8's and diffusers-bf16's 1.01x. A graph may exceed diffusers-bf16 by that spread before it
+# counts as worse.
+BASELINE_MARGIN = 0.15
 
 
 def check_quality_memory(checkpoint: Any) -> None:
-    """Fail before any work when the CPU report cannot fit: the reference holds the weights in float32, and ONNX
-    Runtime holds the (float32-widened) graph twice while building its session."""
+    """Fail before any work when the CPU report cannot fit: the reference holds the weights in float32 and its bf16
+    copy in bf16, and ONNX Runtime holds the (float32-widened) graph variants while building their sessions."""
 
     import psutil
 
     from nucleus_export.errors import NucleusExportError
 
-    needed = checkpoint.weights.num_parameters * 4 * 3
+    needed = checkpoint.weights.num_parameters * (4 + 2 + 4 * 3)
     available = psutil.virtual_memory().available
     if needed > available:
         raise NucleusExportError(
@@ -46,79 +51,92 @@ def check_quality_memory(checkpoint: Any) -> None:
         )
 
 
-def tolerance_for(precision: str, fp8: bool) -> dict[str, float]:
-    return dict(QUALITY_TOLERANCES["fp8" if fp8 else precision])
+def tolerance_for(precision: str, fp8: bool) -> Tolerance:
+    """fp32 graphs: the exact gate (Tolerance's defaults). Lower precision: no worse than diffusers in bf16."""
+    if precision == "fp32" and not fp8:
+        return Tolerance()
+    return Tolerance(
+        max_relative_error=None, max_forced_relative_error=None, near_ties_only=False, baseline_margin=BASELINE_MARGIN
+    )
 
 
 def _has_bf16(model: onnx.ModelProto) -> bool:
     if any(i.data_type == onnx.TensorProto.BFLOAT16 for i in model.graph.initializer):
         return True
-    return any(
-        a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for n in model.graph.node for a in n.attribute
-    )
+    return any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for n in model.graph.node for a in n.attribute)
 
 
-@dataclasses.dataclass
-class CpuGraphs:
-    """Paths of ONNX Runtime-runnable copies of a bundle's graphs (emulated where needed) and the report label."""
+def as_built(model: onnx.ModelProto, moe_lowering: str | None, combine: str = "onehot") -> onnx.ModelProto:
+    """The denoiser as its engine computes it, runnable by ONNX Runtime on the CPU.
 
-    paths: dict[str, Path]
-    emulated: bool
+    Args:
+        model: the exported graph (parity variants of it are fine: they only touch the router nodes).
+        moe_lowering: the manifest's `moe_lowering` ("native", "plugin", or None for an ONNX-only bundle).
+        combine: the native combine formulation the engine was built with ("onehot" or "chain").
+    """
+    from nucleus_export.engines.lowering import lower_moe_native
 
-    def cleanup(self) -> None:
-        for path in self.paths.values():
-            if path.name.startswith(".quality-"):
-                path.unlink(missing_ok=True)
-
-
-def cpu_runnable_graphs(bundle_dir: Path) -> CpuGraphs:
-    """Write emulated copies of bf16 graphs next to the originals (hidden names, so relative external data still
-    resolves); graphs ORT can run as they are are used in place."""
-    paths: dict[str, Path] = {}
-    emulated = False
-    for graph in GRAPHS:
-        source = Path(bundle_dir) / f"{graph}.onnx"
-        if not _has_bf16(onnx.load(str(source), load_external_data=False)):
-            paths[graph] = source
-            continue
-        emulated = True
-        model = onnx.load(str(source))
-        fd, tmp = tempfile.mkstemp(prefix=f".quality-{graph}-", suffix=".onnx", dir=bundle_dir)
-        os.close(fd)
-        cpu_model = emulate_bf16_in_fp32(model)
-        # Large graphs go to a sibling data file: protobuf cannot hold more than 2 GB.
-        onnx.save_model(
-            cpu_model,
-            tmp,
-            save_as_external_data=cpu_model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES,
-            location=Path(tmp).name + ".data",
-        )
-        paths[graph] = Path(tmp)
-    return CpuGraphs(paths, emulated)
+    if moe_lowering == MOE_NATIVE:
+        built = lower_moe_native(model, combine)
+    elif _has_bf16(model):
+        # Plugins compute the reference bodies; inlining the combine lets the emulation round its contributions.
+        built = onnx.inliner.inline_selected_functions(model, [(DOMAIN, COMBINE_OP)])
+    else:
+        return model  # what the ONNX Runtime backend runs
+    return emulate_bf16_in_fp32(built) if _has_bf16(built) else built
 
 
-def quality_report(checkpoint: Any, bundle_dir: Path, precision_label: str, precision: str, fp8: bool,
-                   reference: Any = None, tolerance: Any = None) -> Any:
-    """Run the parity check on the bundle's (emulated) graphs against diffusers' fp32 forward; the tolerance
-    defaults to QUALITY_TOLERANCES of the precision.
+def built_combine(bundle_dir: Path) -> str:
+    """The native combine formulation the bundle's denoiser engine was built with (manifest engines.denoiser.combine;
+    engines built before the choice existed used the one-hot GEMM)."""
+    record = ((load_manifest(bundle_dir).engines or {}).get(DENOISER) or {}).get("combine") or {}
+    return str(record.get("formulation", "onehot"))
+
+
+def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str) -> tuple[GraphVariants, str]:
+    """Parity variants of the bundle's graphs as built, and a note for the report."""
+    bundle_dir = Path(bundle_dir)
+    text_kv = onnx.load(str(bundle_dir / f"{TEXT_KV}.onnx"))
+    denoiser = onnx.load(str(bundle_dir / f"{DENOISER}.onnx"))
+    emulated = _has_bf16(denoiser)
+    variants = variants_of(bundle_dir / f"{TEXT_KV}.onnx", denoiser, lambda m: as_built(m, moe_lowering, combine))
+    variants.text_kv = emulate_bf16_in_fp32(text_kv) if _has_bf16(text_kv) else bundle_dir / f"{TEXT_KV}.onnx"
+    lowering = f"MoE lowered ({moe_lowering}, {combine} combine)" if moe_lowering == MOE_NATIVE else "MoE as custom nodes (plugin semantics)"
+    return variants, f"ONNX Runtime CPU vs diffusers float32; {lowering}; {EMULATION_LABEL if emulated else 'run as exported'}"
+
+
+def quality_report(
+    checkpoint: Any,
+    bundle_dir: Path,
+    precision_label: str,
+    precision: str,
+    fp8: bool,
+    moe_lowering: str | None = None,
+    reference: Any = None,
+    tolerance: Tolerance | None = None,
+    case_set: str = "full",
+    combine: str | None = None,
+) -> Any:
+    """Check the bundle's graphs as built against diffusers' float32 forward, with diffusers-bf16 as the baseline for
+    low-precision graphs. `combine`: the native combine formulation (None: as the manifest records it).
 
     Returns:
-        nucleus_export.parity.check.ParityReport labelled with the graph precision and, for bf16, the emulation.
+        nucleus_export.parity.check.ParityReport labelled with the graph precision, lowering and emulation.
     """
-    from nucleus_export.parity.check import Tolerance, check_parity
+    from nucleus_export.parity.cases import make_cases
+    from nucleus_export.parity.check import check_parity
 
-    graphs = cpu_runnable_graphs(bundle_dir)
-    try:
-        note = EMULATION_LABEL if graphs.emulated else "run as exported"
-        return check_parity(
-            checkpoint,
-            bundle_dir,
-            tolerance or Tolerance(**tolerance_for(precision, fp8)),
-            text_kv_path=graphs.paths["text_kv"],
-            denoiser_path=graphs.paths[DENOISER],
-            graph_precision=precision_label,
-            reference=reference,
-            note=f"ONNX Runtime CPU vs diffusers float32; {note}",
-        )
-    finally:
-        graphs.cleanup()
+    variants, note = built_variants(bundle_dir, moe_lowering, combine or built_combine(bundle_dir))
+    low_precision = precision != "fp32" or fp8
+    cases = make_cases(checkpoint.config, load_manifest(bundle_dir).profiles, case_set=case_set)
+    return check_parity(
+        checkpoint,
+        bundle_dir,
+        tolerance or tolerance_for(precision, fp8),
+        variants=variants,
+        graph_precision=precision_label,
+        reference=reference,
+        cases=cases,
+        note=note,
+        baseline=low_precision,
+    )

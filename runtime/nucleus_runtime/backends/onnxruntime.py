@@ -39,7 +39,11 @@ class OrtOptions:
     """Session settings.
 
     Attributes:
-        threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+        threads: intra-op threads (None: ONNX Runtime's default, one per physical core). Results are bitwise the
+            same on any thread count (measured on 1, 2 and 4 threads, tests/test_parity.py): the sequential
+            executor fixes the node order, and the one kernel found to race, ScatterND with reduction="add" (lost
+            updates on repeated indices, microsoft/onnxruntime#18048), is only ever given distinct indices by the
+            MoECombine body. No session option is needed for it (use_deterministic_compute does not cure the race).
         device: "auto" (CUDA EP when onnxruntime-gpu provides it, else CPU), "cpu" or "cuda".
         optimization: graph optimization level: "all", "extended", "basic" or "disabled".
         verify_checksums: check the ONNX files against the manifest before loading them.
