@@ -299,9 +299,13 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 
 def open_model(spec: str | Path) -> Checkpoint:
-    """`--model` as the CLI takes it: "tiny" for the embedded tiny model, else a checkpoint path."""
+    """`--model` as the CLI takes it: "tiny" for the embedded tiny model, "synthetic:nucleus-image?layers=N" for a
+    random checkpoint of the real architecture (nucleus_export.model.synthetic), else a checkpoint path."""
+    from nucleus_export.model.synthetic import ensure_synthetic_checkpoint, is_synthetic_spec
     from nucleus_export.model.tiny import TINY_SPEC, ensure_tiny_checkpoint
 
     if str(spec) == TINY_SPEC:
         return open_checkpoint(ensure_tiny_checkpoint())
+    if is_synthetic_spec(str(spec)):
+        return open_checkpoint(ensure_synthetic_checkpoint(str(spec)))
     return open_checkpoint(Path(spec))
