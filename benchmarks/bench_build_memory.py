@@ -163,7 +163,7 @@ def main() -> int:
     ckpt_bytes = checkpoint_bytes(ckpt_dir)
     params = open_checkpoint(ckpt_dir).weights.num_parameters
 
-    cli = [sys.executable, "-m", "nucleus_export"]
+    cli = [sys.executable, "-c", "import sys; from nucleus_export.cli import main; sys.exit(main())"]
     shape_args = ["--resolutions", args.resolutions] if args.resolutions else []
     results = []
     for step in steps:

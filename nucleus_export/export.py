@@ -30,6 +30,7 @@ from nucleus_export.log import console
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
 from nucleus_runtime import rope
+from nucleus_runtime.contract import BLOCK_OUTPUTS_METADATA
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from nucleus_runtime.bundle import (
     DENOISER,
@@ -143,8 +144,10 @@ def write_graph(
     precision: GraphPrecision,
     build,
     external: bool,
+    metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
-    """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`), check it."""
+    """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`), check it.
+    `metadata` (filled by `build` when it runs) becomes the model's metadata_props."""
     writer = ExternalDataWriter(out_dir / f"{name}.onnx.data") if external else None
     g = GraphBuilder(name, external_data=writer)
     try:
@@ -153,6 +156,8 @@ def write_graph(
         if writer:
             writer.close()
     model = g.make_model(__version__)
+    if metadata:
+        onnx.helper.set_model_props(model, metadata)
     path = out_dir / f"{name}.onnx"
     onnx.save_model(model, path)
     try:
@@ -227,14 +232,14 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
                     out_dir, name, checkpoint, GraphPrecision(precision.compute), lambda g, e: build_text_kv(g, e, config, advance), external
                 )
             else:
-                model = write_graph(
-                    out_dir,
-                    name,
-                    checkpoint,
-                    precision,
-                    lambda g, e: DenoiserBuilder(g, e, config, profiles.image_tokens[2]).build(advance),
-                    external,
-                )
+                metadata: dict[str, str] = {}
+
+                def build_denoiser(g: GraphBuilder, e: LayerEmitter, metadata=metadata, advance=advance) -> None:
+                    builder = DenoiserBuilder(g, e, config, profiles.image_tokens[2])
+                    builder.build(advance)
+                    metadata[BLOCK_OUTPUTS_METADATA] = json.dumps(builder.block_outputs)
+
+                model = write_graph(out_dir, name, checkpoint, precision, build_denoiser, external, metadata)
             io[name] = _io_specs(model)
             logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
             del model
