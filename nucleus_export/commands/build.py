@@ -15,7 +15,7 @@ from nucleus_export.commands.common import (
     bundle_path,
     export_options,
 )
-from nucleus_export.errors import NucleusExportError
+from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import refuse_existing
 from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
 from nucleus_export.model.checkpoint import open_model
@@ -65,6 +65,26 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="TensorRT-RTX target (repeatable, e.g. SM89); default: its portable set SM80/86/89/120",
     )
     group.add_argument("--optimization-level", type=int, choices=range(0, 6), help="builder optimization level 0..5")
+    memory = parser.add_argument_group("memory and bundle size")
+    memory.add_argument(
+        "--max-build-memory",
+        type=float,
+        metavar="GB",
+        help="host memory the build may use; the denoiser is cut into as few engines of consecutive blocks "
+        "(segments) as keep the measured build peak under it (default: the memory available when the build starts)",
+    )
+    memory.add_argument("--segments", type=int, metavar="N", help="cut the denoiser into N segments (overrides --max-build-memory)")
+    memory.add_argument(
+        "--strip-weights",
+        action="store_true",
+        help="weight-stripped plans (STRIP_PLAN + REFIT_IDENTICAL): the weights stay only in the ONNX external data "
+        "and the runtime refits the engines at load, so the bundle holds them once",
+    )
+    memory.add_argument(
+        "--weight-streaming",
+        action="store_true",
+        help="build engines whose weights can stream from host memory (`run --weight-streaming-budget`)",
+    )
     quant = parser.add_argument_group("FP8")
     quant.add_argument(
         "--fp8", action="store_true", help="E4M3 Q/DQ on attention, dense MLP and expert GEMMs (router, norms stay high)"
@@ -107,7 +127,15 @@ def run(args: argparse.Namespace) -> int:
         compute_capabilities=args.compute_capabilities,
         optimization_level=args.optimization_level,
         quality=not args.skip_quality,
+        segments=args.segments,
+        max_build_memory=None if args.max_build_memory is None else int(args.max_build_memory * 1e9),
+        strip_weights=args.strip_weights,
+        weight_streaming=args.weight_streaming,
     )
+    if args.segments is not None and args.segments < 1:
+        raise UsageError(f"--segments {args.segments} is below 1.", "use --segments 1 (one engine) or more.")
+    if args.max_build_memory is not None and args.max_build_memory <= 0:
+        raise UsageError(f"--max-build-memory {args.max_build_memory} is not positive.", "give it in GB, e.g. 16.")
     # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
     from nucleus_export.engines.backends import resolve_backend
 

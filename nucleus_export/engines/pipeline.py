@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx
 
-from nucleus_export.engines.backends import Backend, resolve_backend
+from nucleus_export.engines.backends import TENSORRT_RTX, Backend, cuda_device_count, resolve_backend
 from nucleus_export.engines.engine import (
     BuildReport,
     BuildSettings,
@@ -30,10 +30,12 @@ from nucleus_export.engines.engine import (
     write_build_log,
 )
 from nucleus_export.engines.lowering import lower_moe_native, prepare_for_plugins
+from nucleus_export.engines.memory import available_memory, plan_build_memory
+from nucleus_export.engines.segments import block_weight_bytes, even_groups, write_segments
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, atomic_output_dir, write_bundle_files
 from nucleus_export.log import console
-from nucleus_runtime.bundle import GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
+from nucleus_runtime.bundle import DENOISER, GRAPHS, MANIFEST_NAME, Manifest, file_record, sha256_file, write_atomic
 from nucleus_runtime.plugins import LIBRARY_NAME, PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 logger = logging.getLogger("nucleus_export")
@@ -59,6 +61,12 @@ class BuildOptions:
         compute_capabilities: TensorRT-RTX targets ("SM89", ...); None for its portable default.
         optimization_level: builder optimization level; None for the default.
         quality: run the CPU quality report (parity.json).
+        segments: cut the denoiser into this many engines of consecutive blocks (None: as --max-build-memory needs).
+        max_build_memory: host memory the build may use, in bytes (None: what is available when the build starts);
+            picks the segmentation through the measured model in engines/memory.py.
+        strip_weights: weight-stripped plans, refit at load from the ONNX graph they were built from (kept in the
+            bundle; it references the same external data file as the exported graph).
+        weight_streaming: build engines whose weights a runtime may stream (`run --weight-streaming-budget`).
     """
 
     backend: str = "auto"
@@ -68,6 +76,10 @@ class BuildOptions:
     compute_capabilities: list[str] | None = None
     optimization_level: int | None = None
     quality: bool = True
+    segments: int | None = None
+    max_build_memory: int | None = None
+    strip_weights: bool = False
+    weight_streaming: bool = False
 
 
 def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
@@ -86,41 +98,61 @@ def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
     return moe
 
 
-def prepare_graph(bundle_dir: Path, graph: str, moe: str) -> Path:
+def prepared_graph_name(graph: str, moe: str) -> str:
+    """The graph TensorRT parsed, kept in the bundle for refitting weight-stripped plans: `<graph>.<moe>.onnx`."""
+    return f"{graph}.{moe}.onnx"
+
+
+def prepare_graph(bundle_dir: Path, graph: str, moe: str, keep: bool = False) -> Path:
     """Write the graph TensorRT parses: MoE lowered or prepared for plugins, next to the original so its external
-    data (referenced by relative location, not loaded here) still resolves. Returns its path (a hidden file)."""
+    data (referenced by relative location, not loaded here) still resolves. Returns its path: a hidden file, or
+    with `keep` the bundle file `prepared_graph_name` (a stripped plan is refit from it)."""
     source = bundle_dir / f"{graph}.onnx"
     model = onnx.load(str(source), load_external_data=False)
     prepared = lower_moe_native(model) if moe == MOE_NATIVE else prepare_for_plugins(model)
-    path = bundle_dir / f".{graph}.{moe}.onnx"
+    del model
+    path = bundle_dir / (prepared_graph_name(graph, moe) if keep else f".{graph}.{moe}.onnx")
     onnx.save_model(prepared, str(path))
     return path
 
 
+def engine_units(manifest: Manifest) -> list[str]:
+    """What gets its own engine, in build order: text_kv, then the denoiser or its segments."""
+    units = []
+    for graph in GRAPHS:
+        segments = manifest.graph_segments(graph)
+        units += [seg["name"] for seg in segments] if segments else [graph]
+    return units
+
+
 def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, options: BuildOptions) -> list[BuildReport]:
-    """Build text_kv.plan and denoiser.plan in `bundle_dir` from its ONNX graphs."""
+    """Build one plan per engine unit (text_kv, the denoiser or each of its segments) in `bundle_dir`, one at a
+    time: each network is parsed from disk, built straight into its file and released before the next."""
     ranges = dim_ranges_from_profiles(manifest.profiles)
     reports = []
-    for graph in GRAPHS:
-        onnx_path = prepare_graph(bundle_dir, graph, options.moe)
+    for unit in engine_units(manifest):
+        onnx_path = prepare_graph(bundle_dir, unit, options.moe, keep=options.strip_weights)
         try:
             settings = BuildSettings(
                 shapes=profile_shapes(onnx_input_shapes(onnx_path), ranges),
                 timing_cache=options.timing_cache,
                 optimization_level=options.optimization_level,
                 compute_capabilities=options.compute_capabilities,
+                strip_weights=options.strip_weights,
+                weight_streaming=options.weight_streaming,
             )
-            with RichBuildProgress(f"build {graph}.plan") as progress:
+            with RichBuildProgress(f"build {unit}.plan") as progress:
                 report = EngineFromOnnx(
                     NetworkFromOnnxPath(backend, onnx_path, plugin_override=options.moe == MOE_PLUGIN),
                     settings,
-                    bundle_dir / f"{graph}.plan",
-                    graph=graph,
+                    bundle_dir / f"{unit}.plan",
+                    graph=unit,
                     progress=progress,
-                    inspect=_plugin_check(graph, options.moe),
+                    inspect=_plugin_check(unit, options.moe),
                 )()
         finally:
-            onnx_path.unlink(missing_ok=True)
+            if not options.strip_weights:
+                onnx_path.unlink(missing_ok=True)
         if report.compute_capabilities is None and backend.name == "tensorrt-rtx":
             report.compute_capabilities = list(RTX_DEFAULT_TARGETS)
         for line in report.summary_lines():
@@ -131,7 +163,7 @@ def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, option
 
 def _plugin_check(graph: str, moe: str):
     def check(network_report) -> None:
-        if moe == MOE_PLUGIN and graph == "denoiser" and not network_report.plugin_layers:
+        if moe == MOE_PLUGIN and graph.startswith(DENOISER) and not network_report.plugin_layers:
             raise NucleusExportError(
                 "the denoiser parsed without any plugin layer although --moe plugin was requested.",
                 "check that the plugin library registers ExpertChoiceRouter and MoECombine.",
@@ -141,9 +173,13 @@ def _plugin_check(graph: str, moe: str):
 
 
 def _engine_records(reports: list[BuildReport], options: BuildOptions) -> dict[str, Any]:
+    """One record per engine unit (segments under their own names, e.g. "denoiser.seg0")."""
     return {
         r.graph: {
             "file": f"{r.graph}.plan",
+            "stripped": options.strip_weights,
+            "refit_onnx": prepared_graph_name(r.graph, options.moe) if options.strip_weights else None,
+            "weight_streaming": options.weight_streaming,
             "backend": r.backend,
             "backend_version": r.backend_version,
             "bytes": r.engine_bytes,
@@ -193,6 +229,13 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
         (manifest, engine build reports, ParityReport or None).
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
+    if options.strip_weights and backend.name == TENSORRT_RTX and cuda_device_count() == 0:
+        # Measured with tensorrt-rtx 1.7.1 on a CPU-only machine: any REFIT / REFIT_IDENTICAL / STRIP_PLAN build
+        # fails inside Myelin with "CUDA driver version is insufficient", while plain builds work.
+        raise NucleusExportError(
+            "tensorrt-rtx cannot build weight-stripped (refittable) engines without a GPU.",
+            "build with --strip-weights on a machine with an NVIDIA GPU, or drop --strip-weights.",
+        )
     if options.quality:
         from nucleus_export.parity.quality import check_quality_memory
 
@@ -204,6 +247,9 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force) as tmp:
         manifest = write_bundle_files(tmp, checkpoint, export_options)
+        groups = plan_segments(tmp, checkpoint.config.num_layers, options)
+        if groups is not None:
+            manifest = dataclasses.replace(manifest, segments={DENOISER: write_segments(tmp, groups)})
         reports = build_engines(tmp, manifest, backend, options)
         plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, plugin_library)
         parity = None
@@ -231,6 +277,20 @@ def build_bundle(checkpoint: Any, out_dir: Path, export_options: ExportOptions, 
             tools=tools,
         )
     return manifest, reports, parity
+
+
+def plan_segments(bundle_dir: Path, num_blocks: int, options: BuildOptions) -> list[tuple[int, int]] | None:
+    """Block groups of the denoiser's engines, or None for one engine: --segments if given, else the fewest groups
+    whose predicted build peak (engines/memory.py) fits --max-build-memory."""
+    if options.segments is not None:
+        return None if options.segments == 1 else even_groups(num_blocks, options.segments)
+    model = onnx.load(str(bundle_dir / f"{DENOISER}.onnx"), load_external_data=False)
+    per_block, rest = block_weight_bytes(model)
+    del model
+    budget = options.max_build_memory or available_memory()
+    plan = plan_build_memory(per_block, rest, budget)
+    logger.info(plan.describe())
+    return None if len(plan.groups) == 1 else plan.groups
 
 
 def run_quality_report(checkpoint: Any, bundle_dir: Path, export_options: ExportOptions) -> Any:

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.graph.denoiser import B, S, T
-from nucleus_runtime.contract import BLOCK_OUTPUTS_METADATA, SEGMENT_METADATA, TEXT_KV, segment_name
+from nucleus_runtime.contract import DENOISER_GRAPH, BLOCK_OUTPUTS_METADATA, SEGMENT_METADATA, TEXT_KV, onnx_file, segment_name
 
 PROFILE_DIMS = (B, S, T)
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -114,7 +115,7 @@ def _nbytes(init: TensorProto) -> int:
     return len(init.raw_data)
 
 
-def split_denoiser(model: onnx.ModelProto, groups: Sequence[tuple[int, int]], graph: str = "denoiser") -> list[tuple[onnx.ModelProto, Segment]]:
+def split_denoiser(model: onnx.ModelProto, groups: Sequence[tuple[int, int]], graph: str = DENOISER_GRAPH) -> list[tuple[onnx.ModelProto, Segment]]:
     """Cut a denoiser graph (loaded without external data) into segment graphs, one per block group.
 
     Args:
@@ -266,3 +267,18 @@ def block_weight_bytes(model: onnx.ModelProto) -> tuple[list[int], int]:
                     per_block[block] += initializers[name]
     return per_block, rest
 
+
+
+def write_segments(bundle_dir: Path, groups: Sequence[tuple[int, int]], graph: str = DENOISER_GRAPH) -> list[dict]:
+    """Cut `<graph>.onnx` of a bundle into `<graph>.seg<k>.onnx` files beside it (same external data file, no copy).
+
+    Returns:
+        The manifest's segment records (Segment.record() plus the `onnx` file name).
+    """
+    model = onnx.load(str(Path(bundle_dir) / onnx_file(graph)), load_external_data=False)
+    records = []
+    for seg_model, seg in split_denoiser(model, groups, graph):
+        name = onnx_file(seg.name)
+        onnx.save_model(seg_model, str(Path(bundle_dir) / name))
+        records.append({**seg.record(), "onnx": name})
+    return records

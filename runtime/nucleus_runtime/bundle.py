@@ -67,6 +67,12 @@ class Manifest:
     plugins: dict[str, Any] | None = None
     tools: dict[str, str] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Graph name -> its segments in execution order (docs/contract.md "Segments"); None: every graph is one piece.
+    segments: dict[str, list[dict[str, Any]]] | None = None
+
+    def graph_segments(self, graph: str) -> list[dict[str, Any]]:
+        """The graph's segment records (index, name, blocks, text_kv_layers, inputs, outputs, onnx, plan?), or []."""
+        return list((self.segments or {}).get(graph) or [])
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
