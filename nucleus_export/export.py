@@ -26,6 +26,7 @@ from nucleus_export.graph.denoiser import DenoiserBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.graph.text_kv import build_text_kv
+from nucleus_export.engines.segments import even_groups, write_segments
 from nucleus_export.log import console
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
@@ -62,6 +63,7 @@ class ExportOptions:
         max_batch: largest batch (2 = prompt and negative prompt as one batch).
         max_text_len: longest prompt in tokens; opt_text_len: typical prompt length (default min(128, max)).
         external_data: force (True) or forbid (False) ONNX external data; None decides by size.
+        segments: also cut the denoiser into this many segment graphs (engines/segments.py); None or 1: no cut.
     """
 
     precision: GraphPrecision = dataclasses.field(default_factory=GraphPrecision)
@@ -71,6 +73,7 @@ class ExportOptions:
     max_text_len: int = 1024
     opt_text_len: int | None = None
     external_data: bool | None = None
+    segments: int | None = None
 
 
 def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
@@ -243,6 +246,9 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
             io[name] = _io_specs(model)
             logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
             del model
+    segments = None
+    if options.segments is not None and options.segments != 1:
+        segments = {DENOISER: write_segments(out_dir, even_groups(config.num_layers, options.segments))}
     write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     quantization = None
@@ -267,6 +273,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
         files={f: file_record(out_dir, f) for f in sorted(set(files))},
         quantization=quantization,
         tools=_tool_versions(),
+        segments=segments,
     )
     write_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     return manifest
