@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
     parser.add_argument("--no-text-kv-cache", action="store_true", help="recompute text K/V at every step (same result, slower)")
     parser.add_argument("--skip-checksums", action="store_true", help="do not check bundle files against the manifest")
+    parser.add_argument(
+        "--weight-streaming-budget",
+        type=float,
+        metavar="GB",
+        help="TensorRT weight streaming: keep only this much of the denoiser's weights on the GPU and stream the "
+        "rest from host memory (engines built with `build --weight-streaming`; untested on a GPU here)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -87,7 +94,12 @@ def open_backend(args: argparse.Namespace, bundle: Path, manifest) -> Backend:  
     if args.backend == "tensorrt":
         from nucleus_runtime.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(bundle, manifest=manifest, verify_checksums=not args.skip_checksums)
+        budget = None if args.weight_streaming_budget is None else int(args.weight_streaming_budget * 1e9)
+        return TensorRTBackend(
+            bundle, manifest=manifest, verify_checksums=not args.skip_checksums, weight_streaming_budget=budget
+        )
+    if args.weight_streaming_budget is not None:
+        raise UsageError("--weight-streaming-budget applies to --backend tensorrt only.", "add --backend tensorrt or drop it.")
     from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
 
     options = OrtOptions(threads=args.threads, device=args.device, verify_checksums=not args.skip_checksums)

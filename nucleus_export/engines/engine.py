@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -298,8 +299,13 @@ class RichBuildProgress:
 _BENIGN_WARNINGS = ("has Int64 binding", "Empty initializer")
 
 
+@functools.lru_cache(maxsize=None)
 def make_logger(backend: Backend) -> Any:
-    """A TensorRT ILogger that forwards to the nucleus_export logger (known-benign warnings only with --verbose)."""
+    """A TensorRT ILogger that forwards to the nucleus_export logger (known-benign warnings only with --verbose).
+
+    One per backend for the whole process: TensorRT registers the first logger it is given and ignores (with a
+    warning, logged through the first one) any other, so a second build with a fresh logger object called back into
+    a logger Python had already freed; measured as a deadlock when builds run one after another (segments)."""
     trt = backend.trt
 
     class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
