@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -152,6 +153,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown steps {unknown}; choose from {STEPS}")
 
+    # The synthetic writer logs a line per shard: long runs show progress in a piped log too.
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("NUCLEUS_EXPORT_CACHE", str(args.workdir / "cache"))
