@@ -277,7 +277,7 @@ class TensorRTBackend(Backend):
         props = _check(self.cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
         gpu = (int(props.major), int(props.minor))
         self.gpu_name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        for graph in [TEXT_KV] + ([seg["name"] for seg in self.segments] or [DENOISER]):
+        for graph in [TEXT_KV] + ([seg["name"] for seg in self.manifest.graph_segments(DENOISER)] or [DENOISER]):
             targets = engine_compute_capabilities(self.manifest, graph)
             if targets and gpu not in targets:
                 built = ", ".join(f"SM{a}{b}" for a, b in targets)
