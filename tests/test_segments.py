@@ -205,3 +205,68 @@ def test_synthetic_spec_and_streamed_writer(tmp_path):
 
     model = NucleusMoEImageTransformer2DModel.from_pretrained(a, torch_dtype=torch.bfloat16)
     assert model.config.num_layers == 4
+
+
+def test_tensorrt_backend_chains_segments_on_device():
+    """The TensorRT backend's segment loop (no GPU here): each segment binds its text_kv slice by address, takes
+    earlier outputs from their device buffers and uploads only host inputs; the weight-streaming budget is shared
+    in proportion to the plans."""
+    from nucleus_runtime.backends.tensorrt import TensorRTBackend, TrtTextKV, _split_budget
+    from nucleus_runtime.bundle import Manifest
+
+    class Buffer:
+        def __init__(self, ptr, nbytes):
+            self.ptr, self.nbytes = ptr, nbytes
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addresses = {}, {}
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+
+    class Engine:
+        def __init__(self, base):
+            self.context, self.base, self.buffers = Context(), base, {}
+
+        def buffer(self, name, nbytes):
+            self.buffers[name] = Buffer(self.base + len(self.buffers) * 4096, nbytes)
+            self.context.set_tensor_address(name, self.buffers[name].ptr)
+            return self.buffers[name]
+
+        def output_shape(self, name):
+            return (2, 16, 8)
+
+        def output_dtype(self, name):
+            return np.dtype(np.float32)
+
+    backend = object.__new__(TensorRTBackend)
+    backend.segments = [
+        {"name": "denoiser.seg0", "inputs": ["hidden_states", "text_kv"], "outputs": ["x"], "text_kv_layers": [0, 2]},
+        {"name": "denoiser.seg1", "inputs": ["x", "timestep", "text_kv"], "outputs": ["sample"], "text_kv_layers": [2, 5]},
+    ]
+    backend._denoisers = [Engine(10_000), Engine(20_000)]
+    uploads, executed = [], []
+    backend._upload = lambda engine, name, array: uploads.append((engine, name))
+    backend._execute = lambda engine, name: executed.append(name)
+    backend.copy_to_host = lambda host, ptr: host.fill(ptr)
+    kv_shape = (5, 2, 2, 8, 2, 4)
+    kv = TrtTextKV(Buffer(1_000_000, int(np.prod(kv_shape)) * 2), kv_shape, np.dtype(np.uint16), backend)
+    inputs = {"hidden_states": np.zeros(1), "timestep": np.zeros(1)}
+    out = backend._denoise_segments(inputs, kv)
+    seg0, seg1 = (e.context for e in backend._denoisers)
+    layer = int(np.prod(kv_shape[1:])) * 2
+    assert seg0.addresses["text_kv"] == 1_000_000 and seg0.shapes["text_kv"] == (2, *kv_shape[1:])
+    assert seg1.addresses["text_kv"] == 1_000_000 + 2 * layer and seg1.shapes["text_kv"] == (3, *kv_shape[1:])
+    assert seg1.addresses["x"] == backend._denoisers[0].buffers["x"].ptr  # device to device, no host trip
+    assert [(e is backend._denoisers[1], n) for e, n in uploads] == [(False, "hidden_states"), (True, "timestep")]
+    assert executed == ["denoiser.seg0", "denoiser.seg1"]
+    assert (out == backend._denoisers[1].buffers["sample"].ptr).all()
+
+    manifest = object.__new__(Manifest)
+    manifest.engines = {"denoiser.seg0": {"bytes": 100}, "denoiser.seg1": {"bytes": 300}}
+    assert _split_budget(manifest, ["denoiser.seg0", "denoiser.seg1"], 4000) == [1000, 3000]
+    assert _split_budget(manifest, ["denoiser.seg0"], None) == [None]
