@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         type=float,
         metavar="GB",
         help="host memory the build may use; the denoiser is cut into as few engines of consecutive blocks "
-        "(segments) as keep the measured build peak under it (default: the memory available when the build starts)",
+        "(segments) as keep the measured build peak under it (default: 80%% of the memory available when the build starts)",
     )
     memory.add_argument("--segments", type=int, metavar="N", help="cut the denoiser into N segments (overrides --max-build-memory)")
     memory.add_argument(

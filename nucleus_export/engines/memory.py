@@ -23,9 +23,13 @@ BUILD_BASE_BYTES = int(1.0 * GB)
 BUILD_BYTES_PER_WEIGHT_BYTE = 2.5
 
 
+# The default budget leaves a fifth of the available memory to the model's error and to the machine's other users.
+DEFAULT_BUDGET_FRACTION = 0.8
+
+
 def available_memory() -> int:
-    """Host memory available now (what --max-build-memory defaults to: the machine may be shared)."""
-    return int(psutil.virtual_memory().available)
+    """What --max-build-memory defaults to: a share of the host memory available now (the machine may be shared)."""
+    return int(DEFAULT_BUDGET_FRACTION * psutil.virtual_memory().available)
 
 
 def predicted_peak(weight_bytes: int) -> int:
