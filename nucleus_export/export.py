@@ -23,13 +23,18 @@ from nucleus_runtime.bundle import (
     file_record,
     write_atomic,
 )
+from nucleus_runtime.contract import (
+    BLOCK_OUTPUTS_METADATA,
+    MANIFEST_NAME,
+    SCHEDULER_CONFIG_NAME,
+)
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
-from nucleus_runtime.contract import MANIFEST_NAME, SCHEDULER_CONFIG_NAME
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from rich.progress import Progress
 
 from nucleus_export import __version__
+from nucleus_export.engines.segments import even_groups, write_segments
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.graph.builder import (
     ONNX_TYPE_NAMES,
@@ -61,6 +66,7 @@ class ExportOptions:
         max_batch: largest batch (2 = prompt and negative prompt as one batch).
         max_text_len: longest prompt in tokens; opt_text_len: typical prompt length (default min(128, max)).
         external_data: force (True) or forbid (False) ONNX external data; None decides by size.
+        segments: also cut the denoiser into this many segment graphs (engines/segments.py); None or 1: no cut.
     """
 
     precision: GraphPrecision = dataclasses.field(default_factory=GraphPrecision)
@@ -70,6 +76,7 @@ class ExportOptions:
     max_text_len: int = 1024
     opt_text_len: int | None = None
     external_data: bool | None = None
+    segments: int | None = None
 
 
 def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
@@ -143,8 +150,10 @@ def write_graph(
     precision: GraphPrecision,
     build,
     external: bool,
+    metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
-    """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`), check it."""
+    """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`), check it.
+    `metadata` (filled by `build` when it runs) becomes the model's metadata_props."""
     writer = ExternalDataWriter(out_dir / f"{name}.onnx.data") if external else None
     g = GraphBuilder(name, external_data=writer)
     try:
@@ -153,6 +162,8 @@ def write_graph(
         if writer:
             writer.close()
     model = g.make_model(__version__)
+    if metadata:
+        onnx.helper.set_model_props(model, metadata)
     path = out_dir / f"{name}.onnx"
     onnx.save_model(model, path)
     try:
@@ -216,17 +227,20 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
                     out_dir, name, checkpoint, GraphPrecision(precision.compute), lambda g, e: build_text_kv(g, e, config, advance), external
                 )
             else:
-                model = write_graph(
-                    out_dir,
-                    name,
-                    checkpoint,
-                    precision,
-                    lambda g, e: DenoiserBuilder(g, e, config, profiles.image_tokens[2]).build(advance),
-                    external,
-                )
+                metadata: dict[str, str] = {}
+
+                def build_denoiser(g: GraphBuilder, e: LayerEmitter, metadata=metadata, advance=advance) -> None:
+                    builder = DenoiserBuilder(g, e, config, profiles.image_tokens[2])
+                    builder.build(advance)
+                    metadata[BLOCK_OUTPUTS_METADATA] = json.dumps(builder.block_outputs)
+
+                model = write_graph(out_dir, name, checkpoint, precision, build_denoiser, external, metadata)
             io[name] = _io_specs(model)
             logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
             del model
+    segments = None
+    if options.segments is not None and options.segments != 1:
+        segments = {DENOISER: write_segments(out_dir, even_groups(config.num_layers, options.segments))}
     write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     quantization = None
@@ -251,6 +265,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
         files={f: file_record(out_dir, f) for f in sorted(set(files))},
         quantization=quantization,
         tools=_tool_versions(),
+        segments=segments,
     )
     write_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     return manifest

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 from nucleus_runtime.bundle import load_manifest, verify_files
+from nucleus_runtime.contract import engine_onnx_file
 from nucleus_runtime.errors import NucleusError
 
 from nucleus_export.cli import main
@@ -21,7 +22,6 @@ from nucleus_export.engines.engine import (
 from nucleus_export.engines.pipeline import (
     BuildOptions,
     build_bundle,
-    engine_onnx_name,
     prepare_graph,
 )
 from nucleus_export.errors import NucleusExportError
@@ -97,7 +97,7 @@ def test_bf16_bundle(bf16_build):
     assert "ROTARY_EMBEDDING" in denoiser.layer_types
     # The exact ONNX each engine was built from stays in the bundle, recorded in the manifest.
     for graph in ("text_kv", "denoiser"):
-        assert manifest.engines[graph]["onnx"] == engine_onnx_name(graph) and (out / engine_onnx_name(graph)).is_file()
+        assert manifest.engines[graph]["onnx"] == engine_onnx_file(graph) and (out / engine_onnx_file(graph)).is_file()
     combine = manifest.engines["denoiser"]["combine"]
     assert combine["requested"] == "auto" and combine["formulation"] in ("onehot", "chain")
     # Optimization profile: batch 1..2 (opt 2), image tokens over the served grids, opt at the largest one here.
@@ -184,7 +184,7 @@ def test_engine_loader_rejects_inverted_profile(bf16_build, tmp_path):
     """The engine loader validates shapes itself, whatever produced them."""
     from nucleus_export.engines.backends import resolve_backend
 
-    path = bf16_build[0] / engine_onnx_name("text_kv")
+    path = bf16_build[0] / engine_onnx_file("text_kv")
     shapes = profile_shapes(onnx_input_shapes(path), {"batch": (1, 2, 2), "text_len": (1, 16, 64)})
     lo, opt, hi = shapes["encoder_hidden_states"]
     shapes["encoder_hidden_states"] = (hi, opt, lo)
@@ -250,6 +250,6 @@ def test_inspect_built_bundle_counts_fused_attention(bf16_build):
     from nucleus_export.engines.bundle_cost import bundle_cost
 
     report = bundle_cost(bf16_build[0], "h100")
-    assert report.engine_onnx == engine_onnx_name("denoiser") and not report.notes
+    assert report.engine_onnx == engine_onnx_file("denoiser") and not report.notes
     assert report.fused_attention_layers == report.blocks == 5
     assert report.combine == bf16_build[1].engines["denoiser"]["combine"]["formulation"]

@@ -226,13 +226,15 @@ def test_bf16_emulation_of_exported_bf16_denoiser(tiny_checkpoint, tmp_path):
 
 def test_engine_onnx_shares_the_external_data(tiny_checkpoint, tmp_path):
     """The kept engine ONNX points into the exported graph's data file (relative location, nothing copied)."""
-    from nucleus_export.engines.pipeline import engine_onnx_name, prepare_graph
+    from nucleus_runtime.contract import engine_onnx_file
+
+    from nucleus_export.engines.pipeline import prepare_graph
     from nucleus_export.export import ExportOptions, export_bundle
 
     bundle = tmp_path / "bundle"
     export_bundle(tiny_checkpoint, bundle, ExportOptions(resolutions=[(128, 128)], max_text_len=16, external_data=True))
     path = prepare_graph(bundle, "denoiser", "native", "chain")
-    assert path == bundle / engine_onnx_name("denoiser")
+    assert path == bundle / engine_onnx_file("denoiser")
     model = onnx.load(str(path), load_external_data=False)
     locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
     assert locations == {"denoiser.onnx.data"}

@@ -26,7 +26,7 @@ from nucleus_export.engines.pipeline import (
     preflight,
     validate_moe_options,
 )
-from nucleus_export.errors import NucleusExportError
+from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import refuse_existing
 from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
 from nucleus_export.model.checkpoint import open_model
@@ -80,6 +80,26 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="TensorRT-RTX target (repeatable, e.g. SM89); default: its portable set SM80/86/89/120",
     )
     group.add_argument("--optimization-level", type=int, choices=range(0, 6), help="builder optimization level 0..5")
+    memory = parser.add_argument_group("memory and bundle size")
+    memory.add_argument(
+        "--max-build-memory",
+        type=float,
+        metavar="GB",
+        help="host memory the build may use; the denoiser is cut into as few engines of consecutive blocks "
+        "(segments) as keep the measured build peak under it (default: 80%% of the memory available when the build starts)",
+    )
+    memory.add_argument("--segments", type=int, metavar="N", help="cut the denoiser into N segments (overrides --max-build-memory)")
+    memory.add_argument(
+        "--strip-weights",
+        action="store_true",
+        help="weight-stripped plans (STRIP_PLAN + REFIT_IDENTICAL): the weights stay only in the ONNX external data "
+        "and the runtime refits the engines at load, so the bundle holds them once",
+    )
+    memory.add_argument(
+        "--weight-streaming",
+        action="store_true",
+        help="build engines whose weights can stream from host memory (`run --weight-streaming-budget`)",
+    )
     quant = parser.add_argument_group("FP8")
     quant.add_argument(
         "--fp8", action="store_true", help="E4M3 Q/DQ on attention, dense MLP and expert GEMMs (router, norms stay high)"
@@ -148,9 +168,17 @@ def run(args: argparse.Namespace) -> int:
         quality=not args.skip_quality,
         combine=args.combine,
         quality_cases=args.quality,
+        segments=args.segments,
+        max_build_memory=None if args.max_build_memory is None else int(args.max_build_memory * 1e9),
+        strip_weights=args.strip_weights,
+        weight_streaming=args.weight_streaming,
     )
     if moe == MOE_PLUGIN and args.combine != "auto":
         raise NucleusExportError("--combine chooses the native combine; --moe plugin uses the plugin's.", "drop --combine.")
+    if args.segments is not None and args.segments < 1:
+        raise UsageError(f"--segments {args.segments} is below 1.", "use --segments 1 (one engine) or more.")
+    if args.max_build_memory is not None and args.max_build_memory <= 0:
+        raise UsageError(f"--max-build-memory {args.max_build_memory} is not positive.", "give it in GB, e.g. 16.")
     # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
     from nucleus_export.engines.backends import resolve_backend
 

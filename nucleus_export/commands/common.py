@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from nucleus_runtime.bundle import check_sha256_hex
@@ -38,7 +39,8 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="'tiny' (embedded tiny model, generated offline), a diffusers transformer folder, a pipeline root, or a "
+        help="'tiny' (embedded tiny model, generated offline), 'synthetic:nucleus-image?layers=N' (random weights, "
+        "real dimensions, N blocks, cached on first use), a diffusers transformer folder, a pipeline root, or a "
         "Hugging Face Hub id such as NucleusAI/NucleusMoE-Image (only transformer/ and scheduler/ are downloaded)",
     )
 
@@ -54,7 +56,8 @@ def bundle_path(args: argparse.Namespace, label: str) -> Path:
     """--out, or a name derived from the model and precision, so `build --fp8 --model tiny` needs nothing else."""
     if args.out:
         return args.out
-    return Path(f"bundle-{Path(str(args.model)).name}-{label}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(args.model)).name).strip("-")
+    return Path(f"bundle-{name}-{label}")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser, default_precision: str = "fp32") -> None:

@@ -26,12 +26,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_model_argument(parser)
     add_out_argument(parser)
     add_export_arguments(parser)
+    parser.add_argument(
+        "--segments",
+        type=int,
+        metavar="N",
+        help="also cut denoiser.onnx into N graphs of consecutive blocks (denoiser.seg<k>.onnx, same weights file); "
+        "runtimes run them in sequence with the same results",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     checkpoint = open_model(args.model)
     options = export_options(args)
+    options.segments = args.segments
     out = bundle_path(args, options.precision.label)
     manifest = export_bundle(checkpoint, out, options, force=args.force)
     total = sum(f["bytes"] for f in manifest.files.values())

@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_true",
         help="do not check the graphs and engines against the manifest (a plugin library is always checked)",
     )
+    parser.add_argument(
+        "--weight-streaming-budget",
+        type=float,
+        metavar="GB",
+        help="TensorRT weight streaming: keep only this much of the denoiser's weights on the GPU and stream the "
+        "rest from host memory (engines built with `build --weight-streaming`; untested on a GPU here)",
+    )
     add_expect_manifest_argument(parser)
     parser.set_defaults(func=run)
 
@@ -89,8 +96,17 @@ def write_latents(path: Path, latents: np.ndarray, metadata: dict[str, str]) -> 
 
 
 def open_backend(args: argparse.Namespace, bundle: Path, manifest) -> Backend:  # noqa: ANN001 - Manifest
+    if args.weight_streaming_budget is not None and args.backend != "tensorrt":
+        raise UsageError("--weight-streaming-budget applies to --backend tensorrt only.", "add --backend tensorrt or drop it.")
+    budget = None if args.weight_streaming_budget is None else int(args.weight_streaming_budget * 1e9)
     return factory.open_backend(
-        bundle, args.backend, manifest, device=args.device, threads=args.threads, verify_checksums=not args.skip_checksums
+        bundle,
+        args.backend,
+        manifest,
+        device=args.device,
+        threads=args.threads,
+        verify_checksums=not args.skip_checksums,
+        weight_streaming_budget=budget,
     )
 
 

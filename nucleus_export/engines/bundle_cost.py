@@ -15,6 +15,7 @@ from nucleus_runtime.contract import (
     DENOISER_GRAPH,
     TENSORRT,
     TENSORRT_MODULES,
+    graph_of_unit,
     onnx_file,
 )
 
@@ -87,8 +88,11 @@ def _engine_graph(bundle: Path, manifest: Manifest) -> tuple[onnx.ModelProto, st
         return onnx.load(str(path), load_external_data=False), combine, path.name, path
     from nucleus_export.engines.pipeline import combine_choice
 
+    # Segmented engines (no single denoiser record) are counted on the whole graph, lowered with their combine.
+    recorded = [r["combine"]["formulation"] for name, r in (manifest.engines or {}).items()
+                if graph_of_unit(name) == DENOISER_GRAPH and isinstance(r, dict) and r.get("combine")]
     config = ModelConfig.from_dict(manifest.model_config)
-    combine = combine_choice(config, manifest.profiles, manifest.precision, "auto", TENSORRT).formulation
+    combine = recorded[0] if recorded else combine_choice(config, manifest.profiles, manifest.precision, "auto", TENSORRT).formulation
     model = onnx.load(str(bundle / onnx_file(DENOISER_GRAPH)), load_external_data=False)
     return broadcast_attention_masks(lower_moe_native(model, combine)), combine, f"{onnx_file(DENOISER_GRAPH)} lowered as `build` would", None
 

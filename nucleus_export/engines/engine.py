@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -331,8 +334,13 @@ def make_progress_monitor(backend: Backend, on_event: Callable[[str, str, int, i
 _BENIGN_WARNINGS = ("has Int64 binding", "Empty initializer")
 
 
+@functools.lru_cache(maxsize=None)
 def make_logger(backend: Backend) -> Any:
-    """A TensorRT ILogger that forwards to the nucleus_export logger (known-benign warnings only with --verbose)."""
+    """A TensorRT ILogger that forwards to the nucleus_export logger (known-benign warnings only with --verbose).
+
+    One per backend for the whole process: TensorRT registers the first logger it is given and ignores (with a
+    warning, logged through the first one) any other, so a second build with a fresh logger object called back into
+    a logger Python had already freed; measured as a deadlock when builds run one after another (segments)."""
     trt = backend.trt
 
     class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
@@ -440,6 +448,10 @@ class BuildSettings:
         optimization_level: builder optimization level (None: the backend's default, 3).
         compute_capabilities: TensorRT-RTX target names such as "SM89" (None: its portable default).
         workspace_bytes: workspace memory pool limit (None: the backend's default).
+        strip_weights: build a weight-stripped plan (STRIP_PLAN + REFIT_IDENTICAL): the plan holds no weights and
+            the runtime refits it from the ONNX graph it was built from.
+        weight_streaming: mark the engine's weights streamable (WEIGHT_STREAMING), so a runtime may keep only a
+            budget of them on the GPU.
     """
 
     shapes: dict[str, ShapeTriple]
@@ -447,6 +459,8 @@ class BuildSettings:
     optimization_level: int | None = None
     compute_capabilities: list[str] | None = None
     workspace_bytes: int | None = None
+    strip_weights: bool = False
+    weight_streaming: bool = False
 
 
 @dataclasses.dataclass
@@ -519,6 +533,11 @@ def _make_config(parsed: ParsedNetwork, settings: BuildSettings) -> tuple[Any, A
             except AttributeError:
                 choices = [m for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
                 raise NucleusExportError(f"unknown compute capability '{name}'.", f"use one of {choices}.") from None
+    for wanted, flags in ((settings.strip_weights, ("STRIP_PLAN", "REFIT_IDENTICAL")), (settings.weight_streaming, ("WEIGHT_STREAMING",))):
+        for flag in flags if wanted else ():
+            if not hasattr(trt.BuilderFlag, flag):
+                raise NucleusExportError(f"{backend.name} {backend.version} has no BuilderFlag.{flag}.", "upgrade it, or drop the option.")
+            config.set_flag(getattr(trt.BuilderFlag, flag))
     cache = None
     if backend.uses_timing_cache and settings.timing_cache is not None:
         blob = settings.timing_cache.read_bytes() if settings.timing_cache.is_file() else b""
@@ -556,35 +575,78 @@ class EngineFromOnnx:
         config, cache = _make_config(parsed, self.settings)
         if self.progress is not None and hasattr(config, "progress_monitor"):
             config.progress_monitor = make_progress_monitor(backend, self.progress)
+        parse_seconds = parsed.parse_seconds
         start = time.perf_counter()
-        serialized = parsed.builder.build_serialized_network(parsed.network, config)
+        engine_bytes = _build_to_file(parsed, config, self.engine_path)
         seconds = time.perf_counter() - start
-        if serialized is None:
+        if engine_bytes is None:
             raise NucleusExportError(
                 f"{backend.name} failed to build {self.graph or self.engine_path.name} (see the TensorRT errors above).",
                 "rerun with --verbose; check the profile ranges and, for full TensorRT, free GPU memory.",
             )
-        data = memoryview(serialized)
-        write_atomic(self.engine_path, data)
         cache_info: dict[str, Any] = {"used": False, "reason": f"{backend.name} does no tactic timing"}
         if cache is not None and self.settings.timing_cache is not None:
             existed = self.settings.timing_cache.is_file()
             write_atomic(self.settings.timing_cache, memoryview(config.get_timing_cache().serialize()))
             cache_info = {"used": True, "path": str(self.settings.timing_cache), "reused": existed}
+        # The network holds the parsed weights: release it (and the builder) before the caller builds the next one.
+        del config, cache, parsed
         return BuildReport(
             graph=self.graph,
             backend=backend.name,
             backend_version=backend.version,
             onnx=str(getattr(self.network, "path", "")),
             engine=str(self.engine_path),
-            engine_bytes=len(data),
-            parse_seconds=round(parsed.parse_seconds, 3),
+            engine_bytes=engine_bytes,
+            parse_seconds=round(parse_seconds, 3),
             build_seconds=round(seconds, 3),
             profile={k: [list(s) for s in v] for k, v in self.settings.shapes.items()},
             timing_cache=cache_info,
             network=report,
             compute_capabilities=self.settings.compute_capabilities,
         )
+
+
+def _build_to_file(parsed: ParsedNetwork, config: Any, path: Path) -> int | None:
+    """Build and write the plan atomically; returns its size, or None when the build failed.
+
+    With build_serialized_network_to_stream (TensorRT >= 10.x, TensorRT-RTX 1.7) the plan goes to disk as the
+    builder produces it, so the serialized engine is never held in host memory next to the builder's own copy of
+    the weights; older versions fall back to one in-memory buffer."""
+    builder, trt = parsed.builder, parsed.backend.trt
+    if not hasattr(builder, "build_serialized_network_to_stream"):
+        serialized = builder.build_serialized_network(parsed.network, config)
+        if serialized is None:
+            return None
+        write_atomic(path, memoryview(serialized))
+        return serialized.nbytes
+
+    class _FileWriter(trt.IStreamWriter):  # type: ignore[misc, name-defined]
+        def __init__(self, f: Any) -> None:
+            trt.IStreamWriter.__init__(self)
+            self.f, self.written = f, 0
+
+        def write(self, data: Any) -> int:
+            n = self.f.write(data)
+            self.written += n
+            return n
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = _FileWriter(f)
+            ok = builder.build_serialized_network_to_stream(parsed.network, config, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        if not ok:
+            Path(tmp).unlink(missing_ok=True)
+            return None
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return writer.written
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_build_log(path: Path, reports: Sequence[BuildReport], extra: dict[str, Any] | None = None) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
+from nucleus_runtime import contract
 from nucleus_runtime.bundle import (
     Manifest,
     Profiles,
@@ -22,7 +23,6 @@ from nucleus_runtime.bundle import (
 )
 from nucleus_runtime.contract import (
     DENOISER_GRAPH,
-    GRAPHS,
     MANIFEST_NAME,
     PLUGIN_LIBRARY_PATH,
     TENSORRT,
@@ -30,7 +30,7 @@ from nucleus_runtime.contract import (
 )
 from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-from nucleus_export.engines.backends import Backend, resolve_backend
+from nucleus_export.engines.backends import Backend, cuda_device_count, resolve_backend
 from nucleus_export.engines.cost import CHAIN, ONEHOT, CombineChoice, choose_combine
 from nucleus_export.engines.engine import (
     BuildReport,
@@ -50,6 +50,12 @@ from nucleus_export.engines.lowering import (
     lower_moe_native,
     prepare_for_plugins,
 )
+from nucleus_export.engines.memory import available_memory, plan_build_memory
+from nucleus_export.engines.segments import (
+    block_weight_bytes,
+    even_groups,
+    write_segments,
+)
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import (
     ExportOptions,
@@ -57,7 +63,7 @@ from nucleus_export.export import (
     build_profiles,
     write_bundle_files,
 )
-from nucleus_export.log import PhaseProgress, console
+from nucleus_export.log import PhaseProgress, console, logger
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
 
@@ -86,6 +92,12 @@ class BuildOptions:
         quality: run the CPU quality report (parity.json).
         combine: native MoE combine formulation: "auto" (engines/cost.py chooses per profile), "onehot" or "chain".
         quality_cases: its case set: "quick" (the optimization resolution, the default) or "full" (every served resolution).
+        segments: cut the denoiser into this many engines of consecutive blocks (None: as --max-build-memory needs).
+        max_build_memory: host memory the build may use, in bytes (None: what is available when the build starts);
+            picks the segmentation through the measured model in engines/memory.py.
+        strip_weights: weight-stripped plans, refit at load from the ONNX graph they were built from (kept in the
+            bundle; it references the same external data file as the exported graph).
+        weight_streaming: build engines whose weights a runtime may stream (`run --weight-streaming-budget`).
     """
 
     backend: str = "auto"
@@ -97,6 +109,10 @@ class BuildOptions:
     quality: bool = True
     combine: str = "auto"
     quality_cases: str = "quick"
+    segments: int | None = None
+    max_build_memory: int | None = None
+    strip_weights: bool = False
+    weight_streaming: bool = False
 
 
 def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
@@ -118,12 +134,6 @@ def validate_moe_options(moe: str | None, plugin_library: Path | None) -> str:
 # The cost model's GPU per backend when choosing the combine: TensorRT-RTX engines run on RTX cards, full TensorRT
 # engines on datacenter GPUs.
 COMBINE_COST_GPU = {TENSORRT: "h100", TENSORRT_RTX: "rtx5090"}
-
-
-def engine_onnx_name(graph: str) -> str:
-    """The ONNX an engine is built from, kept in the bundle beside the exported graph (whose external data file it
-    shares by relative location), so the engine can be rebuilt with trtexec or Polygraphy."""
-    return f"{graph}.engine.onnx"
 
 
 def combine_choice(config: ModelConfig, profiles: Profiles, compute: str, requested: str, backend: str) -> CombineChoice:
@@ -163,40 +173,45 @@ def preflight(checkpoint: Checkpoint, export_options: ExportOptions, options: Bu
     return combine
 
 
-def prepare_graph(bundle_dir: Path, graph: str, moe: str, combine: str = "onehot") -> Path:
-    """Write the graph TensorRT parses (MoE lowered or prepared for plugins, attention masks unexpanded) next to the
-    original, so its external data (referenced by relative location, not loaded here) still resolves. Returns its
-    path, engine_onnx_name(graph)."""
-    source = bundle_dir / f"{graph}.onnx"
+def prepare_graph(bundle_dir: Path, unit: str, moe: str, combine: str = "onehot") -> Path:
+    """Write the graph TensorRT parses for an engine unit (text_kv, the denoiser or one of its segments): MoE lowered
+    or prepared for plugins, attention masks unexpanded. It stays in the bundle beside the unit's own graph, whose
+    external data it shares by relative location (not loaded here): users rebuild the engine from it with trtexec or
+    Polygraphy, and a weight-stripped plan is refit from it. Returns its path, contract.engine_onnx_file(unit)."""
+    source = bundle_dir / f"{unit}.onnx"
     model = onnx.load(str(source), load_external_data=False)
     prepared = lower_moe_native(model, combine) if moe == MOE_NATIVE else prepare_for_plugins(model)
-    path = bundle_dir / engine_onnx_name(graph)
+    del model
+    path = bundle_dir / contract.engine_onnx_file(unit)
     onnx.save_model(broadcast_attention_masks(prepared), str(path))
     return path
 
 
 def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, options: BuildOptions,
                   combine: CombineChoice | None = None) -> list[BuildReport]:
-    """Build text_kv.plan and denoiser.plan in `bundle_dir` from its ONNX graphs."""
+    """Build one plan per engine unit (text_kv, the denoiser or each of its segments) in `bundle_dir`, one at a
+    time: each network is parsed from disk, built straight into its file and released before the next."""
     ranges = dim_ranges_from_profiles(manifest.profiles)
     formulation = combine.formulation if combine is not None else "onehot"
     reports = []
-    for graph in GRAPHS:
-        onnx_path = prepare_graph(bundle_dir, graph, options.moe, formulation)
+    for unit in manifest.engine_units():
+        onnx_path = prepare_graph(bundle_dir, unit, options.moe, formulation)
         settings = BuildSettings(
             shapes=profile_shapes(onnx_input_shapes(onnx_path), ranges),
             timing_cache=options.timing_cache,
             optimization_level=options.optimization_level,
             compute_capabilities=options.compute_capabilities,
+            strip_weights=options.strip_weights,
+            weight_streaming=options.weight_streaming,
         )
-        with PhaseProgress(f"build {graph}.plan") as progress:
+        with PhaseProgress(f"build {unit}.plan") as progress:
             report = EngineFromOnnx(
                 NetworkFromOnnxPath(backend, onnx_path, plugin_override=options.moe == MOE_PLUGIN),
                 settings,
-                bundle_dir / f"{graph}.plan",
-                graph=graph,
+                bundle_dir / f"{unit}.plan",
+                graph=unit,
                 progress=progress,
-                inspect=_plugin_check(graph, options.moe),
+                inspect=_plugin_check(unit, options.moe),
             )()
         report.onnx = onnx_path.name
         if report.compute_capabilities is None and backend.name == "tensorrt-rtx":
@@ -209,7 +224,7 @@ def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, option
 
 def _plugin_check(graph: str, moe: str):
     def check(network_report) -> None:
-        if moe == MOE_PLUGIN and graph == "denoiser" and not network_report.plugin_layers:
+        if moe == MOE_PLUGIN and contract.graph_of_unit(graph) == DENOISER_GRAPH and not network_report.plugin_layers:
             raise NucleusExportError(
                 "the denoiser parsed without any plugin layer although --moe plugin was requested.",
                 "check that the plugin library registers ExpertChoiceRouter and MoECombine.",
@@ -220,10 +235,14 @@ def _plugin_check(graph: str, moe: str):
 
 def _engine_records(reports: list[BuildReport], options: BuildOptions,
                     combine: CombineChoice | None) -> dict[str, Any]:
+    """One record per engine unit (segments under their own names, e.g. "denoiser.seg0")."""
     records = {
         r.graph: {
             "file": f"{r.graph}.plan",
             "onnx": r.onnx,
+            "stripped": options.strip_weights,
+            "refit_onnx": r.onnx if options.strip_weights else None,
+            "weight_streaming": options.weight_streaming,
             "backend": r.backend,
             "backend_version": r.backend_version,
             "bytes": r.engine_bytes,
@@ -235,8 +254,10 @@ def _engine_records(reports: list[BuildReport], options: BuildOptions,
         }
         for r in reports
     }
-    if combine is not None and DENOISER_GRAPH in records:
-        records[DENOISER_GRAPH]["combine"] = combine.to_dict()
+    if combine is not None:
+        for name, record in records.items():
+            if contract.graph_of_unit(name) == DENOISER_GRAPH:
+                record["combine"] = combine.to_dict()
     return records
 
 
@@ -282,6 +303,13 @@ def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOp
     """
     backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
     check_moe_backend(options.moe, backend.name)
+    if options.strip_weights and backend.name == TENSORRT_RTX and cuda_device_count() == 0:
+        # Measured with tensorrt-rtx 1.7.1 on a CPU-only machine: any REFIT / REFIT_IDENTICAL / STRIP_PLAN build
+        # fails inside Myelin with "CUDA driver version is insufficient", while plain builds work.
+        raise NucleusExportError(
+            "tensorrt-rtx cannot build weight-stripped (refittable) engines without a GPU.",
+            "build with --strip-weights on a machine with an NVIDIA GPU, or drop --strip-weights.",
+        )
     combine = preflight(checkpoint, export_options, options, backend.name)
     if options.quality:
         from nucleus_export.parity.quality import check_quality_memory
@@ -296,6 +324,9 @@ def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOp
         manifest = write_bundle_files(tmp, checkpoint, export_options)
         if combine is not None:
             console.print(_combine_line(combine), highlight=False)
+        groups = plan_segments(tmp, checkpoint.config.num_layers, options)
+        if groups is not None:
+            manifest = dataclasses.replace(manifest, segments={DENOISER_GRAPH: write_segments(tmp, groups)})
         reports = build_engines(tmp, manifest, backend, options, combine)
         plugin_info = None if plugin_library is None else bundle_plugin_library(tmp, *plugin_library)
         parity = None
@@ -332,6 +363,20 @@ def _combine_line(choice: CombineChoice) -> str:
     )
     crossover = f"crossover S={choice.crossover_tokens}" if choice.crossover_tokens else "no crossover"
     return f"MoE combine: {choice.formulation} ({choice.requested}; modeled on {choice.gpu}, {crossover}; {per_tokens})"
+
+
+def plan_segments(bundle_dir: Path, num_blocks: int, options: BuildOptions) -> list[tuple[int, int]] | None:
+    """Block groups of the denoiser's engines, or None for one engine: --segments if given, else the fewest groups
+    whose predicted build peak (engines/memory.py) fits --max-build-memory."""
+    if options.segments is not None:
+        return None if options.segments == 1 else even_groups(num_blocks, options.segments)
+    model = onnx.load(str(bundle_dir / f"{DENOISER_GRAPH}.onnx"), load_external_data=False)
+    per_block, rest = block_weight_bytes(model)
+    del model
+    budget = options.max_build_memory or available_memory()
+    plan = plan_build_memory(per_block, rest, budget)
+    logger.info(plan.describe())
+    return None if len(plan.groups) == 1 else plan.groups
 
 
 def run_quality_report(

@@ -44,29 +44,35 @@ TINY_CONFIG: dict[str, Any] = {
 
 TINY_SEED = 0
 # Bump when random_weight changes, so cached tiny checkpoints of the old init are not reused.
-TINY_INIT_VERSION = 2
+TINY_INIT_VERSION = 3
 
 
-def _tensor_seed(seed: int, name: str) -> int:
+def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
-def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Deterministic init that keeps activations O(1) through the blocks and gives the router distinct scores."""
-    rng = np.random.default_rng(_tensor_seed(seed, name))
-    normal = rng.standard_normal(shape)
+def init_law(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, standard deviation) of a tensor's random init, by its diffusers name: an init that keeps activations
+    O(1) through the blocks and gives the router distinct scores. Shared by the tiny and the synthetic checkpoints."""
     if ".img_mod." in name or name.startswith("norm_out."):
         # adaLN modulation stays small in trained DiTs (adaLN-Zero starts it at 0): scales and gates of ~0.1-0.3.
-        return (0.25 * normal / np.sqrt(shape[-1]) if name.endswith("weight") else 0 * normal).astype(np.float32)
+        return 0.0, (0.25 / np.sqrt(shape[-1]) if name.endswith("weight") else 0.0)
     if name.endswith("norm.weight") or ".norm_" in name or name.startswith("txt_norm"):
-        return (1.0 + 0.1 * normal).astype(np.float32)
+        return 1.0, 0.1
     if name.endswith("bias"):
-        return (0.05 * normal).astype(np.float32)
+        return 0.0, 0.05
     if name.endswith("img_mlp.gate.weight"):
         # Router logits of a few units: softmax scores well apart, so top-C choices are not decided by rounding.
-        return (4.0 * normal / np.sqrt(shape[1])).astype(np.float32)
+        return 0.0, 4.0 / np.sqrt(shape[1])
     fan_in = shape[1] if name.endswith(("gate_up_proj", "down_proj")) else shape[-1]
-    return (normal / np.sqrt(fan_in)).astype(np.float32)
+    return 0.0, 1.0 / np.sqrt(fan_in)
+
+
+def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Deterministic float32 init of one tensor (init_law drawn from a generator seeded by the tensor name)."""
+    mean, std = init_law(name, shape)
+    normal = np.random.default_rng(tensor_seed(seed, name)).standard_normal(shape)
+    return (mean + std * normal).astype(np.float32)
 
 
 def write_checkpoint(

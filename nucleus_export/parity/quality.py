@@ -20,7 +20,7 @@ from typing import Any
 import onnx
 import onnx.inliner
 from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE
+from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE, graph_of_unit
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 
@@ -89,8 +89,9 @@ def as_built(model: onnx.ModelProto, moe_lowering: str | None, combine: str = "o
 def built_combine(bundle_dir: Path) -> str:
     """The native combine formulation the bundle's denoiser engine was built with (manifest engines.denoiser.combine;
     engines built before the choice existed used the one-hot GEMM)."""
-    record = ((load_manifest(bundle_dir).engines or {}).get(DENOISER) or {}).get("combine") or {}
-    return str(record.get("formulation", "onehot"))
+    engines = load_manifest(bundle_dir).engines or {}
+    records = [r.get("combine") for name, r in engines.items() if graph_of_unit(name) == DENOISER and isinstance(r, dict)]
+    return str(next((r["formulation"] for r in records if r), "onehot"))
 
 
 def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str) -> tuple[GraphVariants, str]:

@@ -67,6 +67,20 @@ class Manifest:
     plugins: dict[str, Any] | None = None
     tools: dict[str, str] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Graph name -> its segments in execution order (docs/contract.md "Segments"); None: every graph is one piece.
+    segments: dict[str, list[dict[str, Any]]] | None = None
+
+    def graph_segments(self, graph: str) -> list[dict[str, Any]]:
+        """The graph's segment records (index, name, blocks, text_kv_layers, inputs, outputs, onnx, plan?), or []."""
+        return list((self.segments or {}).get(graph) or [])
+
+    def engine_units(self) -> list[str]:
+        """What has its own graph and engine, in execution order: text_kv, then the denoiser or its segments."""
+        units = []
+        for graph in GRAPHS:
+            segments = self.graph_segments(graph)
+            units += [seg["name"] for seg in segments] if segments else [graph]
+        return units
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -171,6 +185,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "quantization": ((dict, type(None)), False),
     "engines": ((dict, type(None)), False),
     "plugins": ((dict, type(None)), False),
+    "segments": ((dict, type(None)), False),
     "tools": ((dict,), False),
     "format_version": ((int,), True),
 }
@@ -248,8 +263,19 @@ def validate_manifest(raw: object) -> None:
         if "sha256" in plugins and plugins["sha256"] != files[library]["sha256"]:
             raise NucleusError(f"{MANIFEST_NAME}: plugins.sha256 and files[{library!r}] disagree.", _DAMAGED_FIX)
     for graph, record in (raw.get("engines") or {}).items():
-        if isinstance(record, dict) and "file" in record:
-            check_relpath(record["file"], f"{MANIFEST_NAME}: engines.{graph}.file")
+        for key in ("file", "onnx", "refit_onnx"):
+            if isinstance(record, dict) and record.get(key) is not None:
+                check_relpath(record[key], f"{MANIFEST_NAME}: engines.{graph}.{key}")
+    for graph, records in (raw.get("segments") or {}).items():
+        _expect(graph in GRAPHS and isinstance(records, list), f"segments.{graph}", records, "a list of segment records")
+        for k, seg in enumerate(records):
+            ok = isinstance(seg, dict) and isinstance(seg.get("name"), str) and isinstance(seg.get("inputs"), list) and (
+                isinstance(seg.get("outputs"), list) and _is_int_list(seg.get("text_kv_layers"), 2, 0)
+            )
+            _expect(ok, f"segments.{graph}[{k}]", seg, "{name, inputs, outputs, text_kv_layers: [first, last], ...}")
+            check_relpath(seg["name"], f"{MANIFEST_NAME}: segments.{graph}[{k}].name")
+            if seg.get("onnx") is not None:
+                check_relpath(seg["onnx"], f"{MANIFEST_NAME}: segments.{graph}[{k}].onnx")
     scales = (raw.get("quantization") or {}).get("scales_file")
     if scales is not None:
         check_relpath(scales, f"{MANIFEST_NAME}: quantization.scales_file")

@@ -161,8 +161,33 @@ SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 
 
+# -- denoiser segments (consecutive block groups built and run as separate engines; docs/contract.md) -----------
+# Graph metadata key: JSON list of the residual-stream tensor after each block (where a graph may be cut).
+BLOCK_OUTPUTS_METADATA = "nucleus.block_outputs"
+# Segment graph metadata key: JSON of the segment's manifest record.
+SEGMENT_METADATA = "nucleus.segment"
+
+
+def segment_name(graph: str, index: int) -> str:
+    """'denoiser.seg0': the stem of a segment's ONNX graph and engine files."""
+    return f"{graph}.seg{index}"
+
+
+def graph_of_unit(unit: str) -> str:
+    """The graph an engine unit belongs to: 'denoiser' for 'denoiser' and for its segments 'denoiser.seg<k>'."""
+    return unit.split(".", 1)[0]
+
+
 def onnx_file(graph: str) -> str:
     return f"{graph}.onnx"
+
+
+# The graph an engine was built from (MoE lowered, masks as TensorRT takes them), kept beside the exported graph.
+ENGINE_ONNX_SUFFIX = ".engine.onnx"
+
+
+def engine_onnx_file(unit: str) -> str:
+    return unit + ENGINE_ONNX_SUFFIX
 
 
 def plan_file(graph: str) -> str:

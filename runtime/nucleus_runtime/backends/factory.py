@@ -15,6 +15,7 @@ from pathlib import Path
 from nucleus_runtime.backends.base import Backend
 from nucleus_runtime.bundle import Manifest, load_manifest
 from nucleus_runtime.contract import (
+    ENGINE_ONNX_SUFFIX,
     GRAPHS,
     MANIFEST_NAME,
     MOE_PLUGIN,
@@ -40,12 +41,14 @@ def backend_files(manifest: Manifest, backend: str) -> list[str]:
     """
     recorded = list(manifest.files)
     library: list[str] = []
+    units = manifest.engine_units()
     if backend == ONNXRUNTIME:
-        files = [f for f in recorded if ".onnx" in Path(f).name]
-        defaults = [onnx_file(g) for g in GRAPHS]
+        # The exported graphs, their segments and external data; not the engines' lowered graphs (*.engine.onnx).
+        files = [f for f in recorded if ".onnx" in Path(f).name and not f.endswith(ENGINE_ONNX_SUFFIX)]
+        defaults = [onnx_file(g) for g in GRAPHS] + [onnx_file(u) for u in units if u not in GRAPHS]
     elif backend == TENSORRT:
         files = [f for f in recorded if f.endswith(ENGINE_SUFFIX)]
-        defaults = [plan_file(g) for g in GRAPHS]
+        defaults = [plan_file(u) for u in units]
         if manifest.moe_lowering == MOE_PLUGIN and manifest.plugins and manifest.plugins.get("library"):
             library = [str(manifest.plugins["library"])]
     else:
@@ -69,6 +72,7 @@ def open_backend(
     device: str = "auto",
     threads: int | None = None,
     verify_checksums: bool = True,
+    weight_streaming_budget: int | None = None,
 ) -> Backend:
     """The bundle's graphs in a backend.
 
@@ -79,12 +83,16 @@ def open_backend(
         device: ONNX Runtime's device ("auto", "cpu", "cuda"); the TensorRT backend runs on the current CUDA device.
         threads: ONNX Runtime intra-op threads (None: one per physical core).
         verify_checksums: check the files against the manifest before loading them.
+        weight_streaming_budget: TensorRT only: bytes of denoiser weights kept on the GPU (engines built with
+            `build --weight-streaming`); None keeps them all.
     """
     manifest = manifest or load_manifest(bundle_dir)
     if backend == TENSORRT:
         from nucleus_runtime.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(bundle_dir, manifest=manifest, verify_checksums=verify_checksums)
+        return TensorRTBackend(
+            bundle_dir, manifest=manifest, verify_checksums=verify_checksums, weight_streaming_budget=weight_streaming_budget
+        )
     if backend == ONNXRUNTIME:
         from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
 

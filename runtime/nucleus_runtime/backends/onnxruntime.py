@@ -47,12 +47,14 @@ class OrtOptions:
         device: "auto" (CUDA EP when onnxruntime-gpu provides it, else CPU), "cpu" or "cuda".
         optimization: graph optimization level: "all", "extended", "basic" or "disabled".
         verify_checksums: check the ONNX files against the manifest before loading them.
+        segments: run the denoiser's segment graphs in sequence when the bundle has them (False: the full graph).
     """
 
     threads: int | None = None
     device: str = "auto"
     optimization: str = "all"
     verify_checksums: bool = True
+    segments: bool = True
 
 
 class OrtTextKV(TextKVHandle):
@@ -71,6 +73,12 @@ class OrtTextKV(TextKVHandle):
 
     def to_numpy(self) -> np.ndarray:
         return self.value.numpy()
+
+    def layers(self, first: int, last: int) -> np.ndarray:
+        """text_kv[first:last] as a host array (a view of one host copy, made on first use), for a segment."""
+        if getattr(self, "_host", None) is None:
+            self._host = self.value.numpy()
+        return self._host[first:last]
 
 
 def _import_ort() -> Any:
@@ -135,7 +143,13 @@ class OrtBackend(Backend):
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self._ort = ort
         self._text_kv = self._session(TEXT_KV, session_options, TEXT_KV_INPUTS)
-        self._denoiser = self._session(DENOISER, session_options, DENOISER_INPUTS)
+        # A segmented bundle runs its segment graphs one after the other (same weights, same results as the full
+        # graph: tests/test_segments.py); intermediates stay OrtValues on the session's device between them.
+        self.segments = self.manifest.graph_segments(DENOISER) if self.options.segments else []
+        self._segment_sessions = [
+            self._session(seg["name"], session_options, tuple(seg["inputs"])) for seg in self.segments
+        ]
+        self._denoiser = None if self.segments else self._session(DENOISER, session_options, DENOISER_INPUTS)
         logger.debug("onnxruntime %s, providers %s", ort.__version__, self.providers)
 
     def _session(self, graph: str, session_options: Any, expected: tuple[str, ...]) -> Any:
@@ -183,14 +197,33 @@ class OrtBackend(Backend):
     ) -> np.ndarray:
         if not isinstance(text_kv, OrtTextKV):
             raise TypeError(f"OrtBackend.denoise needs text K/V from OrtBackend, got {type(text_kv).__name__}")
-        binding = self._denoiser.io_binding()
         inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+        if self.segments:
+            return self._denoise_segments(inputs, text_kv)
+        binding = self._denoiser.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
         binding.bind_ortvalue_input("text_kv", text_kv.value)
         binding.bind_output("sample")
         self._denoiser.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
+
+    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: OrtTextKV) -> np.ndarray:
+        values: dict[str, Any] = {}  # tensors produced by earlier segments, as OrtValues
+        for seg, session in zip(self.segments, self._segment_sessions):
+            binding = session.io_binding()
+            for name in seg["inputs"]:
+                if name == "text_kv":
+                    binding.bind_cpu_input(name, text_kv.layers(*seg["text_kv_layers"]))
+                elif name in values:
+                    binding.bind_ortvalue_input(name, values[name])
+                else:
+                    binding.bind_cpu_input(name, inputs[name])
+            for name in seg["outputs"]:
+                binding.bind_output(name, self._device)
+            session.run_with_iobinding(binding)
+            values.update(zip(seg["outputs"], binding.get_outputs()))
+        return values["sample"].numpy()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -124,16 +124,57 @@ class TrtTextKV(TextKVHandle):
         return host
 
 
-class _Engine:
-    """One deserialized engine with its execution context and per-input device buffers (grown, never shrunk)."""
+def _refit(trt: Any, engine: Any, onnx_path: Path, logger: Any) -> None:
+    """Load the weights of a weight-stripped plan from the ONNX graph it was built from (its external data)."""
+    if not onnx_path.is_file():
+        raise NucleusError(
+            f"{onnx_path.name} is missing: the engine was built without weights and is refit from it.",
+            "copy the complete bundle (with its .onnx and .onnx.data files).",
+        )
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+        raise NucleusError(
+            f"TensorRT could not refit {onnx_path.stem} from {onnx_path.name}.",
+            "the ONNX files do not belong to these engines: copy the bundle again, or build it again.",
+        )
 
-    def __init__(self, trt: Any, runtime: Any, path: Path, cudart: Any):
+
+class _Engine:
+    """One deserialized engine with its execution context and per-input device buffers (grown, never shrunk).
+
+    Args:
+        record: the manifest's engine record: `stripped` plans are refit from `refit_onnx` before use.
+        streaming_budget: bytes of weights kept on the GPU (weight streaming), None for all of them.
+    """
+
+    def __init__(
+        self,
+        trt: Any,
+        runtime: Any,
+        path: Path,
+        cudart: Any,
+        record: dict | None = None,
+        streaming_budget: int | None = None,
+        logger: Any = None,
+    ):
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise NucleusError(
                 f"TensorRT could not load {path}: it was built for another GPU or another TensorRT version.",
                 "build the engines again on (or for) this GPU with `nucleus-export build`.",
             )
+        record = record or {}
+        if record.get("stripped"):
+            _refit(trt, engine, path.parent / record["refit_onnx"], logger)
+        if streaming_budget is not None:
+            # Documented API (TensorRT >= 10.1, TensorRT-RTX): the budget is set before the context is created.
+            if int(getattr(engine, "streamable_weights_size", 0)) <= 0:
+                raise NucleusError(
+                    f"{path.name} was not built with streamable weights.",
+                    "build the bundle with `nucleus-export build --weight-streaming`, or drop --weight-streaming-budget.",
+                )
+            engine.weight_streaming_budget_v2 = int(streaming_budget)
         self.trt = trt
         self.engine = engine
         self.context = engine.create_execution_context()
@@ -159,6 +200,16 @@ class _Engine:
             return np.dtype(f"u{dtype.itemsize}")
 
 
+def _split_budget(manifest: Manifest, units: list[str], budget: int | None) -> list[int | None]:
+    """Share a weight-streaming budget among the denoiser's engines in proportion to their plan sizes."""
+    if budget is None:
+        return [None] * len(units)
+    if budget < 0:
+        raise NucleusError(f"weight streaming budget {budget} is negative.", "give a size in bytes (GB on the CLI).")
+    sizes = [int(((manifest.engines or {}).get(u) or {}).get("bytes") or 1) for u in units]
+    return [budget * size // sum(sizes) for size in sizes]
+
+
 class TensorRTBackend(Backend):
     """Runs a bundle's TensorRT engines.
 
@@ -166,14 +217,29 @@ class TensorRTBackend(Backend):
         bundle_dir: the bundle folder, holding text_kv.plan and denoiser.plan.
         manifest: the bundle's manifest, when the caller has it loaded already.
         verify_checksums: check the engine files against the manifest before loading them.
+        weight_streaming_budget: bytes of denoiser weights to keep on the GPU (TensorRT weight streaming, engines
+            built with --weight-streaming), shared among its segments in proportion to their streamable weights;
+            None keeps all weights resident. Written against the documented API; not run on a GPU here.
+
+    A segmented bundle (manifest `segments`) runs its denoiser engines in order: every tensor one segment hands to
+    the next stays in that segment's device buffer, and each segment binds its slice of the cached text K/V by
+    address (text_kv[first:last] is contiguous), so nothing crosses to the host between segments.
     """
 
     name = "tensorrt"
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest | None = None, verify_checksums: bool = True):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: Manifest | None = None,
+        verify_checksums: bool = True,
+        weight_streaming_budget: int | None = None,
+    ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or load_manifest(self.bundle_dir)
-        plans = [f"{TEXT_KV}.plan", f"{DENOISER}.plan"]
+        self.segments = self.manifest.graph_segments(DENOISER)
+        denoiser_units = [seg["name"] for seg in self.segments] or [DENOISER]
+        plans = [f"{TEXT_KV}.plan"] + [f"{unit}.plan" for unit in denoiser_units]
         missing = [p for p in plans if not (self.bundle_dir / p).is_file()]
         if missing:
             raise NucleusError(
@@ -186,7 +252,10 @@ class TensorRTBackend(Backend):
 
         library = plugins.bundle_plugin_library(self.bundle_dir, self.manifest)
         if verify_checksums:
-            verify_files(self.bundle_dir, self.manifest, plans)
+            records = [(self.manifest.engines or {}).get(Path(p).stem) or {} for p in plans]
+            refit = [r["refit_onnx"] for r in records if r.get("stripped")]
+            data = [f for f in self.manifest.files if f.endswith(".onnx.data")] if refit else []
+            verify_files(self.bundle_dir, self.manifest, plans + refit + data)
         self.trt = _import_tensorrt(self.manifest)
         self.cudart = _import_cudart()
         self.name = self.trt.__name__
@@ -195,8 +264,13 @@ class TensorRTBackend(Backend):
             plugins.load_plugin_library(library[0], self.trt, sha256=library[1])
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = self.trt.Runtime(self._logger)
-        self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart)
-        self._denoiser = _Engine(self.trt, self._runtime, self.bundle_dir / plans[1], self.cudart)
+        engines = self.manifest.engines or {}
+        self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart, engines.get(TEXT_KV), None, self._logger)
+        budgets = _split_budget(self.manifest, denoiser_units, weight_streaming_budget)
+        self._denoisers = [
+            _Engine(self.trt, self._runtime, self.bundle_dir / f"{unit}.plan", self.cudart, engines.get(unit), budget, self._logger)
+            for unit, budget in zip(denoiser_units, budgets)
+        ]
         self._stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._bound_text_kv: TrtTextKV | None = None
 
@@ -205,7 +279,7 @@ class TensorRTBackend(Backend):
         props = _check(self.cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
         gpu = (int(props.major), int(props.minor))
         self.gpu_name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        for graph in (TEXT_KV, DENOISER):
+        for graph in [TEXT_KV] + ([seg["name"] for seg in self.manifest.graph_segments(DENOISER)] or [DENOISER]):
             targets = engine_compute_capabilities(self.manifest, graph)
             if targets and gpu not in targets:
                 built = ", ".join(f"SM{a}{b}" for a, b in targets)
@@ -259,8 +333,10 @@ class TensorRTBackend(Backend):
     ) -> np.ndarray:
         if not isinstance(text_kv, TrtTextKV):
             raise TypeError(f"TensorRTBackend.denoise needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
-        engine = self._denoiser
         inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+        if self.segments:
+            return self._denoise_segments(inputs, text_kv)
+        engine = self._denoisers[0]
         for name, array in inputs.items():
             self._upload(engine, name, array)
         engine.context.set_input_shape("text_kv", text_kv.shape)
@@ -285,7 +361,12 @@ class TensorRTBackend(Backend):
                     f"{name} is {view.dtype} in {view.device} memory; the engine binds {HOST_INPUT_DTYPES[name]} on the GPU.",
                     "pass contiguous CUDA tensors in the contract's dtypes, or use `denoise` with host arrays.",
                 )
-        engine = self._denoiser
+        if self.segments:
+            raise NucleusError(
+                "denoise_device serves single-engine bundles; this bundle's denoiser is segmented.",
+                "use `denoise` with host arrays (EngineTransformer does so by itself: supports_device_io is False).",
+            )
+        engine = self._denoisers[0]
         for name, view in views.items():
             if name != SAMPLE:
                 engine.context.set_input_shape(name, view.shape)
@@ -302,9 +383,34 @@ class TensorRTBackend(Backend):
         if not engine.context.execute_async_v3(int(stream)):
             raise NucleusError(f"TensorRT failed to run {DENOISER}.plan (see the TensorRT log above).", "rerun with --verbose.")
 
+    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: TrtTextKV) -> np.ndarray:
+        produced: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (device address, shape)
+        layer_bytes = text_kv.nbytes // text_kv.shape[0]
+        for seg, engine in zip(self.segments, self._denoisers):
+            for name in seg["inputs"]:
+                if name == "text_kv":
+                    first, last = seg["text_kv_layers"]
+                    engine.context.set_input_shape(name, (last - first, *text_kv.shape[1:]))
+                    engine.context.set_tensor_address(name, text_kv.buffer.ptr + first * layer_bytes)
+                elif name in produced:
+                    ptr, shape = produced[name]
+                    engine.context.set_input_shape(name, shape)
+                    engine.context.set_tensor_address(name, ptr)
+                else:
+                    self._upload(engine, name, inputs[name])
+            for name in seg["outputs"]:
+                shape, dtype = engine.output_shape(name), engine.output_dtype(name)
+                produced[name] = (engine.buffer(name, int(np.prod(shape)) * dtype.itemsize).ptr, shape)
+            self._execute(engine, seg["name"])
+        last = self._denoisers[-1]
+        shape, dtype = last.output_shape("sample"), last.output_dtype("sample")
+        host = np.empty(shape, dtype=dtype)
+        self.copy_to_host(host, produced["sample"][0])
+        return host.astype(np.float32, copy=False)
+
     def close(self) -> None:
         self._bound_text_kv = None
-        for engine in (self._text_kv, self._denoiser):
+        for engine in (self._text_kv, *self._denoisers):
             engine.buffers.clear()
         if getattr(self, "_stream", None) is not None:
             self.cudart.cudaStreamDestroy(self._stream)
