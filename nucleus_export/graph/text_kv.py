@@ -33,7 +33,7 @@ def build_text_kv(g: GraphBuilder, emit: LayerEmitter, config: ModelConfig, on_b
         per_block.append(g.op("Unsqueeze", [kv, axis0]))
         on_block(idx)
     g.scope = ""
-    stacked = g.op("Concat", per_block, axis=0, hint="text_kv")
+    stacked = g.op("Concat", per_block, axis=0, hint=contract.TEXT_KV)
     g.output(
         stacked,
         contract.TEXT_KV,

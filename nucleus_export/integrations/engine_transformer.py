@@ -156,7 +156,7 @@ class EngineTransformer(torch.nn.Module):
                 "EngineTransformer needs hidden_states, timestep, encoder_hidden_states and img_shapes.",
                 "call it as NucleusMoEImagePipeline does.",
             )
-        out_dtype = self._check_dtype(hidden_states.dtype, "hidden_states")
+        out_dtype = self._check_dtype(hidden_states.dtype, HIDDEN_STATES)
         self._check_dtype(encoder_hidden_states.dtype, "encoder_hidden_states")
         batch, tokens, channels = self._check_hidden_states(hidden_states)
         grid = self._grid(img_shapes, batch, tokens)

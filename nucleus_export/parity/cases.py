@@ -11,7 +11,9 @@ import dataclasses
 
 import numpy as np
 from nucleus_runtime import rope
+from nucleus_runtime.backends.base import denoiser_host_inputs, text_kv_inputs
 from nucleus_runtime.bundle import Profiles
+from nucleus_runtime.contract import TEXT_KV
 
 from nucleus_export.model.config import ModelConfig
 
@@ -37,18 +39,11 @@ class ParityCase:
 
     def text_kv_inputs(self, config: ModelConfig) -> dict[str, np.ndarray]:
         cos, sin = rope.text_rope(config.axes_dims_rope, *self.grid, self.mask.shape[1])
-        return {"encoder_hidden_states": self.encoder_hidden_states, "txt_rope_cos": cos, "txt_rope_sin": sin}
+        return text_kv_inputs(self.encoder_hidden_states, cos, sin)
 
     def denoiser_inputs(self, config: ModelConfig, text_kv: np.ndarray) -> dict[str, np.ndarray]:
         cos, sin = rope.image_rope(config.axes_dims_rope, *self.grid)
-        return {
-            "hidden_states": self.hidden_states,
-            "timestep": self.timestep,
-            "img_rope_cos": cos,
-            "img_rope_sin": sin,
-            "text_kv": text_kv,
-            "encoder_hidden_states_mask": self.mask,
-        }
+        return {**denoiser_host_inputs(self.hidden_states, self.timestep, cos, sin, self.mask), TEXT_KV: text_kv}
 
 
 CASE_SETS = ("quick", "full")

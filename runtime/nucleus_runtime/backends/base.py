@@ -13,16 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from nucleus_runtime import contract
+
+
+def _host_array(name: str, array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=contract.HOST_INPUT_DTYPES[name])
+
 
 def text_kv_inputs(
     encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
 ) -> dict[str, np.ndarray]:
     """The text_kv graph's inputs by contract name, contiguous and in the contract's dtypes."""
-    return {
-        "encoder_hidden_states": np.ascontiguousarray(encoder_hidden_states, dtype=np.float32),
-        "txt_rope_cos": np.ascontiguousarray(txt_rope_cos, dtype=np.float32),
-        "txt_rope_sin": np.ascontiguousarray(txt_rope_sin, dtype=np.float32),
-    }
+    arrays = (encoder_hidden_states, txt_rope_cos, txt_rope_sin)
+    return {name: _host_array(name, a) for name, a in zip(contract.TEXT_KV_INPUTS, arrays, strict=True)}
 
 
 def denoiser_host_inputs(
@@ -33,13 +36,9 @@ def denoiser_host_inputs(
     encoder_hidden_states_mask: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """The denoiser's host-side inputs (all but `text_kv`) by contract name, contiguous, in the contract's dtypes."""
-    return {
-        "hidden_states": np.ascontiguousarray(hidden_states, dtype=np.float32),
-        "timestep": np.ascontiguousarray(timestep, dtype=np.float32),
-        "img_rope_cos": np.ascontiguousarray(img_rope_cos, dtype=np.float32),
-        "img_rope_sin": np.ascontiguousarray(img_rope_sin, dtype=np.float32),
-        "encoder_hidden_states_mask": np.ascontiguousarray(encoder_hidden_states_mask, dtype=np.int64),
-    }
+    names = [n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV]
+    arrays = (hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+    return {name: _host_array(name, a) for name, a in zip(names, arrays, strict=True)}
 
 
 class TextKVHandle(abc.ABC):
@@ -62,6 +61,8 @@ class Backend(abc.ABC):
     """Runs the two graphs of a bundle (contract: docs/contract.md)."""
 
     name: str = "backend"
+    # The handle type compute_text_kv returns; denoise refuses any other (text K/V of another backend).
+    text_kv_type: type[TextKVHandle] = TextKVHandle
 
     @abc.abstractmethod
     def compute_text_kv(
@@ -69,7 +70,6 @@ class Backend(abc.ABC):
     ) -> TextKVHandle:
         """encoder_hidden_states [B,T,D] float32, rope tables [T, head_dim/2] -> text_kv [L,2,B,T,Hkv,Dh]."""
 
-    @abc.abstractmethod
     def denoise(
         self,
         hidden_states: np.ndarray,
@@ -80,6 +80,15 @@ class Backend(abc.ABC):
         encoder_hidden_states_mask: np.ndarray,
     ) -> np.ndarray:
         """One transformer forward: hidden_states [B,S,C_in], timestep [B] (t/1000) -> sample [B,S,C_out]."""
+        if not isinstance(text_kv, self.text_kv_type):
+            raise TypeError(f"{type(self).__name__}.denoise needs its own text K/V, got {type(text_kv).__name__}")
+        inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+        return self._denoise(inputs, text_kv)
+
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TextKVHandle) -> np.ndarray:
+        """`denoise` with the host inputs by contract name (denoiser_host_inputs) and this backend's own text K/V.
+        Graph backends implement this; wrappers (timing, test doubles) may override `denoise` itself instead."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither denoise nor _denoise")
 
     def denoise_device(self, inputs: dict[str, Any], text_kv: TextKVHandle, sample: Any, stream: int) -> None:
         """One transformer forward on caller-owned GPU tensors, enqueued on the caller's CUDA `stream`.

@@ -17,11 +17,12 @@ import numpy as np
 from nucleus_runtime.backends.base import (
     Backend,
     TextKVHandle,
-    denoiser_host_inputs,
     text_kv_inputs,
 )
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import DENOISER_INPUTS, SAMPLE, TEXT_KV_INPUTS
+from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
 
@@ -30,8 +31,6 @@ logger = logging.getLogger("nucleus_runtime")
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
-TEXT_KV_INPUTS = ("encoder_hidden_states", "txt_rope_cos", "txt_rope_sin")
-DENOISER_INPUTS = ("hidden_states", "timestep", "img_rope_cos", "img_rope_sin", "text_kv", "encoder_hidden_states_mask")
 
 
 @dataclasses.dataclass
@@ -114,6 +113,8 @@ class OrtBackend(Backend):
         manifest: the bundle's manifest, when the caller has it loaded already.
     """
 
+    text_kv_type = OrtTextKV
+
     name = "onnxruntime"
 
     def __init__(self, bundle_dir: Path, options: OrtOptions | None = None, manifest: Manifest | None = None):
@@ -182,29 +183,18 @@ class OrtBackend(Backend):
         binding = self._text_kv.io_binding()
         for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
             binding.bind_cpu_input(name, array)
-        binding.bind_output("text_kv", self._device)
+        binding.bind_output(TEXT_KV_TENSOR, self._device)
         self._text_kv.run_with_iobinding(binding)
         return OrtTextKV(binding.get_outputs()[0])
 
-    def denoise(
-        self,
-        hidden_states: np.ndarray,
-        timestep: np.ndarray,
-        img_rope_cos: np.ndarray,
-        img_rope_sin: np.ndarray,
-        text_kv: TextKVHandle,
-        encoder_hidden_states_mask: np.ndarray,
-    ) -> np.ndarray:
-        if not isinstance(text_kv, OrtTextKV):
-            raise TypeError(f"OrtBackend.denoise needs text K/V from OrtBackend, got {type(text_kv).__name__}")
-        inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: OrtTextKV) -> np.ndarray:  # type: ignore[override]
         if self.segments:
             return self._denoise_segments(inputs, text_kv)
         binding = self._denoiser.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
-        binding.bind_ortvalue_input("text_kv", text_kv.value)
-        binding.bind_output("sample")
+        binding.bind_ortvalue_input(TEXT_KV_TENSOR, text_kv.value)
+        binding.bind_output(SAMPLE)
         self._denoiser.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
@@ -213,7 +203,7 @@ class OrtBackend(Backend):
         for seg, session in zip(self.segments, self._segment_sessions):
             binding = session.io_binding()
             for name in seg["inputs"]:
-                if name == "text_kv":
+                if name == TEXT_KV_TENSOR:
                     binding.bind_cpu_input(name, text_kv.layers(*seg["text_kv_layers"]))
                 elif name in values:
                     binding.bind_ortvalue_input(name, values[name])
@@ -223,7 +213,7 @@ class OrtBackend(Backend):
                 binding.bind_output(name, self._device)
             session.run_with_iobinding(binding)
             values.update(zip(seg["outputs"], binding.get_outputs()))
-        return values["sample"].numpy()
+        return values[SAMPLE].numpy()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,6 @@ from nucleus_runtime import dlpack
 from nucleus_runtime.backends.base import (
     Backend,
     TextKVHandle,
-    denoiser_host_inputs,
     text_kv_inputs,
 )
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
@@ -226,6 +225,8 @@ class TensorRTBackend(Backend):
     address (text_kv[first:last] is contiguous), so nothing crosses to the host between segments.
     """
 
+    text_kv_type = TrtTextKV
+
     name = "tensorrt"
 
     def __init__(
@@ -314,37 +315,26 @@ class TensorRTBackend(Backend):
         engine = self._text_kv
         for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
             self._upload(engine, name, array)
-        shape, dtype = engine.output_shape("text_kv"), engine.output_dtype("text_kv")
+        shape, dtype = engine.output_shape(TEXT_KV_TENSOR), engine.output_dtype(TEXT_KV_TENSOR)
         # A fresh buffer per handle: it outlives this call in the cache, the engine's own buffers do not.
         out = DeviceBuffer(self.cudart, int(np.prod(shape)) * dtype.itemsize)
-        engine.context.set_tensor_address("text_kv", out.ptr)
+        engine.context.set_tensor_address(TEXT_KV_TENSOR, out.ptr)
         self._execute(engine, TEXT_KV)
         _check(self.cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         return TrtTextKV(out, shape, dtype, self)
 
-    def denoise(
-        self,
-        hidden_states: np.ndarray,
-        timestep: np.ndarray,
-        img_rope_cos: np.ndarray,
-        img_rope_sin: np.ndarray,
-        text_kv: TextKVHandle,
-        encoder_hidden_states_mask: np.ndarray,
-    ) -> np.ndarray:
-        if not isinstance(text_kv, TrtTextKV):
-            raise TypeError(f"TensorRTBackend.denoise needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
-        inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TrtTextKV) -> np.ndarray:  # type: ignore[override]
         if self.segments:
             return self._denoise_segments(inputs, text_kv)
         engine = self._denoisers[0]
         for name, array in inputs.items():
             self._upload(engine, name, array)
-        engine.context.set_input_shape("text_kv", text_kv.shape)
+        engine.context.set_input_shape(TEXT_KV_TENSOR, text_kv.shape)
         if self._bound_text_kv is not text_kv:
-            engine.context.set_tensor_address("text_kv", text_kv.buffer.ptr)
+            engine.context.set_tensor_address(TEXT_KV_TENSOR, text_kv.buffer.ptr)
             self._bound_text_kv = text_kv
-        shape, dtype = engine.output_shape("sample"), engine.output_dtype("sample")
-        out = engine.buffer("sample", int(np.prod(shape)) * dtype.itemsize)
+        shape, dtype = engine.output_shape(SAMPLE), engine.output_dtype(SAMPLE)
+        out = engine.buffer(SAMPLE, int(np.prod(shape)) * dtype.itemsize)
         self._execute(engine, DENOISER)
         host = np.empty(shape, dtype=dtype)
         self.copy_to_host(host, out.ptr)
@@ -388,7 +378,7 @@ class TensorRTBackend(Backend):
         layer_bytes = text_kv.nbytes // text_kv.shape[0]
         for seg, engine in zip(self.segments, self._denoisers):
             for name in seg["inputs"]:
-                if name == "text_kv":
+                if name == TEXT_KV_TENSOR:
                     first, last = seg["text_kv_layers"]
                     engine.context.set_input_shape(name, (last - first, *text_kv.shape[1:]))
                     engine.context.set_tensor_address(name, text_kv.buffer.ptr + first * layer_bytes)
@@ -403,9 +393,9 @@ class TensorRTBackend(Backend):
                 produced[name] = (engine.buffer(name, int(np.prod(shape)) * dtype.itemsize).ptr, shape)
             self._execute(engine, seg["name"])
         last = self._denoisers[-1]
-        shape, dtype = last.output_shape("sample"), last.output_dtype("sample")
+        shape, dtype = last.output_shape(SAMPLE), last.output_dtype(SAMPLE)
         host = np.empty(shape, dtype=dtype)
-        self.copy_to_host(host, produced["sample"][0])
+        self.copy_to_host(host, produced[SAMPLE][0])
         return host.astype(np.float32, copy=False)
 
     def close(self) -> None:

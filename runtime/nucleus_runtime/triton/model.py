@@ -41,11 +41,10 @@ from nucleus_runtime.backends import factory  # noqa: E402
 from nucleus_runtime.backends.base import (  # noqa: E402
     Backend,
     TextKVHandle,
-    denoiser_host_inputs,
     text_kv_inputs,
 )
 from nucleus_runtime.bundle import Manifest, load_manifest  # noqa: E402
-from nucleus_runtime.contract import ONNXRUNTIME, SCHEDULER_CONFIG_NAME, TENSORRT  # noqa: E402
+from nucleus_runtime.contract import ONNXRUNTIME, SAMPLE, SCHEDULER_CONFIG_NAME, TENSORRT  # noqa: E402
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV  # noqa: E402
 from nucleus_runtime.errors import NucleusError  # noqa: E402
 from nucleus_runtime.pipeline import generate  # noqa: E402
@@ -308,13 +307,15 @@ class BlsBackend(Backend):
         text_kv_model, denoiser_model: the model names in the repository.
     """
 
+    text_kv_type = BlsTextKV
+
     name = "triton_bls"
 
     def __init__(self, pb_utils: Any, manifest: Manifest, text_kv_model: str, denoiser_model: str):
         self.pb = pb_utils
         self.text_kv_model = text_kv_model
         self.denoiser_model = denoiser_model
-        spec = manifest.io[TEXT_KV]["outputs"]["text_kv"]
+        spec = manifest.io[TEXT_KV]["outputs"][TEXT_KV]
         self._text_kv_dims = list(spec.shape)
         self._text_kv_itemsize = _ITEMSIZE.get(spec.dtype, 4)
         # Since Triton 23.04 a BLS call can ask for host outputs; the denoiser's sample is needed on the host.
@@ -336,26 +337,15 @@ class BlsBackend(Backend):
     def compute_text_kv(self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray) -> BlsTextKV:
         host = text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin)
         inputs = [to_triton(self.pb, name, array) for name, array in host.items()]
-        tensor = self._exec(self.text_kv_model, inputs, "text_kv", host=False)
+        tensor = self._exec(self.text_kv_model, inputs, TEXT_KV, host=False)
         batch, text_len = encoder_hidden_states.shape[:2]
         sizes = {"batch": batch, "text_len": text_len}
         shape = tuple(sizes.get(d, d) if isinstance(d, str) else d for d in self._text_kv_dims)
         return BlsTextKV(tensor, shape, self._text_kv_itemsize)  # type: ignore[arg-type]
 
-    def denoise(
-        self,
-        hidden_states: np.ndarray,
-        timestep: np.ndarray,
-        img_rope_cos: np.ndarray,
-        img_rope_sin: np.ndarray,
-        text_kv: TextKVHandle,
-        encoder_hidden_states_mask: np.ndarray,
-    ) -> np.ndarray:
-        if not isinstance(text_kv, BlsTextKV):
-            raise TypeError(f"BlsBackend.denoise needs text K/V from BlsBackend, got {type(text_kv).__name__}")
-        host = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+    def _denoise(self, host: dict[str, np.ndarray], text_kv: BlsTextKV) -> np.ndarray:  # type: ignore[override]
         inputs = [to_triton(self.pb, name, array) for name, array in host.items()] + [text_kv.tensor]
-        sample = self._exec(self.denoiser_model, inputs, "sample", host=True)
+        sample = self._exec(self.denoiser_model, inputs, SAMPLE, host=True)
         if not sample.is_cpu():
             raise NucleusError(
                 f"{self.denoiser_model} returned 'sample' in GPU memory and this Triton cannot ask BLS for host outputs.",
