@@ -8,11 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from nucleus_runtime.bundle import Profiles
 
 from nucleus_export.cli import main
 from nucleus_export.engines import backends
 from nucleus_export.engines.backends import resolve_backend
-from nucleus_export.engines.engine import profile_shapes, validate_dim_ranges
+from nucleus_export.engines.engine import (
+    dim_ranges_from_profiles,
+    profile_shapes,
+    validate_dim_ranges,
+)
 from nucleus_export.errors import NucleusExportError, UsageError
 
 pytest.importorskip("tensorrt_rtx")
@@ -158,8 +163,10 @@ def test_registry_without_the_nucleus_ops(tmp_path):
 def test_impossible_profile_ranges(bad):
     with pytest.raises(NucleusExportError, match="profile range"):
         validate_dim_ranges({"batch": bad})
-    with pytest.raises(NucleusExportError):
-        profile_shapes({"hidden_states": ["batch", "image_tokens", 64]}, {"batch": bad, "image_tokens": (1, 2, 3)})
+    # The build validates a bundle's ranges once, where it derives them from the profiles.
+    profiles = Profiles(batch=bad, text_len=(1, 2, 3), resolutions=[(16, 16)], grids=[(1, 1)], opt_resolution=(16, 16))
+    with pytest.raises(NucleusExportError, match="profile range"):
+        dim_ranges_from_profiles(profiles)
 
 
 def test_profile_needs_every_symbolic_dim():

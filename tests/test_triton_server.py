@@ -304,6 +304,26 @@ def test_four_concurrent_requests_are_all_correct(inprocess_server, tiny_bundle,
         assert np.array_equal(latents, reference_latents), case[0]
 
 
+def test_segmented_bundle_is_served_the_same_way(triton_install, tiny_checkpoint, tiny_bundle, tmp_path):
+    # The denoiser cut into segment graphs (issue 11) travels through the same inprocess repository: the runtime's
+    # backend chains the segments, so the latents equal `nucleus-export run` on the single-graph bundle bit for bit.
+    from nucleus_runtime.bundle import load_manifest
+
+    from nucleus_export.export import ExportOptions, export_bundle
+
+    segmented = tmp_path / "segmented"
+    export_bundle(tiny_checkpoint, segmented, ExportOptions(resolutions=[(96, 160)], max_text_len=64, opt_text_len=16, segments=3))
+    assert len(load_manifest(segmented).graph_segments("denoiser")) == 3
+    repo = tmp_path / "repo"
+    options = TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME, onnxruntime_threads=THREADS)
+    write_repository(plan_repository(segmented, options), repo)
+    prompt, negative = texts(21, 7, 3)
+    expected = reference(tiny_bundle, tmp_path / "ref", prompt, negative, 96, 160, 4.0, 5)
+    with running_server(triton_install, repo, tmp_path / "server.log") as server:
+        latents = infer(server.url("http"), "http", request_inputs(prompt, negative, 96, 160, 4.0, 5))
+    assert np.array_equal(latents, expected)
+
+
 def _cache_hits(log: str) -> dict[str, int]:
     """Each instance's latest text K/V cache hit count, from the model's verbose log lines."""
     return {m[0]: int(m[1]) for m in re.findall(r"(\w+): text K/V cache hits (\d+)", log)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nucleus_runtime.contract import precision_label
+from nucleus_runtime.contract import MOE_NATIVE, MOE_PLUGIN, precision_label
 
 from nucleus_export.cache import cache_root
 from nucleus_export.commands.common import (
@@ -18,12 +18,9 @@ from nucleus_export.commands.common import (
 from nucleus_export.engines.backends import BACKEND_CHOICES
 from nucleus_export.engines.cost import COMBINE_CHOICES
 from nucleus_export.engines.pipeline import (
-    MOE_NATIVE,
-    MOE_PLUGIN,
     BuildOptions,
     build_bundle,
-    check_moe_backend,
-    preflight,
+    plan_build,
     validate_moe_options,
 )
 from nucleus_export.errors import NucleusExportError, UsageError
@@ -179,22 +176,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--segments {args.segments} is below 1.", "use --segments 1 (one engine) or more.")
     if args.max_build_memory is not None and args.max_build_memory <= 0:
         raise UsageError(f"--max-build-memory {args.max_build_memory} is not positive.", "give it in GB, e.g. 16.")
-    # Fail fast on the backend (and plugins) before export and calibration, which take the longest.
-    from nucleus_export.engines.backends import resolve_backend
-
-    backend = resolve_backend(args.backend)
-    check_moe_backend(moe, backend.name)
-    if build.timing_cache is None:
-        build.timing_cache = cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
-        build.timing_cache.parent.mkdir(parents=True, exist_ok=True)
     out = bundle_path(args, args.precision + ("-fp8" if args.fp8 else ""))
     refuse_existing(out, args.force)
     checkpoint = open_model(args.model)
     options = export_options(args)
-    preflight(checkpoint, options, build, backend.name)  # refuse what TensorRT cannot build before calibrating
+    # Fail fast (backend, plugins, TensorRT's limits) before export and calibration, which take the longest.
+    plan = plan_build(checkpoint, options, build)
+    backend = plan.backend
+    if build.timing_cache is None:
+        build.timing_cache = cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
+        build.timing_cache.parent.mkdir(parents=True, exist_ok=True)
     if args.fp8:
         options.precision = GraphPrecision(args.precision, fp8_scales(args, checkpoint, options))
-    manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force)
+    manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force, plan=plan)
     total = sum(r.build_seconds for r in reports)
     print(
         f"built {out}: {precision_label(manifest.precision, args.fp8)}, MoE {moe}, "

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from nucleus_runtime.bundle import sha256_file, write_atomic
+from nucleus_runtime import contract
+from nucleus_runtime.bundle import Profiles, sha256_file, write_atomic
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.plugins import find_plugin_library, load_plugin_library
 
@@ -81,12 +82,12 @@ def onnx_input_shapes(onnx_path: Path) -> dict[str, list[int | str]]:
 
 
 def profile_shapes(input_shapes: dict[str, list[int | str]], ranges: dict[str, DimRange]) -> dict[str, ShapeTriple]:
-    """Min/opt/max shape per graph input: static dims as they are, symbolic dims from `ranges` (batch, text_len, ...).
+    """Min/opt/max shape per graph input: static dims as they are, symbolic dims from `ranges` (batch, text_len, ...),
+    which dim_ranges_from_profiles has validated.
 
     Raises:
-        NucleusExportError: an input has a symbolic dim with no range, or a range is impossible.
+        NucleusExportError: an input has a symbolic dim with no range.
     """
-    validate_dim_ranges(ranges)
     shapes: dict[str, ShapeTriple] = {}
     for name, dims in input_shapes.items():
         triple: list[list[int]] = [[], [], []]
@@ -110,13 +111,20 @@ def profile_shapes(input_shapes: dict[str, list[int | str]], ranges: dict[str, D
     return shapes
 
 
-def dim_ranges_from_profiles(profiles: Any) -> dict[str, DimRange]:
-    """The symbolic-dim ranges of a bundle's Manifest.profiles (batch, text_len, image_tokens)."""
-    return {
-        "batch": tuple(int(v) for v in profiles.batch),
-        "text_len": tuple(int(v) for v in profiles.text_len),
-        "image_tokens": tuple(int(v) for v in profiles.image_tokens),
+def dim_ranges_from_profiles(profiles: Profiles) -> dict[str, DimRange]:
+    """The symbolic-dim ranges of a bundle's Manifest.profiles (batch, text_len, image_tokens), validated once here
+    for every graph built from them.
+
+    Raises:
+        NucleusExportError: a range is impossible.
+    """
+    ranges = {
+        contract.BATCH_DIM: tuple(int(v) for v in profiles.batch),
+        contract.TEXT_LEN_DIM: tuple(int(v) for v in profiles.text_len),
+        contract.IMAGE_TOKENS_DIM: tuple(int(v) for v in profiles.image_tokens),
     }
+    validate_dim_ranges(ranges)
+    return ranges
 
 
 # ---- limits of TensorRT a profile must respect ---------------------------------------------------------------------

@@ -24,6 +24,8 @@ from nucleus_runtime.bundle import (
 from nucleus_runtime.contract import (
     DENOISER_GRAPH,
     MANIFEST_NAME,
+    MOE_NATIVE,
+    MOE_PLUGIN,
     PLUGIN_LIBRARY_PATH,
     TENSORRT,
     TENSORRT_RTX,
@@ -70,10 +72,7 @@ from nucleus_export.model.config import ModelConfig
 if TYPE_CHECKING:  # parity imports torch; the build imports it only when a quality report runs
     from nucleus_export.parity.check import ParityReport
 
-MOE_NATIVE = "native"
-MOE_PLUGIN = "plugin"
 BUILD_LOG_NAME = "build_log.json"
-# Where nucleus_runtime.plugins.find_plugin_library looks in a bundle, whatever the name of the file passed in.
 # TensorRT-RTX's default targets when none are set (docs: "CPU-Only AOT and TensorRT-RTX Engines").
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120"]
 
@@ -294,14 +293,18 @@ def refresh_manifest(bundle_dir: Path, manifest: Manifest, **changes: Any) -> Ma
     return manifest
 
 
-def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOptions, options: BuildOptions,
-                 force: bool = False) -> tuple[Manifest, list[BuildReport], ParityReport | None]:
-    """Export, build and (optionally) quality-check a bundle, atomically.
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """What a build is checked against before any work: the resolved backend and the combine formulation."""
 
-    Returns:
-        (manifest, engine build reports, ParityReport or None).
-    """
-    backend = resolve_backend(options.backend)  # before any work: a missing TensorRT fails in a second
+    backend: Backend
+    combine: CombineChoice | None
+
+
+def plan_build(checkpoint: Checkpoint, export_options: ExportOptions, options: BuildOptions) -> BuildPlan:
+    """Resolve the backend and refuse what it cannot build (plugins on TensorRT-RTX, stripped plans without a GPU,
+    profiles over TensorRT's limits), in a second and before export or calibration. Run once per build."""
+    backend = resolve_backend(options.backend)
     check_moe_backend(options.moe, backend.name)
     if options.strip_weights and backend.name == TENSORRT_RTX and cuda_device_count() == 0:
         # Measured with tensorrt-rtx 1.7.1 on a CPU-only machine: any REFIT / REFIT_IDENTICAL / STRIP_PLAN build
@@ -310,7 +313,21 @@ def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOp
             "tensorrt-rtx cannot build weight-stripped (refittable) engines without a GPU.",
             "build with --strip-weights on a machine with an NVIDIA GPU, or drop --strip-weights.",
         )
-    combine = preflight(checkpoint, export_options, options, backend.name)
+    return BuildPlan(backend, preflight(checkpoint, export_options, options, backend.name))
+
+
+def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOptions, options: BuildOptions,
+                 force: bool = False, plan: BuildPlan | None = None) -> tuple[Manifest, list[BuildReport], ParityReport | None]:
+    """Export, build and (optionally) quality-check a bundle, atomically.
+
+    Args:
+        plan: plan_build's result when the caller already ran it (the CLI does, before FP8 calibration).
+
+    Returns:
+        (manifest, engine build reports, ParityReport or None).
+    """
+    plan = plan or plan_build(checkpoint, export_options, options)
+    backend, combine = plan.backend, plan.combine
     if options.quality:
         from nucleus_export.parity.quality import check_quality_memory
 

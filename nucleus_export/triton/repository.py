@@ -254,6 +254,14 @@ def _recorded_name(bundle_dir: Path, manifest: Manifest, path: Path) -> str | No
 
 def _engine(bundle_dir: Path, manifest: Manifest, graph: str) -> Path:
     """bls: the engine Triton's TensorRT backend serves; TensorRT-RTX engines are refused (it links full TensorRT)."""
+    segments = manifest.graph_segments(graph)
+    if segments:
+        raise NucleusExportError(
+            f"the {graph} of bundle {bundle_dir} is split into {len(segments)} segment engines; Triton's tensorrt_plan "
+            "backend serves one engine per model.",
+            "serve it with --layout inprocess (the runtime chains the segments), or build one engine "
+            f"({_cli(BUILD + ' --segments 1')}) if it fits the build machine's memory.",
+        )
     path = bundle_dir / plan_file(graph)
     if not path.is_file():
         raise NucleusExportError(
