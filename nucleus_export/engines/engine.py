@@ -42,6 +42,7 @@ from nucleus_runtime.plugins import find_plugin_library, load_plugin_library
 
 from nucleus_export.engines.backends import Backend
 from nucleus_export.errors import NucleusExportError
+from nucleus_export.model.config import ModelConfig
 
 logger = logging.getLogger("nucleus_export")
 
@@ -135,7 +136,7 @@ TOPK_MAX_K = 3840
 MAX_TENSOR_ELEMENTS = 2**31 - 1
 
 
-def profile_limit_problems(config: Any, batch: int, tokens: int, text_len: int, float32: bool,
+def profile_limit_problems(config: ModelConfig, batch: int, tokens: int, text_len: int, float32: bool,
                            combine: str | None) -> list[str]:
     """What TensorRT cannot build at this size (empty when it fits). `combine` is the native combine formulation
     (None for plugins); `float32` engines decompose attention and so materialize its scores."""
@@ -157,7 +158,7 @@ def profile_limit_problems(config: Any, batch: int, tokens: int, text_len: int, 
     return problems
 
 
-def check_profile_limits(config: Any, profiles: Any, float32: bool, combine: str | None) -> None:
+def check_profile_limits(config: ModelConfig, profiles: Profiles, float32: bool, combine: str | None) -> None:
     """Refuse, before any export or build work, a profile TensorRT cannot build: the reason at the largest served
     resolution and the largest served resolution (and square size) that fits.
 

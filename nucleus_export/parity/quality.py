@@ -15,7 +15,7 @@ and 1 - routing agreement at most (1 + BASELINE_MARGIN) x those of diffusers in 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx.inliner
@@ -24,8 +24,17 @@ from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE, graph_of_un
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 
-from nucleus_export.parity.check import GraphVariants, Tolerance, variants_of
+from nucleus_export.model.checkpoint import Checkpoint
+from nucleus_export.parity.check import (
+    GraphVariants,
+    ParityReport,
+    Tolerance,
+    variants_of,
+)
 from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
+
+if TYPE_CHECKING:
+    import torch
 
 # The case set is a sample and routing flips are discrete, so one graph's pooled error moves with the inputs: on the
 # tiny model's quick case set over 4 case seeds, the bf16 graph's relative error spans 1.11e-2..1.61e-2 (largest
@@ -34,7 +43,7 @@ from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp3
 BASELINE_MARGIN = 0.15
 
 
-def check_quality_memory(checkpoint: Any) -> None:
+def check_quality_memory(checkpoint: Checkpoint) -> None:
     """Fail before any work when the CPU report cannot fit: the reference holds the weights in float32 and its bf16
     copy in bf16, and ONNX Runtime holds the (float32-widened) graph variants while building their sessions."""
 
@@ -107,17 +116,17 @@ def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str) -> 
 
 
 def quality_report(
-    checkpoint: Any,
+    checkpoint: Checkpoint,
     bundle_dir: Path,
     precision_label: str,
     precision: str,
     fp8: bool,
     moe_lowering: str | None = None,
-    reference: Any = None,
+    reference: torch.nn.Module | None = None,
     tolerance: Tolerance | None = None,
     case_set: str = "full",
     combine: str | None = None,
-) -> Any:
+) -> ParityReport:
     """Check the bundle's graphs as built against diffusers' float32 forward, with diffusers-bf16 as the baseline for
     low-precision graphs. `combine`: the native combine formulation (None: as the manifest records it).
 
