@@ -1,7 +1,7 @@
 """Peak memory of `export` on a synthetic multi-GB checkpoint (a benchmark, not a test).
 
-Writes a random bf16 checkpoint of the real architecture (sharded safetensors + index + config.json, written shard by
-shard so this script itself stays small), then exports it in a fresh process and prints that process's peak RSS
+Writes a random bf16 checkpoint of the real architecture with the synthetic-checkpoint writer
+(nucleus_export.model.synthetic: sharded safetensors + index + config.json, tensor by tensor), then exports it in a fresh process and prints that process's peak RSS
 next to the checkpoint size. Goal: peak RSS below checkpoint/4 + 1 GB, so the 34 GB checkpoint exports on a 24 GB
 machine.
 
@@ -14,19 +14,14 @@ import argparse
 import json
 import math
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
-
-from nucleus_export.model.checkpoint import INDEX_NAME, expected_parameter_shapes
-from nucleus_export.model.config import ModelConfig
-from nucleus_export.model.tiny import TINY_CONFIG, random_weight
+from nucleus_export.model.synthetic import write_synthetic_checkpoint
+from nucleus_export.model.tiny import TINY_CONFIG
 
 SHARD_BYTES = 1 << 30
 
@@ -47,46 +42,6 @@ def synthetic_config(size_gb: float) -> dict:
         "moe_intermediate_dim": 1024,
         "capacity_factors": [0.0] * 3 + [2.0] * (layers - 3),
     }
-
-
-def write_shard(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """safetensors layout: 8-byte header length, JSON header, raw little-endian data."""
-    header, offset = {}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for array in tensors.values():
-            f.write(array.tobytes())
-
-
-def write_checkpoint(folder: Path, config: dict) -> int:
-    """Plan shards from the shapes first (so the file names know the shard count), then write one shard at a time."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model_config = ModelConfig.from_dict(config)
-    (folder / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
-    shapes = expected_parameter_shapes(model_config)
-    plan: list[list[str]] = [[]]
-    filled = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if filled and filled + nbytes > SHARD_BYTES:
-            plan.append([])
-            filled = 0
-        plan[-1].append(name)
-        filled += nbytes
-    weight_map, total = {}, 0
-    for index, names in enumerate(plan):
-        shard = f"diffusion_pytorch_model-{index + 1:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {n: random_weight(n, shapes[n], seed=0).astype(ml_dtypes.bfloat16) for n in names}
-        write_shard(folder / shard, tensors)
-        total += sum(t.nbytes for t in tensors.values())
-        weight_map.update(dict.fromkeys(names, shard))
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return total
 
 
 EXPORT_SCRIPT = """
@@ -116,7 +71,8 @@ def main() -> None:
     checkpoint_dir, bundle_dir = args.workdir / "checkpoint", args.workdir / "bundle"
     shutil.rmtree(args.workdir, ignore_errors=True)
     start = time.perf_counter()
-    size = write_checkpoint(checkpoint_dir, synthetic_config(args.size_gb))
+    write_synthetic_checkpoint(checkpoint_dir, synthetic_config(args.size_gb), shard_bytes=SHARD_BYTES)
+    size = sum(p.stat().st_size for p in checkpoint_dir.glob("*.safetensors"))
     print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {len(list(checkpoint_dir.glob('*.safetensors')))} shards "
           f"({time.perf_counter() - start:.0f} s to write)")
     result = subprocess.run(
