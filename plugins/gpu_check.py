@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import hashlib
 import importlib.util
+import json
 import math
 import statistics
 import sys
@@ -147,13 +149,24 @@ def cpu_selftest() -> int:
 # The kernel library.
 
 
+def verify_kernel_library(path: Path) -> Path:
+    """The kernel library, checked against the sha256 gpu_check.sh recorded beside it (manifest.json, a bundle
+    manifest's `files` record) before anything loads it."""
+    if not path.is_file():
+        raise SystemExit(f"kernel library {path} not found: run plugins/gpu_check.sh (it compiles it)")
+    manifest = path.parent / "manifest.json"
+    try:
+        record = json.loads(manifest.read_text())["files"][path.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"{manifest} records no checksum for {path.name}: run plugins/gpu_check.sh (it compiles and records it)") from None
+    if path.stat().st_size != record["bytes"] or hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+        raise SystemExit(f"{path} does not match its sha256 in {manifest}: run plugins/gpu_check.sh to rebuild it")
+    return path
+
+
 class Kernels:
     def __init__(self, path: Path):
-        if not path.is_file():
-            raise SystemExit(f"kernel library {path} not found: run plugins/gpu_check.sh (it compiles it)")
-        # The kernel library gpu_check.sh compiled a moment ago from this checkout (a developer's check, never a
-        # bundle file: bundle native code is loaded only after its checksum, see nucleus_runtime.plugins).
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(verify_kernel_library(path)))
         c_int, c_size, c_ptr, c_float, c_i64 = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64
         lib.nucleusExpertChoiceRouterCapacity.argtypes = [c_i64, c_i64, c_i64, c_i64]
         lib.nucleusExpertChoiceRouterCapacity.restype = c_i64

@@ -36,6 +36,10 @@ for pid in "${PIDS[@]}"; do
   wait "$pid"  # a failed compile stops the script (set -e)
 done
 "$NVCC" -shared "${ARCHS[@]}" "${OBJECTS[@]}" -o "$OUT/libnucleus_kernels.so"
-echo "built $OUT/libnucleus_kernels.so"
+# Its checksum, recorded as a bundle manifest records files: gpu_check.py loads the library only if it still matches.
+printf '{"files": {"libnucleus_kernels.so": {"sha256": "%s", "bytes": %s}}}\n' \
+  "$(sha256sum "$OUT/libnucleus_kernels.so" | cut -d' ' -f1)" "$(stat -c %s "$OUT/libnucleus_kernels.so")" \
+  > "$OUT/manifest.json"
+echo "built $OUT/libnucleus_kernels.so (sha256 in $OUT/manifest.json)"
 
 exec "$PYTHON" plugins/gpu_check.py --lib "$OUT/libnucleus_kernels.so" "$@"

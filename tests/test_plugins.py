@@ -6,7 +6,9 @@ The glue (IPluginV3) needs TensorRT headers, which these machines lack; plugins/
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
 import shutil
 import struct
@@ -374,3 +376,19 @@ def test_gpu_check_cpu_selftest_and_arguments():
     script = (PLUGINS / "gpu_check.sh").read_text()
     assert "gpu_check.py" in script and "-Werror" in script
     assert subprocess.run(["bash", "-n", str(PLUGINS / "gpu_check.sh")]).returncode == 0
+
+
+def test_gpu_check_loads_the_kernel_library_only_when_it_matches_its_recorded_sha256(tmp_path):
+    spec = importlib.util.spec_from_file_location("nucleus_gpu_check", PLUGINS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    library = tmp_path / "libnucleus_kernels.so"
+    library.write_bytes(b"\x7fELF kernels")
+    with pytest.raises(SystemExit, match="records no checksum"):
+        gpu_check.verify_kernel_library(library)
+    record = {"sha256": hashlib.sha256(library.read_bytes()).hexdigest(), "bytes": library.stat().st_size}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {library.name: record}}))
+    assert gpu_check.verify_kernel_library(library) == library
+    library.write_bytes(b"\x7fELF tampered")
+    with pytest.raises(SystemExit, match="does not match its sha256"):
+        gpu_check.verify_kernel_library(library)

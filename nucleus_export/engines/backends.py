@@ -7,12 +7,12 @@ Modules are imported lazily: the package imports without either, and the error n
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import importlib
 import logging
 import os
+from pathlib import Path
 from types import ModuleType
 
 from nucleus_runtime.contract import TENSORRT, TENSORRT_MODULES, TENSORRT_RTX
@@ -66,32 +66,29 @@ def _import(name: str) -> ModuleType | None:
         return None
 
 
+# One folder per GPU the NVIDIA kernel driver manages (Linux).
+NVIDIA_PROC_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_device_count() -> int:
-    """Number of CUDA devices the driver reports, 0 without a driver or GPU.
+    """Number of CUDA devices this process may use, 0 without a driver or GPU.
 
-    Asks the driver API directly (libcuda's cuInit/cuDeviceGetCount) so the check needs neither torch.cuda nor
-    cuda-python and never creates a context on the device. CUDA_VISIBLE_DEVICES is honoured by the driver itself.
+    Read from the kernel driver's /proc entries, narrowed by CUDA_VISIBLE_DEVICES as the CUDA runtime narrows it
+    (entries up to the first invalid one, e.g. "-1" or "" hide every GPU): no native library is loaded for the
+    probe, so none needs a checksum, and no CUDA context is created.
     """
-    # The system's CUDA driver, found by the dynamic loader like any CUDA program finds it; never a bundle file
-    # (bundle native code, the plugin library, is loaded only after its checksum: nucleus_runtime.plugins).
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
+    count = sum(1 for _ in NVIDIA_PROC_GPUS.iterdir()) if NVIDIA_PROC_GPUS.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return count
+    valid = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-") or not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
             break
-        except OSError:
-            continue
-    else:
-        return 0
-    try:
-        if lib.cuInit(0) != 0:
-            return 0
-        count = ctypes.c_int(0)
-        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return int(count.value)
-    except AttributeError:
-        return 0
+        valid += 1
+    return min(count, valid)
 
 
 def _gpu_visible() -> bool:
