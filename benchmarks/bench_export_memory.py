@@ -20,7 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from nucleus_export.model.synthetic import write_synthetic_checkpoint
+from nucleus_export.model.synthetic import checkpoint_bytes, write_synthetic_checkpoint
 from nucleus_export.model.tiny import TINY_CONFIG
 
 SHARD_BYTES = 1 << 30
@@ -72,7 +72,7 @@ def main() -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
     start = time.perf_counter()
     write_synthetic_checkpoint(checkpoint_dir, synthetic_config(args.size_gb), shard_bytes=SHARD_BYTES)
-    size = sum(p.stat().st_size for p in checkpoint_dir.glob("*.safetensors"))
+    size = checkpoint_bytes(checkpoint_dir)
     print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {len(list(checkpoint_dir.glob('*.safetensors')))} shards "
           f"({time.perf_counter() - start:.0f} s to write)")
     result = subprocess.run(

@@ -34,7 +34,7 @@ from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from rich.progress import Progress
 
 from nucleus_export import __version__
-from nucleus_export.engines.segments import even_groups, write_segments
+from nucleus_export.engines.segments import segment_groups, write_segments
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.graph.builder import (
     ONNX_TYPE_NAMES,
@@ -50,9 +50,6 @@ from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
 
 logger = logging.getLogger("nucleus_export")
-
-# Protobuf refuses messages over 2 GiB; stay clear of it with the graph's own bytes on top of the weights.
-
 
 
 @dataclasses.dataclass
@@ -196,8 +193,8 @@ def atomic_output_dir(out_dir: Path, force: bool) -> contextlib.AbstractContextM
 
 def scheduler_config(checkpoint: Checkpoint) -> dict:
     """The pipeline's scheduler config when the model is a pipeline root, else the Nucleus default."""
-    if checkpoint.scheduler_dir and (checkpoint.scheduler_dir / "scheduler_config.json").is_file():
-        return json.loads((checkpoint.scheduler_dir / "scheduler_config.json").read_text())
+    if checkpoint.scheduler_dir and (checkpoint.scheduler_dir / SCHEDULER_CONFIG_NAME).is_file():
+        return json.loads((checkpoint.scheduler_dir / SCHEDULER_CONFIG_NAME).read_text())
     return dict(DEFAULT_SCHEDULER_CONFIG)
 
 
@@ -244,9 +241,8 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
             io[name] = _io_specs(model)
             logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
             del model
-    segments = None
-    if options.segments is not None and options.segments != 1:
-        segments = {DENOISER: write_segments(out_dir, even_groups(config.num_layers, options.segments))}
+    groups = segment_groups(config.num_layers, options.segments)
+    segments = None if groups is None else {DENOISER: write_segments(out_dir, groups)}
     write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     quantization = None

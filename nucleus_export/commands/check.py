@@ -71,12 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"wrote {path}")
     if not report.passed:
-        w = report.worst
         raise NucleusExportError(
-            f"the bundle's graphs differ from the model over tolerance (worst rel err {w['sample_relative_error']:.3e} "
-            f"vs {tolerance.max_relative_error:g}, min cosine {w['sample_cosine']:.6f} vs {tolerance.min_cosine:g}, "
-            f"routing agreement {100 * w['routing_agreement']:.2f}% vs {100 * tolerance.min_routing_agreement:g}%; "
-            f"details in {path}).",
+            f"the bundle's graphs differ from the model over tolerance ({'; '.join(report.failures())}; details in {path}).",
             "check that --model is the checkpoint the bundle was exported from; if it is, export the bundle again.",
         )
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from nucleus_runtime.bundle import check_sha256_hex
 from nucleus_runtime.errors import NucleusError
 
-from nucleus_export.export import ExportOptions
+from nucleus_export.export import INLINE_WEIGHTS_MAX_BYTES, ExportOptions
 from nucleus_export.graph.precision import COMPUTE_DTYPES, GraphPrecision
 from nucleus_export.resolutions import (
     DEFAULT_BASE,
@@ -87,7 +87,7 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_precision: str
         "--external-data",
         choices=["auto", "always", "never"],
         default="auto",
-        help="store weights in <graph>.onnx.data (auto: when they exceed 1.8 GB)",
+        help=f"store weights in <graph>.onnx.data (auto: when they exceed {INLINE_WEIGHTS_MAX_BYTES >> 20} MiB)",
     )
 
 

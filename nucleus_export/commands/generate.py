@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nucleus_runtime.atomic import atomic_file
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
 from nucleus_runtime.pipeline import generate
 from nucleus_runtime.scheduler import SchedulerConfig
-from nucleus_runtime.text_kv_cache import TextKVCache
 
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.integrations.runtime_backend import (
@@ -296,15 +294,9 @@ def initial_latents(pipe: Any, model_config: dict[str, Any], height: int, width:
 
 
 def save_png(image: Any, path: Path) -> None:
-    """Write through a temporary file in the same folder, renamed into place: never a half-written PNG."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    """Never a half-written PNG, also on SIGTERM (the runtime's atomic writer)."""
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +347,6 @@ def text_to_image(
         steps=request.steps,
         guidance=request.guidance,
         latents=initial_latents(pipe, config, request.height, request.width, request.seed),
-        cache=TextKVCache(),
         progress=step_timer(timings),
     )
 

@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 
 import onnx
 from nucleus_runtime import contract
+from nucleus_runtime.atomic import atomic_file
 from nucleus_runtime.bundle import Profiles, sha256_file, write_atomic
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.plugins import find_plugin_library, load_plugin_library
@@ -456,7 +456,6 @@ class BuildSettings:
         timing_cache: file read before and written after the build (full TensorRT only; see module docstring).
         optimization_level: builder optimization level (None: the backend's default, 3).
         compute_capabilities: TensorRT-RTX target names such as "SM89" (None: its portable default).
-        workspace_bytes: workspace memory pool limit (None: the backend's default).
         strip_weights: build a weight-stripped plan (STRIP_PLAN + REFIT_IDENTICAL): the plan holds no weights and
             the runtime refits it from the ONNX graph it was built from.
         weight_streaming: mark the engine's weights streamable (WEIGHT_STREAMING), so a runtime may keep only a
@@ -467,7 +466,6 @@ class BuildSettings:
     timing_cache: Path | None = None
     optimization_level: int | None = None
     compute_capabilities: list[str] | None = None
-    workspace_bytes: int | None = None
     strip_weights: bool = False
     weight_streaming: bool = False
 
@@ -532,8 +530,6 @@ def _make_config(parsed: ParsedNetwork, settings: BuildSettings) -> tuple[Any, A
         )
     if settings.optimization_level is not None:
         config.builder_optimization_level = settings.optimization_level
-    if settings.workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     if settings.compute_capabilities and hasattr(trt, "ComputeCapability"):
         config.num_compute_capabilities = len(settings.compute_capabilities)
         for i, name in enumerate(settings.compute_capabilities):
@@ -604,7 +600,7 @@ class EngineFromOnnx:
             graph=self.graph,
             backend=backend.name,
             backend_version=backend.version,
-            onnx=str(getattr(self.network, "path", "")),
+            onnx=Path(getattr(self.network, "path", "")).name,
             engine=str(self.engine_path),
             engine_bytes=engine_bytes,
             parse_seconds=round(parse_seconds, 3),
@@ -640,22 +636,20 @@ def _build_to_file(parsed: ParsedNetwork, config: Any, path: Path) -> int | None
             self.written += n
             return n
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
             writer = _FileWriter(f)
-            ok = builder.build_serialized_network_to_stream(parsed.network, config, writer)
+            if not builder.build_serialized_network_to_stream(parsed.network, config, writer):
+                raise _BuildFailed  # inside the block: atomic_file removes the partial plan instead of renaming it
             f.flush()
             os.fsync(f.fileno())
-        if not ok:
-            Path(tmp).unlink(missing_ok=True)
-            return None
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        return writer.written
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except _BuildFailed:
+        return None
+    return writer.written
+
+
+class _BuildFailed(Exception):
+    """The builder returned False: TensorRT has logged why."""
 
 
 def write_build_log(path: Path, reports: Sequence[BuildReport], extra: dict[str, Any] | None = None) -> None:

@@ -30,7 +30,6 @@ from nucleus_runtime.contract import (
     TENSORRT,
     TENSORRT_RTX,
 )
-from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 from nucleus_export.engines.backends import Backend, cuda_device_count, resolve_backend
 from nucleus_export.engines.cost import CHAIN, ONEHOT, CombineChoice, choose_combine
@@ -55,7 +54,7 @@ from nucleus_export.engines.lowering import (
 from nucleus_export.engines.memory import available_memory, plan_build_memory
 from nucleus_export.engines.segments import (
     block_weight_bytes,
-    even_groups,
+    segment_groups,
     write_segments,
 )
 from nucleus_export.errors import NucleusExportError, UsageError
@@ -177,7 +176,7 @@ def prepare_graph(bundle_dir: Path, unit: str, moe: str, combine: str = "onehot"
     or prepared for plugins, attention masks unexpanded. It stays in the bundle beside the unit's own graph, whose
     external data it shares by relative location (not loaded here): users rebuild the engine from it with trtexec or
     Polygraphy, and a weight-stripped plan is refit from it. Returns its path, contract.engine_onnx_file(unit)."""
-    source = bundle_dir / f"{unit}.onnx"
+    source = bundle_dir / contract.onnx_file(unit)
     model = onnx.load(str(source), load_external_data=False)
     prepared = lower_moe_native(model, combine) if moe == MOE_NATIVE else prepare_for_plugins(model)
     del model
@@ -207,13 +206,12 @@ def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, option
             report = EngineFromOnnx(
                 NetworkFromOnnxPath(backend, onnx_path, plugin_override=options.moe == MOE_PLUGIN),
                 settings,
-                bundle_dir / f"{unit}.plan",
+                bundle_dir / contract.plan_file(unit),
                 graph=unit,
                 progress=progress,
                 inspect=_plugin_check(unit, options.moe),
             )()
-        report.onnx = onnx_path.name
-        if report.compute_capabilities is None and backend.name == "tensorrt-rtx":
+        if report.compute_capabilities is None and backend.name == TENSORRT_RTX:
             report.compute_capabilities = list(RTX_DEFAULT_TARGETS)
         for line in report.summary_lines():
             console.print(line, highlight=False)
@@ -237,7 +235,7 @@ def _engine_records(reports: list[BuildReport], options: BuildOptions,
     """One record per engine unit (segments under their own names, e.g. "denoiser.seg0")."""
     records = {
         r.graph: {
-            "file": f"{r.graph}.plan",
+            "file": contract.plan_file(r.graph),
             "onnx": r.onnx,
             "stripped": options.strip_weights,
             "refit_onnx": r.onnx if options.strip_weights else None,
@@ -274,21 +272,27 @@ def bundle_plugin_library(bundle_dir: Path, library: Path, sha256: str) -> dict[
     return {
         "library": PLUGIN_LIBRARY_PATH,
         "sha256": sha256,
-        "ops": list(PLUGIN_NAMES),
-        "namespace": PLUGIN_NAMESPACE,
-        "version": PLUGIN_VERSION,
+        "ops": list(contract.CUSTOM_OPS),
+        "namespace": contract.PLUGIN_NAMESPACE,
+        "version": contract.PLUGIN_VERSION,
     }
 
 
 def refresh_manifest(bundle_dir: Path, manifest: Manifest, **changes: Any) -> Manifest:
-    """Apply changes and re-record every file's checksum (subfolders included, hidden files excluded)."""
+    """Apply changes and record every file of the bundle (subfolders included, hidden files excluded). Files the
+    manifest already records keep their record when their size is unchanged: a build only adds files next to the
+    exported ones, and re-hashing the exported weights would read them all again."""
+    known = manifest.files
     manifest = dataclasses.replace(manifest, **changes)
     files = sorted(
         str(p.relative_to(bundle_dir))
         for p in bundle_dir.rglob("*")
         if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
     )
-    manifest.files = {f: file_record(bundle_dir, f) for f in files}
+    manifest.files = {
+        f: known[f] if f in known and known[f]["bytes"] == (bundle_dir / f).stat().st_size else file_record(bundle_dir, f)
+        for f in files
+    }
     write_atomic(bundle_dir / MANIFEST_NAME, manifest.to_json())
     return manifest
 
@@ -386,8 +390,8 @@ def plan_segments(bundle_dir: Path, num_blocks: int, options: BuildOptions) -> l
     """Block groups of the denoiser's engines, or None for one engine: --segments if given, else the fewest groups
     whose predicted build peak (engines/memory.py) fits --max-build-memory."""
     if options.segments is not None:
-        return None if options.segments == 1 else even_groups(num_blocks, options.segments)
-    model = onnx.load(str(bundle_dir / f"{DENOISER_GRAPH}.onnx"), load_external_data=False)
+        return segment_groups(num_blocks, options.segments)
+    model = onnx.load(str(bundle_dir / contract.onnx_file(DENOISER_GRAPH)), load_external_data=False)
     per_block, rest = block_weight_bytes(model)
     del model
     budget = options.max_build_memory or available_memory()

@@ -92,6 +92,11 @@ def even_groups(num_blocks: int, num_segments: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(num_segments)]
 
 
+def segment_groups(num_blocks: int, num_segments: int | None) -> list[tuple[int, int]] | None:
+    """The block groups `--segments N` asks for; None (one graph) for None or 1."""
+    return None if num_segments in (None, 1) else even_groups(num_blocks, num_segments)
+
+
 def groups_by_bytes(block_bytes: Sequence[int], budget: int) -> list[tuple[int, int]]:
     """Fewest consecutive groups whose weight bytes stay within `budget` each (a block over it gets its own group)."""
     groups: list[tuple[int, int]] = []

@@ -99,8 +99,8 @@ class EngineTransformer(torch.nn.Module):
         self._key_memo: collections.OrderedDict[tuple, tuple[Any, Any, str]] = collections.OrderedDict()
         self._rope: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._device_rope: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        # Backends that override denoise_device read and write device memory (TensorRT); the others take host arrays.
-        self._device_path = type(self.backend).denoise_device is not Backend.denoise_device
+        # Single-engine TensorRT bundles read and write device memory (denoise_device); the others take host arrays.
+        self._device_path = self.backend.supports_device_io
 
     # ---- the surface DiffusionPipeline reads ------------------------------------------------------------------
 

@@ -14,11 +14,9 @@ from nucleus_runtime.backends import factory
 from nucleus_runtime.backends.base import Backend
 from nucleus_runtime.bundle import Manifest
 from nucleus_runtime.contract import (
-    DENOISER_GRAPH,
     ONNXRUNTIME,
     TENSORRT,
     TENSORRT_MODULES,
-    TEXT_KV_GRAPH,
     plan_file,
 )
 from nucleus_runtime.errors import NucleusError
@@ -29,8 +27,9 @@ AUTO = "auto"
 BACKEND_CHOICES = (AUTO, ONNXRUNTIME, TENSORRT)
 
 
-def _has_engines(bundle: Path) -> bool:
-    return all((bundle / plan_file(graph)).is_file() for graph in (TEXT_KV_GRAPH, DENOISER_GRAPH))
+def _has_engines(bundle: Path, manifest: Manifest) -> bool:
+    """Every engine unit (text_kv, the denoiser or each of its segments) has its plan."""
+    return all((bundle / plan_file(unit)).is_file() for unit in manifest.engine_units())
 
 
 def _gpu_visible() -> bool:
@@ -43,13 +42,13 @@ def _tensorrt_installed() -> bool:
     return any(importlib.util.find_spec(module) is not None for module in TENSORRT_MODULES.values())
 
 
-def resolve_backend_choice(bundle: Path, choice: str) -> str:
+def resolve_backend_choice(bundle: Path, manifest: Manifest, choice: str) -> str:
     """"auto" -> "tensorrt" when the bundle has engines, TensorRT is installed and a GPU is visible, else ONNX Runtime."""
     if choice not in BACKEND_CHOICES:
         raise NucleusError(f"unknown backend {choice!r}.", f"pass one of {', '.join(BACKEND_CHOICES)}.")
     if choice != AUTO:
         return choice
-    if _has_engines(bundle) and _tensorrt_installed() and _gpu_visible():
+    if _has_engines(bundle, manifest) and _tensorrt_installed() and _gpu_visible():
         return TENSORRT
     return ONNXRUNTIME
 
@@ -73,7 +72,7 @@ def open_backend(
         device: ONNX Runtime device, "auto", "cpu" or "cuda".
         verify_checksums: check the files against the manifest before loading them.
     """
-    resolved = resolve_backend_choice(Path(bundle), choice)
+    resolved = resolve_backend_choice(Path(bundle), manifest, choice)
     logger.debug("backend %s (asked: %s)", resolved, choice)
     return factory.open_backend(
         Path(bundle), resolved, manifest, device=device, threads=threads, verify_checksums=verify_checksums

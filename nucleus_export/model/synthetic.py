@@ -15,7 +15,6 @@ import logging
 import math
 import shutil
 import struct
-import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from nucleus_runtime.atomic import atomic_dir
 
 from nucleus_export.cache import cache_root
 from nucleus_export.errors import UsageError
@@ -156,9 +156,8 @@ def write_synthetic_checkpoint(
         "writing a synthetic %d-block checkpoint (%.2f B parameters, %.2f GB bf16, %d shards) to %s",
         model_config.num_layers, total_bytes / 2e9, total_bytes / 1e9, len(plan), out_dir,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     started, written = time.perf_counter(), 0
-    try:
+    with atomic_dir(out_dir) as tmp:
         weight_map: dict[str, str] = {}
         for k, names in enumerate(plan):
             file_name = (
@@ -187,15 +186,7 @@ def write_synthetic_checkpoint(
         if len(plan) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(
-            json.dumps({"_class_name": "NucleusMoEImageTransformer2DModel", **model_config.to_dict()}, indent=2)
-        )
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
     return out_dir
 
 

@@ -103,7 +103,7 @@ def built_combine(bundle_dir: Path) -> str:
     return str(next((r["formulation"] for r in records if r), "onehot"))
 
 
-def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str) -> tuple[GraphVariants, str]:
+def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str = "onehot") -> tuple[GraphVariants, str]:
     """Parity variants of the bundle's graphs as built, and a note for the report."""
     bundle_dir = Path(bundle_dir)
     text_kv = onnx.load(str(bundle_dir / f"{TEXT_KV}.onnx"))

@@ -76,10 +76,8 @@ def _keep_paths(blocks: tuple[int, ...]) -> tuple[str, ...]:
 
 def _probe(checkpoint: Checkpoint, compute: str, scales: Fp8Scales | None, keep: tuple[int, ...], reference: Any,
            workdir: Path) -> Probe:
-    from nucleus_runtime.bundle import load_manifest
 
     from nucleus_export.export import ExportOptions, export_bundle
-    from nucleus_export.parity.cases import make_cases
     from nucleus_export.parity.check import check_parity
     from nucleus_export.parity.quality import built_variants
 
@@ -87,8 +85,7 @@ def _probe(checkpoint: Checkpoint, compute: str, scales: Fp8Scales | None, keep:
     out = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir)) / "bundle"
     export_bundle(checkpoint, out, ExportOptions(GraphPrecision(compute, fp8), resolutions=[PROBE_RESOLUTION], max_text_len=16))
     variants, _ = built_variants(out, None)
-    cases = make_cases(checkpoint.config, load_manifest(out).profiles)
-    report = check_parity(checkpoint, out, variants=variants, reference=reference, cases=cases)
+    report = check_parity(checkpoint, out, variants=variants, reference=reference)
     pooled = report.pooled["graph"]
     return Probe(keep, pooled["relative_error"], pooled["routing_agreement"])
 

@@ -153,12 +153,17 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
 
     files: list[RepoFile] = []
     plugin_relpath: str | None = None
+    verified: set[str] = set()  # checked already: each bundle file is read and hashed once
     version_dir = f"{names.pipeline}/{VERSION}"
     if options.layout == configs.BLS:
         if options.verify_checksums and options.platform == configs.ONNXRUNTIME:
             # The graphs are parsed (for their external data) before the other files are verified.
-            verify_files(bundle_dir, manifest, [onnx_file(g) for g in (TEXT_KV, DENOISER)])
+            graphs = [onnx_file(g) for g in (TEXT_KV, DENOISER)]
+            verify_files(bundle_dir, manifest, graphs)
+            verified.update(graphs)
         files, plugin_relpath = _graph_models(bundle_dir, manifest, names, options)
+        if plugin_relpath is not None:
+            verified.add(manifest.plugins["library"])  # _plugin_library verified it (always, before anything else)
         files.append(RepoFile(f"{version_dir}/{MANIFEST_NAME}", source=bundle_dir / MANIFEST_NAME))
         scheduler_config = bundle_dir / SCHEDULER_CONFIG_NAME
         if scheduler_config.is_file():
@@ -166,7 +171,8 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     else:
         served = factory.serving_files(manifest, configs.RUNTIME_BACKENDS[options.platform])
         if options.verify_checksums:
-            verify_files(bundle_dir, manifest, [n for n in served if n in manifest.files])
+            verified.update(n for n in served if n in manifest.files)
+            verify_files(bundle_dir, manifest, sorted(verified))
         files = _inprocess_files(bundle_dir, manifest, options.platform, version_dir)
         # Files the backend reads must be recorded (the scheduler config only where recorded: older bundles have
         # none and the model falls back to the default settings).
@@ -182,7 +188,7 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     files += _runtime_files(f"{version_dir}/nucleus_runtime")
 
     if options.verify_checksums:
-        recorded = [f.bundle_name for f in files if f.bundle_name is not None]
+        recorded = [f.bundle_name for f in files if f.bundle_name is not None and f.bundle_name not in verified]
         if recorded:
             verify_files(bundle_dir, manifest, recorded)
 

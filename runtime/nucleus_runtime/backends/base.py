@@ -15,6 +15,9 @@ import numpy as np
 
 from nucleus_runtime import contract
 
+# The denoiser inputs fed from the host each step: all but text_kv, which backends keep where they computed it.
+DENOISER_HOST_INPUTS = tuple(n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV)
+
 
 def _host_array(name: str, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=contract.HOST_INPUT_DTYPES[name])
@@ -36,9 +39,8 @@ def denoiser_host_inputs(
     encoder_hidden_states_mask: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """The denoiser's host-side inputs (all but `text_kv`) by contract name, contiguous, in the contract's dtypes."""
-    names = [n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV]
     arrays = (hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
-    return {name: _host_array(name, a) for name, a in zip(names, arrays, strict=True)}
+    return {name: _host_array(name, a) for name, a in zip(DENOISER_HOST_INPUTS, arrays, strict=True)}
 
 
 class TextKVHandle(abc.ABC):
@@ -100,6 +102,11 @@ class Backend(abc.ABC):
         use `denoise`).
         """
         raise NotImplementedError(f"the {self.name} backend takes host arrays only")
+
+    @property
+    def supports_device_io(self) -> bool:
+        """Whether `denoise_device` serves this backend's bundle (callers fall back to host arrays otherwise)."""
+        return False
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory and sessions."""

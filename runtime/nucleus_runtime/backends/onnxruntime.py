@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from nucleus_runtime.backends import factory
 from nucleus_runtime.backends.base import (
     Backend,
     TextKVHandle,
@@ -21,7 +22,12 @@ from nucleus_runtime.backends.base import (
 )
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
-from nucleus_runtime.contract import DENOISER_INPUTS, SAMPLE, TEXT_KV_INPUTS
+from nucleus_runtime.contract import (
+    DENOISER_INPUTS,
+    ONNXRUNTIME,
+    SAMPLE,
+    TEXT_KV_INPUTS,
+)
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
@@ -122,11 +128,9 @@ class OrtBackend(Backend):
         self.bundle_dir = Path(bundle_dir)
         self.options = options or OrtOptions()
         self.manifest = manifest or load_manifest(self.bundle_dir)
-        graph_files = [f"{TEXT_KV}.onnx", f"{DENOISER}.onnx"]
         if self.options.verify_checksums:
-            # External weight files travel with the graphs, so they are checked too.
-            # The graphs must be recorded: a manifest without them would verify nothing.
-            verify_files(self.bundle_dir, self.manifest, sorted({*graph_files, *(f for f in self.manifest.files if ".onnx" in f)}))
+            # The graphs, their segments and external data (what this backend reads), each of which must be recorded.
+            verify_files(self.bundle_dir, self.manifest, factory.backend_files(self.manifest, ONNXRUNTIME))
         self.providers = _providers(ort, self.options.device)
         self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
         session_options = ort.SessionOptions()

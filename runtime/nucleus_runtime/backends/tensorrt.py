@@ -26,7 +26,12 @@ from nucleus_runtime.backends.base import (
 )
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
-from nucleus_runtime.contract import HOST_INPUT_DTYPES, SAMPLE, TENSORRT_MODULES
+from nucleus_runtime.contract import (
+    HOST_INPUT_DTYPES,
+    SAMPLE,
+    TENSORRT_MODULES,
+    plan_file,
+)
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
@@ -227,6 +232,10 @@ class TensorRTBackend(Backend):
 
     text_kv_type = TrtTextKV
 
+    @property
+    def supports_device_io(self) -> bool:
+        return not self.segments  # segments pass hidden states between engines in the backend's own buffers
+
     name = "tensorrt"
 
     def __init__(
@@ -239,8 +248,9 @@ class TensorRTBackend(Backend):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or load_manifest(self.bundle_dir)
         self.segments = self.manifest.graph_segments(DENOISER)
-        denoiser_units = [seg["name"] for seg in self.segments] or [DENOISER]
-        plans = [f"{TEXT_KV}.plan"] + [f"{unit}.plan" for unit in denoiser_units]
+        units = self.manifest.engine_units()
+        denoiser_units = units[1:]
+        plans = [plan_file(unit) for unit in units]
         missing = [p for p in plans if not (self.bundle_dir / p).is_file()]
         if missing:
             raise NucleusError(
@@ -269,7 +279,7 @@ class TensorRTBackend(Backend):
         self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart, engines.get(TEXT_KV), None, self._logger)
         budgets = _split_budget(self.manifest, denoiser_units, weight_streaming_budget)
         self._denoisers = [
-            _Engine(self.trt, self._runtime, self.bundle_dir / f"{unit}.plan", self.cudart, engines.get(unit), budget, self._logger)
+            _Engine(self.trt, self._runtime, self.bundle_dir / plan_file(unit), self.cudart, engines.get(unit), budget, self._logger)
             for unit, budget in zip(denoiser_units, budgets)
         ]
         self._stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -280,12 +290,12 @@ class TensorRTBackend(Backend):
         props = _check(self.cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
         gpu = (int(props.major), int(props.minor))
         self.gpu_name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        for graph in [TEXT_KV] + ([seg["name"] for seg in self.manifest.graph_segments(DENOISER)] or [DENOISER]):
+        for graph in self.manifest.engine_units():
             targets = engine_compute_capabilities(self.manifest, graph)
             if targets and gpu not in targets:
                 built = ", ".join(f"SM{a}{b}" for a, b in targets)
                 raise NucleusError(
-                    f"{graph}.plan was built for {built}, but this GPU ({self.gpu_name}) is SM{gpu[0]}{gpu[1]}.",
+                    f"{plan_file(graph)} was built for {built}, but this GPU ({self.gpu_name}) is SM{gpu[0]}{gpu[1]}.",
                     f"build the engines for SM{gpu[0]}{gpu[1]} (`nucleus-export build` on this GPU or with its target).",
                 )
 
@@ -354,7 +364,7 @@ class TensorRTBackend(Backend):
         if self.segments:
             raise NucleusError(
                 "denoise_device serves single-engine bundles; this bundle's denoiser is segmented.",
-                "use `denoise` with host arrays (EngineTransformer does so by itself: supports_device_io is False).",
+                "use `denoise` with host arrays (supports_device_io is False for this backend).",
             )
         engine = self._denoisers[0]
         for name, view in views.items():

@@ -44,7 +44,12 @@ from nucleus_runtime.backends.base import (  # noqa: E402
     text_kv_inputs,
 )
 from nucleus_runtime.bundle import Manifest, load_manifest  # noqa: E402
-from nucleus_runtime.contract import ONNXRUNTIME, SAMPLE, SCHEDULER_CONFIG_NAME, TENSORRT  # noqa: E402
+from nucleus_runtime.contract import (  # noqa: E402
+    ONNXRUNTIME,
+    SAMPLE,
+    SCHEDULER_CONFIG_NAME,
+    TENSORRT,
+)
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV  # noqa: E402
 from nucleus_runtime.errors import NucleusError  # noqa: E402
 from nucleus_runtime.pipeline import generate  # noqa: E402
