@@ -41,7 +41,8 @@ def load_reference():
     return module
 
 
-CONTRACT = load_reference().contract
+REFERENCE = load_reference()
+CONTRACT = REFERENCE.contract
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,7 +121,7 @@ def torch_combine_ops(torch, shared_flat, routed, flat_idx, flat_g):
 def cpu_selftest() -> int:
     import torch
 
-    ref = load_reference()
+    ref = REFERENCE
     rng = np.random.default_rng(0)
     for sigmoid in (False, True):
         logits = rng.standard_normal((2, 200, 16)).astype(np.float32)
@@ -324,7 +325,9 @@ def make_layers(torch, args, grouped: bool):
     """diffusers' NucleusMoELayer with random weights (std 1/sqrt(fan_in)) rounded to bf16, as a float32 layer (the
     truth) and a bf16 layer (diffusers served in bf16); None when diffusers is not installed."""
     try:
-        from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoELayer
+        from diffusers.models.transformers.transformer_nucleusmoe_image import (
+            NucleusMoELayer,
+        )
     except Exception as exc:  # diffusers missing on the GPU machine
         print(f"  diffusers not importable ({exc}); whole-layer comparison skipped")
         return None

@@ -94,7 +94,7 @@ def _engine_graph(bundle: Path, manifest: Manifest) -> tuple[onnx.ModelProto, st
     config = ModelConfig.from_dict(manifest.model_config)
     combine = recorded[0] if recorded else combine_choice(config, manifest.profiles, manifest.precision, "auto", TENSORRT).formulation
     model = onnx.load(str(bundle / onnx_file(DENOISER_GRAPH)), load_external_data=False)
-    return broadcast_attention_masks(lower_moe_native(model, combine)), combine, f"{onnx_file(DENOISER_GRAPH)} lowered as `build` would", None
+    return broadcast_attention_masks(lower_moe_native(model, combine, config.num_experts)), combine, f"{onnx_file(DENOISER_GRAPH)} lowered as `build` would", None
 
 
 def _input_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, list[int]]:

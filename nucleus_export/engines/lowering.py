@@ -264,7 +264,7 @@ def expert_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def lower_moe_native(model: onnx.ModelProto, combine: str = "onehot") -> onnx.ModelProto:
+def lower_moe_native(model: onnx.ModelProto, combine: str = "onehot", num_experts: int | None = None) -> onnx.ModelProto:
     """Replace every nucleus.ExpertChoiceRouter / nucleus.MoECombine node with native ONNX ops TensorRT builds.
 
     Exact with respect to docs/contract.md: token indices are equal (same TopK), gating and the combined output are
@@ -275,13 +275,19 @@ def lower_moe_native(model: onnx.ModelProto, combine: str = "onehot") -> onnx.Mo
     Args:
         model: a bundle graph as exported ("functions" lowering); not modified.
         combine: "onehot" or "chain" (COMBINE_FORMULATIONS; engines/cost.py chooses per profile).
+        num_experts: the model's expert count where the caller knows it (its config); None infers each combine's E
+            from the graph (shape inference over the whole graph).
 
     Returns:
         A new model without nucleus nodes or functions.
     """
     if combine not in COMBINE_FORMULATIONS:
         raise ValueError(f"unknown combine formulation {combine!r}; use one of {sorted(COMBINE_FORMULATIONS)}")
-    counts = expert_counts(model) if any(n.op_type == COMBINE_OP for n in model.graph.node) else {}
+    combines = [n.name for n in model.graph.node if n.domain == NUCLEUS_DOMAIN and n.op_type == COMBINE_OP]
+    if num_experts is not None:
+        counts = dict.fromkeys(combines, num_experts)
+    else:
+        counts = expert_counts(model) if combines else {}
     formulation = COMBINE_FORMULATIONS[combine]
 
     def combine_nodes(node: onnx.NodeProto, em: _Emitter) -> None:

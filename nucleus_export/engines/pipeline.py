@@ -171,14 +171,14 @@ def preflight(checkpoint: Checkpoint, export_options: ExportOptions, options: Bu
     return combine
 
 
-def prepare_graph(bundle_dir: Path, unit: str, moe: str, combine: str = "onehot") -> Path:
+def prepare_graph(bundle_dir: Path, unit: str, moe: str, combine: str = "onehot", num_experts: int | None = None) -> Path:
     """Write the graph TensorRT parses for an engine unit (text_kv, the denoiser or one of its segments): MoE lowered
     or prepared for plugins, attention masks unexpanded. It stays in the bundle beside the unit's own graph, whose
     external data it shares by relative location (not loaded here): users rebuild the engine from it with trtexec or
     Polygraphy, and a weight-stripped plan is refit from it. Returns its path, contract.engine_onnx_file(unit)."""
     source = bundle_dir / contract.onnx_file(unit)
     model = onnx.load(str(source), load_external_data=False)
-    prepared = lower_moe_native(model, combine) if moe == MOE_NATIVE else prepare_for_plugins(model)
+    prepared = lower_moe_native(model, combine, num_experts) if moe == MOE_NATIVE else prepare_for_plugins(model)
     del model
     path = bundle_dir / contract.engine_onnx_file(unit)
     onnx.save_model(broadcast_attention_masks(prepared), str(path))
@@ -193,7 +193,7 @@ def build_engines(bundle_dir: Path, manifest: Manifest, backend: Backend, option
     formulation = combine.formulation if combine is not None else "onehot"
     reports = []
     for unit in manifest.engine_units():
-        onnx_path = prepare_graph(bundle_dir, unit, options.moe, formulation)
+        onnx_path = prepare_graph(bundle_dir, unit, options.moe, formulation, manifest.model_config.get("num_experts"))
         settings = BuildSettings(
             shapes=profile_shapes(onnx_input_shapes(onnx_path), ranges),
             timing_cache=options.timing_cache,

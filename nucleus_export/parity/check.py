@@ -372,12 +372,6 @@ class ReferenceRunner:
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig):
         self.model, self.config = model, config
-        self._gate: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for idx in config.moe_layers:
-            gate = model.transformer_blocks[idx].img_mlp.gate
-            gate.register_forward_hook(
-                lambda _m, args, out, idx=idx: self._gate.__setitem__(idx, (args[0].detach(), out.detach()))
-            )
 
     def gate_weights(self) -> list[np.ndarray]:
         return [
@@ -407,7 +401,9 @@ class ReferenceRunner:
                 layers.append(torch.stack([key, value]))
         return torch.stack(layers).float().cpu().numpy()
 
-    def forward(self, case: ParityCase) -> ReferenceOutput:
+    def forward(self, case: ParityCase, details: bool = True) -> ReferenceOutput:
+        """The sample and per-MoE-block selections; with `details`, also the scores and gate inputs (host copies of
+        [B, S, E] and [B, S, 2H] per block, which only the truth run's flip classification reads)."""
         import torch
 
         from nucleus_export.model.reference import to_model
@@ -419,25 +415,38 @@ class ReferenceRunner:
             tensor = to_model(self.model, array)
             return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
+        # Gate hooks live for this forward only: a shared model (and its bf16 deepcopy) never carries stale ones.
+        gates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        hooks = [
+            self.model.transformer_blocks[idx].img_mlp.gate.register_forward_hook(
+                lambda _m, args, out, idx=idx: gates.__setitem__(idx, (args[0].detach(), out.detach()))
+            )
+            for idx in self.config.moe_layers
+        ]
+        try:
+            with torch.no_grad():
+                sample = self.model(
+                    hidden_states=given(case.hidden_states),
+                    img_shapes=[(1, *case.grid)] * case.batch,
+                    encoder_hidden_states=given(case.encoder_hidden_states),
+                    encoder_hidden_states_mask=given(case.mask),
+                    timestep=given(case.timestep),
+                    return_dict=False,
+                )[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
         with torch.no_grad():
-            sample = self.model(
-                hidden_states=given(case.hidden_states),
-                img_shapes=[(1, *case.grid)] * case.batch,
-                encoder_hidden_states=given(case.encoder_hidden_states),
-                encoder_hidden_states_mask=given(case.mask),
-                timestep=given(case.timestep),
-                return_dict=False,
-            )[0]
             selections, scores, inputs = [], [], []
             for idx in self.config.moe_layers:
-                gate_input, logits = self._gate[idx]
+                gate_input, logits = gates[idx]
                 score = torch.sigmoid(logits.float()) if self.config.use_sigmoid else torch.softmax(logits.float(), dim=-1)
                 score = score.to(logits.dtype)  # what diffusers' topk sees
                 capacity = self.config.capacity(idx, logits.shape[1])
                 selections.append(torch.topk(score.transpose(1, 2), k=capacity, dim=-1).indices.cpu().numpy())
-                scores.append(score.float().cpu().numpy())
-                inputs.append(gate_input.float().cpu().numpy())
-        self._gate.clear()
+                if details:
+                    scores.append(score.float().cpu().numpy())
+                    inputs.append(gate_input.float().cpu().numpy())
         return ReferenceOutput(sample.float().cpu().numpy(), selections, scores, inputs)
 
 
@@ -514,7 +523,7 @@ def check_parity(
             score_bounds(x, w, s, config.use_sigmoid, input_error=graph_x - x)
             for x, graph_x, w, s in zip(ref.gate_inputs, out.gate_inputs, weights, ref.scores)
         ]
-        base = low.forward(batch) if low is not None else None
+        base = low.forward(batch, details=False) if low is not None else None
         for case, rows in members:
             routing = {}
             for k, layer in enumerate(layers):

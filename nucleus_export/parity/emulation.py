@@ -42,24 +42,20 @@ def _bf16_values(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def emulate_bf16_in_fp32(model: onnx.ModelProto, inline_functions: bool = False) -> onnx.ModelProto:
+def emulate_bf16_in_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite a graph holding bfloat16 tensors into a float32 graph that rounds them to bf16 (see module docstring).
 
     Graph inputs and outputs typed bf16 become float32 (inputs are rounded to bf16 on entry). The nucleus custom
     nodes stay (their bodies are dtype-generic through CastLike, and parity reads the router outputs off them); their
-    bf16 outputs are rounded like any other. With `inline_functions`, bodies are inlined first so their internal
-    bf16 tensors are rounded too (the router nodes then disappear).
+    bf16 outputs are rounded like any other.
 
     Args:
         model: a bundle graph with its weights loaded; not modified.
-        inline_functions: inline model-local functions before rewriting.
 
     Returns:
         A float32 graph runnable by ONNX Runtime on the CPU. A graph without bf16 comes back unchanged.
     """
     model = copy.deepcopy(model)
-    if inline_functions:
-        model = onnx.inliner.inline_local_functions(model)
     bf16 = _bf16_values(model)
     graph = model.graph
 

@@ -20,9 +20,16 @@ from typing import TYPE_CHECKING
 import onnx
 import onnx.inliner
 from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.contract import COMBINE_OP, DOMAIN, MOE_NATIVE, graph_of_unit
+from nucleus_runtime.contract import (
+    COMBINE_OP,
+    DOMAIN,
+    MOE_NATIVE,
+    graph_of_unit,
+    onnx_file,
+)
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
+from onnx.external_data_helper import load_external_data_for_model
 
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.parity.check import (
@@ -75,7 +82,9 @@ def _has_bf16(model: onnx.ModelProto) -> bool:
     return any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for n in model.graph.node for a in n.attribute)
 
 
-def as_built(model: onnx.ModelProto, moe_lowering: str | None, combine: str = "onehot") -> onnx.ModelProto:
+def as_built(
+    model: onnx.ModelProto, moe_lowering: str | None, combine: str = "onehot", num_experts: int | None = None
+) -> onnx.ModelProto:
     """The denoiser as its engine computes it, runnable by ONNX Runtime on the CPU.
 
     Args:
@@ -86,7 +95,7 @@ def as_built(model: onnx.ModelProto, moe_lowering: str | None, combine: str = "o
     from nucleus_export.engines.lowering import lower_moe_native
 
     if moe_lowering == MOE_NATIVE:
-        built = lower_moe_native(model, combine)
+        built = lower_moe_native(model, combine, num_experts)
     elif _has_bf16(model):
         # Plugins compute the reference bodies; inlining the combine lets the emulation round its contributions.
         built = onnx.inliner.inline_selected_functions(model, [(DOMAIN, COMBINE_OP)])
@@ -106,11 +115,16 @@ def built_combine(bundle_dir: Path) -> str:
 def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str = "onehot") -> tuple[GraphVariants, str]:
     """Parity variants of the bundle's graphs as built, and a note for the report."""
     bundle_dir = Path(bundle_dir)
-    text_kv = onnx.load(str(bundle_dir / f"{TEXT_KV}.onnx"))
-    denoiser = onnx.load(str(bundle_dir / f"{DENOISER}.onnx"))
+    text_kv_path = bundle_dir / onnx_file(TEXT_KV)
+    denoiser = onnx.load(str(bundle_dir / onnx_file(DENOISER)))
     emulated = _has_bf16(denoiser)
-    variants = variants_of(bundle_dir / f"{TEXT_KV}.onnx", denoiser, lambda m: as_built(m, moe_lowering, combine))
-    variants.text_kv = emulate_bf16_in_fp32(text_kv) if _has_bf16(text_kv) else bundle_dir / f"{TEXT_KV}.onnx"
+    num_experts = load_manifest(bundle_dir).model_config.get("num_experts")
+    variants = variants_of(text_kv_path, denoiser, lambda m: as_built(m, moe_lowering, combine, num_experts))
+    # Its weights are loaded only where it must be rewritten: ONNX Runtime runs any other text_kv from its path.
+    text_kv = onnx.load(str(text_kv_path), load_external_data=False)
+    if _has_bf16(text_kv):
+        load_external_data_for_model(text_kv, str(bundle_dir))
+        variants.text_kv = emulate_bf16_in_fp32(text_kv)
     lowering = f"MoE lowered ({moe_lowering}, {combine} combine)" if moe_lowering == MOE_NATIVE else "MoE as custom nodes (plugin semantics)"
     return variants, f"ONNX Runtime CPU vs diffusers float32; {lowering}; {EMULATION_LABEL if emulated else 'run as exported'}"
 
