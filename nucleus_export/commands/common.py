@@ -35,10 +35,10 @@ def add_expect_manifest_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
+def add_model_argument(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, required: bool = True) -> None:
     parser.add_argument(
         "--model",
-        required=True,
+        required=required,
         help="'tiny' (embedded tiny model, generated offline), 'synthetic:nucleus-image?layers=N' (random weights, "
         "real dimensions, N blocks, cached on first use), a diffusers transformer folder, a pipeline root, or a "
         "Hugging Face Hub id such as NucleusAI/NucleusMoE-Image (only transformer/ and scheduler/ are downloaded)",

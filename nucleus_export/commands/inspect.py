@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from nucleus_export.commands.common import add_model_argument
 from nucleus_export.engines.cost import GPUS
 from nucleus_export.model.checkpoint import open_model
 from nucleus_export.model.summary import summarize
@@ -32,10 +33,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "TensorRT parses (fused attention layers counted) when tensorrt or tensorrt_rtx is importable.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--model",
-        help="'tiny' (embedded tiny model, generated offline), a diffusers transformer folder, or a pipeline root",
-    )
+    add_model_argument(source, required=False)
     source.add_argument("--bundle", type=Path, help="a bundle folder (from export or build)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU for the roofline estimate (default h100)")
     parser.add_argument(

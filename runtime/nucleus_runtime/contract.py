@@ -51,7 +51,6 @@ HOST_INPUT_DTYPES = {
 }
 
 
-
 def block_output(index: int) -> str:
     """The denoiser's residual stream [B, S, hidden] float32 after block `index`: a stable name, so the graph can be
     cut into segments of consecutive blocks at these tensors."""
@@ -63,16 +62,11 @@ BATCH_DIM = "batch"
 IMAGE_TOKENS_DIM = "image_tokens"
 TEXT_LEN_DIM = "text_len"
 
-# text_kv axis 1: which of the pair
-TEXT_KV_KEY = 0
-TEXT_KV_VALUE = 1
-
-
 Dim = int | str  # a size, or a symbolic dimension name
 
 
 def text_kv_shape(num_layers: int, batch: Dim, text_len: Dim, kv_heads: int, head_dim: int) -> tuple[Dim, ...]:
-    """[L, 2, B, T, Hkv, Dh]: per block the text keys (after norm and RoPE) and values."""
+    """[L, 2, B, T, Hkv, Dh]: per block the text keys (index 0 of axis 1, after norm and RoPE) and values (1)."""
     return (num_layers, 2, batch, text_len, kv_heads, head_dim)
 
 
@@ -86,7 +80,6 @@ PLUGIN_NAMESPACE = DOMAIN
 PLUGIN_VERSION = "1"
 PLUGIN_LIBRARY_NAME = "libnucleus_trt_plugins.so"
 PLUGIN_LIBRARY_PATH = f"plugins/{PLUGIN_LIBRARY_NAME}"  # where a bundle ships it
-ROUTER_TOKEN_INDICES = "token_indices"  # the router node's first output (parity exposes it per block)
 
 # ExpertChoiceRouter attributes
 ATTR_CAPACITY_NUMERATOR = "capacity_numerator"
@@ -102,7 +95,6 @@ GATING_EPS = 1e-12
 MOE_FUNCTIONS = "functions"
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
-MOE_LOWERINGS = (MOE_NATIVE, MOE_PLUGIN)
 
 
 # -- the capacity rule -------------------------------------------------------------------------------------------
@@ -137,7 +129,6 @@ def capacity_fraction(capacity_factor: float, num_experts: int, max_image_tokens
 
 
 # -- precision labels --------------------------------------------------------------------------------------------
-COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16")
 FP8_SUFFIX = "+fp8"
 
 
@@ -150,7 +141,6 @@ def precision_label(compute: str, fp8: bool) -> str:
 ONNXRUNTIME = "onnxruntime"
 TENSORRT = "tensorrt"
 TENSORRT_RTX = "tensorrt-rtx"
-ENGINE_BACKENDS = (TENSORRT, TENSORRT_RTX)
 # The Python module each engine backend is imported as.
 TENSORRT_MODULES = {TENSORRT: "tensorrt", TENSORRT_RTX: "tensorrt_rtx"}
 
