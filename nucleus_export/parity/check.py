@@ -474,6 +474,7 @@ def check_parity(
     graph_precision: str | None = None,
     reference: torch.nn.Module | None = None,
     cases: list[ParityCase] | None = None,
+    case_set: str = "full",
     note: str = "",
     baseline: bool = False,
     threads: int | None = None,
@@ -487,7 +488,7 @@ def check_parity(
         variants: graphs to check instead of the bundle's own (as exported).
         graph_precision: label for the report (default: the manifest's precision).
         reference: an already loaded diffusers model (float32), to share across checks.
-        cases: inputs (default: make_cases over the bundle's profiles).
+        cases: inputs (default: make_cases over the bundle's profiles, `case_set` "full" or "quick").
         baseline: also run diffusers in bf16 on every case and report it against the same float32 truth.
         threads: ONNX Runtime intra-op threads (results do not depend on it).
 
@@ -515,7 +516,7 @@ def check_parity(
     low = ReferenceRunner(bf16_copy(model), config) if baseline else None
     layers = [str(k) for k in config.moe_layers]
     results = []
-    for batch, members in track(batch_by_resolution(cases or make_cases(config, manifest.profiles)), "parity batches"):
+    for batch, members in track(batch_by_resolution(cases or make_cases(config, manifest.profiles, case_set=case_set)), "parity batches"):
         ref = truth.forward(batch)
         out = graphs.run(batch, config, ref.selections)
         expected_kv = truth.text_kv(batch)

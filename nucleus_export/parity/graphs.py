@@ -42,11 +42,15 @@ def router_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """Copy with the given int64 tensors added as graph outputs (they must exist under these names)."""
     out = copy.deepcopy(model)
-    present = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in present:
-            out.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
+    _add_int64_outputs(out, names)
     return out
+
+
+def _add_int64_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(
+        helper.make_tensor_value_info(name, TensorProto.INT64, None) for name in names if name not in present
+    )
 
 
 def with_router_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -121,6 +125,6 @@ def with_forced_routing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Routin
         node.output.append(own)
         names.forced_inputs.append(forced)
         names.selections.append(own)
-    out = expose(out, names.selections)
+    _add_int64_outputs(out, names.selections)  # `out` is this function's own copy already
     out.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names.gate_inputs)
     return out, names

@@ -147,12 +147,10 @@ def quality_report(
     Returns:
         nucleus_export.parity.check.ParityReport labelled with the graph precision, lowering and emulation.
     """
-    from nucleus_export.parity.cases import make_cases
     from nucleus_export.parity.check import check_parity
 
     variants, note = built_variants(bundle_dir, moe_lowering, combine or built_combine(bundle_dir))
     low_precision = precision != "fp32" or fp8
-    cases = make_cases(checkpoint.config, load_manifest(bundle_dir).profiles, case_set=case_set)
     return check_parity(
         checkpoint,
         bundle_dir,
@@ -160,7 +158,7 @@ def quality_report(
         variants=variants,
         graph_precision=precision_label,
         reference=reference,
-        cases=cases,
+        case_set=case_set,
         note=note,
         baseline=low_precision,
     )
