@@ -98,5 +98,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     write_repository(plan, args.repo, force=args.force)
     logger.info("wrote %s (%s, %s): %s", args.repo, args.layout, args.platform, ", ".join(plan.configs()))
-    print(serving.server_command(str(args.repo.absolute()), plan.bls_plugin_library).shell())
+    print(serving.server_command(str(args.repo.absolute()), plan.plugin_library).shell())
     return 0

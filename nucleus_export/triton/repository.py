@@ -103,13 +103,10 @@ class RepositoryPlan:
     names: ModelNames
     platform: str
     files: list[RepoFile]
-    plugin_library: str | None = None  # relpath inside the repository
+    # bls: the library's relpath inside the repository, which Triton's TensorRT backend must load (in-process, the
+    # pipeline model loads the bundle's copy itself, so the server needs none)
+    plugin_library: str | None = None
     layout: str = configs.DEFAULT_LAYOUT
-
-    @property
-    def bls_plugin_library(self) -> str | None:
-        """The plugin library Triton's TensorRT backend must load (the inprocess model loads it itself)."""
-        return self.plugin_library if self.layout == configs.BLS else None
 
     def configs(self) -> dict[str, str]:
         """model name -> config.pbtxt text."""
@@ -179,8 +176,6 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
         unrecorded = [n for n in served if n not in manifest.files and n not in (MANIFEST_NAME, SCHEDULER_CONFIG_NAME)]
         if options.verify_checksums and unrecorded:
             verify_files(bundle_dir, manifest, unrecorded)
-        library = next((f for f in files if f.relpath.endswith(".so")), None)
-        plugin_relpath = library.relpath if library else None
 
     pipeline_config = configs.pipeline_model_config(manifest, names, options)
     files.append(RepoFile(f"{names.pipeline}/{CONFIG_NAME}", text=pipeline_config.to_pbtxt()))

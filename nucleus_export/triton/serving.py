@@ -135,7 +135,7 @@ def serving_notes(plan: RepositoryPlan, manifest: Manifest) -> str:
     n = plan.names
     height, width = manifest.profiles.opt_resolution
     per_token = text_kv_bytes_per_token(manifest) / 1024
-    command = server_command("REPO", plan.bls_plugin_library)
+    command = server_command("REPO", plan.plugin_library)
     if plan.layout == pipeline_model.LAYOUT_INPROCESS:
         models = (
             f"Model: `{n.pipeline}` (Python backend), which runs whole requests with nucleus_runtime's own "
