@@ -27,6 +27,8 @@ from nucleus_runtime.contract import (
     BLOCK_OUTPUTS_METADATA,
     MANIFEST_NAME,
     SCHEDULER_CONFIG_NAME,
+    external_data_file,
+    onnx_file,
 )
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
@@ -36,12 +38,13 @@ from rich.progress import Progress
 from nucleus_export import __version__
 from nucleus_export.engines.segments import segment_groups, write_segments
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.graph.builder import (
-    ONNX_TYPE_NAMES,
-    ExternalDataWriter,
-    GraphBuilder,
-)
+from nucleus_export.graph.builder import ONNX_TYPE_NAMES, GraphBuilder
 from nucleus_export.graph.denoiser import DenoiserBuilder
+from nucleus_export.graph.external_data import (
+    CheckpointLinks,
+    ExternalDataWriter,
+    check_model,
+)
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.graph.text_kv import build_text_kv
@@ -64,6 +67,8 @@ class ExportOptions:
         max_text_len: longest prompt in tokens; opt_text_len: typical prompt length (default min(128, max)).
         external_data: force (True) or forbid (False) ONNX external data; None decides by size.
         segments: also cut the denoiser into this many segment graphs (engines/segments.py); None or 1: no cut.
+        link_checkpoint: with external data, read weights the graphs use as the checkpoint stores them (same dtype)
+            from hard links to its shards instead of copying them (graph.external_data).
     """
 
     precision: GraphPrecision = dataclasses.field(default_factory=GraphPrecision)
@@ -74,6 +79,7 @@ class ExportOptions:
     opt_text_len: int | None = None
     external_data: bool | None = None
     segments: int | None = None
+    link_checkpoint: bool = True
 
 
 def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
@@ -154,23 +160,27 @@ def write_graph(
     build,
     external: bool,
     metadata: dict[str, str] | None = None,
+    links: CheckpointLinks | None = None,
 ) -> onnx.ModelProto:
-    """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`), check it.
-    `metadata` (filled by `build` when it runs) becomes the model's metadata_props."""
-    writer = ExternalDataWriter(out_dir / f"{name}.onnx.data") if external else None
+    """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`, + tensors read from
+    linked checkpoint shards when `links` is set), check it. `metadata` (filled by `build` when it runs) becomes the
+    model's metadata_props."""
+    writer = ExternalDataWriter(out_dir / external_data_file(name)) if external else None
     g = GraphBuilder(name, external_data=writer)
     try:
-        build(g, LayerEmitter(g, checkpoint.weights, precision))
+        build(g, LayerEmitter(g, checkpoint.weights, precision, links))
     finally:
         if writer:
             writer.close()
+    if writer and writer.bytes_written == 0:  # every weight linked or inline: no empty data file in the bundle
+        writer.data_path.unlink()
     model = g.make_model(__version__)
     if metadata:
         onnx.helper.set_model_props(model, metadata)
-    path = out_dir / f"{name}.onnx"
+    path = out_dir / onnx_file(name)
     onnx.save_model(model, path)
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        check_model(path)
     except onnx.checker.ValidationError as exc:
         raise NucleusExportError(f"the exported {name}.onnx fails the ONNX checker: {exc}", "report this as a bug.") from None
     return model
@@ -217,6 +227,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
         "yes" if external else "no",
     )
     io = {}
+    links = CheckpointLinks(out_dir) if external and options.link_checkpoint else None
     with Progress(console=console, transient=True) as progress:
         for name in (TEXT_KV, DENOISER):
             task = progress.add_task(f"export {name}.onnx", total=config.num_layers)
@@ -227,7 +238,8 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
             if name == TEXT_KV:
                 # text_kv runs once per prompt: never quantized.
                 model = write_graph(
-                    out_dir, name, checkpoint, GraphPrecision(precision.compute), lambda g, e: build_text_kv(g, e, config, advance), external
+                    out_dir, name, checkpoint, GraphPrecision(precision.compute), lambda g, e: build_text_kv(g, e, config, advance), external,
+                    links=links,
                 )
             else:
                 metadata: dict[str, str] = {}
@@ -237,7 +249,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
                     builder.build(advance)
                     metadata[BLOCK_OUTPUTS_METADATA] = json.dumps(builder.block_outputs)
 
-                model = write_graph(out_dir, name, checkpoint, precision, build_denoiser, external, metadata)
+                model = write_graph(out_dir, name, checkpoint, precision, build_denoiser, external, metadata, links)
             io[name] = _io_specs(model)
             logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
             del model
@@ -245,6 +257,9 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
     segments = None if groups is None else {DENOISER: write_segments(out_dir, groups)}
     write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    if links is not None:
+        files += links.files
+        logger.info("graph weights stored as the checkpoint stores them: read from %d hard-linked shards", len(links.files))
     quantization = None
     if precision.fp8:
         write_atomic(out_dir / "fp8_scales.json", precision.fp8.to_json())

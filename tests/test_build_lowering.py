@@ -225,18 +225,25 @@ def test_bf16_emulation_of_exported_bf16_denoiser(tiny_checkpoint, tmp_path):
 
 
 def test_engine_onnx_shares_the_external_data(tiny_checkpoint, tmp_path):
-    """The kept engine ONNX points into the exported graph's data file (relative location, nothing copied)."""
+    """The kept engine ONNX points into the exported graph's weights (relative locations, nothing copied): the data
+    file, and the linked checkpoint shards where the graph uses the checkpoint's tensors as stored."""
     from nucleus_runtime.contract import engine_onnx_file
 
     from nucleus_export.engines.pipeline import prepare_graph
     from nucleus_export.export import ExportOptions, export_bundle
+    from nucleus_export.graph.external_data import load_model
 
-    bundle = tmp_path / "bundle"
-    export_bundle(tiny_checkpoint, bundle, ExportOptions(resolutions=[(128, 128)], max_text_len=16, external_data=True))
-    path = prepare_graph(bundle, "denoiser", "native", "chain")
-    assert path == bundle / engine_onnx_file("denoiser")
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
-    assert locations == {"denoiser.onnx.data"}
-    assert path.stat().st_size < (bundle / "denoiser.onnx.data").stat().st_size / 10
-    onnx.load(str(path))  # the data resolves from the engine ONNX's folder
+    def locations(path):
+        model = onnx.load(str(path), load_external_data=False)
+        return {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+
+    for weights, link in (("copy", False), ("link", True)):
+        bundle = tmp_path / weights
+        options = ExportOptions(resolutions=[(128, 128)], max_text_len=16, external_data=True, link_checkpoint=link)
+        export_bundle(tiny_checkpoint, bundle, options)
+        path = prepare_graph(bundle, "denoiser", "native", "chain")
+        assert path == bundle / engine_onnx_file("denoiser")
+        assert locations(path) == locations(bundle / "denoiser.onnx")
+        assert (locations(path) == {"denoiser.onnx.data"}) != link
+        assert path.stat().st_size < 200e3
+        load_model(path)  # the data resolves from the engine ONNX's folder

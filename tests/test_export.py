@@ -9,9 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from nucleus_runtime.bundle import load_manifest, verify_files
+from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR
+from nucleus_runtime.errors import NucleusError
 
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
+from nucleus_export.graph.external_data import check_model, load_model
 from nucleus_export.graph.moe_ops import COMBINE_OP, ROUTER_OP
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import open_checkpoint
@@ -113,19 +116,96 @@ def test_fp16_graph_runs_in_onnxruntime_close_to_fp32(tiny_checkpoint, tiny_bund
     assert cos > 0.999
 
 
+def _linked_shards(bundle):
+    return sorted(p.name for p in (bundle / CHECKPOINT_LINKS_DIR).iterdir()) if (bundle / CHECKPOINT_LINKS_DIR).is_dir() else []
+
+
 def test_external_data_streams_weights(tiny_checkpoint, tiny_reference, tmp_path):
-    export_bundle(tiny_checkpoint, tmp_path / "ext", ExportOptions(external_data=True, **OPTIONS))
+    export_bundle(tiny_checkpoint, tmp_path / "ext", ExportOptions(external_data=True, link_checkpoint=False, **OPTIONS))
     assert (tmp_path / "ext" / "denoiser.onnx.data").stat().st_size > 1e6
     assert (tmp_path / "ext" / "denoiser.onnx").stat().st_size < 200e3
+    assert _linked_shards(tmp_path / "ext") == []
     report = check_parity(tiny_checkpoint, tmp_path / "ext", reference=tiny_reference)
     assert report.passed
 
 
+def test_linked_weights_are_the_checkpoint_bytes(tiny_checkpoint, tiny_reference, tmp_path):
+    """fp32 graph, fp32 checkpoint: every weight is read in place from hard links to the shards, nothing is copied,
+    and the graph computes bit for bit what the copying export computes."""
+    export_bundle(tiny_checkpoint, tmp_path / "link", ExportOptions(external_data=True, **OPTIONS))
+    export_bundle(tiny_checkpoint, tmp_path / "copy", ExportOptions(external_data=True, link_checkpoint=False, **OPTIONS))
+    link = tmp_path / "link"
+    shards = tiny_checkpoint.weights.shards
+    assert _linked_shards(link) == sorted(s.name for s in shards)
+    for shard in shards:
+        assert (link / CHECKPOINT_LINKS_DIR / shard.name).stat().st_ino == shard.stat().st_ino
+    assert not (link / "denoiser.onnx.data").exists()  # every large weight linked
+    manifest = load_manifest(link)
+    verify_files(link, manifest)
+    assert {f"{CHECKPOINT_LINKS_DIR}/{s.name}" for s in shards} <= set(manifest.files)
+    case = make_cases(tiny_checkpoint.config, manifest.profiles)[0]
+    outputs = {}
+    for name in ("link", "copy"):
+        text_kv = ort.InferenceSession(str(tmp_path / name / "text_kv.onnx")).run(None, case.text_kv_inputs(tiny_checkpoint.config))[0]
+        session = ort.InferenceSession(str(tmp_path / name / "denoiser.onnx"))
+        outputs[name] = session.run(None, case.denoiser_inputs(tiny_checkpoint.config, text_kv))[0]
+    np.testing.assert_array_equal(outputs["link"], outputs["copy"])
+    assert check_parity(tiny_checkpoint, link, reference=tiny_reference).passed
+
+
+def test_linked_weights_fall_back_to_copies(tiny_checkpoint, tmp_path, monkeypatch):
+    """A bundle on another file system than the checkpoint (EXDEV) gets copies, and is just as valid."""
+    import errno
+    import os
+
+    def refuse(*_args, **_kwargs):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", refuse)
+    export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(external_data=True, **OPTIONS))
+    assert _linked_shards(tmp_path / "b") == []
+    assert (tmp_path / "b" / "denoiser.onnx.data").stat().st_size > 1e6
+    verify_files(tmp_path / "b", load_manifest(tmp_path / "b"))
+
+
+def test_bf16_checkpoint_links_into_bf16_graphs(tmp_path):
+    """The released checkpoint's case: bf16 weights, bf16 graph. GEMM weights and biases are read in place (Linear
+    weights through a Transpose node); only what the graph keeps in float32 (norm weights, router gate) is copied."""
+    checkpoint = open_checkpoint(write_checkpoint(tmp_path / "ckpt", dtype="bfloat16"))
+    export_bundle(checkpoint, tmp_path / "b", ExportOptions(GraphPrecision("bf16"), external_data=True, **OPTIONS))
+    model = onnx.load(str(tmp_path / "b" / "denoiser.onnx"), load_external_data=False)
+    location = {i.name: next((e.value for e in i.external_data if e.key == "location"), None) for i in model.graph.initializer}
+    linked = {n for n, loc in location.items() if loc and loc.startswith(CHECKPOINT_LINKS_DIR + "/")}
+    copied = {n for n, loc in location.items() if loc == "denoiser.onnx.data"}
+    assert "transformer_blocks.3.img_mlp.experts.gate_up_proj" in linked
+    assert "transformer_blocks.0.attn.to_q.weight" in linked
+    assert "transformer_blocks.3.img_mlp.gate.weight.T" in copied  # float32 router gate from bf16 weights
+    linked_bytes = sum(int(next(e.value for e in i.external_data if e.key == "length")) for i in model.graph.initializer if i.name in linked)
+    assert linked_bytes > 0.9 * sum(s.stat().st_size for s in checkpoint.weights.shards) - (tmp_path / "b" / "denoiser.onnx.data").stat().st_size
+    assert (tmp_path / "b" / "denoiser.onnx.data").stat().st_size < 0.1 * linked_bytes
+
+
+def test_external_data_outside_the_bundle_is_refused(tiny_checkpoint, tmp_path):
+    export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(external_data=True, **OPTIONS))
+    model = onnx.load(str(tmp_path / "b" / "denoiser.onnx"), load_external_data=False)
+    tensor = next(i for i in model.graph.initializer if i.external_data)
+    entry = next(e for e in tensor.external_data if e.key == "location")
+    entry.value = "../elsewhere.safetensors"
+    onnx.save_model(model, str(tmp_path / "b" / "evil.onnx"))
+    with pytest.raises(NucleusError, match="external data of tensor"):
+        load_model(tmp_path / "b" / "evil.onnx")
+    entry.value = f"{CHECKPOINT_LINKS_DIR}/{tiny_checkpoint.weights.shards[0].name}"
+    next(e for e in tensor.external_data if e.key == "offset").value = str(10**9)
+    onnx.save_model(model, str(tmp_path / "b" / "evil.onnx"))
+    with pytest.raises(NucleusExportError, match="spans bytes"):
+        check_model(tmp_path / "b" / "evil.onnx")
+
+
 def test_external_data_bf16_matches_embedded(tiny_checkpoint, tmp_path):
     options = dict(precision=GraphPrecision("bf16"), **OPTIONS)
-    export_bundle(tiny_checkpoint, tmp_path / "ext", ExportOptions(external_data=True, **options))
+    export_bundle(tiny_checkpoint, tmp_path / "ext", ExportOptions(external_data=True, link_checkpoint=False, **options))
     export_bundle(tiny_checkpoint, tmp_path / "emb", ExportOptions(external_data=False, **options))
-    external = onnx.load(str(tmp_path / "ext" / "denoiser.onnx"))  # loads the external data back
+    external = load_model(tmp_path / "ext" / "denoiser.onnx")
     embedded = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "emb" / "denoiser.onnx")).graph.initializer}
     assert len(external.graph.initializer) == len(embedded)
     for tensor in external.graph.initializer:

@@ -22,7 +22,7 @@ import onnx
 import pytest
 from nucleus_runtime.backends.factory import open_backend
 from nucleus_runtime.bundle import file_record
-from nucleus_runtime.contract import MANIFEST_NAME
+from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR, MANIFEST_NAME
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.triton import model as pipeline_model
 from onnx import TensorProto
@@ -272,14 +272,17 @@ def test_onnx_external_data_travels_with_the_graph(tmp_path):
     write_repository(plan_repository(bundle, TritonOptions(layout=BLS, platform=ONNXRUNTIME)), repo)
     import onnxruntime
 
+    # fp32 graphs of an fp32 checkpoint: the weights live in the linked checkpoint shards, which travel along.
+    shards = {p.name for p in (bundle / CHECKPOINT_LINKS_DIR).iterdir()}
+    assert shards
     for graph in ("text_kv", "denoiser"):
         version = repo / f"nucleus_{graph}" / "1"
-        assert (version / f"{graph}.onnx.data").is_file()
+        assert {p.name for p in (version / CHECKPOINT_LINKS_DIR).iterdir()} <= shards
         onnxruntime.InferenceSession(str(version / "model.onnx"))  # loads only if its weights are found
     inprocess = tmp_path / "inprocess"
     write_repository(plan_repository(bundle, TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME)), inprocess)
     version = inprocess / "nucleus_pipeline" / "1"
-    assert {p.name for p in version.glob("*.onnx.data")} == {"text_kv.onnx.data", "denoiser.onnx.data"}
+    assert {p.name for p in (version / CHECKPOINT_LINKS_DIR).iterdir()} == shards
     open_backend(version, "onnxruntime", device="cpu").close()
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from nucleus_runtime.bundle import check_sha256_hex
+from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR
 from nucleus_runtime.errors import NucleusError
 
 from nucleus_export.export import INLINE_WEIGHTS_MAX_BYTES, ExportOptions
@@ -87,7 +88,15 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_precision: str
         "--external-data",
         choices=["auto", "always", "never"],
         default="auto",
-        help=f"store weights in <graph>.onnx.data (auto: when they exceed {INLINE_WEIGHTS_MAX_BYTES >> 20} MiB)",
+        help=f"store weights outside the graph files (auto: when they exceed {INLINE_WEIGHTS_MAX_BYTES >> 20} MiB)",
+    )
+    group.add_argument(
+        "--weights",
+        choices=["link", "copy"],
+        default="link",
+        help=f"with external data, link: weights used as the checkpoint stores them (its dtype) are read from hard "
+        f"links to its shards under {CHECKPOINT_LINKS_DIR}/, not copied (copied where the file system refuses a link); "
+        "copy: every weight in <graph>.onnx.data",
     )
 
 
@@ -100,4 +109,5 @@ def export_options(args: argparse.Namespace, precision: GraphPrecision | None = 
         max_text_len=args.max_text_len,
         opt_text_len=args.opt_text_len,
         external_data={"auto": None, "always": True, "never": False}[args.external_data],
+        link_checkpoint=args.weights == "link",
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR
+
 from nucleus_export.commands.common import (
     add_export_arguments,
     add_model_argument,
@@ -43,5 +45,7 @@ def run(args: argparse.Namespace) -> int:
     out = bundle_path(args, options.precision.label)
     manifest = export_bundle(checkpoint, out, options, force=args.force)
     total = sum(f["bytes"] for f in manifest.files.values())
-    print(f"exported {out} ({manifest.precision}, {len(manifest.profiles.resolutions)} resolutions, {total / 1e6:.1f} MB)")
+    linked = sum(f["bytes"] for name, f in manifest.files.items() if name.startswith(CHECKPOINT_LINKS_DIR + "/"))
+    shared = f", of which {linked / 1e6:.1f} MB are the checkpoint's shards, hard-linked" if linked else ""
+    print(f"exported {out} ({manifest.precision}, {len(manifest.profiles.resolutions)} resolutions, {total / 1e6:.1f} MB{shared})")
     return 0

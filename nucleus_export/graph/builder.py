@@ -1,7 +1,7 @@
 """A small ONNX graph builder whose initializers can stream straight to an external-data file.
 
 Weights never accumulate in memory: in external mode each initializer is written to `<model>.onnx.data` as soon as it
-is added and only its (name, offset, length) record stays in the graph proto.
+is added (nucleus_export.graph.external_data) and only its (name, offset, length) record stays in the graph proto.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -18,6 +17,8 @@ import onnx
 from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
 from nucleus_runtime.contract import DOMAIN_VERSION as NUCLEUS_DOMAIN_VERSION
 from onnx import TensorProto, helper
+
+from nucleus_export.graph.external_data import ExternalDataWriter
 
 # 23: the standard Attention, RMSNormalization and RotaryEmbedding ops, which TensorRT parses into fused layers.
 OPSET = 23
@@ -38,7 +39,8 @@ ONNX_TYPE_NAMES = {
     TensorProto.INT64: "int64",
 }
 
-_ALIGN = 64
+# Tensors below this many bytes stay inside the graph proto even when weights go to external data.
+INLINE_TENSOR_MAX_BYTES = 1024
 
 
 def tensor_proto(name: str, array: np.ndarray) -> TensorProto:
@@ -47,34 +49,6 @@ def tensor_proto(name: str, array: np.ndarray) -> TensorProto:
     proto = TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=list(array.shape))
     proto.raw_data = array.tobytes()
     return proto
-
-
-class ExternalDataWriter:
-    """Appends tensors to one data file and returns protos that point into it."""
-
-    def __init__(self, data_path: Path):
-        self.data_path = Path(data_path)
-        self._file: BinaryIO = open(self.data_path, "wb")
-        self.bytes_written = 0
-
-    def write(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.asarray(array, order="C")  # keeps 0-d scalars 0-d, unlike ascontiguousarray
-        pad = (-self.bytes_written) % _ALIGN
-        if pad:
-            self._file.write(b"\0" * pad)
-            self.bytes_written += pad
-        offset = self.bytes_written
-        self._file.write(array.reshape(-1).view(np.uint8).data)  # byte view: memoryview knows no bfloat16/float8
-        self.bytes_written += array.nbytes
-        proto = TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=list(array.shape))
-        proto.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, value
-        return proto
-
-    def close(self) -> None:
-        self._file.close()
 
 
 @dataclasses.dataclass
@@ -112,11 +86,17 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """Add an initializer (streamed to external data when configured); returns its name."""
-        if self.external_data is not None and array.nbytes >= 1024:
-            self.initializers.append(self.external_data.write(name, array))
-        else:
-            self.initializers.append(tensor_proto(name, array))
-        return name
+        if self.external_data is not None and array.nbytes >= INLINE_TENSOR_MAX_BYTES:
+            array = np.asarray(array, order="C")
+            # a byte view: memoryview knows no bfloat16/float8
+            data = array.reshape(-1).view(np.uint8).data
+            return self.add_initializer(self.external_data.write(name, NP_TO_ONNX[array.dtype], array.shape, data))
+        return self.add_initializer(tensor_proto(name, array))
+
+    def add_initializer(self, tensor: TensorProto) -> str:
+        """Add a ready initializer (e.g. one reading a linked checkpoint shard); returns its name."""
+        self.initializers.append(tensor)
+        return tensor.name
 
     def const(self, value: Any, dtype: np.dtype | type = np.float32) -> str:
         """A small constant initializer, shared by value."""

@@ -13,18 +13,25 @@ import ml_dtypes
 import numpy as np
 from onnx import TensorProto
 
-from nucleus_export.graph.builder import GraphBuilder
+from nucleus_export.graph.builder import (
+    INLINE_TENSOR_MAX_BYTES,
+    NP_TO_ONNX,
+    GraphBuilder,
+)
+from nucleus_export.graph.external_data import CheckpointLinks
 from nucleus_export.graph.precision import GraphPrecision, quantize_per_channel
 from nucleus_export.model.checkpoint import WeightStore
 
 
 @dataclasses.dataclass
 class LayerEmitter:
-    """Emits layers into `g`, streaming weights from `weights` in the precision of `precision`."""
+    """Emits layers into `g`, streaming weights from `weights` in the precision of `precision`; with `links`,
+    weights the graph uses as the checkpoint stores them are read from linked shards instead of copied."""
 
     g: GraphBuilder
     weights: WeightStore
     precision: GraphPrecision
+    links: CheckpointLinks | None = None
 
     # ---- dtype plumbing ----------------------------------------------------------------------------------------
 
@@ -34,12 +41,23 @@ class LayerEmitter:
     def to_f32(self, value: str) -> str:
         return value if self.precision.compute == "fp32" else self.g.cast(value, TensorProto.FLOAT)
 
-    def tensor(self, name: str, dtype: np.dtype | None = None, transpose: bool = False) -> str:
-        """A checkpoint tensor as an initializer (optionally transposed to [in, out] for MatMul)."""
+    def tensor(self, name: str, dtype: np.dtype | type | None = None, transpose: bool = False) -> str:
+        """A checkpoint tensor in `dtype` (default float32), transposed to [in, out] for MatMul when asked.
+
+        Where the checkpoint stores it in that dtype and `links` is set, the graph reads the checkpoint's own bytes
+        (graph.external_data) and a transposed weight goes through a Transpose node, which ONNX Runtime and TensorRT
+        fold into the weight when they load the graph; otherwise the tensor is converted and stored with the graph."""
+        dtype = np.dtype(dtype or np.float32)
+        info = self.weights.info(name)
+        if self.links is not None and self.weights.dtype(name) == dtype and info.nbytes >= INLINE_TENSOR_MAX_BYTES:
+            linked = self.links.tensor(name, info, NP_TO_ONNX[dtype])
+            if linked is not None:
+                self.g.add_initializer(linked)
+                return self.g.op("Transpose", [name], perm=[1, 0], hint=f"{name}.T") if transpose else name
         array = self.weights.read(name)
         if transpose:
             array = array.T
-        return self.g.weight(name + (".T" if transpose else ""), array.astype(dtype or np.float32))
+        return self.g.weight(name + (".T" if transpose else ""), array.astype(dtype))
 
     # ---- GEMMs -------------------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, SAMPLE
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 
+from nucleus_export.graph.external_data import load_model
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
@@ -508,7 +509,7 @@ def check_parity(
             "pass the --model the bundle was exported from.",
         )
     if variants is None:
-        variants = variants_of(bundle_dir / f"{TEXT_KV}.onnx", onnx.load(str(bundle_dir / f"{DENOISER}.onnx")))
+        variants = variants_of(bundle_dir / f"{TEXT_KV}.onnx", load_model(bundle_dir / f"{DENOISER}.onnx"))
     graphs = OnnxGraphs(variants, threads)
     model = reference if reference is not None else load_reference(checkpoint)
     truth = ReferenceRunner(model, config)

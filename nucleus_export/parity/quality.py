@@ -29,8 +29,8 @@ from nucleus_runtime.contract import (
 )
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
-from onnx.external_data_helper import load_external_data_for_model
 
+from nucleus_export.graph.external_data import load_external_data, load_model
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.parity.check import (
     GraphVariants,
@@ -116,14 +116,14 @@ def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str = "o
     """Parity variants of the bundle's graphs as built, and a note for the report."""
     bundle_dir = Path(bundle_dir)
     text_kv_path = bundle_dir / onnx_file(TEXT_KV)
-    denoiser = onnx.load(str(bundle_dir / onnx_file(DENOISER)))
+    denoiser = load_model(bundle_dir / onnx_file(DENOISER))
     emulated = _has_bf16(denoiser)
     num_experts = load_manifest(bundle_dir).model_config.get("num_experts")
     variants = variants_of(text_kv_path, denoiser, lambda m: as_built(m, moe_lowering, combine, num_experts))
     # Its weights are loaded only where it must be rewritten: ONNX Runtime runs any other text_kv from its path.
     text_kv = onnx.load(str(text_kv_path), load_external_data=False)
     if _has_bf16(text_kv):
-        load_external_data_for_model(text_kv, str(bundle_dir))
+        load_external_data(text_kv, bundle_dir)
         variants.text_kv = emulate_bf16_in_fp32(text_kv)
     lowering = f"MoE lowered ({moe_lowering}, {combine} combine)" if moe_lowering == MOE_NATIVE else "MoE as custom nodes (plugin semantics)"
     return variants, f"ONNX Runtime CPU vs diffusers float32; {lowering}; {EMULATION_LABEL if emulated else 'run as exported'}"

@@ -149,6 +149,18 @@ MANIFEST_NAME = "manifest.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 # Protobuf cannot serialize a model over 2 GB: weights of larger graphs go to `<graph>.onnx.data`.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+# Hard links to the checkpoint's safetensors shards: graph weights stored as the checkpoint stores them point into
+# these files (ONNX external data with offsets) instead of being copied (docs/contract.md).
+CHECKPOINT_LINKS_DIR = "checkpoint"
+
+
+def external_data_file(graph: str) -> str:
+    return f"{graph}.onnx.data"
+
+
+def is_weight_data(relpath: str) -> bool:
+    """Whether a bundle file holds graph weights: a graph's data file or a linked checkpoint shard."""
+    return relpath.endswith(".onnx.data") or relpath.startswith(CHECKPOINT_LINKS_DIR + "/")
 
 
 # -- denoiser segments (consecutive block groups built and run as separate engines; docs/contract.md) -----------

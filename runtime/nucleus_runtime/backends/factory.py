@@ -22,6 +22,7 @@ from nucleus_runtime.contract import (
     ONNXRUNTIME,
     SCHEDULER_CONFIG_NAME,
     TENSORRT,
+    is_weight_data,
     onnx_file,
     plan_file,
 )
@@ -43,8 +44,10 @@ def backend_files(manifest: Manifest, backend: str) -> list[str]:
     library: list[str] = []
     units = manifest.engine_units()
     if backend == ONNXRUNTIME:
-        # The exported graphs, their segments and external data; not the engines' lowered graphs (*.engine.onnx).
-        files = [f for f in recorded if ".onnx" in Path(f).name and not f.endswith(ENGINE_ONNX_SUFFIX)]
+        # The exported graphs, their segments and weights (data files, linked checkpoint shards); not the engines'
+        # lowered graphs (*.engine.onnx).
+        graphs = [f for f in recorded if f.endswith(".onnx") and not f.endswith(ENGINE_ONNX_SUFFIX)]
+        files = graphs + [f for f in recorded if is_weight_data(f)]
         defaults = [onnx_file(g) for g in GRAPHS] + [onnx_file(u) for u in units if u not in GRAPHS]
     elif backend == TENSORRT:
         files = [f for f in recorded if f.endswith(ENGINE_SUFFIX)]

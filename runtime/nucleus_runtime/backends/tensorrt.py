@@ -30,6 +30,7 @@ from nucleus_runtime.contract import (
     HOST_INPUT_DTYPES,
     SAMPLE,
     TENSORRT_MODULES,
+    is_weight_data,
     plan_file,
 )
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
@@ -265,7 +266,7 @@ class TensorRTBackend(Backend):
         if verify_checksums:
             records = [(self.manifest.engines or {}).get(Path(p).stem) or {} for p in plans]
             refit = [r["refit_onnx"] for r in records if r.get("stripped")]
-            data = [f for f in self.manifest.files if f.endswith(".onnx.data")] if refit else []
+            data = [f for f in self.manifest.files if is_weight_data(f)] if refit else []
             verify_files(self.bundle_dir, self.manifest, plans + refit + data)
         self.trt = _import_tensorrt(self.manifest)
         self.cudart = _import_cudart()
