@@ -139,9 +139,9 @@ def fp8_scales(args: argparse.Namespace, checkpoint, options) -> Fp8Scales:
     )
     if not args.fp8_sensitivity:
         return scales
-    from nucleus_export.quant.sensitivity import select_bf16_blocks
+    from nucleus_export.quant.sensitivity import select_fp8_modes
 
-    scales, sensitivity = select_bf16_blocks(checkpoint, scales, compute=args.precision)
+    scales, sensitivity = select_fp8_modes(checkpoint, scales, compute=args.precision)
     print(sensitivity.summary())
     return scales
 
