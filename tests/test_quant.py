@@ -13,10 +13,16 @@ from safetensors.numpy import save_file
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import ExportOptions, export_bundle
-from nucleus_export.graph.precision import COMPUTE, FP8, FP8_WEIGHTS, Fp8Scales, GraphPrecision
+from nucleus_export.graph.precision import (
+    COMPUTE,
+    FP8,
+    FP8_WEIGHTS,
+    Fp8Scales,
+    GraphPrecision,
+)
+from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.model.synthetic import nucleus_image_config
-from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.tiny import random_weight, write_checkpoint
 from nucleus_export.parity.check import Tolerance, check_parity
 from nucleus_export.quant import calibrate_fp8, load_calibration_prompts

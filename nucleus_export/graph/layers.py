@@ -14,7 +14,12 @@ import numpy as np
 from onnx import TensorProto
 
 from nucleus_export.graph.builder import GraphBuilder
-from nucleus_export.graph.precision import COMPUTE, FP8, GraphPrecision, quantize_per_channel
+from nucleus_export.graph.precision import (
+    COMPUTE,
+    FP8,
+    GraphPrecision,
+    quantize_per_channel,
+)
 from nucleus_export.model.checkpoint import WeightStore
 
 

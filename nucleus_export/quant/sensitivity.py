@@ -28,7 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nucleus_export.graph.precision import COMPUTE, FP8, FP8_WEIGHTS, Fp8Scales, GraphPrecision
+from nucleus_export.graph.precision import (
+    COMPUTE,
+    FP8,
+    FP8_WEIGHTS,
+    Fp8Scales,
+    GraphPrecision,
+)
 from nucleus_export.log import track
 from nucleus_export.quant.gemms import GemmGroup, fp8_share, gemm_groups
 
