@@ -267,10 +267,14 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
         quantization = {
             "scheme": "fp8_e4m3",
             "weights": "per output channel (per expert and channel for routed experts), from the weights",
-            "activations": "per tensor, calibrated",
+            "activations": "per tensor, calibrated (W8A8 GEMMs; FP8-weight-only GEMMs take activations in the compute precision)",
             "scales_file": "fp8_scales.json",
             "calibration": precision.fp8.calibration,
-            "not_quantized": ["router gate", "norms", "softmax", "rope", "timestep/modulation/io projections", "text_kv"],
+            "fp8_weights_only": list(precision.fp8.weight_only),
+            "not_quantized": [
+                *precision.fp8.keep,
+                "router gate", "norms", "softmax", "rope", "timestep/modulation/io projections", "text_kv",
+            ],
         }
     manifest = Manifest(
         model_config=config.to_dict(),

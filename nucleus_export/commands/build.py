@@ -107,8 +107,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     quant.add_argument(
         "--fp8-sensitivity",
         action="store_true",
-        help="measure FP8 sensitivity one block at a time and keep the most sensitive blocks in bf16 (recorded in "
-        "fp8_scales.json; a few minutes on the tiny model)",
+        help="measure each GEMM group's FP8 cost (error and routing agreement) and choose W8A8, FP8 weights only "
+        "or bf16 per group so FP8 stays within 1.25x bf16's error (recorded in fp8_scales.json; ~2 min on the tiny model)",
     )
     parser.add_argument("--skip-quality", action="store_true", help="skip the CPU quality report (parity.json)")
     parser.add_argument(
@@ -139,9 +139,9 @@ def fp8_scales(args: argparse.Namespace, checkpoint, options) -> Fp8Scales:
     )
     if not args.fp8_sensitivity:
         return scales
-    from nucleus_export.quant.sensitivity import select_bf16_blocks
+    from nucleus_export.quant.sensitivity import select_fp8_modes
 
-    scales, sensitivity = select_bf16_blocks(checkpoint, scales, compute=args.precision)
+    scales, sensitivity = select_fp8_modes(checkpoint, scales, compute=args.precision)
     print(sensitivity.summary())
     return scales
 

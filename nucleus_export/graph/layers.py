@@ -19,7 +19,12 @@ from nucleus_export.graph.builder import (
     GraphBuilder,
 )
 from nucleus_export.graph.external_data import CheckpointLinks
-from nucleus_export.graph.precision import GraphPrecision, quantize_per_channel
+from nucleus_export.graph.precision import (
+    COMPUTE,
+    FP8,
+    GraphPrecision,
+    quantize_per_channel,
+)
 from nucleus_export.model.checkpoint import WeightStore
 
 
@@ -68,35 +73,41 @@ class LayerEmitter:
         return self.g.op("DequantizeLinear", [q, scale, zero], hint=f"{gemm}.input_dequant")
 
     def linear(self, x_cd: str, module: str, bias: bool = False, quantize: bool = False) -> str:
-        """x @ W.T (+ b) for an nn.Linear at `module`; FP8 Q/DQ on both inputs when quantizing."""
+        """x @ W.T (+ b) for an nn.Linear at `module`. When quantizing, as the FP8 mode of the GEMM says: FP8: Q/DQ
+        on both inputs; FP8_WEIGHTS: DQ on the weight only (E4M3 storage, the GEMM in the compute precision)."""
         cd = self.precision.np_dtype
-        if quantize and self.precision.quantizes(module):
+        mode = self.precision.gemm_mode(module) if quantize else COMPUTE
+        if mode == COMPUTE:
+            w = self.tensor(f"{module}.weight", cd, transpose=True)
+        else:
             w_q, scales = quantize_per_channel(self.weights.read(f"{module}.weight").T)
             w_name = self.g.weight(f"{module}.weight.T.fp8", w_q)
             w_scale = self.g.weight(f"{module}.weight.T.scale", scales.astype(cd))
             w = self.g.op("DequantizeLinear", [w_name, w_scale], axis=1, hint=f"{module}.weight_dequant")
+        if mode == FP8:
             x_cd = self._quantize_activation(x_cd, module)
-        else:
-            w = self.tensor(f"{module}.weight", cd, transpose=True)
         y = self.g.op("MatMul", [x_cd, w], hint=module)
         if bias:
             y = self.g.op("Add", [y, self.tensor(f"{module}.bias", cd)])
         return y
 
     def expert_matmul(self, x_cd: str, name: str, quantize: bool) -> str:
-        """[E, N, in] @ packed expert weight [E, in, out]. FP8: per-(expert, channel) scales are applied after the
-        GEMM (exact, and what an FP8 GEMM epilogue does), since ONNX per-axis DQ cannot express a 2-D scale."""
+        """[E, N, in] @ packed expert weight [E, in, out]. FP8 weights: per-(expert, channel) scales are applied after
+        the GEMM (exact, and what an FP8 GEMM epilogue does), since ONNX per-axis DQ cannot express a 2-D scale; the
+        activation gets Q/DQ in FP8 mode only."""
         cd = self.precision.np_dtype
         module = name.rsplit(".", 1)[0]
-        if quantize and self.precision.quantizes(name):
-            w_q, scales = quantize_per_channel(self.weights.read(name))
-            w_name = self.g.weight(f"{name}.fp8", w_q)
-            ones = self.g.weight(f"{name}.expert_scale", np.ones(w_q.shape[0], dtype=cd))
-            w = self.g.op("DequantizeLinear", [w_name, ones], axis=0, hint=f"{name}.weight_dequant")
-            y = self.g.op("MatMul", [self._quantize_activation(x_cd, name), w], hint=name)
-            channel_scales = self.g.weight(f"{name}.channel_scale", scales[:, None, :].astype(cd))
-            return self.g.op("Mul", [y, channel_scales], hint=f"{module}.channel_scale")
-        return self.g.op("MatMul", [x_cd, self.tensor(name, cd)], hint=name)
+        mode = self.precision.gemm_mode(name) if quantize else COMPUTE
+        if mode == COMPUTE:
+            return self.g.op("MatMul", [x_cd, self.tensor(name, cd)], hint=name)
+        w_q, scales = quantize_per_channel(self.weights.read(name))
+        w_name = self.g.weight(f"{name}.fp8", w_q)
+        ones = self.g.weight(f"{name}.expert_scale", np.ones(w_q.shape[0], dtype=cd))
+        w = self.g.op("DequantizeLinear", [w_name, ones], axis=0, hint=f"{name}.weight_dequant")
+        x_in = self._quantize_activation(x_cd, name) if mode == FP8 else x_cd
+        y = self.g.op("MatMul", [x_in, w], hint=name)
+        channel_scales = self.g.weight(f"{name}.channel_scale", scales[:, None, :].astype(cd))
+        return self.g.op("Mul", [y, channel_scales], hint=f"{module}.channel_scale")
 
     def swiglu(self, h_cd: str, gate_first: bool) -> str:
         """Split the fused projection in halves; diffusers' dense SwiGLU is (up, gate), its experts are (gate, up)."""

@@ -22,19 +22,31 @@ COMPUTE_DTYPES: dict[str, tuple[int, np.dtype]] = {
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
 
+# How one GEMM computes in an FP8 build (Fp8Scales.mode):
+FP8 = "fp8"  # E4M3 weights (per-channel scales) and E4M3 activations (per-tensor scale): W8A8
+FP8_WEIGHTS = "fp8-weights"  # E4M3 weights, activations in the compute precision: W8A16, weight bytes halved
+COMPUTE = "compute"  # weights and activations in the compute precision (bf16)
+GEMM_MODES = (FP8, FP8_WEIGHTS, COMPUTE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Fp8Scales:
     """Per-tensor activation amax for each quantized GEMM input, keyed by the GEMM's module path
-    (e.g. "transformer_blocks.3.attn.to_q", "transformer_blocks.3.img_mlp.experts.down_proj"), and the module
-    paths whose GEMMs stay in the compute precision (`keep`, e.g. "transformer_blocks.4": a whole block), chosen by
-    nucleus_export.quant.sensitivity."""
+    (e.g. "transformer_blocks.3.attn.to_q", "transformer_blocks.3.img_mlp.experts.down_proj"), and how each GEMM
+    computes: module paths (a GEMM, or a prefix such as "transformer_blocks.4" for a whole block) that stay in the
+    compute precision (`keep`) or get FP8 weights only (`weight_only`); every other GEMM is W8A8. Both are chosen by
+    nucleus_export.quant.sensitivity; scales files written before `weight_only` existed load with it empty."""
 
     activation_amax: dict[str, float]
     calibration: dict = dataclasses.field(default_factory=dict)
     keep: tuple[str, ...] = ()
+    weight_only: tuple[str, ...] = ()
 
-    def quantizes(self, gemm: str) -> bool:
-        return not any(gemm == k or gemm.startswith(k + ".") for k in self.keep)
+    def mode(self, gemm: str) -> str:
+        """FP8, FP8_WEIGHTS or COMPUTE for the GEMM at this module path (`keep` wins over `weight_only`)."""
+        if _covered(gemm, self.keep):
+            return COMPUTE
+        return FP8_WEIGHTS if _covered(gemm, self.weight_only) else FP8
 
     def activation_scale(self, gemm: str) -> float:
         if gemm not in self.activation_amax:
@@ -50,6 +62,7 @@ class Fp8Scales:
                 "format": "nucleus-fp8-scales/1",
                 "activation_amax": self.activation_amax,
                 "keep": list(self.keep),
+                "weight_only": list(self.weight_only),
                 "calibration": self.calibration,
             },
             indent=2,
@@ -64,15 +77,20 @@ class Fp8Scales:
                 {k: float(v) for k, v in raw["activation_amax"].items()},
                 raw.get("calibration", {}),
                 tuple(str(k) for k in raw.get("keep", [])),
+                tuple(str(k) for k in raw.get("weight_only", [])),
             )
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise NucleusExportError(f"cannot read FP8 scales from {path} ({exc}).", "recalibrate without --fp8-scales.") from None
 
 
+def _covered(gemm: str, paths: tuple[str, ...]) -> bool:
+    return any(gemm == p or gemm.startswith(p + ".") for p in paths)
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphPrecision:
     """How a graph computes: `compute` for GEMMs and the stream between them; norms, softmax, router and RoPE are
-    always float32. With `fp8`, GEMM inputs of attention, dense MLPs and experts get E4M3 Q/DQ."""
+    always float32. With `fp8`, attention, dense MLP and expert GEMMs get E4M3 Q/DQ as `fp8.mode` says."""
 
     compute: str = "fp32"
     fp8: Fp8Scales | None = None
@@ -89,9 +107,9 @@ class GraphPrecision:
     def np_dtype(self) -> np.dtype:
         return COMPUTE_DTYPES[self.compute][1]
 
-    def quantizes(self, gemm: str) -> bool:
-        """Whether the GEMM at this module path gets FP8 Q/DQ."""
-        return self.fp8 is not None and self.fp8.quantizes(gemm)
+    def gemm_mode(self, gemm: str) -> str:
+        """How the GEMM at this module path computes (FP8, FP8_WEIGHTS or COMPUTE; COMPUTE without FP8)."""
+        return COMPUTE if self.fp8 is None else self.fp8.mode(gemm)
 
     @property
     def label(self) -> str:

@@ -19,6 +19,7 @@ from nucleus_export.graph.precision import Fp8Scales
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
+from nucleus_export.quant.gemms import gemm_groups
 
 if TYPE_CHECKING:
     import torch
@@ -32,13 +33,7 @@ DEFAULT_STEPS = 8
 
 def quantized_linears(config: ModelConfig) -> list[str]:
     """Module paths of the nn.Linear GEMMs that get FP8 Q/DQ (the graph builder quantizes exactly these)."""
-    names = []
-    for idx in range(config.num_layers):
-        block = f"transformer_blocks.{idx}"
-        names += [f"{block}.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")]
-        mlp = f"{block}.img_mlp.shared_expert" if config.is_moe(idx) else f"{block}.img_mlp"
-        names += [f"{mlp}.net.0.proj", f"{mlp}.net.2"]
-    return names
+    return [gemm for group in gemm_groups(config) if group.kind != "experts" for gemm in group.gemms]
 
 
 def load_calibration_prompts(path: Path, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
