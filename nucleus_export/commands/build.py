@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     moe = validate_moe_options(args.moe, args.plugins)
     if args.fp8_sensitivity and args.fp8_scales:
         raise NucleusExportError(
-            "--fp8-sensitivity chooses blocks for fresh scales; --fp8-scales reuses stored ones (with their choice).",
+            "--fp8-sensitivity chooses GEMM modes for fresh scales; --fp8-scales reuses stored ones (with their choice).",
             "drop one of them.",
         )
     if (args.fp8_scales or args.calibration_prompts or args.fp8_sensitivity) and not args.fp8:

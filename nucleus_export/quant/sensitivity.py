@@ -15,7 +15,8 @@ percent), so the selection is a budget problem:
 3. the budget is what the target allows over the bf16 graph, (target^2 - 1) x bf16's squared error. Groups are
    upgraded greedily, most benefit per cost first: bf16 -> FP8 weights by weight bytes saved (FP8's main gain for
    an MoE: expert weights are 96% of the real model's GEMM bytes), then FP8 weights -> W8A8 by GEMM FLOPs;
-4. the chosen graph is probed; while its error is over the target the budget shrinks by the measured overshoot.
+4. the chosen graph is probed; while its error is over the target on any probe case set, the budget shrinks by the
+   measured overshoot.
 The modes are written into fp8_scales.json (`keep`, `weight_only`; the measurements under
 calibration["sensitivity"]), so a rebuild from stored scales is reproducible without probing again.
 """
@@ -46,11 +47,16 @@ if TYPE_CHECKING:
 # FP8 may cost this much over bf16 in pooled relative error (issue 13).
 FP8_ERROR_TARGET = 1.25
 PROBE_RESOLUTION = (512, 512)
-# Probe cases are drawn with their own seed: the quality report (seed 0) then judges the choice on unseen inputs.
-PROBE_CASE_SEED = 1
-# Selection rounds: each shrinks the budget by the measured overshoot of the previous choice, at least by half (a
-# probe's error moves with routing flips, so a small overshoot can persist at a slightly smaller budget).
+# Probe cases are drawn with their own seeds: the quality report (seed 0) then judges the choice on unseen inputs.
+# Most of the bf16 graph's error (the target's unit) is near-tie routing flips, so one small case set measures the
+# ratio coarsely (measured: 1.16x on the probes, 1.41x on held-out cases of the same model). The chosen graph must
+# meet the target on every probe set separately, not only pooled: a choice that holds on three independent samples
+# holds on a fourth far more often.
+PROBE_CASE_SEEDS = (1, 2, 3)
+# Selection rounds: each shrinks the budget by the measured overshoot of the previous choice, and by at least this
+# factor, so a small overshoot that routing flips keep alive still ends within the rounds.
 MAX_ROUNDS = 6
+MIN_SHRINK = 0.8
 
 
 @dataclasses.dataclass
@@ -60,6 +66,7 @@ class Probe:
     relative_error: float  # end to end
     forced_relative_error: float  # with the reference's routing forced: arithmetic only
     routing_agreement: float
+    per_case_set: list[float]  # end-to-end relative error on each probe case set (PROBE_CASE_SEEDS)
 
 
 @dataclasses.dataclass
@@ -81,6 +88,7 @@ class Sensitivity:
     groups: list[GroupCost]
     modes: dict[str, str]  # group -> FP8 / FP8_WEIGHTS / COMPUTE
     chosen: Probe
+    ratios: list[float]  # chosen / bf16 on each probe case set
     rounds: int
     target: float
     met: bool
@@ -88,7 +96,7 @@ class Sensitivity:
 
     @property
     def ratio(self) -> float:
-        return self.chosen.relative_error / max(self.bf16.relative_error, 1e-30)
+        return max(self.ratios)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -96,8 +104,9 @@ class Sensitivity:
     def summary(self) -> str:
         by_mode = {m: [g for g, v in self.modes.items() if v == m] for m in (FP8_WEIGHTS, COMPUTE)}
         return (
-            f"FP8 sensitivity: rel err {self.chosen.relative_error:.3e} = {self.ratio:.2f} x bf16's "
-            f"{self.bf16.relative_error:.3e} (target {self.target:g}x: {'met' if self.met else 'NOT met'}; all-W8A8 "
+            f"FP8 sensitivity: rel err {self.chosen.relative_error:.3e} vs bf16's {self.bf16.relative_error:.3e}, "
+            f"{' / '.join(f'{r:.2f}' for r in self.ratios)} x on {len(self.ratios)} probe case sets "
+            f"(target {self.target:g}x on each: {'met' if self.met else 'NOT met'}; all-W8A8 "
             f"{self.all_fp8.relative_error:.3e}); FP8 weights only: {', '.join(by_mode[FP8_WEIGHTS]) or 'none'}; "
             f"kept in bf16: {', '.join(by_mode[COMPUTE]) or 'none'}; "
             f"{100 * self.share['weight_bytes']:.0f}% of GEMM weight bytes and {100 * self.share['gemm_flops']:.0f}% "
@@ -140,7 +149,11 @@ class _Prober:
         self.checkpoint, self.compute, self.reference, self.workdir = checkpoint, compute, reference, workdir
         self.options = {"resolutions": [resolution], "max_text_len": 16}
         profiles = build_profiles(checkpoint, ExportOptions(**self.options))
-        self.cases = make_cases(checkpoint.config, profiles, seed=PROBE_CASE_SEED)
+        self.cases = [
+            dataclasses.replace(case, name=f"{case.name}/seed{seed}")
+            for seed in PROBE_CASE_SEEDS
+            for case in make_cases(checkpoint.config, profiles, seed=seed)
+        ]
 
     def __call__(self, scales: Fp8Scales | None) -> Probe:
         from nucleus_export.export import ExportOptions, export_bundle
@@ -153,7 +166,11 @@ class _Prober:
         report = check_parity(self.checkpoint, out, variants=variants, reference=self.reference, cases=self.cases)
         pooled = report.pooled["graph"]
         forced = Comparison.pooled([c.forced for c in report.cases])["relative_error"]
-        return Probe(pooled["relative_error"], forced, pooled["routing_agreement"])
+        per_set = [
+            Comparison.pooled([c.sample for c in report.cases if c.name.endswith(f"/seed{seed}")])["relative_error"]
+            for seed in PROBE_CASE_SEEDS
+        ]
+        return Probe(pooled["relative_error"], forced, pooled["routing_agreement"], per_set)
 
 
 def select_fp8_modes(
@@ -189,19 +206,19 @@ def select_fp8_modes(
                 for m, p in alone.items()
             }
             costs.append(GroupCost(group.name, alone, cost))
-        allowed = (target**2 - 1) * bf16.relative_error**2
-        budget = allowed
+        budget = (target**2 - 1) * bf16.relative_error**2
         for rounds in range(1, MAX_ROUNDS + 1):
             modes = choose_modes(groups, {c.group: c.cost for c in costs}, budget)
             chosen = probe(apply_modes(scales, groups, modes))
-            if chosen.relative_error <= target * bf16.relative_error:
+            ratios = [c / max(b, 1e-30) for c, b in zip(chosen.per_case_set, bf16.per_case_set)]
+            if max(ratios) <= target:
                 break
-            budget *= min(0.5, allowed / max(chosen.relative_error**2 - bf16.relative_error**2, allowed))
+            budget *= min(MIN_SHRINK, (target**2 - 1) / (max(ratios) ** 2 - 1))
     result = apply_modes(scales, groups, modes)
     share = fp8_share(checkpoint.config, result)
     sensitivity = Sensitivity(
-        bf16, all_fp8, flip_price, costs, modes, chosen, rounds, target,
-        chosen.relative_error <= target * bf16.relative_error, dataclasses.asdict(share),
+        bf16, all_fp8, flip_price, costs, modes, chosen, ratios, rounds, target, max(ratios) <= target,
+        dataclasses.asdict(share),
     )
     calibration = {**scales.calibration, "sensitivity": sensitivity.to_dict()}
     return dataclasses.replace(result, calibration=calibration), sensitivity
