@@ -154,13 +154,16 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 CHECKPOINT_LINKS_DIR = "checkpoint"
 
 
+EXTERNAL_DATA_SUFFIX = ".onnx.data"
+
+
 def external_data_file(graph: str) -> str:
-    return f"{graph}.onnx.data"
+    return graph + EXTERNAL_DATA_SUFFIX
 
 
 def is_weight_data(relpath: str) -> bool:
     """Whether a bundle file holds graph weights: a graph's data file or a linked checkpoint shard."""
-    return relpath.endswith(".onnx.data") or relpath.startswith(CHECKPOINT_LINKS_DIR + "/")
+    return relpath.endswith(EXTERNAL_DATA_SUFFIX) or relpath.startswith(CHECKPOINT_LINKS_DIR + "/")
 
 
 # -- denoiser segments (consecutive block groups built and run as separate engines; docs/contract.md) -----------
