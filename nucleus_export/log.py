@@ -66,6 +66,18 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
 
 @contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Hide INFO logs of repeated inner work (e.g. the exports of FP8 probes) unless --verbose asked for DEBUG."""
+    previous = logger.level
+    if previous > logging.DEBUG:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextlib.contextmanager
 def stage(description: str) -> Iterator[None]:
     """Log a long stage and show a spinner-like bar while it runs."""
     logger.info("%s ...", description)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,13 +37,15 @@ from nucleus_export.graph.precision import (
     Fp8Scales,
     GraphPrecision,
 )
-from nucleus_export.log import track
+from nucleus_export.log import quiet, track
 from nucleus_export.quant.gemms import GemmGroup, fp8_share, gemm_groups
 
 if TYPE_CHECKING:
     import torch
 
     from nucleus_export.model.checkpoint import Checkpoint
+
+logger = logging.getLogger("nucleus_export")
 
 # FP8 may cost this much over bf16 in pooled relative error (issue 13).
 FP8_ERROR_TARGET = 1.25
@@ -161,9 +164,10 @@ class _Prober:
         from nucleus_export.parity.quality import built_variants
 
         out = Path(tempfile.mkdtemp(prefix="probe-", dir=self.workdir)) / "bundle"
-        export_bundle(self.checkpoint, out, ExportOptions(GraphPrecision(self.compute, scales), **self.options))
-        variants, _ = built_variants(out, "native")
-        report = check_parity(self.checkpoint, out, variants=variants, reference=self.reference, cases=self.cases)
+        with quiet():
+            export_bundle(self.checkpoint, out, ExportOptions(GraphPrecision(self.compute, scales), **self.options))
+            variants, _ = built_variants(out, "native")
+            report = check_parity(self.checkpoint, out, variants=variants, reference=self.reference, cases=self.cases)
         pooled = report.pooled["graph"]
         forced = Comparison.pooled([c.forced for c in report.cases])["relative_error"]
         per_set = [
@@ -206,11 +210,13 @@ def select_fp8_modes(
                 for m, p in alone.items()
             }
             costs.append(GroupCost(group.name, alone, cost))
+            logger.info("FP8 cost of %s: W8A8 %.2e, FP8 weights only %.2e", group.name, cost[FP8], cost[FP8_WEIGHTS])
         budget = (target**2 - 1) * bf16.relative_error**2
         for rounds in range(1, MAX_ROUNDS + 1):
             modes = choose_modes(groups, {c.group: c.cost for c in costs}, budget)
             chosen = probe(apply_modes(scales, groups, modes))
             ratios = [c / max(b, 1e-30) for c, b in zip(chosen.per_case_set, bf16.per_case_set)]
+            logger.info("FP8 selection round %d: %s x bf16 on the probe case sets", rounds, " / ".join(f"{r:.2f}" for r in ratios))
             if max(ratios) <= target:
                 break
             budget *= min(MIN_SHRINK, (target**2 - 1) / (max(ratios) ** 2 - 1))
