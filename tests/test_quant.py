@@ -106,6 +106,24 @@ def test_fp8_share_of_the_real_config():
     assert fp8_share(config, dataclasses.replace(everything, keep=experts)).weight_bytes == pytest.approx(0.042, abs=0.001)
 
 
+def test_fp8_selection_runs_and_records_its_choice(tiny_checkpoint, tiny_reference, scales):
+    """The whole selection at a small probe size (the goal itself is asserted by the slow tests below): every group
+    gets a mode, the stored scales say the same, and `met` is the per-case-set rule."""
+    from nucleus_export.quant.sensitivity import FP8_ERROR_TARGET, PROBE_CASE_SEEDS, select_fp8_modes
+
+    chosen, sensitivity = select_fp8_modes(tiny_checkpoint, scales, reference=tiny_reference, resolution=(128, 128))
+    groups = gemm_groups(tiny_checkpoint.config)
+    assert set(sensitivity.modes) == {g.name for g in groups} and set(sensitivity.modes.values()) <= {FP8, FP8_WEIGHTS, COMPUTE}
+    for group in groups:
+        assert all(chosen.mode(gemm) == sensitivity.modes[group.name] for gemm in group.gemms)
+    assert len(sensitivity.ratios) == len(PROBE_CASE_SEEDS) == len(sensitivity.bf16.per_case_set)
+    assert sensitivity.met == (max(sensitivity.ratios) <= FP8_ERROR_TARGET)
+    assert sensitivity.bf16.relative_error < sensitivity.all_fp8.relative_error
+    assert 0.0 <= sensitivity.share["gemm_flops"] <= 1.0 and 0.0 <= sensitivity.share["weight_bytes"] <= 1.0
+    assert chosen.calibration["sensitivity"]["modes"] == sensitivity.modes
+    assert sensitivity.summary().startswith("FP8 sensitivity:")
+
+
 def test_mode_choice_spends_the_budget_on_bytes_then_flops():
     """Greedy knapsack: FP8 weights first where they save the most bytes per unit of error, then W8A8 by FLOPs."""
     groups = [GemmGroup(0, "attn_qkv", ("a",), 100, 1000.0), GemmGroup(0, "mlp", ("m",), 400, 800.0),
