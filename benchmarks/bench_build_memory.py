@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 
 from nucleus_export.model.checkpoint import open_checkpoint
+from nucleus_export.model.config import ModelConfig
 from nucleus_export.model.synthetic import (
     NUCLEUS_IMAGE,
     SYNTHETIC_PREFIX,
@@ -81,15 +82,12 @@ def disk_bytes(folder: Path, shared: set[tuple[int, int]]) -> tuple[int, int]:
     return new, linked
 
 
-def write_plausible_scales(checkpoint_dir: Path, path: Path) -> None:
+def write_plausible_scales(config: ModelConfig, path: Path) -> None:
     """An fp8_scales.json naming every GEMM input the FP8 graph quantizes, with plausible amax values."""
     from nucleus_export.graph.precision import Fp8Scales
-    from nucleus_export.quant.calibrate import quantized_linears
+    from nucleus_export.quant.gemms import gemm_groups
 
-    config = open_checkpoint(checkpoint_dir).config
-    names = quantized_linears(config) + [
-        f"transformer_blocks.{i}.img_mlp.experts.{p}" for i in config.moe_layers for p in ("gate_up_proj", "down_proj")
-    ]
+    names = [gemm for group in gemm_groups(config) for gemm in group.gemms]
     amax = {n: next((v for k, v in PLAUSIBLE_AMAX.items() if n.endswith(k)), DEFAULT_AMAX) for n in names}
     calibration = {"source": "bench_build_memory.py: plausible values, not calibrated"}
     path.write_text(Fp8Scales(amax, calibration).to_json())
@@ -178,7 +176,8 @@ def main() -> int:
     print(f"[bench] checkpoint ready in {time.perf_counter() - started:.0f} s: {ckpt_dir}", file=sys.stderr, flush=True)
     ckpt_bytes = checkpoint_bytes(ckpt_dir)
     shared = inodes(ckpt_dir)
-    params = open_checkpoint(ckpt_dir).weights.num_parameters
+    checkpoint = open_checkpoint(ckpt_dir)
+    params = checkpoint.weights.num_parameters
 
     cli = [sys.executable, "-c", "import sys; from nucleus_export.cli import main; sys.exit(main())"]
     shape_args = ["--resolutions", args.resolutions] if args.resolutions else []
@@ -192,7 +191,7 @@ def main() -> int:
                           "--out", str(out), "--force"] + list(args.extra)
             if step == "fp8":
                 scales = args.workdir / "fp8_scales.json"
-                write_plausible_scales(ckpt_dir, scales)
+                write_plausible_scales(checkpoint.config, scales)
                 argv += ["--fp8", "--fp8-scales", str(scales)]
         result = run_step(step, argv + shape_args, out, env, shared)
         results.append(result)

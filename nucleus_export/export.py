@@ -20,6 +20,7 @@ from nucleus_runtime.bundle import (
     Manifest,
     Profiles,
     TensorSpec,
+    bundle_files,
     file_record,
     write_atomic,
 )
@@ -27,6 +28,7 @@ from nucleus_runtime.contract import (
     BLOCK_OUTPUTS_METADATA,
     MANIFEST_NAME,
     SCHEDULER_CONFIG_NAME,
+    block_output,
     external_data_file,
     onnx_file,
 )
@@ -163,8 +165,7 @@ def write_graph(
     links: CheckpointLinks | None = None,
 ) -> onnx.ModelProto:
     """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`, + tensors read from
-    linked checkpoint shards when `links` is set), check it. `metadata` (filled by `build` when it runs) becomes the
-    model's metadata_props."""
+    linked checkpoint shards when `links` is set), check it. `metadata` becomes the model's metadata_props."""
     writer = ExternalDataWriter(out_dir / external_data_file(name)) if external else None
     g = GraphBuilder(name, external_data=writer)
     try:
@@ -242,12 +243,11 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
                     links=links,
                 )
             else:
-                metadata: dict[str, str] = {}
+                # The residual stream after each block (named by the contract): where the graph may be cut.
+                metadata = {BLOCK_OUTPUTS_METADATA: json.dumps([block_output(i) for i in range(config.num_layers)])}
 
-                def build_denoiser(g: GraphBuilder, e: LayerEmitter, metadata=metadata, advance=advance) -> None:
-                    builder = DenoiserBuilder(g, e, config, profiles.image_tokens[2])
-                    builder.build(advance)
-                    metadata[BLOCK_OUTPUTS_METADATA] = json.dumps(builder.block_outputs)
+                def build_denoiser(g: GraphBuilder, e: LayerEmitter, advance=advance) -> None:
+                    DenoiserBuilder(g, e, config, profiles.image_tokens[2]).build(advance)
 
                 model = write_graph(out_dir, name, checkpoint, precision, build_denoiser, external, metadata, links)
             io[name] = _io_specs(model)
@@ -256,14 +256,11 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
     groups = segment_groups(config.num_layers, options.segments)
     segments = None if groups is None else {DENOISER: write_segments(out_dir, groups)}
     write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
-    files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     if links is not None:
-        files += links.files
         logger.info("graph weights stored as the checkpoint stores them: read from %d hard-linked shards", len(links.files))
     quantization = None
     if precision.fp8:
         write_atomic(out_dir / "fp8_scales.json", precision.fp8.to_json())
-        files.append("fp8_scales.json")
         quantization = {
             "scheme": "fp8_e4m3",
             "weights": "per output channel (per expert and channel for routed experts), from the weights",
@@ -283,7 +280,7 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
         moe_lowering=contract.MOE_FUNCTIONS,
         profiles=profiles,
         io=io,
-        files={f: file_record(out_dir, f) for f in sorted(set(files))},
+        files={f: file_record(out_dir, f) for f in bundle_files(out_dir)},
         quantization=quantization,
         tools=_tool_versions(),
         segments=segments,

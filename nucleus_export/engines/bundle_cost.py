@@ -17,6 +17,7 @@ from nucleus_runtime.contract import (
     TENSORRT_MODULES,
     graph_of_unit,
     onnx_file,
+    precision_label,
 )
 
 from nucleus_export.engines.cost import GPUS, Cost
@@ -169,6 +170,6 @@ def bundle_cost(bundle: Path, gpu: str = "h100", parse: bool = True) -> BundleCo
     if manifest.moe_lowering == "plugin":
         notes.append("engines use the MoE plugins: router and combine are counted in their native lowering")
     return BundleCost(
-        str(bundle), target.name, target.source, manifest.precision + ("+fp8" if fp8 else ""), combine, description,
+        str(bundle), target.name, target.source, precision_label(manifest.precision, fp8), combine, description,
         results, layers, None if layers is None else layers.get("ATTENTION_INPUT", 0), config.num_layers, notes,
     )

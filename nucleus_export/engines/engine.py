@@ -376,7 +376,6 @@ class ParsedNetwork:
     network: Any
     parser: Any
     parse_seconds: float
-    trt_logger: Any = None  # kept alive as long as the builder
 
 
 @dataclasses.dataclass
@@ -415,7 +414,7 @@ class NetworkFromOnnxPath:
                 _parse_fix(errors),
             )
         allow_float32_attention_decomposition(self.backend, network)
-        return ParsedNetwork(self.backend, builder, network, parser, seconds, logger_)
+        return ParsedNetwork(self.backend, builder, network, parser, seconds)
 
 
 def allow_float32_attention_decomposition(backend: Backend, network: Any) -> int:

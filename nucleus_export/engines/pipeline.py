@@ -17,6 +17,7 @@ from nucleus_runtime import contract
 from nucleus_runtime.bundle import (
     Manifest,
     Profiles,
+    bundle_files,
     file_record,
     sha256_file,
     write_atomic,
@@ -284,11 +285,7 @@ def refresh_manifest(bundle_dir: Path, manifest: Manifest, **changes: Any) -> Ma
     exported ones, and re-hashing the exported weights would read them all again."""
     known = manifest.files
     manifest = dataclasses.replace(manifest, **changes)
-    files = sorted(
-        str(p.relative_to(bundle_dir))
-        for p in bundle_dir.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
-    )
+    files = bundle_files(bundle_dir)
     manifest.files = {
         f: known[f] if f in known and known[f]["bytes"] == (bundle_dir / f).stat().st_size else file_record(bundle_dir, f)
         for f in files

@@ -39,6 +39,7 @@ from nucleus_runtime.contract import (
 from onnx import TensorProto, helper, numpy_helper
 
 from nucleus_export.errors import NucleusExportError
+from nucleus_export.graph.builder import INLINE_TENSOR_MAX_BYTES
 from nucleus_export.graph.denoiser import B, S, T
 
 PROFILE_DIMS = (B, S, T)
@@ -170,7 +171,7 @@ def split_denoiser(model: onnx.ModelProto, groups: Sequence[tuple[int, int]], gr
                     j = producer[name]
                     if j in own or _typed(types.get(name)):
                         continue
-                    if any(_nbytes(initializers[x]) >= 1024 for x in nodes[j].input if x in initializers):
+                    if any(_nbytes(initializers[x]) >= INLINE_TENSOR_MAX_BYTES for x in nodes[j].input if x in initializers):
                         raise NucleusExportError(
                             f"segment {k} needs '{name}', which has no profile-dim shape and is computed from weights.",
                             "report this as a bug (the denoiser cannot be cut at this block).",

@@ -43,8 +43,6 @@ class DenoiserBuilder:
         self.g, self.emit, self.config = g, emit, config
         self.max_image_tokens = max_image_tokens
         self.quantize = emit.precision.fp8 is not None
-        # The residual stream after each block: where the graph may be cut into segments (engines/segments.py).
-        self.block_outputs: list[str] = []
 
     def build(self, on_block: Callable[[int], None] = lambda idx: None) -> None:
         g, emit, c = self.g, self.emit, self.config
@@ -65,8 +63,8 @@ class DenoiserBuilder:
         self.mask_bias = self.attention_bias(x, mask)
         for idx in range(c.num_layers):
             g.scope = f"transformer_blocks.{idx}"
+            # The residual stream after each block, named so the graph may be cut there (engines/segments.py).
             x = g.named(self.block(x, idx), block_output(idx))
-            self.block_outputs.append(x)
             on_block(idx)
         g.scope = "norm_out"
         shift_scale = emit.to_f32(emit.linear(self.temb_silu_cd, "norm_out.linear", bias=True))

@@ -15,7 +15,6 @@ tensors as typed graph inputs.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -161,13 +160,12 @@ def check_model(path: Path) -> None:
     """The full ONNX checker (with strict shape inference) on a saved graph, external tensors as typed inputs."""
     model = onnx.load(str(path), load_external_data=False)
     validate_external_data(model, Path(path).parent)
-    checked = copy.deepcopy(model)
-    external = [t for t in checked.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    kept = [t for t in checked.graph.initializer if t.data_location != TensorProto.EXTERNAL]
-    del checked.graph.initializer[:]
-    checked.graph.initializer.extend(kept)
-    listed = {v.name for v in checked.graph.input}
-    checked.graph.input.extend(
+    external = list(_external_initializers(model))
+    kept = [t for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    listed = {v.name for v in model.graph.input}
+    model.graph.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external if t.name not in listed
     )
-    onnx.checker.check_model(checked, full_check=True)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model, full_check=True)

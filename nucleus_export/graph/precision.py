@@ -26,7 +26,6 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 FP8 = "fp8"  # E4M3 weights (per-channel scales) and E4M3 activations (per-tensor scale): W8A8
 FP8_WEIGHTS = "fp8-weights"  # E4M3 weights, activations in the compute precision: W8A16, weight bytes halved
 COMPUTE = "compute"  # weights and activations in the compute precision (bf16)
-GEMM_MODES = (FP8, FP8_WEIGHTS, COMPUTE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,10 +97,6 @@ class Sensitivity:
     met: bool
     share: dict[str, float]  # Fp8Share of this model
 
-    @property
-    def ratio(self) -> float:
-        return max(self.ratios)
-
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
@@ -195,7 +191,7 @@ def select_fp8_modes(
 
     reference = reference if reference is not None else load_reference(checkpoint)
     groups = gemm_groups(checkpoint.config)
-    everything = {g.name: FP8 for g in groups}
+    all_bf16 = {g.name: COMPUTE for g in groups}
     with tempfile.TemporaryDirectory(prefix="nucleus-fp8-sensitivity-") as tmp:
         probe = _Prober(checkpoint, compute, reference, Path(tmp), resolution)
         bf16, all_fp8 = probe(None), probe(scales)
@@ -204,7 +200,7 @@ def select_fp8_modes(
         flip_price = flips / max(bf16.routing_agreement - all_fp8.routing_agreement, 1e-6)
         costs = []
         for group in track(groups, "FP8 sensitivity, one GEMM group at a time"):
-            alone = {m: probe(apply_modes(scales, groups, {**{g: COMPUTE for g in everything}, group.name: m})) for m in (FP8, FP8_WEIGHTS)}
+            alone = {m: probe(apply_modes(scales, groups, {**all_bf16, group.name: m})) for m in (FP8, FP8_WEIGHTS)}
             cost = {
                 m: max(p.forced_relative_error**2 - arithmetic, 0.0) + flip_price * max(bf16.routing_agreement - p.routing_agreement, 0.0)
                 for m, p in alone.items()

@@ -121,6 +121,16 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def bundle_files(bundle_dir: Path) -> list[str]:
+    """Bundle-relative paths of every file a manifest records: subfolders included, the manifest itself and hidden
+    files (temporaries of atomic writes) excluded."""
+    return sorted(
+        p.relative_to(bundle_dir).as_posix()
+        for p in Path(bundle_dir).rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
+    )
+
+
 def file_record(bundle_dir: Path, relpath: str) -> dict[str, Any]:
     path = bundle_dir / relpath
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
