@@ -109,7 +109,11 @@ def test_fp8_share_of_the_real_config():
 def test_fp8_selection_runs_and_records_its_choice(tiny_checkpoint, tiny_reference, scales):
     """The whole selection at a small probe size (the goal itself is asserted by the slow tests below): every group
     gets a mode, the stored scales say the same, and `met` is the per-case-set rule."""
-    from nucleus_export.quant.sensitivity import FP8_ERROR_TARGET, PROBE_CASE_SEEDS, select_fp8_modes
+    from nucleus_export.quant.sensitivity import (
+        FP8_ERROR_TARGET,
+        PROBE_CASE_SEEDS,
+        select_fp8_modes,
+    )
 
     chosen, sensitivity = select_fp8_modes(tiny_checkpoint, scales, reference=tiny_reference, resolution=(128, 128))
     groups = gemm_groups(tiny_checkpoint.config)

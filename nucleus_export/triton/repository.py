@@ -170,7 +170,7 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
         if options.verify_checksums:
             verified.update(n for n in served if n in manifest.files)
             verify_files(bundle_dir, manifest, sorted(verified))
-        files = _inprocess_files(bundle_dir, manifest, options.platform, version_dir)
+        files = _inprocess_files(bundle_dir, manifest, options.platform, served, version_dir)
         # Files the backend reads must be recorded (the scheduler config only where recorded: older bundles have
         # none and the model falls back to the default settings).
         unrecorded = [n for n in served if n not in manifest.files and n not in (MANIFEST_NAME, SCHEDULER_CONFIG_NAME)]
@@ -225,17 +225,18 @@ def _graph_models(
     return files, plugin_relpath
 
 
-def _inprocess_files(bundle_dir: Path, manifest: Manifest, platform: str, version_dir: str) -> list[RepoFile]:
-    """inprocess layout: the files the runtime backend reads, under their bundle names in the version folder."""
+def _inprocess_files(bundle_dir: Path, manifest: Manifest, platform: str, served: list[str], version_dir: str) -> list[RepoFile]:
+    """inprocess layout: the files the runtime backend reads (`served`, factory.serving_files; load_manifest has
+    refused any path leading outside the bundle), under their bundle names in the version folder."""
     # Any engine the runtime loads is fine here, TensorRT-RTX ones included: the runtime's TensorRT backend loads
     # them with the library that built them (tensorrt_rtx), not with Triton's TensorRT backend.
     backend = configs.RUNTIME_BACKENDS[platform]
     files = []
-    for name in factory.serving_files(manifest, backend):
+    for name in served:
         path = bundle_dir / name
         if name == SCHEDULER_CONFIG_NAME and not path.is_file():
             continue  # older bundles: the model falls back to the default scheduler settings
-        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+        if not path.is_file():
             if platform == configs.TENSORRT_PLAN:
                 fix = f"build the engines ({_cli(BUILD)}), or serve the ONNX graphs with --platform onnxruntime."
             else:

@@ -30,11 +30,7 @@ ENCODER_HIDDEN_STATES_MASK = "encoder_hidden_states_mask"
 SAMPLE = "sample"
 
 TEXT_KV_INPUTS = (ENCODER_HIDDEN_STATES, TXT_ROPE_COS, TXT_ROPE_SIN)
-TEXT_KV_OUTPUTS = (TEXT_KV,)
 DENOISER_INPUTS = (HIDDEN_STATES, TIMESTEP, IMG_ROPE_COS, IMG_ROPE_SIN, TEXT_KV, ENCODER_HIDDEN_STATES_MASK)
-DENOISER_OUTPUTS = (SAMPLE,)
-GRAPH_INPUTS = {TEXT_KV_GRAPH: TEXT_KV_INPUTS, DENOISER_GRAPH: DENOISER_INPUTS}
-GRAPH_OUTPUTS = {TEXT_KV_GRAPH: TEXT_KV_OUTPUTS, DENOISER_GRAPH: DENOISER_OUTPUTS}
 
 # Host-side element types of every input fed from numpy (text_kv itself is in the graph's compute dtype, which the
 # manifest records). Names are numpy/ONNX type names.
@@ -195,5 +191,8 @@ def engine_onnx_file(unit: str) -> str:
     return unit + ENGINE_ONNX_SUFFIX
 
 
+PLAN_SUFFIX = ".plan"
+
+
 def plan_file(graph: str) -> str:
-    return f"{graph}.plan"
+    return graph + PLAN_SUFFIX

@@ -20,6 +20,7 @@ from nucleus_runtime.contract import (
     MANIFEST_NAME,
     MOE_PLUGIN,
     ONNXRUNTIME,
+    PLAN_SUFFIX,
     SCHEDULER_CONFIG_NAME,
     TENSORRT,
     is_weight_data,
@@ -31,7 +32,6 @@ from nucleus_runtime.errors import NucleusError
 # Runtime backend names (`Backend.name` of the ONNX Runtime backend; the TensorRT backend answers to either engine
 # library, see backends/tensorrt.py).
 BACKENDS = (ONNXRUNTIME, TENSORRT)
-ENGINE_SUFFIX = ".plan"
 
 
 def backend_files(manifest: Manifest, backend: str) -> list[str]:
@@ -50,7 +50,7 @@ def backend_files(manifest: Manifest, backend: str) -> list[str]:
         files = graphs + [f for f in recorded if is_weight_data(f)]
         defaults = [onnx_file(g) for g in GRAPHS] + [onnx_file(u) for u in units if u not in GRAPHS]
     elif backend == TENSORRT:
-        files = [f for f in recorded if f.endswith(ENGINE_SUFFIX)]
+        files = [f for f in recorded if f.endswith(PLAN_SUFFIX)]
         defaults = [plan_file(u) for u in units]
         if manifest.moe_lowering == MOE_PLUGIN and manifest.plugins and manifest.plugins.get("library"):
             library = [str(manifest.plugins["library"])]

@@ -264,7 +264,7 @@ class TensorRTBackend(Backend):
 
         library = plugins.bundle_plugin_library(self.bundle_dir, self.manifest)
         if verify_checksums:
-            records = [(self.manifest.engines or {}).get(Path(p).stem) or {} for p in plans]
+            records = [(self.manifest.engines or {}).get(unit) or {} for unit in units]
             refit = [r["refit_onnx"] for r in records if r.get("stripped")]
             data = [f for f in self.manifest.files if is_weight_data(f)] if refit else []
             verify_files(self.bundle_dir, self.manifest, plans + refit + data)
@@ -302,12 +302,14 @@ class TensorRTBackend(Backend):
 
     # ---- host <-> device ----------------------------------------------------------------------------------------
 
-    def _upload(self, engine: _Engine, name: str, array: np.ndarray) -> None:
-        """Copy a contiguous host array (see backends.base input helpers) into the engine's input buffer."""
+    def _upload(self, engine: _Engine, name: str, array: np.ndarray) -> int:
+        """Copy a contiguous host array (see backends.base input helpers) into the engine's input buffer; returns
+        the buffer's device address."""
         engine.context.set_input_shape(name, array.shape)
         buf = engine.buffer(name, array.nbytes)
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         _check(self.cudart.cudaMemcpyAsync(buf.ptr, array.ctypes.data, array.nbytes, kind, self._stream), "cudaMemcpyAsync")
+        return buf.ptr
 
     def copy_to_host(self, host: np.ndarray, ptr: int) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -398,7 +400,9 @@ class TensorRTBackend(Backend):
                     engine.context.set_input_shape(name, shape)
                     engine.context.set_tensor_address(name, ptr)
                 else:
-                    self._upload(engine, name, inputs[name])
+                    # Uploaded once per step: later segments reading the same host input bind this copy (one
+                    # stream, so it stays valid until the step's final synchronize).
+                    produced[name] = (self._upload(engine, name, inputs[name]), inputs[name].shape)
             for name in seg["outputs"]:
                 shape, dtype = engine.output_shape(name), engine.output_dtype(name)
                 produced[name] = (engine.buffer(name, int(np.prod(shape)) * dtype.itemsize).ptr, shape)
