@@ -479,6 +479,7 @@ def check_parity(
     note: str = "",
     baseline: bool = False,
     threads: int | None = None,
+    truth: ReferenceRunner | None = None,
 ) -> ParityReport:
     """Compare a bundle's graphs (or the given variants, e.g. lowered and emulated) with diffusers' forward.
 
@@ -492,6 +493,8 @@ def check_parity(
         cases: inputs (default: make_cases over the bundle's profiles, `case_set` "full" or "quick").
         baseline: also run diffusers in bf16 on every case and report it against the same float32 truth.
         threads: ONNX Runtime intra-op threads (results do not depend on it).
+        truth: the float32 reference runner to use (e.g. one that remembers its outputs across checks of the
+            same cases); default: one over `reference`.
 
     Returns:
         The report; nothing is written.
@@ -512,7 +515,7 @@ def check_parity(
         variants = variants_of(bundle_dir / f"{TEXT_KV}.onnx", load_model(bundle_dir / f"{DENOISER}.onnx"))
     graphs = OnnxGraphs(variants, threads)
     model = reference if reference is not None else load_reference(checkpoint)
-    truth = ReferenceRunner(model, config)
+    truth = truth or ReferenceRunner(model, config)
     weights = truth.gate_weights()
     low = ReferenceRunner(bf16_copy(model), config) if baseline else None
     layers = [str(k) for k in config.moe_layers]
