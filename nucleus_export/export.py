@@ -11,22 +11,17 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
 from nucleus_runtime import contract, rope
-from nucleus_runtime.atomic import atomic_dir
-from nucleus_runtime.bundle import (
-    Manifest,
-    Profiles,
-    TensorSpec,
-    bundle_files,
-    file_record,
-    write_atomic,
-)
+from nucleus_runtime.atomic import atomic_dir, write_atomic
+from nucleus_runtime.bundle import GraphIO, Manifest, Profiles, QuantizationRecord, SegmentRecord, StageRecord, TensorSpec
 from nucleus_runtime.contract import (
     BLOCK_OUTPUTS_METADATA,
     MANIFEST_NAME,
+    QUANT_RECIPE_NAME,
     SCHEDULER_CONFIG_NAME,
     block_output,
     external_data_file,
@@ -38,21 +33,19 @@ from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from rich.progress import Progress
 
 from nucleus_export import __version__
-from nucleus_export.engines.segments import segment_groups, write_segments
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.graph.builder import ONNX_TYPE_NAMES, GraphBuilder
 from nucleus_export.graph.denoiser import DenoiserBuilder
-from nucleus_export.graph.external_data import (
-    CheckpointLinks,
-    ExternalDataWriter,
-    check_model,
-)
+from nucleus_export.graph.external_data import CheckpointLinks, ExternalDataWriter, check_model
+from nucleus_export.graph.identity import record_bundle
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.graph.text_kv import build_text_kv
 from nucleus_export.log import console
-from nucleus_export.model.checkpoint import Checkpoint
+from nucleus_export.model.checkpoint import Checkpoint, WeightStore
+from nucleus_export.model.config import ModelConfig
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
+from nucleus_export.rewrites.segments import Segment, segment_groups, split_denoiser
 
 logger = logging.getLogger("nucleus_export")
 
@@ -68,7 +61,7 @@ class ExportOptions:
         max_batch: largest batch (2 = prompt and negative prompt as one batch).
         max_text_len: longest prompt in tokens; opt_text_len: typical prompt length (default min(128, max)).
         external_data: force (True) or forbid (False) ONNX external data; None decides by size.
-        segments: also cut the denoiser into this many segment graphs (engines/segments.py); None or 1: no cut.
+        segments: also cut the denoiser into this many segment graphs (rewrites/segments.py); None or 1: no cut.
         link_checkpoint: with external data, read weights the graphs use as the checkpoint stores them (same dtype)
             from hard links to its shards instead of copying them (graph.external_data).
     """
@@ -84,8 +77,8 @@ class ExportOptions:
     link_checkpoint: bool = True
 
 
-def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
-    config = checkpoint.config
+def build_profiles(config: ModelConfig, options: ExportOptions) -> Profiles:
+    """The shape ranges the graphs serve, every request the options make checked against the model."""
     if not options.resolutions:
         raise UsageError("no resolutions given.", "pass --resolutions HxW[,HxW...].")
     resolutions = list(dict.fromkeys(tuple(r) for r in options.resolutions))
@@ -125,7 +118,7 @@ def build_profiles(checkpoint: Checkpoint, options: ExportOptions) -> Profiles:
 
 def _tool_versions() -> dict[str, str]:
     versions = {"nucleus-export": __version__}
-    for dist in ("onnx", "onnxruntime", "torch", "diffusers", "numpy", "tensorrt", "tensorrt-rtx", "polygraphy"):
+    for dist in ("onnx", "onnxruntime", "torch", "diffusers", "numpy", "tensorrt", "tensorrt-rtx", contract.RUNTIME_DISTRIBUTION):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[dist] = importlib.metadata.version(dist)
     return versions
@@ -137,39 +130,51 @@ def _tool_versions() -> dict[str, str]:
 INLINE_WEIGHTS_MAX_BYTES = 256 << 20
 
 
-def _estimated_weight_bytes(checkpoint: Checkpoint, precision: GraphPrecision) -> int:
-    itemsize = precision.np_dtype.itemsize
-    return checkpoint.weights.num_parameters * itemsize
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What an export decides before writing anything, once per export or build: the profiles and whether weights
+    go to external data."""
+
+    profiles: Profiles
+    external: bool
 
 
-def _io_specs(model: onnx.ModelProto) -> dict[str, dict[str, TensorSpec]]:
+def plan_export(checkpoint: Checkpoint, options: ExportOptions) -> ExportPlan:
+    """Check the options against the model and decide the layout (cheap; refuses bad requests before any work)."""
+    profiles = build_profiles(checkpoint.config, options)
+    estimated = checkpoint.weights.num_parameters * options.precision.np_dtype.itemsize
+    external = options.external_data if options.external_data is not None else estimated > INLINE_WEIGHTS_MAX_BYTES
+    return ExportPlan(profiles, external)
+
+
+def _io_specs(model: onnx.ModelProto) -> GraphIO:
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         tensor = value.type.tensor_type
         dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
         return TensorSpec(ONNX_TYPE_NAMES[tensor.elem_type], dims)
 
-    return {
-        "inputs": {v.name: spec(v) for v in model.graph.input},
-        "outputs": {v.name: spec(v) for v in model.graph.output},
-    }
+    return GraphIO({v.name: spec(v) for v in model.graph.input}, {v.name: spec(v) for v in model.graph.output})
+
+
+GraphFiller = Callable[[GraphBuilder, LayerEmitter], None]
 
 
 def write_graph(
     out_dir: Path,
     name: str,
-    checkpoint: Checkpoint,
+    weights: WeightStore,
     precision: GraphPrecision,
-    build,
+    build: GraphFiller,
     external: bool,
     metadata: dict[str, str] | None = None,
     links: CheckpointLinks | None = None,
-) -> onnx.ModelProto:
+) -> GraphIO:
     """Build one graph with `build(builder, emitter)`, save it as `<name>.onnx` (+ `.onnx.data`, + tensors read from
     linked checkpoint shards when `links` is set), check it. `metadata` becomes the model's metadata_props."""
     writer = ExternalDataWriter(out_dir / external_data_file(name)) if external else None
     g = GraphBuilder(name, external_data=writer)
     try:
-        build(g, LayerEmitter(g, checkpoint.weights, precision, links))
+        build(g, LayerEmitter(g, weights, precision, links))
     finally:
         if writer:
             writer.close()
@@ -184,7 +189,8 @@ def write_graph(
         check_model(path)
     except onnx.checker.ValidationError as exc:
         raise NucleusExportError(f"the exported {name}.onnx fails the ONNX checker: {exc}", "report this as a bug.") from None
-    return model
+    logger.info("wrote %s (%d nodes)", path.name, len(model.graph.node))
+    return _io_specs(model)
 
 
 def refuse_existing(out_dir: Path, force: bool) -> None:
@@ -195,13 +201,6 @@ def refuse_existing(out_dir: Path, force: bool) -> None:
         raise UsageError(f"output folder {out_dir} already exists.", "pass --force to overwrite it, or choose another --out.")
 
 
-def atomic_output_dir(out_dir: Path, force: bool) -> contextlib.AbstractContextManager[Path]:
-    """A temporary sibling folder that replaces out_dir on success and is removed on failure or a signal (see
-    nucleus_runtime.atomic); an existing out_dir is refused unless force."""
-    refuse_existing(out_dir, force)
-    return atomic_dir(out_dir)
-
-
 def scheduler_config(checkpoint: Checkpoint) -> dict:
     """The pipeline's scheduler config when the model is a pipeline root, else the Nucleus default."""
     if checkpoint.scheduler_dir and (checkpoint.scheduler_dir / SCHEDULER_CONFIG_NAME).is_file():
@@ -209,81 +208,86 @@ def scheduler_config(checkpoint: Checkpoint) -> dict:
     return dict(DEFAULT_SCHEDULER_CONFIG)
 
 
-def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOptions) -> Manifest:
-    """Write graphs, scheduler config and manifest into an existing (temporary) folder."""
-    config = checkpoint.config
-    profiles = build_profiles(checkpoint, options)
-    precision = options.precision
-    external = (
-        options.external_data
-        if options.external_data is not None
-        else _estimated_weight_bytes(checkpoint, precision) > INLINE_WEIGHTS_MAX_BYTES
-    )
+def write_graphs(out_dir: Path, checkpoint: Checkpoint, options: ExportOptions, plan: ExportPlan) -> dict[str, GraphIO]:
+    """Write the stages' graphs, the scheduler config and the quantization recipe into an existing (temporary)
+    folder; returns each graph's io."""
+    config, precision = checkpoint.config, options.precision
     logger.info(
         "exporting %s layers (%d MoE) at %s, %d resolutions, external data: %s",
-        config.num_layers,
-        len(config.moe_layers),
-        precision.label,
-        len(profiles.resolutions),
-        "yes" if external else "no",
+        config.num_layers, len(config.moe_layers), precision.label, len(plan.profiles.resolutions),
+        "yes" if plan.external else "no",
     )
+    links = CheckpointLinks(out_dir) if plan.external and options.link_checkpoint else None
+    # The residual stream after each block (named by the contract): where the denoiser may be cut.
+    metadata = {BLOCK_OUTPUTS_METADATA: json.dumps([block_output(i) for i in range(config.num_layers)])}
     io = {}
-    links = CheckpointLinks(out_dir) if external and options.link_checkpoint else None
     with Progress(console=console, transient=True) as progress:
         for name in (TEXT_KV, DENOISER):
-            task = progress.add_task(f"export {name}.onnx", total=config.num_layers)
+            task = progress.add_task(f"export {onnx_file(name)}", total=config.num_layers)
 
             def advance(_idx: int, task=task) -> None:
                 progress.advance(task)
 
             if name == TEXT_KV:
                 # text_kv runs once per prompt: never quantized.
-                model = write_graph(
-                    out_dir, name, checkpoint, GraphPrecision(precision.compute), lambda g, e: build_text_kv(g, e, config, advance), external,
-                    links=links,
-                )
+                io[name] = write_graph(out_dir, name, checkpoint.weights, precision.unquantized(),
+                                       lambda g, e: build_text_kv(g, e, config, advance), plan.external, links=links)
             else:
-                # The residual stream after each block (named by the contract): where the graph may be cut.
-                metadata = {BLOCK_OUTPUTS_METADATA: json.dumps([block_output(i) for i in range(config.num_layers)])}
-
                 def build_denoiser(g: GraphBuilder, e: LayerEmitter, advance=advance) -> None:
-                    DenoiserBuilder(g, e, config, profiles.image_tokens[2]).build(advance)
+                    DenoiserBuilder(g, e, config, plan.profiles.image_tokens[2]).build(advance)
 
-                model = write_graph(out_dir, name, checkpoint, precision, build_denoiser, external, metadata, links)
-            io[name] = _io_specs(model)
-            logger.info("wrote %s.onnx (%d nodes)", name, len(model.graph.node))
-            del model
-    groups = segment_groups(config.num_layers, options.segments)
-    segments = None if groups is None else {DENOISER: write_segments(out_dir, groups)}
-    write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
+                io[name] = write_graph(out_dir, name, checkpoint.weights, precision, build_denoiser, plan.external,
+                                       metadata, links)
     if links is not None:
         logger.info("graph weights stored as the checkpoint stores them: read from %d hard-linked shards", len(links.files))
-    quantization = None
-    if precision.fp8:
-        write_atomic(out_dir / "fp8_scales.json", precision.fp8.to_json())
-        quantization = {
-            "scheme": "fp8_e4m3",
-            "weights": "per output channel (per expert and channel for routed experts), from the weights",
-            "activations": "per tensor, calibrated (W8A8 GEMMs; FP8-weight-only GEMMs take activations in the compute precision)",
-            "scales_file": "fp8_scales.json",
-            "calibration": precision.fp8.calibration,
-            "fp8_weights_only": list(precision.fp8.weight_only),
-            "not_quantized": [
-                *precision.fp8.keep,
-                "router gate", "norms", "softmax", "rope", "timestep/modulation/io projections", "text_kv",
-            ],
-        }
+    write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
+    if precision.recipe is not None:
+        write_atomic(out_dir / QUANT_RECIPE_NAME, precision.recipe.to_json())
+    return io
+
+
+def write_segments(out_dir: Path, groups: Sequence[tuple[int, int]], graph: str = DENOISER) -> list[Segment]:
+    """Cut `<graph>.onnx` of a bundle into `<graph>.seg<k>.onnx` files beside it (same external data, no copy);
+    returns the segments in execution order."""
+    model = onnx.load(str(Path(out_dir) / onnx_file(graph)), load_external_data=False)
+    segments = []
+    for seg_model, seg in split_denoiser(model, groups, graph):
+        onnx.save_model(seg_model, str(Path(out_dir) / onnx_file(seg.name)))
+        segments.append(seg)
+    return segments
+
+
+def write_manifest(
+    out_dir: Path,
+    checkpoint: Checkpoint,
+    options: ExportOptions,
+    plan: ExportPlan,
+    io: dict[str, GraphIO],
+    segments: dict[str, list[Segment]],
+) -> Manifest:
+    """Hash the bundle (every file, and the identity of exactly what each graph reads, in one pass) and write its
+    manifest."""
+    graphs = [onnx_file(g) for g in io] + [onnx_file(s.name) for segs in segments.values() for s in segs]
+    files, digests = record_bundle(out_dir, graphs)
+    stages = {
+        graph: StageRecord(
+            io=io[graph],
+            digest=digests[onnx_file(graph)],
+            segments=[SegmentRecord(s.name, s.blocks, s.inputs, s.outputs, digests[onnx_file(s.name)])
+                      for s in segments.get(graph, [])],
+        )
+        for graph in io
+    }
+    precision = options.precision
     manifest = Manifest(
-        model_config=config.to_dict(),
-        config_hash=config.config_hash(),
+        model_config=checkpoint.config.to_dict(),
+        config_hash=checkpoint.config.config_hash(),
         precision=precision.compute,
-        moe_lowering=contract.MOE_FUNCTIONS,
-        profiles=profiles,
-        io=io,
-        files={f: file_record(out_dir, f) for f in bundle_files(out_dir)},
-        quantization=quantization,
+        profiles=plan.profiles,
+        stages=stages,
+        files=files,
+        quantization=QuantizationRecord(precision.scheme) if precision.scheme else None,
         tools=_tool_versions(),
-        segments=segments,
     )
     write_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     return manifest
@@ -291,7 +295,12 @@ def write_bundle_files(out_dir: Path, checkpoint: Checkpoint, options: ExportOpt
 
 def export_bundle(checkpoint: Checkpoint, out_dir: Path, options: ExportOptions, force: bool = False) -> Manifest:
     """Export a checkpoint into a new bundle folder (atomically; refuses an existing folder unless force)."""
-    with atomic_output_dir(out_dir, force) as tmp:
-        manifest = write_bundle_files(tmp, checkpoint, options)
+    plan = plan_export(checkpoint, options)
+    refuse_existing(out_dir, force)
+    with atomic_dir(out_dir) as tmp:
+        io = write_graphs(tmp, checkpoint, options, plan)
+        groups = segment_groups(checkpoint.config.num_layers, options.segments)
+        segments = {} if groups is None else {DENOISER: write_segments(tmp, groups)}
+        manifest = write_manifest(tmp, checkpoint, options, plan, io, segments)
     logger.info("bundle written to %s", out_dir)
     return manifest

@@ -11,21 +11,15 @@ from nucleus_runtime.bundle import load_manifest, verify_files
 from nucleus_runtime.contract import engine_onnx_file
 from nucleus_runtime.errors import NucleusError
 
+from nucleus_runtime.bundle import LoweringRecord
+
+from nucleus_export.build import BuildOptions, build_bundle, write_engine_graph
 from nucleus_export.cli import main
-from nucleus_export.engines.engine import (
-    BuildSettings,
-    EngineFromOnnx,
-    NetworkFromOnnxPath,
-    onnx_input_shapes,
-    profile_shapes,
-)
-from nucleus_export.engines.pipeline import (
-    BuildOptions,
-    build_bundle,
-    prepare_graph,
-)
+from nucleus_export.engines.flavors import resolve_flavor
+from nucleus_export.engines.loaders import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
+from nucleus_export.engines.profiles import dim_ranges_from_profiles, onnx_input_shapes, profile_shapes
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.export import ExportOptions
+from nucleus_export.export import ExportOptions, build_profiles
 from nucleus_export.graph.precision import GraphPrecision
 
 pytest.importorskip("tensorrt_rtx")
@@ -41,17 +35,18 @@ def _export_options(precision: GraphPrecision) -> ExportOptions:
     return ExportOptions(precision=precision, resolutions=RESOLUTIONS, max_text_len=64, opt_text_len=16)
 
 
-def _fp8_scales(checkpoint, tiny_reference):
+def _fp8_recipe(checkpoint, tiny_reference):
     from nucleus_export.quant import calibrate_fp8
 
-    return calibrate_fp8(checkpoint, _export_options(GraphPrecision("bf16")), size=4, steps=4, reference=tiny_reference)
+    profiles = build_profiles(checkpoint.config, _export_options(GraphPrecision("bf16")))
+    return calibrate_fp8(checkpoint, profiles, size=4, steps=4, reference=tiny_reference)
 
 
 @pytest.fixture(scope="module")
 def bf16_build(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "tiny-bf16"
     manifest, reports, parity = build_bundle(
-        tiny_checkpoint, out, _export_options(GraphPrecision("bf16")), BuildOptions(backend="tensorrt-rtx")
+        tiny_checkpoint, out, _export_options(GraphPrecision("bf16")), BuildOptions(flavor="tensorrt-rtx")
     )
     return out, manifest, {r.graph: r for r in reports}, parity
 
@@ -60,9 +55,9 @@ def bf16_build(tiny_checkpoint, tmp_path_factory):
 def fp8_build(tiny_checkpoint, tiny_reference, tmp_path_factory):
     options = _export_options(GraphPrecision("bf16"))
     work = tmp_path_factory.mktemp("engines")
-    options.precision = GraphPrecision("bf16", _fp8_scales(tiny_checkpoint, tiny_reference))
+    options.precision = GraphPrecision("bf16", _fp8_recipe(tiny_checkpoint, tiny_reference))
     out = work / "tiny-fp8"
-    manifest, reports, parity = build_bundle(tiny_checkpoint, out, options, BuildOptions(backend="tensorrt-rtx"))
+    manifest, reports, parity = build_bundle(tiny_checkpoint, out, options, BuildOptions(flavor="tensorrt-rtx"))
     return out, manifest, {r.graph: r for r in reports}, parity
 
 
@@ -80,9 +75,9 @@ def test_bf16_bundle(bf16_build):
     assert {p.name for p in out.iterdir()} >= {"text_kv.plan", "denoiser.plan", "build_log.json", "parity.json"}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftover lowered graphs
     verify_files(out, load_manifest(out))  # every file, the plans included, is recorded with its checksum
-    assert manifest.moe_lowering == "native"
-    assert manifest.engines["denoiser"]["backend"] == "tensorrt-rtx"
-    assert manifest.engines["denoiser"]["compute_capabilities"]
+    assert manifest.engine("denoiser").lowering.moe == "native"
+    assert manifest.engine("denoiser").flavor == "tensorrt-rtx"
+    assert manifest.engine("denoiser").compute_capabilities
     denoiser = reports["denoiser"].network
     # Strongly typed: GEMMs in bf16, except the router gates, which stay float32; no Q/DQ without --fp8.
     assert denoiser.num_quantize == denoiser.num_dequantize == 0
@@ -97,14 +92,14 @@ def test_bf16_bundle(bf16_build):
     assert "ROTARY_EMBEDDING" in denoiser.layer_types
     # The exact ONNX each engine was built from stays in the bundle, recorded in the manifest.
     for graph in ("text_kv", "denoiser"):
-        assert manifest.engines[graph]["onnx"] == engine_onnx_file(graph) and (out / engine_onnx_file(graph)).is_file()
-    combine = manifest.engines["denoiser"]["combine"]
-    assert combine["requested"] == "auto" and combine["formulation"] in ("onehot", "chain")
+        assert engine_onnx_file(graph) in manifest.files and (out / engine_onnx_file(graph)).is_file()
+    assert manifest.engine("denoiser").lowering.combine in ("onehot", "chain")
     # Optimization profile: batch 1..2 (opt 2), image tokens over the served grids, opt at the largest one here.
     lo, opt, hi = reports["denoiser"].profile["hidden_states"]
     assert (lo[0], opt[0], hi[0]) == (1, 2, 2)
     assert (lo[1], hi[1]) == (60, 64) and lo[1] <= opt[1] <= hi[1]
     log = json.loads((out / "build_log.json").read_text())
+    assert log["combine"]["requested"] == "auto" and log["combine"]["formulation"] == manifest.engine("denoiser").lowering.combine
     for graph in ("text_kv", "denoiser"):
         entry = log["engines"][graph]
         assert entry["network"]["num_layers"] > 0 and entry["engine_bytes"] == (out / f"{graph}.plan").stat().st_size
@@ -139,7 +134,8 @@ def test_fp8_qdq_placement(fp8_build):
         assert gate.fp8_inputs == [False, False] and gate.input_dtypes == ["FLOAT", "FLOAT"]
     # The text K/V graph runs once per prompt and is not quantized.
     assert reports["text_kv"].network.num_quantize == 0
-    assert (out / "fp8_scales.json").is_file() and manifest.quantization["scales_file"] == "fp8_scales.json"
+    assert (out / "fp8_scales.json").is_file() and "fp8_scales.json" in manifest.files
+    assert manifest.quantization.scheme == "fp8_e4m3" and manifest.precision_label == "bf16+fp8"
 
 
 def test_fp8_quality_report(fp8_build):
@@ -182,13 +178,11 @@ def test_cli_build_and_force(tmp_path, capsys):
 
 def test_engine_loader_rejects_inverted_profile(bf16_build, tmp_path):
     """The engine loader validates shapes itself, whatever produced them."""
-    from nucleus_export.engines.backends import resolve_backend
-
     path = bf16_build[0] / engine_onnx_file("text_kv")
     shapes = profile_shapes(onnx_input_shapes(path), {"batch": (1, 2, 2), "text_len": (1, 16, 64)})
     lo, opt, hi = shapes["encoder_hidden_states"]
     shapes["encoder_hidden_states"] = (hi, opt, lo)
-    loader = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path), BuildSettings(shapes),
+    loader = EngineFromOnnx(NetworkFromOnnxPath(resolve_flavor("tensorrt-rtx"), path), BuildSettings(shapes),
                             tmp_path / "x.plan", "text_kv")
     with pytest.raises(NucleusExportError, match="impossible profile"):
         loader()
@@ -198,31 +192,34 @@ def test_engine_loader_rejects_inverted_profile(bf16_build, tmp_path):
 def test_plugin_graph_parses_only_with_the_plugin_library(bf16_build, tmp_path):
     """The plugin-prepared denoiser has no reference bodies to fall back on: without the nucleus creators (namespace
     "nucleus"), TensorRT-RTX's parser stops at the MoE nodes and the error says to load the library."""
-    from nucleus_export.engines.backends import resolve_backend
-
     shutil.copy(bf16_build[0] / "denoiser.onnx", tmp_path)  # the tiny model's weights are embedded
-    path = prepare_graph(tmp_path, "denoiser", "plugin")
+    path = write_engine_graph(tmp_path, "denoiser", LoweringRecord("plugin"), 8)
     with pytest.raises(NucleusExportError, match="Plugin not found") as info:
-        NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path, plugin_override=True)()
+        NetworkFromOnnxPath(resolve_flavor("tensorrt-rtx"), path, plugin_override=True)()
     assert "--plugins" in info.value.fix
 
 
 def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
     """--moe plugin bundles ship the library at the path the runtime looks for, with its checksum in the manifest."""
-    from nucleus_runtime.bundle import sha256_file
+    import dataclasses
 
-    from nucleus_export.engines.pipeline import bundle_plugin_library, refresh_manifest
+    from nucleus_runtime.atomic import write_atomic
+    from nucleus_runtime.bundle import PluginRecord, sha256_file
+
+    from nucleus_export.build import copy_plugin_library
+    from nucleus_export.graph.identity import record_bundle
 
     library = tmp_path / "libcustom_name.so"
     library.write_bytes(b"stand-in for the plugin library")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    info = bundle_plugin_library(bundle, library, sha256_file(library))
-    manifest = refresh_manifest(bundle, bf16_build[1], moe_lowering="plugin", plugins=info)
+    info = copy_plugin_library(bundle, library, sha256_file(library))
+    files, _ = record_bundle(bundle, [])
+    manifest = dataclasses.replace(bf16_build[1], plugins=info, files=files)
+    write_atomic(bundle / "manifest.json", manifest.to_json())
     relpath = "plugins/libnucleus_trt_plugins.so"
-    assert info == {"library": relpath, "sha256": sha256_file(library), "ops": ["ExpertChoiceRouter", "MoECombine"],
-                    "namespace": "nucleus", "version": "1"}
-    assert load_manifest(bundle).plugins == info and manifest.files[relpath]["sha256"] == info["sha256"]
+    assert info == PluginRecord(relpath, ["ExpertChoiceRouter", "MoECombine"], "nucleus", "1")
+    assert load_manifest(bundle).plugins == info and manifest.files[relpath].sha256 == sha256_file(library)
     verify_files(bundle, load_manifest(bundle))
     (bundle / relpath).write_bytes(b"changed")
     with pytest.raises(NucleusError, match="does not match its checksum"):
@@ -232,14 +229,11 @@ def test_plugin_library_recorded_in_manifest(bf16_build, tmp_path):
 @pytest.mark.parametrize("combine", ["onehot", "chain"])
 def test_both_combine_formulations_build(bf16_build, tmp_path, combine):
     """Each native combine parses into native layers and builds with TensorRT-RTX over the bundle's profile."""
-    from nucleus_export.engines.backends import resolve_backend
-    from nucleus_export.engines.engine import dim_ranges_from_profiles
-
     out, manifest = bf16_build[0], bf16_build[1]
     shutil.copy(out / "denoiser.onnx", tmp_path)
-    path = prepare_graph(tmp_path, "denoiser", "native", combine)
+    path = write_engine_graph(tmp_path, "denoiser", LoweringRecord("native", combine), 8)
     shapes = profile_shapes(onnx_input_shapes(path), dim_ranges_from_profiles(manifest.profiles))
-    report = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path), BuildSettings(shapes),
+    report = EngineFromOnnx(NetworkFromOnnxPath(resolve_flavor("tensorrt-rtx"), path), BuildSettings(shapes),
                             tmp_path / "denoiser.plan", "denoiser")()
     assert report.engine_bytes > 0 and not report.network.plugin_layers
     gemms_with_one_hot = [g for g in report.network.gemms if "combined" in g.name]
@@ -247,9 +241,9 @@ def test_both_combine_formulations_build(bf16_build, tmp_path, combine):
 
 
 def test_inspect_built_bundle_counts_fused_attention(bf16_build):
-    from nucleus_export.engines.bundle_cost import bundle_cost
+    from nucleus_export.costs.bundle_cost import bundle_cost
 
     report = bundle_cost(bf16_build[0], "h100")
     assert report.engine_onnx == engine_onnx_file("denoiser") and not report.notes
     assert report.fused_attention_layers == report.blocks == 5
-    assert report.combine == bf16_build[1].engines["denoiser"]["combine"]["formulation"]
+    assert report.combine == bf16_build[1].engine("denoiser").lowering.combine

@@ -11,13 +11,12 @@ import pytest
 from nucleus_runtime.bundle import Profiles
 
 from nucleus_export.cli import main
-from nucleus_export.engines import backends
-from nucleus_export.engines.backends import resolve_backend
-from nucleus_export.engines.engine import (
-    dim_ranges_from_profiles,
-    profile_shapes,
-    validate_dim_ranges,
-)
+from nucleus_runtime import gpu
+from nucleus_runtime.errors import NucleusError
+
+from nucleus_export.engines.flavors import TensorRTFlavor, resolve_flavor
+from nucleus_export.engines.plugins import load_plugins
+from nucleus_export.engines.profiles import profile_shapes, validate_dim_ranges
 from nucleus_export.errors import NucleusExportError, UsageError
 
 pytest.importorskip("tensorrt_rtx")
@@ -34,18 +33,18 @@ def no_tensorrt(monkeypatch):
 
 def test_no_tensorrt_names_the_extras(no_tensorrt):
     with pytest.raises(NucleusExportError) as info:
-        resolve_backend("auto")
-    assert "nucleus-export[rtx]" in str(info.value) and "nucleus-export[trt]" in str(info.value)
-    with pytest.raises(NucleusExportError, match=r"nucleus-export\[rtx\]"):
-        resolve_backend("tensorrt-rtx")
-    with pytest.raises(NucleusExportError, match=r"nucleus-export\[trt\]"):
-        resolve_backend("tensorrt")
+        resolve_flavor("auto")
+    assert "nucleus-export[tensorrt-rtx]" in str(info.value) and "nucleus-export[tensorrt]" in str(info.value)
+    with pytest.raises(NucleusExportError, match=r"nucleus-export\[tensorrt-rtx\]"):
+        resolve_flavor("tensorrt-rtx")
+    with pytest.raises(NucleusExportError, match=r"nucleus-export\[tensorrt\]"):
+        resolve_flavor("tensorrt")
 
 
 def test_cli_without_tensorrt_fails_before_exporting(no_tensorrt, tmp_path, capsys):
     assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
-    assert "nucleus-export[rtx]" in err and "Traceback" not in err
+    assert "nucleus-export[tensorrt-rtx]" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
 
 
@@ -57,22 +56,31 @@ def test_full_tensorrt_without_gpu_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_rtx)
     monkeypatch.setenv("NUCLEUS_EXPORT_ASSUME_NO_GPU", "1")
     with pytest.raises(NucleusExportError, match="needs a CUDA GPU") as info:
-        resolve_backend("tensorrt")
+        resolve_flavor("tensorrt")
     assert "tensorrt-rtx" in str(info.value)
     # auto falls back to TensorRT-RTX, which builds on the CPU.
-    assert resolve_backend("auto").name == "tensorrt-rtx"
+    assert resolve_flavor("auto").name == "tensorrt-rtx"
 
 
-def test_gpu_probe_matches_this_machine():
-    count = backends.cuda_device_count()
-    assert count >= 0
+def test_gpu_probe_reads_the_driver_and_cuda_visible_devices(tmp_path, monkeypatch):
     if shutil.which("nvidia-smi") is None and not Path("/dev/nvidia0").exists():
-        assert count == 0
+        assert gpu.cuda_device_count() == 0
+    # A driver with three GPUs, narrowed as the CUDA runtime narrows it.
+    for index in range(3):
+        (tmp_path / f"0000:0{index}:00.0").mkdir()
+    monkeypatch.setattr(gpu, "NVIDIA_PROC_GPUS", tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu.cuda_device_count() == 3
+    for visible, expected in (("1", 1), ("0,2", 2), ("", 0), ("-1", 0), ("0,-1,2", 1), ("GPU-abc,MIG-def", 2)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert gpu.cuda_device_count() == expected, visible
+    monkeypatch.setenv("NUCLEUS_EXPORT_ASSUME_NO_GPU", "1")
+    assert gpu.cuda_device_count() == 0
 
 
 def test_unknown_backend():
     with pytest.raises(UsageError):
-        resolve_backend("tensorflow")
+        resolve_flavor("tensorflow")
 
 
 def test_plugin_lowering_needs_a_library(tmp_path, capsys):
@@ -91,9 +99,7 @@ def test_plugins_refused_with_tensorrt_rtx(tmp_path, capsys):
 
 
 def _load_into_rtx(library: Path) -> None:
-    from nucleus_export.engines.engine import load_plugins
-
-    load_plugins(resolve_backend("tensorrt-rtx"), library)
+    load_plugins(resolve_flavor("tensorrt-rtx"), library)
 
 
 def test_missing_plugin_library(tmp_path):
@@ -146,15 +152,13 @@ def test_registry_without_the_nucleus_ops(tmp_path):
 
     from nucleus_runtime.plugins import ENTRY_SYMBOLS, PLUGIN_NAMES
 
-    from nucleus_export.engines.engine import load_plugins
-
     library = tmp_path / "libnucleus_trt_plugins.so"
     elf_shared_object = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + (3).to_bytes(2, "little")
     library.write_bytes(elf_shared_object + b"\0".join(n.encode() for n in (*PLUGIN_NAMES, *ENTRY_SYMBOLS)))
     fake_trt = SimpleNamespace(get_plugin_registry=_LoadsNothing)
-    backend = backends.Backend(backends.TENSORRT_RTX, fake_trt, "0")
+    flavor = TensorRTFlavor("tensorrt-rtx", fake_trt, "0")
     with pytest.raises(NucleusExportError, match="no creator for ExpertChoiceRouter, MoECombine") as info:
-        load_plugins(backend, library)
+        load_plugins(flavor, library)
     assert "namespace 'nucleus', version '1'" in info.value.problem
     assert info.value.fix.endswith("or use --moe native.")
 
@@ -163,10 +167,9 @@ def test_registry_without_the_nucleus_ops(tmp_path):
 def test_impossible_profile_ranges(bad):
     with pytest.raises(NucleusExportError, match="profile range"):
         validate_dim_ranges({"batch": bad})
-    # The build validates a bundle's ranges once, where it derives them from the profiles.
-    profiles = Profiles(batch=bad, text_len=(1, 2, 3), resolutions=[(16, 16)], grids=[(1, 1)], opt_resolution=(16, 16))
-    with pytest.raises(NucleusExportError, match="profile range"):
-        dim_ranges_from_profiles(profiles)
+    # A bundle's profiles refuse the same ranges where they are made (and read back from a manifest).
+    with pytest.raises(NucleusError, match="profiles.batch"):
+        Profiles(batch=bad, text_len=(1, 2, 3), resolutions=[(16, 16)], grids=[(1, 1)], opt_resolution=(16, 16))
 
 
 def test_profile_needs_every_symbolic_dim():

@@ -10,20 +10,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.contract import COMBINE_OP, ROUTER_OP
+from nucleus_runtime.contract import CUSTOM_OPS as MOE_OPS
+from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
 from nucleus_runtime.plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from onnx import TensorProto, helper, numpy_helper
 
-from nucleus_export.engines.lowering import (
-    COMBINE_OP,
-    MOE_OPS,
-    NUCLEUS_DOMAIN,
-    ROUTER_OP,
-    broadcast_attention_masks,
-    count_moe_nodes,
-    lower_moe_native,
-    prepare_for_plugins,
-)
-from nucleus_export.parity.emulation import emulate_bf16_in_fp32
+from nucleus_export.rewrites.attention_masks import broadcast_attention_masks
+from nucleus_export.rewrites.bf16_emulation import emulate_bf16_in_fp32
+from nucleus_export.rewrites.moe_lowering import count_moe_nodes, lower_moe_native, prepare_for_plugins
+
+TINY_EXPERTS = 8
 
 # Ops TensorRT's parser rejects or cannot build with a dynamic S: none may survive the native lowering.
 FORBIDDEN_AFTER_LOWERING = {"OneHot", "NonZero", "Loop", "If"}
@@ -65,7 +62,7 @@ def fp32_denoiser(tiny_bundle) -> onnx.ModelProto:
 def test_native_lowering_removes_custom_ops_and_functions(fp32_denoiser):
     counts = count_moe_nodes(fp32_denoiser)
     assert counts[ROUTER_OP] == 2 and counts[COMBINE_OP] == 2  # tiny model: blocks 3 and 4 are MoE
-    lowered = lower_moe_native(fp32_denoiser)
+    lowered = lower_moe_native(fp32_denoiser, "onehot", TINY_EXPERTS)
     onnx.checker.check_model(lowered, full_check=True)
     assert all(n.domain != NUCLEUS_DOMAIN for n in lowered.graph.node)
     assert not [f for f in lowered.functions if f.domain == NUCLEUS_DOMAIN]
@@ -88,7 +85,7 @@ def test_native_lowering_is_exact_in_onnx_runtime(fp32_denoiser, tiny_bundle, ba
     assert manifest.profiles.image_tokens[0] <= tokens <= manifest.profiles.image_tokens[2]
     router_outputs = [o for n in fp32_denoiser.graph.node if n.op_type == ROUTER_OP for o in n.output]
     original = _session(_with_router_outputs(fp32_denoiser, router_outputs))
-    lowered = _session(_with_router_outputs(lower_moe_native(fp32_denoiser, combine), router_outputs))
+    lowered = _session(_with_router_outputs(lower_moe_native(fp32_denoiser, combine, TINY_EXPERTS), router_outputs))
     feeds = _denoiser_feeds(fp32_denoiser, batch, tokens, text_len, seed=tokens)
     names = ["sample", *router_outputs]
     expected = dict(zip(names, original.run(names, feeds)))
@@ -116,7 +113,7 @@ def test_attention_masks_reach_tensorrt_unexpanded(fp32_denoiser):
 
 def _router_model(score_function: str, num: int, den: int) -> onnx.ModelProto:
     """A graph of one router node with the exported reference body, for odd capacity fractions."""
-    from nucleus_export.graph.moe_ops import router_function
+    from nucleus_export.moe.expert_choice import router_function
 
     node = helper.make_node(
         ROUTER_OP, ["logits"], ["idx", "gating"], domain=NUCLEUS_DOMAIN, name="router",
@@ -137,7 +134,7 @@ def _router_model(score_function: str, num: int, den: int) -> onnx.ModelProto:
 @pytest.mark.parametrize(("score_function", "num", "den"), [("softmax", 3, 2), ("sigmoid", 1, 3), ("softmax", 8, 1)])
 def test_router_lowering_capacity_and_gating(score_function, num, den):
     model = _router_model(score_function, num, den)
-    reference, lowered = _session(model), _session(lower_moe_native(model))
+    reference, lowered = _session(model), _session(lower_moe_native(model, "onehot", 8))
     rng = np.random.default_rng(num * 10 + den)
     for tokens in (1, 5, 13, 64):
         logits = (3 * rng.standard_normal((2, tokens, 8))).astype(np.float32)
@@ -229,7 +226,9 @@ def test_engine_onnx_shares_the_external_data(tiny_checkpoint, tmp_path):
     file, and the linked checkpoint shards where the graph uses the checkpoint's tensors as stored."""
     from nucleus_runtime.contract import engine_onnx_file
 
-    from nucleus_export.engines.pipeline import prepare_graph
+    from nucleus_runtime.bundle import LoweringRecord
+
+    from nucleus_export.build import write_engine_graph
     from nucleus_export.export import ExportOptions, export_bundle
     from nucleus_export.graph.external_data import load_model
 
@@ -241,7 +240,7 @@ def test_engine_onnx_shares_the_external_data(tiny_checkpoint, tmp_path):
         bundle = tmp_path / weights
         options = ExportOptions(resolutions=[(128, 128)], max_text_len=16, external_data=True, link_checkpoint=link)
         export_bundle(tiny_checkpoint, bundle, options)
-        path = prepare_graph(bundle, "denoiser", "native", "chain")
+        path = write_engine_graph(bundle, "denoiser", LoweringRecord("native", "chain"), TINY_EXPERTS)
         assert path == bundle / engine_onnx_file("denoiser")
         assert locations(path) == locations(bundle / "denoiser.onnx")
         assert (locations(path) == {"denoiser.onnx.data"}) != link

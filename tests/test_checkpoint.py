@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.model.checkpoint import INDEX_NAME, open_checkpoint, open_model
+from nucleus_export.model.checkpoint import INDEX_NAME, open_checkpoint
+from nucleus_export.model.specs import open_model
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.model.tiny import TINY_CONFIG, write_checkpoint
 

@@ -10,10 +10,12 @@ import pytest
 from nucleus_runtime.contract import COMBINE_OP, DOMAIN, DOMAIN_VERSION
 from onnx import TensorProto, helper
 
-from nucleus_export.engines.lowering import COMBINE_FORMULATIONS, lower_moe_native
-from nucleus_export.graph.builder import OPSET
-from nucleus_export.graph.moe_ops import combine_function
-from nucleus_export.parity.emulation import emulate_bf16_in_fp32
+from nucleus_runtime.contract import ONNX_OPSET as OPSET
+
+from nucleus_export.moe.combine import FORMULATIONS as COMBINE_FORMULATIONS
+from nucleus_export.moe.combine import combine_function
+from nucleus_export.rewrites.bf16_emulation import emulate_bf16_in_fp32
+from nucleus_export.rewrites.moe_lowering import lower_moe_native
 
 DTYPES = {"fp32": (TensorProto.FLOAT, np.float32), "bf16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16)}
 
@@ -74,7 +76,7 @@ CONFIGS = [(1, 16, 4, 4, 8), (2, 37, 8, 10, 16), (2, 64, 6, 32, 8), (1, 9, 1, 9,
 def test_combine_matches_reference_fp32(combine, config):
     batch, tokens, experts, capacity, hidden = config
     model = _combine_model(experts, hidden, TensorProto.FLOAT)
-    lowered = lower_moe_native(model, combine=combine)
+    lowered = lower_moe_native(model, combine, experts)
     onnx.checker.check_model(lowered, full_check=True)
     assert {n.op_type for n in lowered.graph.node}.isdisjoint({COMBINE_OP, "ScatterElements"})
     feeds = _feeds(batch, tokens, experts, capacity, hidden, np.float32, seed=sum(config))
@@ -93,12 +95,12 @@ def test_chain_combine_matches_reference_bf16(config):
     model = _combine_model(experts, hidden, TensorProto.BFLOAT16)
     feeds = _feeds(batch, tokens, experts, capacity, hidden, ml_dtypes.bfloat16, seed=sum(config))
     expected = _run(model, feeds)
-    np.testing.assert_array_equal(_run(lower_moe_native(model, combine="chain"), feeds), expected)
+    np.testing.assert_array_equal(_run(lower_moe_native(model, "chain", experts), feeds), expected)
     # The one-hot GEMM (no bf16 MatMul on ORT's CPU: emulated) rounds the expert sum once more before the shared add.
-    onehot = _run(emulate_bf16_in_fp32(lower_moe_native(model, combine="onehot")), feeds)
+    onehot = _run(emulate_bf16_in_fp32(lower_moe_native(model, "onehot", experts)), feeds)
     np.testing.assert_allclose(onehot, expected, rtol=0, atol=2e-2 * float(np.abs(expected).max()))
 
 
 def test_unknown_formulation_is_refused():
     with pytest.raises(ValueError, match="unknown combine"):
-        lower_moe_native(_combine_model(2, 4, TensorProto.FLOAT), combine="sorted")
+        lower_moe_native(_combine_model(2, 4, TensorProto.FLOAT), "sorted", 2)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nucleus_export.engines import cost
+from nucleus_export.costs import combine as cost
+from nucleus_export.costs import roofline
 from nucleus_export.model.config import ModelConfig
 
 # The real Nucleus-Image architecture (DESIGN.md): 32 blocks, hidden 2048, 64 experts, capacity factors 4, 4, 2...
@@ -23,14 +24,14 @@ H200_MS = {"onehot": {4096: 0.70, 16384: 10.39}, "chain": {4096: 2.95, 16384: 2.
 def test_model_reproduces_the_h200_timings(formulation, tokens):
     """With PyTorch's per-op overhead (the measurements ran eager ops), the model lands within 30% of each."""
     shape = cost.CombineShape(2, tokens, 64, 2 * tokens // 64, 2048)
-    modeled = cost.COMBINE_COSTS[formulation](shape).seconds(cost.GPUS["h200"], launch_seconds=cost.EAGER_LAUNCH_SECONDS)
+    modeled = cost.COMBINE_COSTS[formulation](shape).seconds(roofline.GPUS["h200"], launch_seconds=roofline.EAGER_LAUNCH_SECONDS)
     assert modeled * 1e3 == pytest.approx(H200_MS[formulation][tokens], rel=0.3)
 
 
 def test_crossover_matches_the_measured_order():
     """One-hot wins at 1 MP and loses at 4 MP on the H200, as measured; engines (cheaper launches) cross earlier."""
-    h200 = cost.GPUS["h200"]
-    eager = cost.crossover_tokens(REAL, 2, h200, launch_seconds=cost.EAGER_LAUNCH_SECONDS)
+    h200 = roofline.GPUS["h200"]
+    eager = cost.crossover_tokens(REAL, 2, h200, launch_seconds=roofline.EAGER_LAUNCH_SECONDS)
     engine = cost.crossover_tokens(REAL, 2, h200)
     assert 4096 < engine < eager < 16384
 
@@ -42,7 +43,7 @@ def test_onehot_is_quadratic_and_chain_linear():
     assert cost.chain_cost(large).launches == cost.chain_cost(small).launches == 64 * cost.CHAIN_KERNELS_PER_EXPERT + 2
 
 
-@pytest.mark.parametrize("gpu", sorted(cost.GPUS))
+@pytest.mark.parametrize("gpu", sorted(roofline.GPUS))
 def test_auto_choice_follows_resolution(gpu):
     low = cost.choose_combine("auto", REAL, 2, [1024], gpu=gpu)
     high = cost.choose_combine("auto", REAL, 2, [16384], gpu=gpu)
@@ -54,7 +55,7 @@ def test_auto_choice_follows_resolution(gpu):
 
 def test_model_without_moe_has_no_crossover():
     dense = ModelConfig(num_layers=2, moe_enabled=False)
-    assert cost.crossover_tokens(dense, 2, cost.GPUS["h100"]) is None
+    assert cost.crossover_tokens(dense, 2, roofline.GPUS["h100"]) is None
 
 
 def test_unknown_choice_is_refused():

@@ -9,13 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from nucleus_runtime.bundle import load_manifest, verify_files
-from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR
+from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR, COMBINE_OP, ROUTER_OP
 from nucleus_runtime.errors import NucleusError
 
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.graph.external_data import check_model, load_model
-from nucleus_export.graph.moe_ops import COMBINE_OP, ROUTER_OP
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.tiny import write_checkpoint
@@ -38,7 +37,7 @@ def test_bundle_contract(tiny_bundle, tiny_checkpoint):
         "hidden_states", "timestep", "img_rope_cos", "img_rope_sin", "text_kv", "encoder_hidden_states_mask",
     ]
     assert [o.name for o in denoiser.graph.output] == ["sample"]
-    assert manifest.io["text_kv"]["outputs"]["text_kv"].shape == [5, 2, "batch", "text_len", config.kv_heads, 32]
+    assert manifest.io["text_kv"].outputs["text_kv"].shape == [5, 2, "batch", "text_len", config.kv_heads, 32]
     # MoE as nucleus custom ops with their function bodies; dispatch is a plain Gather; no text projections.
     ops = [n.op_type for n in denoiser.graph.node]
     assert ops.count(ROUTER_OP) == ops.count(COMBINE_OP) == len(config.moe_layers)
@@ -101,7 +100,7 @@ def test_reduced_precision_keeps_router_norms_softmax_in_fp32(precision, tiny_ch
             assert types[node.input[1]] == onnx.TensorProto.FLOAT  # router gate stays fp32
     gemm_types = {types[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and "attn.to_q" in n.name}
     assert gemm_types == {low}
-    assert load_manifest(tmp_path / "b").io["denoiser"]["inputs"]["text_kv"].dtype == ("bfloat16" if precision == "bf16" else "float16")
+    assert load_manifest(tmp_path / "b").io["denoiser"].inputs["text_kv"].dtype == ("bfloat16" if precision == "bf16" else "float16")
 
 
 def test_fp16_graph_runs_in_onnxruntime_close_to_fp32(tiny_checkpoint, tiny_bundle, tmp_path):

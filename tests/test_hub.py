@@ -14,7 +14,7 @@ from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
 from nucleus_export.cli import main
 from nucleus_export.commands.generate import resolve_pipeline
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.model.checkpoint import open_model
+from nucleus_export.model.specs import open_model
 from nucleus_export.model.hub import (
     PIPELINE_FOLDERS,
     TRANSFORMER_FOLDERS,

@@ -9,13 +9,16 @@ import pytest
 from nucleus_runtime.bundle import load_manifest
 
 from nucleus_export.cli import main
-from nucleus_export.engines.flops import GEMM_CLASSES, graph_cost, intrinsic_flops
-from nucleus_export.engines.lowering import broadcast_attention_masks, lower_moe_native
+from nucleus_runtime.bundle import LoweringRecord
+
+from nucleus_export.costs.flops import GEMM_CLASSES, graph_cost, intrinsic_flops
 from nucleus_export.model.checkpoint import expected_parameter_shapes
+from nucleus_export.rewrites.as_built import engine_graph
 
 
 def _costs(bundle, combine, batch, tokens, text_len):
-    model = broadcast_attention_masks(lower_moe_native(onnx.load(str(bundle / "denoiser.onnx"), load_external_data=False), combine))
+    exported = onnx.load(str(bundle / "denoiser.onnx"), load_external_data=False)
+    model = engine_graph(exported, LoweringRecord("native", combine), load_manifest(bundle).model_config["num_experts"])
     sizes = {"batch": batch, "image_tokens": tokens, "text_len": text_len}
     shapes = {v.name: [sizes.get(d.dim_param, d.dim_value) for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     return graph_cost(model, shapes)

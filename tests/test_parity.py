@@ -14,7 +14,8 @@ from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.tiny import write_checkpoint
 from nucleus_export.parity.cases import batch_by_resolution, make_cases
 from nucleus_export.parity.check import OnnxGraphs, check_parity, variants_of
-from nucleus_export.parity.routing import agreement, classify_flips, gamma, score_bounds
+from nucleus_export.moe.expert_choice import gamma, score_bounds
+from nucleus_export.parity.routing import agreement, classify_flips
 
 DEFAULT_1MP = [(1024, 1024)]
 
@@ -59,15 +60,15 @@ def test_score_bounds_follow_higham():
     u = 2.0**-24
     expected_logit = gamma(64) * (np.abs(x) @ np.abs(w).T)
     np.testing.assert_allclose(
-        score_bounds(x, w, soft, sigmoid=False),
+        score_bounds(x, w, soft, "softmax"),
         soft * (expected_logit + (soft * expected_logit).sum(-1, keepdims=True)) + 6 * u * soft,
     )
     sig = 1 / (1 + np.exp(-logits))
-    np.testing.assert_allclose(score_bounds(x, w, sig, sigmoid=True), sig * (1 - sig) * expected_logit + 3 * u * sig)
+    np.testing.assert_allclose(score_bounds(x, w, sig, "sigmoid"), sig * (1 - sig) * expected_logit + 3 * u * sig)
     # A measured input error adds its propagation through |W|.
     dx = np.full_like(x, 1e-6)
     np.testing.assert_allclose(
-        score_bounds(x, w, sig, sigmoid=True, input_error=dx),
+        score_bounds(x, w, sig, "sigmoid", input_error=dx),
         sig * (1 - sig) * (expected_logit + dx @ np.abs(w).T) + 3 * u * sig,
     )
     # float32 reordering really stays inside the bound: two summation orders of the same dot products.

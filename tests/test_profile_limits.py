@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 from nucleus_runtime.bundle import Profiles
 
-from nucleus_export.engines.backends import resolve_backend
-from nucleus_export.engines.engine import (
-    TOPK_MAX_K,
-    check_profile_limits,
-    profile_limit_problems,
-)
-from nucleus_export.engines.pipeline import BuildOptions, build_bundle
+from nucleus_export.build import BuildOptions, build_bundle
+from nucleus_export.engines.flavors import resolve_flavor
+from nucleus_export.engines.profiles import TOPK_MAX_K, check_profile_limits, profile_limit_problems
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import ExportOptions
 from nucleus_export.model.config import ModelConfig
@@ -55,10 +51,10 @@ def test_volume_limits_of_onehot_and_float32_attention():
 
 def test_build_refuses_before_export(tiny_checkpoint, tmp_path):
     """Tiny model: 8 experts, capacity factor 4 -> C = S/2 > 3840 at 1536x1536. Nothing is written."""
-    resolve_backend("tensorrt-rtx")
+    resolve_flavor("tensorrt-rtx")
     out = tmp_path / "bundle"
     options = ExportOptions(resolutions=[(512, 512), (1536, 1536)], max_text_len=16)
     with pytest.raises(NucleusExportError, match="TopK limit") as info:
-        build_bundle(tiny_checkpoint, out, options, BuildOptions(backend="tensorrt-rtx", quality=False))
+        build_bundle(tiny_checkpoint, out, options, BuildOptions(flavor="tensorrt-rtx", quality=False))
     assert "512x512" in info.value.fix
     assert not out.exists() and not list(tmp_path.iterdir())

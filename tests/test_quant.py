@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -12,14 +11,11 @@ import pytest
 from safetensors.numpy import save_file
 
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.export import ExportOptions, export_bundle
-from nucleus_export.graph.precision import (
-    COMPUTE,
-    FP8,
-    FP8_WEIGHTS,
-    Fp8Scales,
-    GraphPrecision,
-)
+from nucleus_runtime.bundle import LoweringRecord
+from nucleus_runtime.contract import GemmMode
+
+from nucleus_export.export import ExportOptions, build_profiles, export_bundle
+from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.model.checkpoint import open_checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.model.synthetic import nucleus_image_config
@@ -31,11 +27,17 @@ from nucleus_export.quant.gemms import Fp8Share, GemmGroup, fp8_share, gemm_grou
 from nucleus_export.quant.sensitivity import choose_modes
 
 OPTIONS = dict(resolutions=[(128, 128), (96, 160)], max_text_len=32)
+COMPUTE, FP8_WEIGHTS, FP8 = GemmMode.COMPUTE, GemmMode.FP8_WEIGHTS, GemmMode.FP8
+NATIVE = LoweringRecord("native", "onehot")
+
+
+def _profiles(checkpoint, **options):
+    return build_profiles(checkpoint.config, ExportOptions(**options))
 
 
 @pytest.fixture(scope="module")
 def scales(tiny_checkpoint, tiny_reference):
-    return calibrate_fp8(tiny_checkpoint, ExportOptions(**OPTIONS), size=2, steps=3, reference=tiny_reference)
+    return calibrate_fp8(tiny_checkpoint, _profiles(tiny_checkpoint, **OPTIONS), size=2, steps=3, reference=tiny_reference)
 
 
 def test_calibration_covers_every_quantized_gemm(tiny_checkpoint, scales):
@@ -54,7 +56,7 @@ def test_fp8_graph_quality_in_onnxruntime(tiny_checkpoint, tiny_reference, scale
     quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(quantize) == len(scales.activation_amax)
     assert not any(".img_mlp.gate" in n.name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
-    assert Fp8Scales.load(tmp_path / "fp8" / "fp8_scales.json") == scales
+    assert QuantRecipe.load(tmp_path / "fp8" / "fp8_scales.json") == scales
     tolerance = Tolerance(max_relative_error=None, max_forced_relative_error=None, min_cosine=0.99, near_ties_only=False)
     report = check_parity(tiny_checkpoint, tmp_path / "fp8", tolerance, reference=tiny_reference)
     assert report.passed, report.summary_lines()
@@ -62,9 +64,9 @@ def test_fp8_graph_quality_in_onnxruntime(tiny_checkpoint, tiny_reference, scale
 
 
 def test_gemm_modes_in_the_graph(tiny_checkpoint, scales, tmp_path):
-    """keep: no Q/DQ at all; weight_only: DQ on the weight, no Q on the activation; the rest W8A8."""
+    """compute: no Q/DQ at all; FP8 weights: DQ on the weight, no Q on the activation; the rest W8A8."""
     weight_only = ("transformer_blocks.3.img_mlp.experts", "transformer_blocks.0.attn.to_q")
-    chosen = dataclasses.replace(scales, keep=("transformer_blocks.4",), weight_only=weight_only)
+    chosen = scales.with_modes({**dict.fromkeys(weight_only, FP8_WEIGHTS), "transformer_blocks.4": COMPUTE})
     export_bundle(tiny_checkpoint, tmp_path / "fp8", ExportOptions(GraphPrecision("bf16", chosen), **OPTIONS))
     model = onnx.load(str(tmp_path / "fp8" / "denoiser.onnx"), load_external_data=False)
 
@@ -79,31 +81,36 @@ def test_gemm_modes_in_the_graph(tiny_checkpoint, scales, tmp_path):
         "transformer_blocks.3.img_mlp.experts.gate_up_proj", "transformer_blocks.3.img_mlp.experts.down_proj",
         "transformer_blocks.0.attn.to_q"}
     assert not any(g.startswith("transformer_blocks.4.") for g in quantized | dequantized)
-    assert Fp8Scales.load(tmp_path / "fp8" / "fp8_scales.json") == chosen
-    manifest = json.loads((tmp_path / "fp8" / "manifest.json").read_text())["quantization"]
-    assert manifest["fp8_weights_only"] == list(weight_only) and "transformer_blocks.4" in manifest["not_quantized"]
+    assert QuantRecipe.load(tmp_path / "fp8" / "fp8_scales.json") == chosen
+    manifest = json.loads((tmp_path / "fp8" / "manifest.json").read_text())
+    assert manifest["quantization"] == {"scheme": "fp8_e4m3"} and "fp8_scales.json" in manifest["files"]
 
 
-def test_scales_files_without_weight_only_still_load(scales, tmp_path):
-    old = json.loads(scales.to_json())
-    del old["weight_only"]
-    old["keep"] = ["transformer_blocks.4"]
+def test_recipe_files_of_earlier_formats_still_load(scales, tmp_path):
+    """Format 1 (`keep` and, later, `weight_only` lists, keep winning) loads into the same per-GEMM modes."""
+    old = {"format": "nucleus-fp8-scales/1", "activation_amax": scales.activation_amax, "calibration": {},
+           "keep": ["transformer_blocks.4"]}
     (tmp_path / "old.json").write_text(json.dumps(old))
-    loaded = Fp8Scales.load(tmp_path / "old.json")
-    assert loaded.weight_only == () and loaded.mode("transformer_blocks.4.attn.to_q") == COMPUTE
+    loaded = QuantRecipe.load(tmp_path / "old.json")
+    assert loaded.mode("transformer_blocks.4.attn.to_q") == COMPUTE
     assert loaded.mode("transformer_blocks.3.attn.to_q") == FP8
+    old["weight_only"] = ["transformer_blocks.3.attn", "transformer_blocks.4.attn.to_q"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = QuantRecipe.load(tmp_path / "old.json")
+    assert loaded.mode("transformer_blocks.3.attn.to_q") == FP8_WEIGHTS
+    assert loaded.mode("transformer_blocks.4.attn.to_q") == COMPUTE
 
 
 def test_fp8_share_of_the_real_config():
     """Routed experts are 96% of the real model's quantizable GEMM weight bytes, 43% of its GEMM FLOPs per token."""
     config = ModelConfig.from_dict(nucleus_image_config())
     names = tuple(g for group in gemm_groups(config) for g in group.gemms)
-    everything = Fp8Scales(dict.fromkeys(names, 1.0))
+    everything = QuantRecipe(dict.fromkeys(names, 1.0))
     assert fp8_share(config, everything) == Fp8Share(1.0, 1.0)
     experts = tuple(n for n in names if ".experts." in n)
-    weight_only = fp8_share(config, dataclasses.replace(everything, weight_only=experts))
+    weight_only = fp8_share(config, everything.with_modes(dict.fromkeys(experts, FP8_WEIGHTS)))
     assert weight_only.weight_bytes == 1.0 and weight_only.gemm_flops == pytest.approx(0.57, abs=0.01)
-    assert fp8_share(config, dataclasses.replace(everything, keep=experts)).weight_bytes == pytest.approx(0.042, abs=0.001)
+    assert fp8_share(config, everything.with_modes(dict.fromkeys(experts, COMPUTE))).weight_bytes == pytest.approx(0.042, abs=0.001)
 
 
 def test_fp8_selection_runs_and_records_its_choice(tiny_checkpoint, tiny_reference, scales):
@@ -166,12 +173,11 @@ def test_fp8_no_worse_than_diffusers_bf16_on_unseen_architectures(arch, tmp_path
     checkpoint = open_checkpoint(write_checkpoint(tmp_path / "ckpt", RANDOM_ARCHITECTURES[arch], seed=5, init=_plain_init))
     reference = load_reference(checkpoint)
     options = {"resolutions": [(256, 256)], "max_text_len": 16}
-    scales = calibrate_fp8(checkpoint, ExportOptions(**options), size=2, steps=3, reference=reference)
+    scales = calibrate_fp8(checkpoint, _profiles(checkpoint, **options), size=2, steps=3, reference=reference)
     pooled = {}
     for label, precision in (("bf16", GraphPrecision("bf16")), ("bf16+fp8", GraphPrecision("bf16", scales))):
         export_bundle(checkpoint, tmp_path / label, ExportOptions(precision, **options))
-        report = quality_report(checkpoint, tmp_path / label, label, "bf16", precision.fp8 is not None,
-                                moe_lowering="native", reference=reference)
+        report = quality_report(checkpoint, tmp_path / label, precision, NATIVE, reference=reference)
         assert report.passed, report.summary_lines()
         pooled[label] = report.pooled["graph"]["relative_error"]
     assert pooled["bf16"] < pooled["bf16+fp8"]
@@ -186,14 +192,13 @@ def _fp8_goal(checkpoint, reference, tmp_path):
     from nucleus_export.quant.sensitivity import FP8_ERROR_TARGET, select_fp8_modes
 
     calibration = {"resolutions": [(512, 512)], "max_text_len": 16}
-    scales = calibrate_fp8(checkpoint, ExportOptions(**calibration), size=2, steps=3, reference=reference)
+    scales = calibrate_fp8(checkpoint, _profiles(checkpoint, **calibration), size=2, steps=3, reference=reference)
     chosen, sensitivity = select_fp8_modes(checkpoint, scales, reference=reference, resolution=(512, 512))
     print(sensitivity.summary())
     pooled = {}
     for label, precision in (("bf16", GraphPrecision("bf16")), ("bf16+fp8", GraphPrecision("bf16", chosen))):
         export_bundle(checkpoint, tmp_path / label, ExportOptions(precision, resolutions=[(1024, 1024)], max_text_len=16))
-        report = quality_report(checkpoint, tmp_path / label, label, "bf16", precision.fp8 is not None,
-                                moe_lowering="native", reference=reference, case_set="quick")
+        report = quality_report(checkpoint, tmp_path / label, precision, NATIVE, reference=reference, case_set="quick")
         pooled[label] = report.pooled["graph"]["relative_error"]
     ratio = pooled["bf16+fp8"] / pooled["bf16"]
     print(f"bf16 {pooled['bf16']:.3e}, fp8 {pooled['bf16+fp8']:.3e}, ratio {ratio:.2f}")
@@ -247,9 +252,9 @@ def test_calibration_with_prompt_file(tiny_checkpoint, tiny_reference, tmp_path)
     mask = np.ones((2, 9), np.int64)
     mask[1, 5:] = 0
     save_file({"prompt_embeds": rng.standard_normal((2, 9, config.joint_attention_dim)).astype(np.float32), "prompt_embeds_mask": mask}, str(prompts))
-    scales = calibrate_fp8(tiny_checkpoint, ExportOptions(**OPTIONS), prompts=prompts, size=2, steps=2, reference=tiny_reference)
+    scales = calibrate_fp8(tiny_checkpoint, _profiles(tiny_checkpoint, **OPTIONS), prompts=prompts, size=2, steps=2, reference=tiny_reference)
     assert scales.calibration["prompts"] == str(prompts)
     too_long = tmp_path / "long.safetensors"
     save_file({"prompt_embeds": np.zeros((1, 40, config.joint_attention_dim), np.float32)}, str(too_long))
     with pytest.raises(NucleusExportError, match="max text length"):
-        calibrate_fp8(tiny_checkpoint, ExportOptions(**OPTIONS), prompts=too_long, size=1, steps=1, reference=tiny_reference)
+        calibrate_fp8(tiny_checkpoint, _profiles(tiny_checkpoint, **OPTIONS), prompts=too_long, size=1, steps=1, reference=tiny_reference)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from diffusers import NucleusMoEImagePipeline
 from nucleus_runtime.backends.base import Backend, TextKVHandle
-from nucleus_runtime.bundle import Manifest, Profiles
+from nucleus_runtime.bundle import EngineRecord, GraphIO, LoweringRecord, Manifest, Profiles, StageRecord
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.latents import initial_noise, pack_latents, unpack_latents
 from nucleus_runtime.pipeline import generate, guidance_combine
@@ -128,14 +129,16 @@ class NumpyBackend(Backend):
         return (hidden_states * (1 - timestep[:, None, None]) + context + img_rope_sin[None, :, :1]).astype(np.float32)
 
 
-def toy_manifest() -> Manifest:
+def toy_manifest(engines: dict | None = None) -> Manifest:
+    stage = StageRecord(GraphIO({}, {}), "sha256:toy")
     return Manifest(
-        model_config={"joint_attention_dim": 8, "patch_size": 2, "in_channels": 64, "axes_dims_rope": [8, 12, 12]},
+        model_config={"joint_attention_dim": 8, "patch_size": 2, "in_channels": 64, "axes_dims_rope": [8, 12, 12],
+                      "num_layers": 1},
         config_hash="toy",
-        precision="float32",
-        moe_lowering="functions",
+        precision="fp32",
         profiles=Profiles(batch=(1, 2, 4), text_len=(1, 16, 32), resolutions=[(64, 64), (96, 64)], grids=[(4, 4), (6, 4)], opt_resolution=(64, 64)),
-        io={},
+        stages={"text_kv": stage, "denoiser": dataclasses.replace(stage, engines=engines or {})},
+        files={},
     )
 
 
@@ -265,9 +268,9 @@ def test_engine_for_another_gpu_is_refused():
 
     backend = object.__new__(TensorRTBackend)  # only the GPU check, without TensorRT or a GPU
     backend.cudart = FakeCudart()
-    backend.manifest = toy_manifest()
-    backend.manifest.engines = {"denoiser": {"compute_capabilities": ["SM89", "SM120"]}}
+    lowering = LoweringRecord("native", "onehot")
+    backend.manifest = toy_manifest({"denoiser": EngineRecord("tensorrt-rtx", "1", lowering, ["SM89", "SM120"])})
     with pytest.raises(NucleusError, match=r"built for SM89, SM120, but this GPU \(NVIDIA H100\) is SM90"):
         backend._check_gpu()
-    backend.manifest.engines = {"compute_capability": "9.0"}
+    backend.manifest = toy_manifest({"denoiser": EngineRecord("tensorrt", "1", lowering, None)})  # the builder's GPU
     backend._check_gpu()

@@ -1,4 +1,4 @@
-"""Denoiser segments (engines/segments.py), the build-memory plan and synthetic real-architecture checkpoints.
+"""Denoiser segments (rewrites/segments.py), the build-memory plan and synthetic real-architecture checkpoints.
 
 The contract under test: a denoiser cut into segments computes exactly what the full graph computes (ONNX Runtime
 fp32, chained by the runtime backend), on several architectures of the real model at tiny size.
@@ -11,21 +11,17 @@ import json
 import numpy as np
 import onnx
 import pytest
-from nucleus_runtime.bundle import load_manifest
+from nucleus_runtime.bundle import FileRecord, SegmentRecord, load_manifest
 from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR
 
 from nucleus_export.cli import main
-from nucleus_export.engines.memory import (
+from nucleus_export.costs.build_memory import (
     BUILD_BASE_BYTES,
     BUILD_BYTES_PER_WEIGHT_BYTE,
+    groups_by_bytes,
     plan_build_memory,
 )
-from nucleus_export.engines.segments import (
-    block_outputs,
-    even_groups,
-    groups_by_bytes,
-    split_denoiser,
-)
+from nucleus_export.rewrites.segments import block_outputs, even_groups, split_denoiser
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_checkpoint
@@ -87,7 +83,7 @@ def test_segmented_bundle_matches_single_graph(variant_checkpoint, tmp_path, ext
     )
     manifest = load_manifest(out)
     segments = manifest.graph_segments("denoiser")
-    assert [tuple(s["blocks"]) for s in segments] == even_groups(layers, min(3, layers))
+    assert [tuple(s.blocks) for s in segments] == even_groups(layers, min(3, layers))
     x = _inputs(manifest, np.random.default_rng(0))
     chained = _denoise(OrtBackend(out, OrtOptions(segments=True)), x)
     single = _denoise(OrtBackend(out, OrtOptions(segments=False)), x)
@@ -105,7 +101,7 @@ def test_segmented_bundle_matches_single_graph(variant_checkpoint, tmp_path, ext
         assert full and all(loc.startswith(CHECKPOINT_LINKS_DIR + "/") for loc in full)
         assert not list(out.glob("*.data"))
         for seg in segments:
-            assert locations(seg["onnx"]) <= full
+            assert locations(f"{seg.name}.onnx") <= full
 
 
 def test_segment_graphs_take_their_text_kv_slice(tiny_checkpoint, tmp_path):
@@ -147,11 +143,11 @@ def test_segmented_tensorrt_rtx_build(tmp_path):
                  "--resolutions", "64x64,64x128", "--max-text-len", "16", "--segments", "2"])
     assert code == 0
     manifest = load_manifest(out)
-    names = [s["name"] for s in manifest.graph_segments("denoiser")]
+    names = [s.name for s in manifest.graph_segments("denoiser")]
     assert names == ["denoiser.seg0", "denoiser.seg1"]
     for name in ["text_kv", *names]:
         assert (out / f"{name}.plan").stat().st_size > 0
-        assert manifest.engines[name]["file"] == f"{name}.plan"
+        assert manifest.engine(name).flavor == "tensorrt-rtx"
         assert f"{name}.plan" in manifest.files
     assert not (out / "denoiser.plan").exists()
     log = json.loads((out / "build_log.json").read_text())
@@ -169,14 +165,14 @@ def test_memory_budget_picks_segments(tmp_path):
     assert code == 0
     segments = load_manifest(out).graph_segments("denoiser")
     assert len(segments) > 1
-    assert [s["blocks"][0] for s in segments] == sorted(s["blocks"][0] for s in segments)
+    assert [s.blocks[0] for s in segments] == sorted(s.blocks[0] for s in segments)
 
 
 def test_strip_weights_without_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorrt_rtx")
-    from nucleus_export.engines import backends
+    from nucleus_runtime.gpu import cuda_device_count
 
-    if backends.cuda_device_count() > 0:
+    if cuda_device_count() > 0:
         pytest.skip("a GPU is visible: stripped builds may work here")
     code = main(["build", "--model", "tiny", "--backend", "tensorrt-rtx", "--skip-quality", "--out", str(tmp_path / "b"),
                  "--strip-weights"])
@@ -262,8 +258,8 @@ def test_tensorrt_backend_chains_segments_on_device():
 
     backend = object.__new__(TensorRTBackend)
     backend.segments = [
-        {"name": "denoiser.seg0", "inputs": ["hidden_states", "text_kv"], "outputs": ["x"], "text_kv_layers": [0, 2]},
-        {"name": "denoiser.seg1", "inputs": ["x", "timestep", "text_kv"], "outputs": ["sample"], "text_kv_layers": [2, 5]},
+        SegmentRecord("denoiser.seg0", (0, 2), ["hidden_states", "text_kv"], ["x"], "sha256:0"),
+        SegmentRecord("denoiser.seg1", (2, 5), ["x", "timestep", "text_kv"], ["sample"], "sha256:1"),
     ]
     backend._denoisers = [Engine(10_000), Engine(20_000)]
     uploads, executed = [], []
@@ -284,6 +280,7 @@ def test_tensorrt_backend_chains_segments_on_device():
     assert (out == backend._denoisers[1].buffers["sample"].ptr).all()
 
     manifest = object.__new__(Manifest)
-    manifest.engines = {"denoiser.seg0": {"bytes": 100}, "denoiser.seg1": {"bytes": 300}}
+    object.__setattr__(manifest, "files", {"denoiser.seg0.plan": FileRecord("0" * 64, 100),
+                                          "denoiser.seg1.plan": FileRecord("0" * 64, 300)})
     assert _split_budget(manifest, ["denoiser.seg0", "denoiser.seg1"], 4000) == [1000, 3000]
     assert _split_budget(manifest, ["denoiser.seg0"], None) == [None]

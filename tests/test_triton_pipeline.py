@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from nucleus_export.cli import main
 from nucleus_export.export import ExportOptions, export_bundle
-from nucleus_export.model.checkpoint import open_model
+from nucleus_export.model.specs import open_model
 from nucleus_export.triton import schema
 from nucleus_export.triton.configs import BLS, ONNXRUNTIME
 from nucleus_export.triton.repository import (

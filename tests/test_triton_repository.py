@@ -9,7 +9,6 @@ configs point at. tests/test_triton_server.py starts a real tritonserver on gene
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-from nucleus_runtime.backends.factory import open_backend
-from nucleus_runtime.bundle import file_record
+from nucleus_runtime.backends.registry import BackendOptions
+from nucleus_runtime.backends.registry import open_backend as _open_backend
+from nucleus_runtime.bundle import EngineRecord, LoweringRecord, PluginRecord, file_record, load_manifest
 from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR, MANIFEST_NAME
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.triton import model as pipeline_model
@@ -31,7 +31,7 @@ from nucleus_export.cli import build_parser, main
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.graph.precision import GraphPrecision
-from nucleus_export.model.checkpoint import open_model
+from nucleus_export.model.specs import open_model
 from nucleus_export.triton import schema
 from nucleus_export.triton.configs import BLS, INPROCESS, ONNXRUNTIME, TENSORRT_PLAN
 from nucleus_export.triton.names import ModelNames, validate_model_name
@@ -79,18 +79,21 @@ def with_engines(bundle: Path, dest: Path, plugins: bool, backend: str = "tensor
     that could deserialize a real one runs here.
     """
     shutil.copytree(bundle, dest)
-    manifest = json.loads((dest / MANIFEST_NAME).read_text())
+    manifest = load_manifest(dest)
+    files, stages = dict(manifest.files), dict(manifest.stages)
+    lowering = LoweringRecord("plugin") if plugins else LoweringRecord("native", "onehot")
     for graph in ("text_kv", "denoiser"):
         (dest / f"{graph}.plan").write_bytes(b"engine placeholder " + graph.encode())
-        manifest["files"][f"{graph}.plan"] = file_record(dest, f"{graph}.plan")
-    manifest["engines"] = {g: {"file": f"{g}.plan", "backend": backend} for g in ("text_kv", "denoiser")}
+        files[f"{graph}.plan"] = file_record(dest, f"{graph}.plan")
+        stages[graph] = dataclasses.replace(stages[graph], engines={graph: EngineRecord(backend, "0", lowering)})
+    plugin_record = None
     if plugins:
         (dest / "plugins").mkdir()
         (dest / PLUGIN_LIB).write_bytes(b"\x7fELF placeholder")
-        manifest["files"][PLUGIN_LIB] = file_record(dest, PLUGIN_LIB)
-        manifest["plugins"] = {"library": PLUGIN_LIB, "sha256": manifest["files"][PLUGIN_LIB]["sha256"]}
-        manifest["moe_lowering"] = "plugin"
-    (dest / MANIFEST_NAME).write_text(json.dumps(manifest))
+        files[PLUGIN_LIB] = file_record(dest, PLUGIN_LIB)
+        plugin_record = PluginRecord(PLUGIN_LIB, ["ExpertChoiceRouter", "MoECombine"], "nucleus", "1")
+    manifest = dataclasses.replace(manifest, files=files, stages=stages, plugins=plugin_record)
+    (dest / MANIFEST_NAME).write_text(manifest.to_json())
     return dest
 
 
@@ -175,15 +178,16 @@ def test_inprocess_is_one_model_owning_the_bundle_files(bundle, tmp_path, platfo
 
 
 def test_text_kv_bytes_per_token_of_the_real_model(bundle):
-    from nucleus_runtime.bundle import TensorSpec, load_manifest
+    from nucleus_runtime.bundle import GraphIO, TensorSpec
 
     from nucleus_export.triton.serving import text_kv_bytes_per_token
 
     manifest = load_manifest(bundle)
     # The real model: 32 blocks, 4 K/V heads x 128, bf16 text K/V; CFG as a batch of 2.
-    real = {"text_kv": {"outputs": {"text_kv": TensorSpec("bfloat16", [32, 2, "batch", "text_len", 4, 128])}}}
-    assert text_kv_bytes_per_token(dataclasses.replace(manifest, io=real)) == 128 * 1024
-    tiny = manifest.io["text_kv"]["outputs"]["text_kv"]
+    real_io = GraphIO({}, {"text_kv": TensorSpec("bfloat16", [32, 2, "batch", "text_len", 4, 128])})
+    stages = {**manifest.stages, "text_kv": dataclasses.replace(manifest.stages["text_kv"], io=real_io)}
+    assert text_kv_bytes_per_token(dataclasses.replace(manifest, stages=stages)) == 128 * 1024
+    tiny = manifest.io["text_kv"].outputs["text_kv"]
     layers, _, _, _, kv_heads, head_dim = tiny.shape
     per_token = layers * 2 * 2 * kv_heads * head_dim * 4  # fp32 bundle
     assert text_kv_bytes_per_token(manifest) == per_token
@@ -198,7 +202,7 @@ def test_inprocess_version_folder_is_a_bundle_the_runtime_opens(bundle, tmp_path
     for name in ("text_kv.onnx", "denoiser.onnx", "scheduler_config.json"):
         # Hard links where the file system allows (here: the same tmp file system), so no multi-GB copies.
         assert os.path.samefile(version / name, bundle / name), name
-    backend = open_backend(version, "onnxruntime", device="cpu")  # checks every graph file against the manifest
+    backend = _open_backend(version, "onnxruntime", options=BackendOptions(device="cpu"))  # checks every graph file against the manifest
     backend.close()
 
 
@@ -235,7 +239,7 @@ def test_written_tensorrt_repository_with_plugins(bundle, tmp_path):
     version = repo / "nucleus_pipeline" / "1"
     assert (version / "model.py").read_text() == Path(pipeline_model.__file__).read_text()
     assert (version / "nucleus_runtime" / "pipeline.py").is_file()
-    assert json.loads((version / MANIFEST_NAME).read_text())["moe_lowering"] == "plugin"
+    assert load_manifest(version).engine("denoiser").lowering.moe == "plugin"
     assert not list(tmp_path.glob(".repo.*")), "temporary folders left behind"
 
 
@@ -283,7 +287,7 @@ def test_onnx_external_data_travels_with_the_graph(tmp_path):
     write_repository(plan_repository(bundle, TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME)), inprocess)
     version = inprocess / "nucleus_pipeline" / "1"
     assert {p.name for p in (version / CHECKPOINT_LINKS_DIR).iterdir()} == shards
-    open_backend(version, "onnxruntime", device="cpu").close()
+    _open_backend(version, "onnxruntime", options=BackendOptions(device="cpu")).close()
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nucleus_runtime.bundle import file_record, load_manifest, sha256_file
+from nucleus_runtime.bundle import EngineRecord, LoweringRecord, file_record, load_manifest, sha256_file
 from nucleus_runtime.contract import MANIFEST_NAME, PLUGIN_LIBRARY_PATH
 from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.records import to_json
 from safetensors.numpy import save_file
 
 from nucleus_export.cli import main
@@ -69,10 +70,11 @@ def make_plugin_bundle(bundle: Path) -> Path:
 
     def edit(m: dict) -> None:
         for rel in ("text_kv.plan", "denoiser.plan", PLUGIN_LIBRARY_PATH):
-            m["files"][rel] = file_record(bundle, rel)
-        m["engines"] = {g: {"file": f"{g}.plan", "backend": "tensorrt"} for g in ("text_kv", "denoiser")}
-        m["moe_lowering"] = "plugin"
-        m["plugins"] = {"library": PLUGIN_LIBRARY_PATH, "sha256": m["files"][PLUGIN_LIBRARY_PATH]["sha256"]}
+            m["files"][rel] = to_json(file_record(bundle, rel))
+        for graph in ("text_kv", "denoiser"):
+            m["stages"][graph]["engines"] = {graph: to_json(EngineRecord("tensorrt", "10.8", LoweringRecord("plugin")))}
+        m["plugins"] = {"library": PLUGIN_LIBRARY_PATH, "ops": ["ExpertChoiceRouter", "MoECombine"], "namespace": "nucleus",
+                        "version": "1"}
 
     edit_manifest(bundle, edit)
     return bundle
@@ -171,40 +173,41 @@ WRONG_TYPE = {
     "model_config": [1],
     "config_hash": 7,
     "precision": ["fp32"],
-    "moe_lowering": None,
     "profiles": "128x128",
-    "io": [],
+    "stages": [],
     "files": ["text_kv.onnx"],
     "quantization": "fp8",
-    "engines": [1],
     "plugins": "plugins/libnucleus_trt_plugins.so",
     "tools": ["onnx"],
-    "format_version": "1",
+    "format_version": "2",
 }
-REQUIRED = ("model_config", "config_hash", "precision", "moe_lowering", "profiles", "io", "files", "format_version")
+REQUIRED = ("model_config", "config_hash", "precision", "profiles", "stages", "files")
 # Damage inside fields: (name, edit, words of the error).
 NESTED = {
     "profiles.batch": (lambda m: m["profiles"].__setitem__("batch", [2, 1, 1]), "profiles.batch"),
-    "profiles.grids": (lambda m: m["profiles"].__setitem__("grids", [[8, 8]]), "profiles.grids"),
+    "profiles.grids": (lambda m: m["profiles"].__setitem__("grids", [[8, 8]]), "grids"),
     "profiles.opt_resolution": (lambda m: m["profiles"].__setitem__("opt_resolution", [4, 4]), "opt_resolution"),
-    "io.denoiser": (lambda m: m["io"].pop("denoiser"), "io.denoiser"),
+    "stages.denoiser": (lambda m: m["stages"].pop("denoiser"), "stages are ['text_kv']"),
+    "stages.denoiser.io": (lambda m: m["stages"]["denoiser"].pop("io"), "stages.denoiser has no field 'io'"),
+    "stages.text_kv.digest": (lambda m: m["stages"]["text_kv"].__setitem__("digest", 5), "stages.text_kv.digest"),
     "model_config.in_channels": (lambda m: m["model_config"].__setitem__("in_channels", "64"), "in_channels"),
-    "files.sha256": (lambda m: m["files"]["text_kv.onnx"].__setitem__("sha256", "xyz"), "files['text_kv.onnx']"),
-    "files.bytes": (lambda m: m["files"]["text_kv.onnx"].__setitem__("bytes", -1), "files['text_kv.onnx']"),
+    "files.sha256": (lambda m: m["files"]["text_kv.onnx"].__setitem__("sha256", "xyz"), "files.text_kv.onnx.sha256"),
+    "files.bytes": (lambda m: m["files"]["text_kv.onnx"].__setitem__("bytes", "1"), "files.text_kv.onnx.bytes"),
     "files.text_kv.onnx removed": (lambda m: m["files"].pop("text_kv.onnx"), "text_kv.onnx is not recorded"),
     "files: all removed": (lambda m: m["files"].clear(), "is not recorded"),
     "unknown field": (lambda m: m.__setitem__("extra", 1), "unknown fields extra"),
-    "format_version 2": (lambda m: m.__setitem__("format_version", 2), "format version 2"),
+    "format_version 3": (lambda m: m.__setitem__("format_version", 3), "format version 3"),
 }
 TRAVERSAL = {
     "files ../": lambda m: m["files"].__setitem__("../outside.onnx", m["files"]["text_kv.onnx"]),
     "files absolute": lambda m: m["files"].__setitem__("/etc/passwd", m["files"]["text_kv.onnx"]),
     "files backslash": lambda m: m["files"].__setitem__("..\\outside.onnx", m["files"]["text_kv.onnx"]),
     "files a/../b": lambda m: m["files"].__setitem__("a/../text_kv.onnx", m["files"]["text_kv.onnx"]),
-    "plugins ../": lambda m: m.update(plugins={"library": "../lib.so"}),
-    "plugins absolute": lambda m: m.update(plugins={"library": "/usr/lib/x86_64-linux-gnu/libc.so.6"}),
-    "engines file": lambda m: m.update(engines={"denoiser": {"file": "../../denoiser.plan"}}),
-    "scales_file": lambda m: m.update(quantization={"scales_file": "/tmp/fp8_scales.json"}),
+    "plugins ../": lambda m: m.update(plugins={"library": "../lib.so", "ops": [], "namespace": "", "version": "1"}),
+    "plugins absolute": lambda m: m.update(plugins={"library": "/usr/lib/x86_64-linux-gnu/libc.so.6", "ops": [],
+                                                    "namespace": "", "version": "1"}),
+    "segment name": lambda m: m["stages"]["denoiser"].__setitem__(
+        "segments", [{"name": "../../denoiser.seg0", "blocks": [0, 5], "inputs": [], "outputs": [], "digest": "x"}]),
 }
 
 
@@ -219,7 +222,7 @@ def _manifest_case(bundle: Path, cmd: str, prompts, tmp_path: Path, edit, capsys
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_manifest_field_of_wrong_type(cmd, field, bundle, prompts, tmp_path, capsys):
     _manifest_case(bundle, cmd, prompts, tmp_path, lambda m: m.__setitem__(field, WRONG_TYPE[field]), capsys,
-                   f"'{field}'")
+                   f"manifest.json: {field} is")
 
 
 @pytest.mark.parametrize("field", REQUIRED)
@@ -264,7 +267,7 @@ def test_pinned_manifest_hash(cmd, bundle, prompts, tmp_path, capsys):
     config = json.loads(scheduler.read_text())
     config["shift"] = 9.0
     scheduler.write_text(json.dumps(config))
-    edit_manifest(bundle, lambda m: m["files"].__setitem__("scheduler_config.json", file_record(bundle, "scheduler_config.json")))
+    edit_manifest(bundle, lambda m: m["files"].__setitem__("scheduler_config.json", to_json(file_record(bundle, "scheduler_config.json"))))
     out = tmp_path / ("out.safetensors" if cmd == "run" else "repo")
     assert_refused(command(cmd, bundle, out, prompts, "--expect-manifest-sha256", pinned), capsys, out,
                    match="not the pinned")
@@ -303,7 +306,7 @@ PLUGIN_DAMAGES = {
     "symlink-outside": (lambda b: _symlink_outside(b / PLUGIN_LIBRARY_PATH), "leads outside"),
     "plugins null": (lambda b: edit_manifest(b, lambda m: m.update(plugins=None)), "no plugins record"),
     "not in files": (lambda b: edit_manifest(b, lambda m: m["files"].pop(PLUGIN_LIBRARY_PATH)), "has no checksum"),
-    "sha256 disagrees": (lambda b: edit_manifest(b, lambda m: m["plugins"].update(sha256="0" * 64)), "disagree"),
+    "record incomplete": (lambda b: edit_manifest(b, lambda m: m["plugins"].pop("ops")), "has no field 'ops'"),
     "library absolute": (
         lambda b: edit_manifest(b, lambda m: m["plugins"].update(library=str(b / PLUGIN_LIBRARY_PATH))),
         "not a relative path inside",
@@ -342,7 +345,7 @@ def fake_tensorrt(monkeypatch):
 
     registry = _Registry()
     fake = SimpleNamespace(__name__="tensorrt", get_plugin_registry=lambda: registry)
-    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda manifest=None: fake)
+    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda flavor: fake)
     monkeypatch.setattr(trt_backend, "_import_cudart", lambda: None)
     monkeypatch.setattr(trt_backend.TensorRTBackend, "_check_gpu", lambda self: None)
     return trt_backend.TensorRTBackend, registry
@@ -417,10 +420,6 @@ BAD_PROMPTS = {
     "inf": (lambda: {"prompt_embeds": _inf()}, "NaN or infinite"),
     "int32": (lambda: {"prompt_embeds": np.ones((1, 8, TEXT_DIM), np.int32)}, "dtype int32"),
     "no tokens": (lambda: {"prompt_embeds": np.zeros((1, 0, TEXT_DIM), np.float32)}, "no tokens"),
-    "all-zero mask": (
-        lambda: {"prompt_embeds": _good(), "prompt_embeds_mask": np.zeros((1, 8), np.int64)},
-        "masks out every token",
-    ),
 }
 
 
@@ -682,13 +681,13 @@ def test_signal_during_run_output_write(signal_mid_write, tmp_path):
 
 
 def test_signal_during_bundle_write_keeps_the_old_bundle(signal_mid_write, tiny_checkpoint, tmp_path):
-    """export/build write through atomic_output_dir: an interrupted --force leaves the previous bundle intact."""
+    """export/build write through atomic_dir: an interrupted --force leaves the previous bundle intact."""
     from nucleus_export import export
 
     out = tmp_path / "b"
     out.mkdir()
     (out / "keep").write_text("old bundle")
-    signal_mid_write(export, "write_bundle_files")
+    signal_mid_write(export, "write_graphs")
     options = export.ExportOptions(resolutions=[(128, 128)], max_text_len=8)
     with pytest.raises(KeyboardInterrupt):
         export.export_bundle(tiny_checkpoint, out, options, force=True)
@@ -697,13 +696,13 @@ def test_signal_during_bundle_write_keeps_the_old_bundle(signal_mid_write, tiny_
 
 def test_signal_during_build_leaves_nothing(signal_mid_write, tiny_checkpoint, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed")
-    from nucleus_export.engines import pipeline
+    from nucleus_export import build
     from nucleus_export.export import ExportOptions
 
-    signal_mid_write(pipeline, "write_bundle_files")
-    options = pipeline.BuildOptions(backend="tensorrt-rtx", quality=False)
+    signal_mid_write(build, "write_graphs")
+    options = build.BuildOptions(flavor="tensorrt-rtx", quality=False)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.build_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(resolutions=[(128, 128)], max_text_len=8), options)
+        build.build_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(resolutions=[(128, 128)], max_text_len=8), options)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nucleus_runtime.contract import MOE_NATIVE, MOE_PLUGIN, precision_label
+from nucleus_runtime.bundle import Profiles
+from nucleus_runtime.contract import MOE_NATIVE, MOE_PLUGIN, QUANT_RECIPE_NAME
 
+from nucleus_export.build import BuildOptions, build_bundle, plan_build, validate_moe_options
 from nucleus_export.cache import cache_root
 from nucleus_export.commands.common import (
     add_export_arguments,
@@ -15,18 +17,13 @@ from nucleus_export.commands.common import (
     bundle_path,
     export_options,
 )
-from nucleus_export.engines.backends import BACKEND_CHOICES
-from nucleus_export.engines.cost import COMBINE_CHOICES
-from nucleus_export.engines.pipeline import (
-    BuildOptions,
-    build_bundle,
-    plan_build,
-    validate_moe_options,
-)
+from nucleus_export.costs.combine import COMBINE_CHOICES
+from nucleus_export.engines.flavors import FLAVOR_CHOICES
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import refuse_existing
-from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
-from nucleus_export.model.checkpoint import open_model
+from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
+from nucleus_export.model.checkpoint import Checkpoint
+from nucleus_export.model.specs import open_model
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -45,7 +42,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     group = parser.add_argument_group("engines")
     group.add_argument(
         "--backend",
-        choices=BACKEND_CHOICES,
+        choices=FLAVOR_CHOICES,
         default="auto",
         help="tensorrt (datacenter GPUs, needs a GPU to build), tensorrt-rtx (RTX GPUs, builds on the CPU), or auto: "
         "tensorrt when installed with a GPU visible, else tensorrt-rtx",
@@ -104,14 +101,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="E4M3 Q/DQ on both inputs of attention, dense MLP and expert GEMMs (router, norms stay high): fastest, "
         "about 2x the bf16 build's error; add --fp8-sensitivity to stay within 1.25x of it",
     )
-    quant.add_argument("--fp8-scales", type=Path, help="reuse fp8_scales.json (e.g. from an earlier bundle) instead of calibrating")
+    quant.add_argument("--fp8-scales", type=Path, help=f"reuse a quantization recipe ({QUANT_RECIPE_NAME} of an earlier bundle) instead of calibrating")
     quant.add_argument("--calibration-prompts", type=Path, help="safetensors with prompt_embeds [N,T,D] (+ optional prompt_embeds_mask) for FP8 calibration (README, build --fp8)")
     quant.add_argument("--calibration-size", type=int, default=8, help="calibration samples (default 8)")
     quant.add_argument(
         "--fp8-sensitivity",
         action="store_true",
         help="measure each GEMM group's FP8 cost (error and routing agreement) and choose W8A8, FP8 weights only "
-        "or bf16 per group so FP8 stays within 1.25x bf16's error (recorded in fp8_scales.json; ~2 min on the tiny model)",
+        f"or bf16 per group so FP8 stays within 1.25x bf16's error (recorded in {QUANT_RECIPE_NAME}; ~2 min on the tiny model)",
     )
     parser.add_argument("--skip-quality", action="store_true", help="skip the CPU quality report (parity.json)")
     parser.add_argument(
@@ -123,10 +120,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.set_defaults(func=run)
 
 
-def fp8_scales(args: argparse.Namespace, checkpoint, options) -> Fp8Scales:
-    """Stored scales (reproducible builds) or a fresh calibration."""
+def quant_recipe(args: argparse.Namespace, checkpoint: Checkpoint, profiles: Profiles) -> QuantRecipe:
+    """A stored recipe (reproducible builds) or a fresh calibration."""
     if args.fp8_scales:
-        return Fp8Scales.load(args.fp8_scales)
+        return QuantRecipe.load(args.fp8_scales)
     try:
         from nucleus_export.quant import calibrate_fp8
     except ImportError as exc:
@@ -134,19 +131,14 @@ def fp8_scales(args: argparse.Namespace, checkpoint, options) -> Fp8Scales:
             f"FP8 calibration is unavailable in this installation ({exc}).",
             "pass --fp8-scales with a stored fp8_scales.json.",
         ) from None
-    scales = calibrate_fp8(
-        checkpoint,
-        options,
-        prompts=args.calibration_prompts,
-        size=args.calibration_size,
-    )
+    recipe = calibrate_fp8(checkpoint, profiles, prompts=args.calibration_prompts, size=args.calibration_size)
     if not args.fp8_sensitivity:
-        return scales
+        return recipe
     from nucleus_export.quant.sensitivity import select_fp8_modes
 
-    scales, sensitivity = select_fp8_modes(checkpoint, scales, compute=args.precision)
+    recipe, sensitivity = select_fp8_modes(checkpoint, recipe, compute=args.precision)
     print(sensitivity.summary())
-    return scales
+    return recipe
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.fp8_scales or args.calibration_prompts or args.fp8_sensitivity) and not args.fp8:
         raise NucleusExportError("--fp8-scales / --calibration-prompts / --fp8-sensitivity only apply with --fp8.", "add --fp8 or drop them.")
     build = BuildOptions(
-        backend=args.backend,
+        flavor=args.backend,
         moe=moe,
         plugin_library=args.plugins,
         timing_cache=args.timing_cache,
@@ -185,16 +177,16 @@ def run(args: argparse.Namespace) -> int:
     options = export_options(args)
     # Fail fast (backend, plugins, TensorRT's limits) before export and calibration, which take the longest.
     plan = plan_build(checkpoint, options, build)
-    backend = plan.backend
+    flavor = plan.flavor
     if build.timing_cache is None:
-        build.timing_cache = cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
+        build.timing_cache = cache_root() / "timing" / f"{flavor.name}-{flavor.version}.cache"
         build.timing_cache.parent.mkdir(parents=True, exist_ok=True)
     if args.fp8:
-        options.precision = GraphPrecision(args.precision, fp8_scales(args, checkpoint, options))
+        options.precision = GraphPrecision(args.precision, quant_recipe(args, checkpoint, plan.export.profiles))
     manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force, plan=plan)
     total = sum(r.build_seconds for r in reports)
     print(
-        f"built {out}: {precision_label(manifest.precision, args.fp8)}, MoE {moe}, "
+        f"built {out}: {manifest.precision_label}, MoE {moe}, "
         f"{', '.join(f'{r.graph}.plan {r.engine_bytes / 2**20:.1f} MiB' for r in reports)}, engine build {total:.1f} s"
     )
     if parity is not None and not parity.passed:

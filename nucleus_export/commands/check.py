@@ -7,14 +7,15 @@ import dataclasses
 from pathlib import Path
 
 from nucleus_runtime.bundle import load_manifest, verify_files
-from nucleus_runtime.contract import GRAPHS, precision_label
+from nucleus_runtime.contract import GRAPHS, QUANT_RECIPE_NAME, onnx_file
 
 from nucleus_export.commands.common import add_expect_manifest_argument
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.model.checkpoint import open_model
+from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
+from nucleus_export.model.specs import open_model
 from nucleus_export.parity.cases import CASE_SETS
 from nucleus_export.parity.check import write_report
-from nucleus_export.parity.quality import quality_report, tolerance_for
+from nucleus_export.parity.quality import built_lowering, quality_report, tolerance_for
 
 # CLI flag -> Tolerance field it overrides
 OVERRIDES = {
@@ -52,19 +53,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.bundle, args.expect_manifest_sha256)
     # Checksums first: a changed or missing file is a one-line error in a second, not a slow parity failure.
-    verify_files(args.bundle, manifest, sorted({*(f"{g}.onnx" for g in GRAPHS), *manifest.files}))
-    fp8 = manifest.quantization is not None
+    verify_files(args.bundle, manifest, sorted({*(onnx_file(g) for g in GRAPHS), *manifest.files}))
+    recipe = QuantRecipe.load(args.bundle / QUANT_RECIPE_NAME) if manifest.quantization else None
+    precision = GraphPrecision(manifest.precision, recipe)
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
-    tolerance = dataclasses.replace(tolerance_for(manifest.precision, fp8), **overrides)
+    tolerance = dataclasses.replace(tolerance_for(precision), **overrides)
     report = quality_report(
-        open_model(args.model),
-        args.bundle,
-        precision_label(manifest.precision, fp8),
-        manifest.precision,
-        fp8,
-        moe_lowering=manifest.moe_lowering,
-        tolerance=tolerance,
-        case_set=args.cases,
+        open_model(args.model), args.bundle, precision, built_lowering(manifest), tolerance=tolerance, case_set=args.cases
     )
     path = write_report(args.bundle, {report.graph_precision: report})
     for line in report.summary_lines():

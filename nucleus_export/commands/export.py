@@ -14,7 +14,7 @@ from nucleus_export.commands.common import (
     export_options,
 )
 from nucleus_export.export import export_bundle
-from nucleus_export.model.checkpoint import open_model
+from nucleus_export.model.specs import open_model
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     options.segments = args.segments
     out = bundle_path(args, options.precision.label)
     manifest = export_bundle(checkpoint, out, options, force=args.force)
-    total = sum(f["bytes"] for f in manifest.files.values())
-    linked = sum(f["bytes"] for name, f in manifest.files.items() if name.startswith(CHECKPOINT_LINKS_DIR + "/"))
+    total = sum(f.bytes for f in manifest.files.values())
+    linked = sum(f.bytes for name, f in manifest.files.items() if name.startswith(CHECKPOINT_LINKS_DIR + "/"))
     shared = f", of which {linked / 1e6:.1f} MB are the checkpoint's shards, hard-linked" if linked else ""
     print(f"exported {out} ({manifest.precision}, {len(manifest.profiles.resolutions)} resolutions, {total / 1e6:.1f} MB{shared})")
     return 0

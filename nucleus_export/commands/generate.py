@@ -21,18 +21,14 @@ from typing import Any
 
 import numpy as np
 from nucleus_runtime.atomic import atomic_file
+from nucleus_runtime.backends import registry
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
-from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
+from nucleus_runtime.contract import AUTO, SCHEDULER_CONFIG_NAME
 from nucleus_runtime.pipeline import generate
 from nucleus_runtime.scheduler import SchedulerConfig
 
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.integrations.runtime_backend import (
-    AUTO,
-    BACKEND_CHOICES,
-    open_backend,
-)
 from nucleus_export.log import track
 from nucleus_export.model.hub import (
     MODEL_INDEX,
@@ -72,7 +68,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale; CFG runs when > 1 (default 4.0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the CPU torch generator for the initial noise")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default=AUTO, help="runtime backend (default auto)")
+    parser.add_argument("--backend", choices=registry.CHOICES, default=AUTO, help="runtime backend (default auto)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="torch device of the text encoder and VAE")
     parser.add_argument(
@@ -234,7 +230,7 @@ def load_pipeline(root: Path, device: Any, dtype: Any) -> Any:
     return pipe.to(device)
 
 
-def check_pipeline(pipe: Any, model_config: dict[str, Any], root: Path) -> None:
+def check_pipeline(pipe: Any, model_config: dict[str, Any], pixels_per_patch: int, root: Path) -> None:
     """The text encoder and VAE must fit the bundle's transformer."""
     text_dim = pipe.text_encoder.config.text_config.hidden_size
     if text_dim != model_config["joint_attention_dim"]:
@@ -244,6 +240,12 @@ def check_pipeline(pipe: Any, model_config: dict[str, Any], root: Path) -> None:
             "use the pipeline the bundle's checkpoint belongs to.",
         )
     channels = model_config["in_channels"] // model_config["patch_size"] ** 2
+    step = pipe.vae_scale_factor * model_config["patch_size"]
+    if step != pixels_per_patch:
+        raise NucleusExportError(
+            f"the VAE in {root} makes {step} pixels per latent patch; the bundle's profiles were made for {pixels_per_patch}.",
+            "export the bundle from this pipeline root (--model PIPELINE), so its resolutions follow this VAE.",
+        )
     if pipe.vae.config.z_dim != channels:
         raise NucleusExportError(
             f"the VAE in {root} has {pipe.vae.config.z_dim} latent channels; the bundle's model takes {channels}.",
@@ -282,7 +284,7 @@ def initial_latents(pipe: Any, model_config: dict[str, Any], height: int, width:
 
     latents = pipe.prepare_latents(
         1,
-        model_config["in_channels"] // 4,
+        model_config["in_channels"] // model_config["patch_size"] ** 2,
         model_config["patch_size"],
         height,
         width,
@@ -382,13 +384,14 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pipe = load_pipeline(root, device, dtype)
-    check_pipeline(pipe, config, root)
+    check_pipeline(pipe, config, manifest.profiles.pixels_per_patch, root)
     if SchedulerConfig.from_dict(dict(pipe.scheduler.config), f"{root}/scheduler") != scheduler:
         logger.warning("the scheduler settings of %s differ from the bundle's; the bundle's are used", root)
     timings.load_pipeline = time.perf_counter() - start
 
     start = time.perf_counter()
-    backend = open_backend(args.bundle, manifest, args.backend, threads=args.threads, verify_checksums=not args.skip_checksums)
+    options = registry.BackendOptions(threads=args.threads, verify_checksums=not args.skip_checksums)
+    backend = registry.open_backend(args.bundle, args.backend, manifest, options)
     timings.load_engines = time.perf_counter() - start
 
     request = Request(args.prompt, args.negative_prompt, height, width, args.steps, args.guidance, args.seed, args.max_sequence_length)

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from nucleus_export.commands.common import add_model_argument
-from nucleus_export.engines.cost import GPUS
-from nucleus_export.model.checkpoint import open_model
+from nucleus_export.costs.roofline import GPUS
+from nucleus_export.model.specs import open_model
 from nucleus_export.model.summary import summarize
 from nucleus_export.resolutions import (
     DEFAULT_BASE,
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_bundle(args: argparse.Namespace) -> int:
-    from nucleus_export.engines.bundle_cost import bundle_cost
+    from nucleus_export.costs.bundle_cost import bundle_cost
 
     report = bundle_cost(args.bundle, args.gpu)
     if args.json:

@@ -1,7 +1,7 @@
 """`nucleus-export run`: denoise latents from prompt embeddings with a bundle (ONNX Runtime or TensorRT).
 
 Reads `prompt_embeds` [B,T,D] and optional `prompt_embeds_mask` [B,T] from safetensors files, writes the final packed
-latents [B,S,64] as `latents`. Decoding them to pixels (the VAE) is outside the bundle.
+latents [B, S, in_channels] as `latents`. Decoding them to pixels (the VAE) is outside the bundle.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 from nucleus_runtime.atomic import atomic_file
-from nucleus_runtime.backends import factory
+from nucleus_runtime.backends import registry
 from nucleus_runtime.backends.base import Backend
-from nucleus_runtime.bundle import load_manifest, verify_files
-from nucleus_runtime.contract import SCHEDULER_CONFIG_NAME
+from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
+from nucleus_runtime.contract import AUTO, ONNXRUNTIME, SCHEDULER_CONFIG_NAME
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.pipeline import check_guidance, check_text, generate
 from nucleus_runtime.scheduler import SchedulerConfig
@@ -43,10 +43,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale; CFG runs when > 1 (default 4.0)")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--latents", type=Path, help="safetensors with initial packed `latents` [B,S,64]")
+    start.add_argument("--latents", type=Path, help="safetensors with initial packed `latents` [B, S, in_channels]")
     start.add_argument("--seed", type=int, help="seed for numpy initial noise (default 0; not torch's randn)")
     parser.add_argument("--out", type=Path, required=True, help="safetensors file for the final `latents`")
-    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime", help="default onnxruntime")
+    parser.add_argument(
+        "--backend",
+        choices=registry.CHOICES,
+        default=AUTO,
+        help="auto (default): the TensorRT flavor that built the bundle's engines when it can run here (installed, GPU "
+        "visible), else onnxruntime",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
     parser.add_argument("--no-text-kv-cache", action="store_true", help="recompute text K/V at every step (same result, slower)")
@@ -95,19 +101,15 @@ def write_latents(path: Path, latents: np.ndarray, metadata: dict[str, str]) -> 
         save_file({"latents": np.ascontiguousarray(latents)}, str(tmp), metadata=metadata)
 
 
-def open_backend(args: argparse.Namespace, bundle: Path, manifest) -> Backend:  # noqa: ANN001 - Manifest
-    if args.weight_streaming_budget is not None and args.backend != "tensorrt":
-        raise UsageError("--weight-streaming-budget applies to --backend tensorrt only.", "add --backend tensorrt or drop it.")
+def open_backend(args: argparse.Namespace, bundle: Path, manifest: Manifest) -> Backend:
+    name = registry.resolve_backend(args.backend, bundle, manifest)
+    if args.weight_streaming_budget is not None and name == ONNXRUNTIME:
+        raise UsageError(
+            "--weight-streaming-budget applies to the TensorRT backends only.", "add --backend tensorrt or drop it."
+        )
     budget = None if args.weight_streaming_budget is None else int(args.weight_streaming_budget * 1e9)
-    return factory.open_backend(
-        bundle,
-        args.backend,
-        manifest,
-        device=args.device,
-        threads=args.threads,
-        verify_checksums=not args.skip_checksums,
-        weight_streaming_budget=budget,
-    )
+    options = registry.BackendOptions(args.device, args.threads, not args.skip_checksums, budget)
+    return registry.open_backend(bundle, name, manifest, options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         "steps": str(args.steps),
         "guidance": str(args.guidance),
         "seed": "" if seed is None else str(seed),
-        "config_hash": manifest.config_hash,
+        "bundle_identity": manifest.identity,
         "backend": backend.name,
     }
     write_latents(args.out, out, metadata)

@@ -15,13 +15,11 @@ import ml_dtypes
 import numpy as np
 import onnx
 from nucleus_runtime.contract import DOMAIN as NUCLEUS_DOMAIN
+from nucleus_runtime.contract import INLINE_TENSOR_MAX_BYTES, ONNX_OPSET
 from nucleus_runtime.contract import DOMAIN_VERSION as NUCLEUS_DOMAIN_VERSION
 from onnx import TensorProto, helper
 
 from nucleus_export.graph.external_data import ExternalDataWriter
-
-# 23: the standard Attention, RMSNormalization and RotaryEmbedding ops, which TensorRT parses into fused layers.
-OPSET = 23
 
 NP_TO_ONNX: dict[np.dtype, int] = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -38,9 +36,6 @@ ONNX_TYPE_NAMES = {
     TensorProto.BFLOAT16: "bfloat16",
     TensorProto.INT64: "int64",
 }
-
-# Tensors below this many bytes stay inside the graph proto even when weights go to external data.
-INLINE_TENSOR_MAX_BYTES = 1024
 
 
 def tensor_proto(name: str, array: np.ndarray) -> TensorProto:
@@ -134,7 +129,7 @@ class GraphBuilder:
 
     def make_model(self, producer_version: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=self.initializers)
-        opsets = [helper.make_opsetid("", OPSET)]
+        opsets = [helper.make_opsetid("", ONNX_OPSET)]
         if self.functions:
             opsets.append(helper.make_opsetid(NUCLEUS_DOMAIN, NUCLEUS_DOMAIN_VERSION))
         model = helper.make_model(

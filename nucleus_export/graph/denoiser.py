@@ -11,10 +11,11 @@ from nucleus_runtime import contract
 from nucleus_runtime.contract import block_output
 from onnx import TensorProto
 
-from nucleus_export.graph import moe_ops
 from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.model.config import ModelConfig
+from nucleus_export.moe.combine import emit_combine
+from nucleus_export.moe.expert_choice import emit_router
 
 B, S, T = contract.BATCH_DIM, contract.IMAGE_TOKENS_DIM, contract.TEXT_LEN_DIM
 MASK_BIAS = -1e30  # exp underflows to exactly 0 in float32, like SDPA's boolean mask (lowest finite where smaller)
@@ -42,7 +43,7 @@ class DenoiserBuilder:
     def __init__(self, g: GraphBuilder, emit: LayerEmitter, config: ModelConfig, max_image_tokens: int):
         self.g, self.emit, self.config = g, emit, config
         self.max_image_tokens = max_image_tokens
-        self.quantize = emit.precision.fp8 is not None
+        self.quantize = emit.precision.recipe is not None
 
     def build(self, on_block: Callable[[int], None] = lambda idx: None) -> None:
         g, emit, c = self.g, self.emit, self.config
@@ -63,7 +64,7 @@ class DenoiserBuilder:
         self.mask_bias = self.attention_bias(x, mask)
         for idx in range(c.num_layers):
             g.scope = f"transformer_blocks.{idx}"
-            # The residual stream after each block, named so the graph may be cut there (engines/segments.py).
+            # The residual stream after each block, named so the graph may be cut there (rewrites/segments.py).
             x = g.named(self.block(x, idx), block_output(idx))
             on_block(idx)
         g.scope = "norm_out"
@@ -170,12 +171,8 @@ class DenoiserBuilder:
         temb = g.op("Expand", [g.op("Unsqueeze", [self.temb, g.const([1], np.int64)]), g.op("Shape", [normed_f32])])
         router_input = g.op("Concat", [temb, normed_f32], axis=-1, hint="router_input")
         logits = g.op("MatMul", [router_input, emit.tensor(f"{mlp}.gate.weight", transpose=True)], hint=f"{mlp}.gate")
-        indices, gating = moe_ops.expert_choice_router(
-            g,
-            logits,
-            c.capacity_fraction(idx, self.max_image_tokens),
-            "sigmoid" if c.use_sigmoid else "softmax",
-            c.route_scale,
+        indices, gating = emit_router(
+            g, logits, c.capacity_fraction(idx, self.max_image_tokens), c.score_function, c.route_scale
         )
 
         x = emit.to_compute(modulated_f32)
@@ -201,4 +198,4 @@ class DenoiserBuilder:
         expert_output = g.op("Reshape", [down, per_row], hint="expert_output")
 
         shared = emit.feed_forward(x, f"{mlp}.shared_expert", self.quantize)
-        return moe_ops.moe_combine(g, shared, expert_output, indices, gating, c.num_experts)
+        return emit_combine(g, shared, expert_output, indices, gating, c.num_experts)

@@ -110,7 +110,7 @@ def _external_initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
     return (t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL)
 
 
-def _resolve(tensor: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
+def resolve_external(tensor: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
     """(file, offset, length) of an external tensor, refused unless the file is inside base_dir and holds the range."""
     info = {e.key: e.value for e in tensor.external_data}
     what = f"external data of tensor '{tensor.name}'"
@@ -135,13 +135,13 @@ def _resolve(tensor: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
 def validate_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Check every external initializer's location and byte range without reading the data."""
     for tensor in _external_initializers(model):
-        _resolve(tensor, base_dir)
+        resolve_external(tensor, base_dir)
 
 
 def load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Read every external initializer into the proto (in place), after the checks of validate_external_data."""
     for tensor in _external_initializers(model):
-        path, offset, length = _resolve(tensor, base_dir)
+        path, offset, length = resolve_external(tensor, base_dir)
         with open(path, "rb") as f:
             f.seek(offset)
             tensor.raw_data = f.read(length)

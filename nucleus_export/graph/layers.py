@@ -11,20 +11,12 @@ import dataclasses
 
 import ml_dtypes
 import numpy as np
+from nucleus_runtime.contract import INLINE_TENSOR_MAX_BYTES, GemmMode
 from onnx import TensorProto
 
-from nucleus_export.graph.builder import (
-    INLINE_TENSOR_MAX_BYTES,
-    NP_TO_ONNX,
-    GraphBuilder,
-)
+from nucleus_export.graph.builder import NP_TO_ONNX, GraphBuilder
 from nucleus_export.graph.external_data import CheckpointLinks
-from nucleus_export.graph.precision import (
-    COMPUTE,
-    FP8,
-    GraphPrecision,
-    quantize_per_channel,
-)
+from nucleus_export.graph.precision import GraphPrecision, quantize_per_channel
 from nucleus_export.model.checkpoint import WeightStore
 
 
@@ -67,24 +59,24 @@ class LayerEmitter:
     # ---- GEMMs -------------------------------------------------------------------------------------------------
 
     def _quantize_activation(self, x_cd: str, gemm: str) -> str:
-        scale = self.g.const(self.precision.fp8.activation_scale(gemm), self.precision.np_dtype)
+        scale = self.g.const(self.precision.recipe.activation_scale(gemm), self.precision.np_dtype)  # type: ignore[union-attr]
         zero = self.g.const(0, ml_dtypes.float8_e4m3fn)
         q = self.g.op("QuantizeLinear", [x_cd, scale, zero], hint=f"{gemm}.input_quant")
         return self.g.op("DequantizeLinear", [q, scale, zero], hint=f"{gemm}.input_dequant")
 
     def linear(self, x_cd: str, module: str, bias: bool = False, quantize: bool = False) -> str:
-        """x @ W.T (+ b) for an nn.Linear at `module`. When quantizing, as the FP8 mode of the GEMM says: FP8: Q/DQ
-        on both inputs; FP8_WEIGHTS: DQ on the weight only (E4M3 storage, the GEMM in the compute precision)."""
+        """x @ W.T (+ b) for an nn.Linear at `module`. When quantizing, as the recipe's mode of the GEMM says: FP8:
+        Q/DQ on both inputs; FP8_WEIGHTS: DQ on the weight only (E4M3 storage, the GEMM in the compute precision)."""
         cd = self.precision.np_dtype
-        mode = self.precision.gemm_mode(module) if quantize else COMPUTE
-        if mode == COMPUTE:
+        mode = self.precision.gemm_mode(module) if quantize else GemmMode.COMPUTE
+        if not mode.quantizes_weights:
             w = self.tensor(f"{module}.weight", cd, transpose=True)
         else:
             w_q, scales = quantize_per_channel(self.weights.read(f"{module}.weight").T)
             w_name = self.g.weight(f"{module}.weight.T.fp8", w_q)
             w_scale = self.g.weight(f"{module}.weight.T.scale", scales.astype(cd))
             w = self.g.op("DequantizeLinear", [w_name, w_scale], axis=1, hint=f"{module}.weight_dequant")
-        if mode == FP8:
+        if mode.quantizes_activations:
             x_cd = self._quantize_activation(x_cd, module)
         y = self.g.op("MatMul", [x_cd, w], hint=module)
         if bias:
@@ -97,14 +89,14 @@ class LayerEmitter:
         activation gets Q/DQ in FP8 mode only."""
         cd = self.precision.np_dtype
         module = name.rsplit(".", 1)[0]
-        mode = self.precision.gemm_mode(name) if quantize else COMPUTE
-        if mode == COMPUTE:
+        mode = self.precision.gemm_mode(name) if quantize else GemmMode.COMPUTE
+        if not mode.quantizes_weights:
             return self.g.op("MatMul", [x_cd, self.tensor(name, cd)], hint=name)
         w_q, scales = quantize_per_channel(self.weights.read(name))
         w_name = self.g.weight(f"{name}.fp8", w_q)
         ones = self.g.weight(f"{name}.expert_scale", np.ones(w_q.shape[0], dtype=cd))
         w = self.g.op("DequantizeLinear", [w_name, ones], axis=0, hint=f"{name}.weight_dequant")
-        x_in = self._quantize_activation(x_cd, name) if mode == FP8 else x_cd
+        x_in = self._quantize_activation(x_cd, name) if mode.quantizes_activations else x_cd
         y = self.g.op("MatMul", [x_in, w], hint=name)
         channel_scales = self.g.weight(f"{name}.channel_scale", scales[:, None, :].astype(cd))
         return self.g.op("Mul", [y, channel_scales], hint=f"{module}.channel_scale")

@@ -1,4 +1,11 @@
-"""Graph precision: the GEMM compute dtype and optional FP8 (E4M3) quantization with its scales."""
+"""Graph precision: the GEMM compute dtype and an optional quantization recipe (how each GEMM computes, and its
+scales).
+
+A recipe maps GEMM module paths (or prefixes such as "transformer_blocks.4" for a whole block) to a
+`nucleus_runtime.contract.GemmMode`, the longest matching prefix winning, with `default_mode` for the rest. A new mode
+is a `GemmMode` member, its emission in graph/layers.py, its candidates in quant/sensitivity.py and its peak in
+costs/bundle_cost.py (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from nucleus_runtime.contract import precision_label
+from nucleus_runtime.contract import COMPUTE_PRECISIONS, FP8_SCHEME, GemmMode, precision_label
 from onnx import TensorProto
 
 from nucleus_export.errors import NucleusExportError
@@ -18,50 +25,54 @@ COMPUTE_DTYPES: dict[str, tuple[int, np.dtype]] = {
     "bf16": (TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16)),
     "fp16": (TensorProto.FLOAT16, np.dtype(np.float16)),
 }
+assert tuple(COMPUTE_DTYPES) == COMPUTE_PRECISIONS
 
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-
-
-# How one GEMM computes in an FP8 build (Fp8Scales.mode):
-FP8 = "fp8"  # E4M3 weights (per-channel scales) and E4M3 activations (per-tensor scale): W8A8
-FP8_WEIGHTS = "fp8-weights"  # E4M3 weights, activations in the compute precision: W8A16, weight bytes halved
-COMPUTE = "compute"  # weights and activations in the compute precision (bf16)
+RECIPE_FORMAT = "nucleus-fp8-scales/2"
+# Written before per-GEMM modes had a map of their own: `keep` (compute) and `weight_only` (FP8 weights) lists.
+_RECIPE_FORMAT_1 = "nucleus-fp8-scales/1"
 
 
 @dataclasses.dataclass(frozen=True)
-class Fp8Scales:
-    """Per-tensor activation amax for each quantized GEMM input, keyed by the GEMM's module path
-    (e.g. "transformer_blocks.3.attn.to_q", "transformer_blocks.3.img_mlp.experts.down_proj"), and how each GEMM
-    computes: module paths (a GEMM, or a prefix such as "transformer_blocks.4" for a whole block) that stay in the
-    compute precision (`keep`) or get FP8 weights only (`weight_only`); every other GEMM is W8A8. Both are chosen by
-    nucleus_export.quant.sensitivity; scales files written before `weight_only` existed load with it empty."""
+class QuantRecipe:
+    """How each quantizable GEMM computes, and the calibrated per-tensor activation amax of each quantized GEMM input
+    (keyed by the GEMM's module path, e.g. "transformer_blocks.3.attn.to_q",
+    "transformer_blocks.3.img_mlp.experts.down_proj").
+
+    Attributes:
+        activation_amax: module path -> largest |x| entering it along calibration runs.
+        modes: module path or prefix -> mode; the longest matching path wins.
+        default_mode: the mode of every GEMM no path in `modes` covers.
+        calibration: how the amax were measured (and, when chosen by measurement, the measurements).
+    """
 
     activation_amax: dict[str, float]
+    modes: dict[str, GemmMode] = dataclasses.field(default_factory=dict)
+    default_mode: GemmMode = GemmMode.FP8
     calibration: dict = dataclasses.field(default_factory=dict)
-    keep: tuple[str, ...] = ()
-    weight_only: tuple[str, ...] = ()
 
-    def mode(self, gemm: str) -> str:
-        """FP8, FP8_WEIGHTS or COMPUTE for the GEMM at this module path (`keep` wins over `weight_only`)."""
-        if _covered(gemm, self.keep):
-            return COMPUTE
-        return FP8_WEIGHTS if _covered(gemm, self.weight_only) else FP8
+    def mode(self, gemm: str) -> GemmMode:
+        covering = [p for p in self.modes if gemm == p or gemm.startswith(p + ".")]
+        return self.modes[max(covering, key=len)] if covering else self.default_mode
 
     def activation_scale(self, gemm: str) -> float:
         if gemm not in self.activation_amax:
             raise NucleusExportError(
-                f"FP8 scales have no calibration entry for '{gemm}'.",
-                "recalibrate (drop --fp8-scales) for this checkpoint; the scales file belongs to another model.",
+                f"the quantization recipe has no calibration entry for '{gemm}'.",
+                "recalibrate (drop --fp8-scales) for this checkpoint; the recipe file belongs to another model.",
             )
         return max(self.activation_amax[gemm], 1e-12) / FP8_MAX
+
+    def with_modes(self, modes: dict[str, GemmMode]) -> QuantRecipe:
+        return dataclasses.replace(self, modes=dict(modes))
 
     def to_json(self) -> str:
         return json.dumps(
             {
-                "format": "nucleus-fp8-scales/1",
+                "format": RECIPE_FORMAT,
                 "activation_amax": self.activation_amax,
-                "keep": list(self.keep),
-                "weight_only": list(self.weight_only),
+                "default_mode": self.default_mode.value,
+                "modes": {k: v.value for k, v in self.modes.items()},
                 "calibration": self.calibration,
             },
             indent=2,
@@ -69,30 +80,30 @@ class Fp8Scales:
         )
 
     @classmethod
-    def load(cls, path: Path) -> Fp8Scales:
+    def load(cls, path: Path) -> QuantRecipe:
         try:
             raw = json.loads(Path(path).read_text())
-            return cls(
-                {k: float(v) for k, v in raw["activation_amax"].items()},
-                raw.get("calibration", {}),
-                tuple(str(k) for k in raw.get("keep", [])),
-                tuple(str(k) for k in raw.get("weight_only", [])),
-            )
+            amax = {k: float(v) for k, v in raw["activation_amax"].items()}
+            if raw.get("format", _RECIPE_FORMAT_1) == _RECIPE_FORMAT_1:
+                keep = [str(k) for k in raw.get("keep", [])]
+                # Format 1: `keep` won over `weight_only` whatever their lengths.
+                modes = {str(k): GemmMode.FP8_WEIGHTS for k in raw.get("weight_only", [])
+                         if not any(str(k) == p or str(k).startswith(p + ".") for p in keep)}
+                modes.update(dict.fromkeys(keep, GemmMode.COMPUTE))
+                return cls(amax, modes, GemmMode.FP8, raw.get("calibration", {}))
+            modes = {str(k): GemmMode(v) for k, v in raw.get("modes", {}).items()}
+            return cls(amax, modes, GemmMode(raw.get("default_mode", GemmMode.FP8.value)), raw.get("calibration", {}))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise NucleusExportError(f"cannot read FP8 scales from {path} ({exc}).", "recalibrate without --fp8-scales.") from None
-
-
-def _covered(gemm: str, paths: tuple[str, ...]) -> bool:
-    return any(gemm == p or gemm.startswith(p + ".") for p in paths)
+            raise NucleusExportError(f"cannot read the quantization recipe {path} ({exc}).", "recalibrate without --fp8-scales.") from None
 
 
 @dataclasses.dataclass(frozen=True)
 class GraphPrecision:
     """How a graph computes: `compute` for GEMMs and the stream between them; norms, softmax, router and RoPE are
-    always float32. With `fp8`, attention, dense MLP and expert GEMMs get E4M3 Q/DQ as `fp8.mode` says."""
+    always float32. With a `recipe`, the quantizable GEMMs compute as its modes say."""
 
     compute: str = "fp32"
-    fp8: Fp8Scales | None = None
+    recipe: QuantRecipe | None = None
 
     def __post_init__(self) -> None:
         if self.compute not in COMPUTE_DTYPES:
@@ -106,13 +117,26 @@ class GraphPrecision:
     def np_dtype(self) -> np.dtype:
         return COMPUTE_DTYPES[self.compute][1]
 
-    def gemm_mode(self, gemm: str) -> str:
-        """How the GEMM at this module path computes (FP8, FP8_WEIGHTS or COMPUTE; COMPUTE without FP8)."""
-        return COMPUTE if self.fp8 is None else self.fp8.mode(gemm)
+    @property
+    def scheme(self) -> str | None:
+        """The quantization scheme a manifest records (None: not quantized)."""
+        return FP8_SCHEME if self.recipe is not None else None
+
+    @property
+    def exact(self) -> bool:
+        """float32 without quantization: held to the exact parity gate instead of diffusers-bf16's."""
+        return self.compute == "fp32" and self.recipe is None
+
+    def gemm_mode(self, gemm: str) -> GemmMode:
+        """How the GEMM at this module path computes (COMPUTE without a recipe)."""
+        return GemmMode.COMPUTE if self.recipe is None else self.recipe.mode(gemm)
+
+    def unquantized(self) -> GraphPrecision:
+        return GraphPrecision(self.compute)
 
     @property
     def label(self) -> str:
-        return precision_label(self.compute, self.fp8)
+        return precision_label(self.compute, self.scheme)
 
 
 def quantize_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

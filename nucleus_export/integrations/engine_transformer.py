@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from nucleus_runtime.backends import registry
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.backends.onnxruntime import CUDA_EP
 from nucleus_runtime.bundle import Manifest, load_manifest
 from nucleus_runtime.contract import (
+    AUTO,
     ENCODER_HIDDEN_STATES_MASK,
     HIDDEN_STATES,
     IMG_ROPE_COS,
@@ -47,12 +49,8 @@ from nucleus_runtime.pipeline import cache_namespace, check_text
 from nucleus_runtime.rope import image_rope, text_rope
 from nucleus_runtime.text_kv_cache import TextKVCache, text_kv_key
 
-from nucleus_export.integrations.runtime_backend import AUTO, open_backend
-
 # Input dtypes accepted: the graphs take float32, and these widen to it exactly.
 IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# VAE downsampling times patch size: pixels per latent patch (what img_shapes counts) in the Nucleus pipeline.
-PIXELS_PER_PATCH = 16
 # Identity -> content-key memo entries kept (prompt and negative prompt of a few recent calls).
 _KEY_MEMO_SIZE = 8
 
@@ -69,8 +67,8 @@ class EngineTransformer(torch.nn.Module):
 
     Args:
         bundle: bundle folder (from `nucleus-export export` or `build`).
-        backend: "auto" (TensorRT when the bundle has engines, TensorRT is installed and a GPU is visible, else
-            ONNX Runtime), "tensorrt" or "onnxruntime".
+        backend: "auto" (the TensorRT flavor that built the bundle's engines when it can run here, else ONNX
+            Runtime), or a name of nucleus_runtime.backends.registry.BACKENDS.
         threads: ONNX Runtime intra-op threads (None: its default).
         cache: text K/V cache to use (e.g. shared by several transformers); a private 4 GiB one by default.
         verify_checksums: check the bundle files against the manifest before loading them.
@@ -89,7 +87,8 @@ class EngineTransformer(torch.nn.Module):
         self.bundle = Path(bundle)
         self.manifest = load_manifest(self.bundle)
         self.config = _config_dict(self.manifest)
-        self.backend: Backend = open_backend(self.bundle, self.manifest, backend, threads=threads, verify_checksums=verify_checksums)
+        options = registry.BackendOptions(threads=threads, verify_checksums=verify_checksums)
+        self.backend: Backend = registry.open_backend(self.bundle, backend, self.manifest, options)
         self.text_kv_cache = cache if cache is not None else TextKVCache()
         self._namespace = cache_namespace(self.manifest, self.backend)
         # Where the pipeline should keep its tensors: the GPU for engines and for ONNX Runtime's CUDA provider.
@@ -227,8 +226,9 @@ class EngineTransformer(torch.nn.Module):
         served = [tuple(g) for g in self.manifest.profiles.grids]
         if grid not in served:
             pixels = ", ".join(f"{h}x{w}" for h, w in self.manifest.profiles.resolutions)
+            step = self.manifest.profiles.pixels_per_patch
             raise NucleusError(
-                f"{grid[0] * PIXELS_PER_PATCH}x{grid[1] * PIXELS_PER_PATCH} pixels (latent grid {grid[0]}x{grid[1]}) "
+                f"{grid[0] * step}x{grid[1] * step} pixels (latent grid {grid[0]}x{grid[1]}) "
                 f"is not in the profiles of {self.bundle} ({pixels}).",
                 "call the pipeline with one of those height x width, or export the bundle with --resolutions including it.",
             )

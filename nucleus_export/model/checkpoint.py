@@ -334,23 +334,3 @@ def open_checkpoint(path: Path) -> Checkpoint:
             "check that config.json belongs to these weights (hidden size, heads, experts, intermediate dims).",
         )
     return Checkpoint(transformer_dir, pipeline_root, config, WeightStore(tensors))
-
-
-def open_model(spec: str | Path) -> Checkpoint:
-    """`--model` as the CLI takes it: "tiny" for the embedded tiny model, "synthetic:nucleus-image?layers=N" for a
-    random checkpoint of the real architecture (nucleus_export.model.synthetic), a Hub id ORG/NAME, else a checkpoint
-    path."""
-    from nucleus_export.model.hub import TRANSFORMER_FOLDERS, fetch_snapshot, is_hub_id
-    from nucleus_export.model.synthetic import (
-        ensure_synthetic_checkpoint,
-        is_synthetic_spec,
-    )
-    from nucleus_export.model.tiny import TINY_SPEC, ensure_tiny_checkpoint
-
-    if str(spec) == TINY_SPEC:
-        return open_checkpoint(ensure_tiny_checkpoint())
-    if is_synthetic_spec(str(spec)):
-        return open_checkpoint(ensure_synthetic_checkpoint(str(spec)))
-    if is_hub_id(str(spec)):
-        return open_checkpoint(fetch_snapshot(str(spec), TRANSFORMER_FOLDERS, "transformer"))
-    return open_checkpoint(Path(spec))

@@ -171,6 +171,11 @@ class ModelConfig:
         """Width of the rope tables: one complex rotation per pair of head channels."""
         return self.attention_head_dim // 2
 
+    @property
+    def score_function(self) -> str:
+        """The router's score function (a name of nucleus_runtime.contract.SCORE_FUNCTIONS)."""
+        return "sigmoid" if self.use_sigmoid else "softmax"
+
     def capacity_factor(self, layer: int) -> float:
         if isinstance(self.capacity_factors, tuple):
             return float(self.capacity_factors[layer])

@@ -5,7 +5,7 @@ Three numbers per case (see README, `check`):
   and the graph's own choice with the reference's routing forced upstream, every disagreement classified by its
   score margin (nucleus_export.parity.routing: a near-tie is a flip that float32 rounding of the gate logits alone
   can explain);
-- the error with routing forced: the graph run with the reference's token selections (parity.graphs), which
+- the error with routing forced: the graph run with the reference's token selections (rewrites/forced_routing.py), which
   isolates everything but routing;
 - the end-to-end error.
 fp32 bundles pass when the forced error is float32 noise, every flip is a near-tie and the end-to-end error is
@@ -27,32 +27,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from nucleus_runtime.bundle import load_manifest, write_atomic
+from nucleus_runtime.atomic import write_atomic
+from nucleus_runtime.bundle import load_manifest
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
-from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, SAMPLE
+from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, PARITY_NAME, SAMPLE, onnx_file
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 
 from nucleus_export.graph.external_data import load_model
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
+from nucleus_export.moe.expert_choice import reference_scores, reference_selection, score_bounds
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
-from nucleus_export.parity.graphs import (
-    RoutingNames,
-    with_forced_routing,
-    with_router_outputs,
-)
-from nucleus_export.parity.routing import (
-    LayerRouting,
-    agreement,
-    classify_flips,
-    score_bounds,
-)
+from nucleus_export.parity.routing import LayerRouting, agreement, classify_flips
+from nucleus_export.rewrites.forced_routing import RoutingNames, with_forced_routing, with_router_outputs
 
 if TYPE_CHECKING:
     import onnxruntime
     import torch
-PARITY_NAME = "parity.json"
+
 BASELINE_LABEL = "diffusers bf16"
 
 
@@ -441,10 +434,8 @@ class ReferenceRunner:
             selections, scores, inputs = [], [], []
             for idx in self.config.moe_layers:
                 gate_input, logits = gates[idx]
-                score = torch.sigmoid(logits.float()) if self.config.use_sigmoid else torch.softmax(logits.float(), dim=-1)
-                score = score.to(logits.dtype)  # what diffusers' topk sees
-                capacity = self.config.capacity(idx, logits.shape[1])
-                selections.append(torch.topk(score.transpose(1, 2), k=capacity, dim=-1).indices.cpu().numpy())
+                score = reference_scores(logits, self.config.score_function)
+                selections.append(reference_selection(score, self.config.capacity(idx, logits.shape[1])))
                 if details:
                     scores.append(score.float().cpu().numpy())
                     inputs.append(gate_input.float().cpu().numpy())
@@ -512,7 +503,7 @@ def check_parity(
             "pass the --model the bundle was exported from.",
         )
     if variants is None:
-        variants = variants_of(bundle_dir / f"{TEXT_KV}.onnx", load_model(bundle_dir / f"{DENOISER}.onnx"))
+        variants = variants_of(bundle_dir / onnx_file(TEXT_KV), load_model(bundle_dir / onnx_file(DENOISER)))
     graphs = OnnxGraphs(variants, threads)
     model = reference if reference is not None else load_reference(checkpoint)
     truth = truth or ReferenceRunner(model, config)
@@ -525,7 +516,7 @@ def check_parity(
         out = graphs.run(batch, config, ref.selections)
         expected_kv = truth.text_kv(batch)
         bounds = [
-            score_bounds(x, w, s, config.use_sigmoid, input_error=graph_x - x)
+            score_bounds(x, w, s, config.score_function, input_error=graph_x - x)
             for x, graph_x, w, s in zip(ref.gate_inputs, out.gate_inputs, weights, ref.scores)
         ]
         base = low.forward(batch, details=False) if low is not None else None

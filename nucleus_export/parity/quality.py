@@ -2,7 +2,7 @@
 float32 forward, next to diffusers itself run in bf16 on the same cases; written to parity.json.
 
 The graph under test is the one the engine was built from: MoE lowered to native layers (`--moe native`,
-nucleus_export.engines.lowering) or, for plugin builds, the custom nodes with the combine inlined (the plugins
+nucleus_export.rewrites.as_built) or, for plugin builds, the custom nodes with the combine inlined (the plugins
 implement the reference bodies). ONNX Runtime's CPU provider runs FP8 QuantizeLinear/DequantizeLinear but has no
 bfloat16 MatMul, so bf16 graphs run through `emulate_bf16_in_fp32` after lowering: every bf16 tensor of the lowered
 graph, the combine's per-contribution rounding included, is rounded where it is produced, whatever formulation the
@@ -18,27 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import onnx
-import onnx.inliner
-from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.contract import (
-    COMBINE_OP,
-    DOMAIN,
-    MOE_NATIVE,
-    graph_of_unit,
-    onnx_file,
-)
+from nucleus_runtime.bundle import LoweringRecord, Manifest, load_manifest
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import MOE_PLUGIN
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
+from nucleus_runtime.contract import onnx_file
 
 from nucleus_export.graph.external_data import load_external_data, load_model
+from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import Checkpoint
-from nucleus_export.parity.check import (
-    GraphVariants,
-    ParityReport,
-    Tolerance,
-    variants_of,
-)
-from nucleus_export.parity.emulation import EMULATION_LABEL, emulate_bf16_in_fp32
+from nucleus_export.parity.check import GraphVariants, ParityReport, Tolerance, variants_of
+from nucleus_export.rewrites.as_built import engine_graph
+from nucleus_export.rewrites.bf16_emulation import EMULATION_LABEL, emulate_bf16_in_fp32, has_bf16
 
 if TYPE_CHECKING:
     import torch
@@ -67,98 +58,78 @@ def check_quality_memory(checkpoint: Checkpoint) -> None:
         )
 
 
-def tolerance_for(precision: str, fp8: bool) -> Tolerance:
+def tolerance_for(precision: GraphPrecision) -> Tolerance:
     """fp32 graphs: the exact gate (Tolerance's defaults). Lower precision: no worse than diffusers in bf16."""
-    if precision == "fp32" and not fp8:
+    if precision.exact:
         return Tolerance()
     return Tolerance(
         max_relative_error=None, max_forced_relative_error=None, near_ties_only=False, baseline_margin=BASELINE_MARGIN
     )
 
 
-def _has_bf16(model: onnx.ModelProto) -> bool:
-    if any(i.data_type == onnx.TensorProto.BFLOAT16 for i in model.graph.initializer):
-        return True
-    return any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for n in model.graph.node for a in n.attribute)
+def built_lowering(manifest: Manifest) -> LoweringRecord | None:
+    """How the bundle's denoiser engines compute the MoE ops (None for an ONNX-only bundle)."""
+    records = [manifest.engine(u) for u in manifest.units(DENOISER)]
+    return records[0].lowering if records and records[0] is not None else None
 
 
-def as_built(
-    model: onnx.ModelProto, moe_lowering: str | None, combine: str = "onehot", num_experts: int | None = None
-) -> onnx.ModelProto:
-    """The denoiser as its engine computes it, runnable by ONNX Runtime on the CPU.
-
-    Args:
-        model: the exported graph (parity variants of it are fine: they only touch the router nodes).
-        moe_lowering: the manifest's `moe_lowering` ("native", "plugin", or None for an ONNX-only bundle).
-        combine: the native combine formulation the engine was built with ("onehot" or "chain").
-    """
-    from nucleus_export.engines.lowering import lower_moe_native
-
-    if moe_lowering == MOE_NATIVE:
-        built = lower_moe_native(model, combine, num_experts)
-    elif _has_bf16(model):
-        # Plugins compute the reference bodies; inlining the combine lets the emulation round its contributions.
-        built = onnx.inliner.inline_selected_functions(model, [(DOMAIN, COMBINE_OP)])
-    else:
-        return model  # what the ONNX Runtime backend runs
-    return emulate_bf16_in_fp32(built) if _has_bf16(built) else built
-
-
-def built_combine(bundle_dir: Path) -> str:
-    """The native combine formulation the bundle's denoiser engine was built with (manifest engines.denoiser.combine;
-    engines built before the choice existed used the one-hot GEMM)."""
-    engines = load_manifest(bundle_dir).engines or {}
-    records = [r.get("combine") for name, r in engines.items() if graph_of_unit(name) == DENOISER and isinstance(r, dict)]
-    return str(next((r["formulation"] for r in records if r), "onehot"))
-
-
-def built_variants(bundle_dir: Path, moe_lowering: str | None, combine: str = "onehot") -> tuple[GraphVariants, str]:
-    """Parity variants of the bundle's graphs as built, and a note for the report."""
+def built_variants(bundle_dir: Path, lowering: LoweringRecord | None) -> tuple[GraphVariants, str]:
+    """Parity variants of the bundle's graphs as the engines compute them (as exported without engines), and a note
+    for the report."""
     bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
     text_kv_path = bundle_dir / onnx_file(TEXT_KV)
     denoiser = load_model(bundle_dir / onnx_file(DENOISER))
-    emulated = _has_bf16(denoiser)
-    num_experts = load_manifest(bundle_dir).model_config.get("num_experts")
-    variants = variants_of(text_kv_path, denoiser, lambda m: as_built(m, moe_lowering, combine, num_experts))
+    emulated = has_bf16(denoiser)
+    num_experts = manifest.model_config["num_experts"]
+
+    # As exported, the custom nodes run their reference bodies, which is what plugin engines compute.
+    computed = lowering or LoweringRecord(MOE_PLUGIN)
+    variants = variants_of(text_kv_path, denoiser, lambda m: engine_graph(m, computed, num_experts, runnable_on_cpu=True))
     # Its weights are loaded only where it must be rewritten: ONNX Runtime runs any other text_kv from its path.
     text_kv = onnx.load(str(text_kv_path), load_external_data=False)
-    if _has_bf16(text_kv):
+    if has_bf16(text_kv):
         load_external_data(text_kv, bundle_dir)
         variants.text_kv = emulate_bf16_in_fp32(text_kv)
-    lowering = f"MoE lowered ({moe_lowering}, {combine} combine)" if moe_lowering == MOE_NATIVE else "MoE as custom nodes (plugin semantics)"
-    return variants, f"ONNX Runtime CPU vs diffusers float32; {lowering}; {EMULATION_LABEL if emulated else 'run as exported'}"
+    if lowering is None:
+        how = "MoE as custom nodes (as exported)"
+    elif lowering.combine is not None:
+        how = f"MoE lowered ({lowering.moe}, {lowering.combine} combine)"
+    else:
+        how = "MoE as custom nodes (plugin semantics)"
+    return variants, f"ONNX Runtime CPU vs diffusers float32; {how}; {EMULATION_LABEL if emulated else 'run as exported'}"
 
 
 def quality_report(
     checkpoint: Checkpoint,
     bundle_dir: Path,
-    precision_label: str,
-    precision: str,
-    fp8: bool,
-    moe_lowering: str | None = None,
+    precision: GraphPrecision,
+    lowering: LoweringRecord | None,
     reference: torch.nn.Module | None = None,
     tolerance: Tolerance | None = None,
     case_set: str = "full",
-    combine: str | None = None,
 ) -> ParityReport:
     """Check the bundle's graphs as built against diffusers' float32 forward, with diffusers-bf16 as the baseline for
-    low-precision graphs. `combine`: the native combine formulation (None: as the manifest records it).
+    low-precision graphs.
+
+    Args:
+        precision: how the graphs compute (its label names the report; fp32 without quantization gets the exact gate).
+        lowering: how the engines compute the MoE ops (None: the graphs as exported).
 
     Returns:
         nucleus_export.parity.check.ParityReport labelled with the graph precision, lowering and emulation.
     """
     from nucleus_export.parity.check import check_parity
 
-    variants, note = built_variants(bundle_dir, moe_lowering, combine or built_combine(bundle_dir))
-    low_precision = precision != "fp32" or fp8
+    variants, note = built_variants(bundle_dir, lowering)
     return check_parity(
         checkpoint,
         bundle_dir,
-        tolerance or tolerance_for(precision, fp8),
+        tolerance or tolerance_for(precision),
         variants=variants,
-        graph_precision=precision_label,
+        graph_precision=precision.label,
         reference=reference,
         case_set=case_set,
         note=note,
-        baseline=low_precision,
+        baseline=not precision.exact,
     )

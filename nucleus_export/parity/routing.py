@@ -1,4 +1,5 @@
-"""Routing agreement and the classification of every disagreement by its score margin (numpy only).
+"""Routing agreement and the classification of every disagreement by its score margin (numpy only); the bound a
+margin is held to is nucleus_export.moe.expert_choice.score_bounds.
 
 Expert-choice routing picks, per (batch row, expert), the C tokens of highest score. Two correct float32
 implementations can disagree where two tokens' scores are closer than their rounding error. The bound on a score's
@@ -21,47 +22,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-UNIT_ROUNDOFF_FP32 = 2.0**-24
-
-
-def gamma(terms: int, unit_roundoff: float = UNIT_ROUNDOFF_FP32) -> float:
-    """Higham's gamma_n = n u / (1 - n u): the relative bound on reordering a sum of n products."""
-    nu = terms * unit_roundoff
-    if nu >= 1:
-        raise ValueError(f"gamma_{terms} is unbounded for unit roundoff {unit_roundoff}")
-    return nu / (1 - nu)
-
-
-def score_bounds(
-    gate_input: np.ndarray,
-    gate_weight: np.ndarray,
-    scores: np.ndarray,
-    sigmoid: bool,
-    input_error: np.ndarray | None = None,
-) -> np.ndarray:
-    """Per (batch row, token, expert) bound on a score's float32 rounding error (see the module docstring).
-
-    Args:
-        gate_input: [B, S, K] router input of the reference.
-        gate_weight: [E, K] router weight.
-        scores: [B, S, E] the reference's scores (softmax over E, or sigmoid).
-        sigmoid: the score function.
-        input_error: [B, S, K] |graph's router input - reference's|, when measured.
-
-    Returns:
-        [B, S, E] float64 bounds.
-    """
-    terms, experts = gate_input.shape[-1], gate_weight.shape[0]
-    abs_w = np.abs(gate_weight.astype(np.float64)).T
-    logit_bound = gamma(terms) * (np.abs(gate_input.astype(np.float64)) @ abs_w)
-    if input_error is not None:
-        logit_bound += np.abs(input_error.astype(np.float64)) @ abs_w
-    s = scores.astype(np.float64)
-    if sigmoid:
-        return s * (1 - s) * logit_bound + 3 * UNIT_ROUNDOFF_FP32 * s
-    propagated = s * (logit_bound + (s * logit_bound).sum(axis=-1, keepdims=True))
-    return propagated + (experts + 2) * UNIT_ROUNDOFF_FP32 * s
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ import numpy as np
 from nucleus_runtime.scheduler import SchedulerConfig, make_schedule
 
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.graph.precision import Fp8Scales
+from nucleus_export.graph.precision import QuantRecipe
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
@@ -23,8 +23,7 @@ from nucleus_export.quant.gemms import gemm_groups
 
 if TYPE_CHECKING:
     import torch
-
-    from nucleus_export.export import ExportOptions
+    from nucleus_runtime.bundle import Profiles
 
 logger = logging.getLogger("nucleus_export")
 
@@ -93,18 +92,19 @@ class _AmaxRecorder:
 
 def calibrate_fp8(
     checkpoint: Checkpoint,
-    options: ExportOptions,
+    profiles: Profiles,
     prompts: Path | None = None,
     size: int = 8,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
     reference: torch.nn.Module | None = None,
-) -> Fp8Scales:
-    """Measure activation amax for every FP8 GEMM input.
+) -> QuantRecipe:
+    """Measure activation amax for every FP8 GEMM input; every GEMM of the recipe is W8A8 until a selection
+    (quant/sensitivity.py) or a default recipe sets other modes.
 
     Args:
         checkpoint: the model.
-        options: export options (served resolutions and text lengths); samples cycle through the resolutions.
+        profiles: the bundle's profiles (served resolutions and text lengths); samples cycle through the resolutions.
         prompts: safetensors with prompt_embeds [N,T,D] (+ prompt_embeds_mask); random embeddings when None, which
             is only meaningful for random test models.
         size: number of calibration samples (each a short sampling run).
@@ -117,13 +117,12 @@ def calibrate_fp8(
     """
     import torch
 
-    from nucleus_export.export import build_profiles, scheduler_config
+    from nucleus_export.export import scheduler_config
     from nucleus_export.model.reference import load_reference, to_model
 
     if size < 1 or steps < 1:
         raise NucleusExportError(f"calibration needs at least one sample and one step (got {size}, {steps}).", "pass --calibration-size 1 or more.")
     config = checkpoint.config
-    profiles = build_profiles(checkpoint, options)
     rng = np.random.default_rng(seed)
     if prompts is not None:
         embeds, masks = load_calibration_prompts(prompts, config)
@@ -165,7 +164,7 @@ def calibrate_fp8(
                 latents = schedule.step(-velocity, step, latents)
     finally:
         recorder.remove()
-    return Fp8Scales(
+    return QuantRecipe(
         activation_amax=recorder.amax,
         calibration={
             "prompts": source,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from nucleus_export.graph.precision import COMPUTE, FP8, Fp8Scales
+
+from nucleus_export.graph.precision import QuantRecipe
 from nucleus_export.model.config import ModelConfig
 
 # Kinds, in block order. "attn_qkv" and "attn_out" run before an MoE block's router, the others after it.
@@ -72,13 +73,13 @@ class Fp8Share:
         return f"{100 * self.weight_bytes:.1f}% of GEMM weight bytes in FP8, {100 * self.gemm_flops:.1f}% of GEMM FLOPs in FP8"
 
 
-def fp8_share(config: ModelConfig, scales: Fp8Scales) -> Fp8Share:
-    """The share of `config`'s quantizable GEMMs that `scales` runs in FP8 (by each group's first GEMM's mode)."""
+def fp8_share(config: ModelConfig, recipe: QuantRecipe) -> Fp8Share:
+    """The share of `config`'s quantizable GEMMs that `recipe` runs in FP8 (by each group's first GEMM's mode)."""
     groups = gemm_groups(config)
-    modes = [scales.mode(g.gemms[0]) for g in groups]
+    modes = [recipe.mode(g.gemms[0]) for g in groups]
     params = sum(g.weight_params for g in groups)
     flops = sum(g.flops_per_token for g in groups)
     return Fp8Share(
-        sum(g.weight_params for g, m in zip(groups, modes) if m != COMPUTE) / params,
-        sum(g.flops_per_token for g, m in zip(groups, modes) if m == FP8) / flops,
+        sum(g.weight_params for g, m in zip(groups, modes) if m.quantizes_weights) / params,
+        sum(g.flops_per_token for g, m in zip(groups, modes) if m.quantizes_activations) / flops,
     )

@@ -17,8 +17,8 @@ percent), so the selection is a budget problem:
    an MoE: expert weights are 96% of the real model's GEMM bytes), then FP8 weights -> W8A8 by GEMM FLOPs;
 4. the chosen graph is probed; while its error is over the target on any probe case set, the budget shrinks by the
    measured overshoot.
-The modes are written into fp8_scales.json (`keep`, `weight_only`; the measurements under
-calibration["sensitivity"]), so a rebuild from stored scales is reproducible without probing again.
+The modes are written into the recipe (fp8_scales.json: `modes`, the measurements under calibration["sensitivity"]), so
+a rebuild from the stored recipe is reproducible without probing again.
 """
 
 from __future__ import annotations
@@ -32,13 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nucleus_export.graph.precision import (
-    COMPUTE,
-    FP8,
-    FP8_WEIGHTS,
-    Fp8Scales,
-    GraphPrecision,
-)
+from nucleus_runtime.bundle import LoweringRecord
+from nucleus_runtime.contract import COMBINE_ONEHOT, MOE_NATIVE, GemmMode
+
+from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.log import quiet, track
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.parity.cases import ParityCase
@@ -82,8 +79,8 @@ class GroupCost:
     """A group's probes alone in each FP8 mode and the predicted increase of the squared error (cost)."""
 
     group: str
-    probes: dict[str, Probe]  # FP8 / FP8_WEIGHTS -> probe with only this group in that mode
-    cost: dict[str, float]
+    probes: dict[GemmMode, Probe]  # W8A8 / FP8 weights only -> probe with only this group in that mode
+    cost: dict[GemmMode, float]
 
 
 @dataclasses.dataclass
@@ -94,7 +91,7 @@ class Sensitivity:
     all_fp8: Probe
     flip_price: float  # squared error per unit of routing agreement lost, from the all-W8A8 probe
     groups: list[GroupCost]
-    modes: dict[str, str]  # group -> FP8 / FP8_WEIGHTS / COMPUTE
+    modes: dict[str, GemmMode]  # group -> its mode
     chosen: Probe
     ratios: list[float]  # chosen / bf16 on each probe case set
     rounds: int
@@ -106,40 +103,39 @@ class Sensitivity:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def summary(self) -> str:
-        by_mode = {m: [g for g, v in self.modes.items() if v == m] for m in (FP8_WEIGHTS, COMPUTE)}
+        by_mode = {m: [g for g, v in self.modes.items() if v == m] for m in (GemmMode.FP8_WEIGHTS, GemmMode.COMPUTE)}
         return (
             f"FP8 sensitivity: rel err {self.chosen.relative_error:.3e} vs bf16's {self.bf16.relative_error:.3e}, "
             f"{' / '.join(f'{r:.2f}' for r in self.ratios)} x on {len(self.ratios)} probe case sets "
             f"(target {self.target:g}x on each: {'met' if self.met else 'NOT met'}; all-W8A8 "
-            f"{self.all_fp8.relative_error:.3e}); FP8 weights only: {', '.join(by_mode[FP8_WEIGHTS]) or 'none'}; "
-            f"kept in bf16: {', '.join(by_mode[COMPUTE]) or 'none'}; "
+            f"{self.all_fp8.relative_error:.3e}); FP8 weights only: {', '.join(by_mode[GemmMode.FP8_WEIGHTS]) or 'none'}; "
+            f"kept in bf16: {', '.join(by_mode[GemmMode.COMPUTE]) or 'none'}; "
             f"{100 * self.share['weight_bytes']:.0f}% of GEMM weight bytes and {100 * self.share['gemm_flops']:.0f}% "
             f"of GEMM FLOPs in FP8"
         )
 
 
-def apply_modes(scales: Fp8Scales, groups: list[GemmGroup], modes: dict[str, str]) -> Fp8Scales:
-    """The scales with `keep` / `weight_only` listing the GEMMs of the groups in those modes."""
-    paths = {m: tuple(p for g in groups if modes[g.name] == m for p in g.gemms) for m in (COMPUTE, FP8_WEIGHTS)}
-    return dataclasses.replace(scales, keep=paths[COMPUTE], weight_only=paths[FP8_WEIGHTS])
+def apply_modes(recipe: QuantRecipe, groups: list[GemmGroup], modes: dict[str, GemmMode]) -> QuantRecipe:
+    """The recipe with every GEMM of each group in its group's mode (the default mode needs no entry)."""
+    return recipe.with_modes({p: modes[g.name] for g in groups if modes[g.name] != recipe.default_mode for p in g.gemms})
 
 
-def choose_modes(groups: list[GemmGroup], costs: dict[str, dict[str, float]], budget: float) -> dict[str, str]:
-    """Greedy knapsack (module docstring, step 3): every group starts in bf16; bf16 -> FP8_WEIGHTS upgrades go by
-    weight bytes per cost, then FP8_WEIGHTS -> FP8 by FLOPs per extra cost, each taken while it fits the budget."""
-    modes = {g.name: COMPUTE for g in groups}
+def choose_modes(groups: list[GemmGroup], costs: dict[str, dict[GemmMode, float]], budget: float) -> dict[str, GemmMode]:
+    """Greedy knapsack (module docstring, step 3): every group starts in bf16; bf16 -> FP8 weights upgrades go by
+    weight bytes per cost, then FP8 weights -> W8A8 by FLOPs per extra cost, each taken while it fits the budget."""
+    modes = {g.name: GemmMode.COMPUTE for g in groups}
     spent = 0.0
     tiny = 1e-9 * budget if budget > 0 else 1e-30  # free upgrades rank first, by benefit
 
-    def upgrade(frm: str, to: str, benefit) -> None:
+    def upgrade(frm: GemmMode, to: GemmMode, benefit) -> None:
         nonlocal spent
         steps = [(g, max(costs[g.name][to] - costs[g.name].get(frm, 0.0), 0.0)) for g in groups if modes[g.name] == frm]
         for group, extra in sorted(steps, key=lambda s: -benefit(s[0]) / max(s[1], tiny)):
             if spent + extra <= budget:
                 modes[group.name], spent = to, spent + extra
 
-    upgrade(COMPUTE, FP8_WEIGHTS, lambda g: g.weight_params)
-    upgrade(FP8_WEIGHTS, FP8, lambda g: g.flops_per_token)
+    upgrade(GemmMode.COMPUTE, GemmMode.FP8_WEIGHTS, lambda g: g.weight_params)
+    upgrade(GemmMode.FP8_WEIGHTS, GemmMode.FP8, lambda g: g.flops_per_token)
     return modes
 
 
@@ -173,7 +169,7 @@ class _Prober:
 
         self.checkpoint, self.compute, self.reference, self.workdir = checkpoint, compute, reference, workdir
         self.options = {"resolutions": [resolution], "max_text_len": 16}
-        profiles = build_profiles(checkpoint, ExportOptions(**self.options))
+        profiles = build_profiles(checkpoint.config, ExportOptions(**self.options))
         self.truth = _RememberedTruth(reference, checkpoint.config)
         self.cases = [
             dataclasses.replace(case, name=f"{case.name}/seed{seed}")
@@ -181,7 +177,7 @@ class _Prober:
             for case in make_cases(checkpoint.config, profiles, seed=seed)
         ]
 
-    def __call__(self, scales: Fp8Scales | None) -> Probe:
+    def __call__(self, scales: QuantRecipe | None) -> Probe:
         from nucleus_export.export import ExportOptions, export_bundle
         from nucleus_export.parity.check import Comparison, check_parity
         from nucleus_export.parity.quality import built_variants
@@ -189,7 +185,7 @@ class _Prober:
         out = Path(tempfile.mkdtemp(prefix="probe-", dir=self.workdir)) / "bundle"
         with quiet():
             export_bundle(self.checkpoint, out, ExportOptions(GraphPrecision(self.compute, scales), **self.options))
-            variants, _ = built_variants(out, "native")
+            variants, _ = built_variants(out, LoweringRecord(MOE_NATIVE, COMBINE_ONEHOT))
             report = check_parity(self.checkpoint, out, variants=variants, reference=self.reference, cases=self.cases,
                                   truth=self.truth)
         pooled = report.pooled["graph"]
@@ -203,12 +199,12 @@ class _Prober:
 
 def select_fp8_modes(
     checkpoint: Checkpoint,
-    scales: Fp8Scales,
+    scales: QuantRecipe,
     compute: str = "bf16",
     reference: torch.nn.Module | None = None,
     target: float = FP8_ERROR_TARGET,
     resolution: tuple[int, int] = PROBE_RESOLUTION,
-) -> tuple[Fp8Scales, Sensitivity]:
+) -> tuple[QuantRecipe, Sensitivity]:
     """Measure every GEMM group's FP8 cost and choose each group's mode (see module docstring).
 
     Returns:
@@ -219,7 +215,7 @@ def select_fp8_modes(
 
     reference = reference if reference is not None else load_reference(checkpoint)
     groups = gemm_groups(checkpoint.config)
-    all_bf16 = {g.name: COMPUTE for g in groups}
+    all_bf16 = {g.name: GemmMode.COMPUTE for g in groups}
     with tempfile.TemporaryDirectory(prefix="nucleus-fp8-sensitivity-") as tmp:
         probe = _Prober(checkpoint, compute, reference, Path(tmp), resolution)
         bf16, all_fp8 = probe(None), probe(scales)
@@ -228,13 +224,13 @@ def select_fp8_modes(
         flip_price = flips / max(bf16.routing_agreement - all_fp8.routing_agreement, 1e-6)
         costs = []
         for group in track(groups, "FP8 sensitivity, one GEMM group at a time"):
-            alone = {m: probe(apply_modes(scales, groups, {**all_bf16, group.name: m})) for m in (FP8, FP8_WEIGHTS)}
+            alone = {m: probe(apply_modes(scales, groups, {**all_bf16, group.name: m})) for m in (GemmMode.FP8, GemmMode.FP8_WEIGHTS)}
             cost = {
                 m: max(p.forced_relative_error**2 - arithmetic, 0.0) + flip_price * max(bf16.routing_agreement - p.routing_agreement, 0.0)
                 for m, p in alone.items()
             }
             costs.append(GroupCost(group.name, alone, cost))
-            logger.info("FP8 cost of %s: W8A8 %.2e, FP8 weights only %.2e", group.name, cost[FP8], cost[FP8_WEIGHTS])
+            logger.info("FP8 cost of %s: W8A8 %.2e, FP8 weights only %.2e", group.name, cost[GemmMode.FP8], cost[GemmMode.FP8_WEIGHTS])
         budget = (target**2 - 1) * bf16.relative_error**2
         for rounds in range(1, MAX_ROUNDS + 1):
             modes = choose_modes(groups, {c.group: c.cost for c in costs}, budget)

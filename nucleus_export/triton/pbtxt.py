@@ -51,7 +51,7 @@ class QueuePolicy:
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class TritonModelConfig:
     """The subset of Triton's `inference.ModelConfig` that the generated models set.
 
     Exactly one of `platform` (tensorrt_plan) and `backend` (onnxruntime, python) is set, as Triton's docs do it.

@@ -33,7 +33,7 @@ from pathlib import Path
 import nucleus_runtime
 from nucleus_runtime import plugins
 from nucleus_runtime.atomic import atomic_dir
-from nucleus_runtime.backends import factory
+from nucleus_runtime.backends import registry
 from nucleus_runtime.bundle import Manifest, load_manifest, sha256_file, verify_files
 from nucleus_runtime.contract import (
     DENOISER_GRAPH as DENOISER,
@@ -160,13 +160,13 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
             verified.update(graphs)
         files, plugin_relpath = _graph_models(bundle_dir, manifest, names, options)
         if plugin_relpath is not None:
-            verified.add(manifest.plugins["library"])  # _plugin_library verified it (always, before anything else)
+            verified.add(manifest.plugins.library)  # _plugin_library verified it (always, before anything else)
         files.append(RepoFile(f"{version_dir}/{MANIFEST_NAME}", source=bundle_dir / MANIFEST_NAME))
         scheduler_config = bundle_dir / SCHEDULER_CONFIG_NAME
         if scheduler_config.is_file():
             files.append(_bundle_file(bundle_dir, manifest, SCHEDULER_CONFIG_NAME, f"{version_dir}/{SCHEDULER_CONFIG_NAME}"))
     else:
-        served = factory.serving_files(manifest, configs.RUNTIME_BACKENDS[options.platform])
+        served = registry.serving_files(manifest, configs.runtime_backend(manifest, options.platform))
         if options.verify_checksums:
             verified.update(n for n in served if n in manifest.files)
             verify_files(bundle_dir, manifest, sorted(verified))
@@ -190,7 +190,7 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     plan = RepositoryPlan(
         names=names, platform=options.platform, files=files, plugin_library=plugin_relpath, layout=options.layout
     )
-    files.append(RepoFile(README_NAME, text=serving.serving_notes(plan, manifest)))
+    files.append(RepoFile(README_NAME, text=serving.serving_notes(names, options.layout, options.platform, plugin_relpath, manifest)))
     return plan
 
 
@@ -226,11 +226,11 @@ def _graph_models(
 
 
 def _inprocess_files(bundle_dir: Path, manifest: Manifest, platform: str, served: list[str], version_dir: str) -> list[RepoFile]:
-    """inprocess layout: the files the runtime backend reads (`served`, factory.serving_files; load_manifest has
+    """inprocess layout: the files the runtime backend reads (`served`, registry.serving_files; load_manifest has
     refused any path leading outside the bundle), under their bundle names in the version folder."""
     # Any engine the runtime loads is fine here, TensorRT-RTX ones included: the runtime's TensorRT backend loads
     # them with the library that built them (tensorrt_rtx), not with Triton's TensorRT backend.
-    backend = configs.RUNTIME_BACKENDS[platform]
+    backend = configs.runtime_backend(manifest, platform)
     files = []
     for name in served:
         path = bundle_dir / name
@@ -268,13 +268,12 @@ def _engine(bundle_dir: Path, manifest: Manifest, graph: str) -> Path:
     if not path.is_file():
         raise NucleusExportError(
             f"bundle {bundle_dir} has no TensorRT engine {path.name}"
-            + ("" if manifest.engines else " (its manifest records no engines)")
+            + ("" if manifest.engine_flavors else " (its manifest records no engines)")
             + ", which --platform tensorrt_plan serves.",
             f"build the engines first ({_cli(BUILD)}), or serve the ONNX graphs with --platform onnxruntime.",
         )
-    record = (manifest.engines or {}).get(graph)
-    built_with = record.get("backend") if isinstance(record, dict) else None
-    if built_with == TENSORRT_RTX:
+    record = manifest.engine(graph)
+    if record is not None and record.flavor == TENSORRT_RTX:
         # Triton's tensorrt backend links full TensorRT, which cannot deserialize TensorRT-RTX engines.
         raise NucleusExportError(
             f"{path} was built with TensorRT-RTX; Triton's tensorrt_plan backend runs full TensorRT engines only.",

@@ -1,7 +1,8 @@
 """nucleus_runtime: run a nucleus-export bundle with numpy and an inference backend (ONNX Runtime or TensorRT).
 
-This package never imports torch or diffusers. The TensorRT backend is imported only when asked for
-(`nucleus_runtime.backends.tensorrt`), so the package imports without TensorRT or a GPU.
+This package never imports torch, diffusers or transformers: numpy, safetensors, tokenizers and an inference backend
+(ONNX Runtime, TensorRT, TensorRT-RTX; `nucleus_runtime.backends.registry`). Backend libraries are imported only when
+a backend is opened, so the package imports without any of them.
 """
 
 from nucleus_runtime.backends.base import Backend, TextKVHandle

@@ -1,8 +1,12 @@
-"""The bundle directory and its manifest: the artifact contract between export, runtime and Triton.
+"""The bundle directory and its manifest: the artifact contract between export, build, runtime and Triton.
 
-A bundle holds `text_kv.onnx`, `denoiser.onnx` (plus external data), optionally `text_kv.plan`/`denoiser.plan`,
-`scheduler_config.json` and `manifest.json`. The manifest records what the graphs expect (names, dtypes, shapes,
-profiles), how they were made (precision, quantization, MoE lowering, tool versions) and a checksum per file.
+A bundle holds one ONNX graph per stage (`text_kv.onnx`, `denoiser.onnx`, their segments, external data or hard links
+to the checkpoint's shards), optionally engines (`<unit>.plan`, built from `<unit>.engine.onnx`), the scheduler
+config, the quantization recipe, reports, and `manifest.json`: what the graphs expect (io, profiles), how they were
+made (precision, quantization, engine records), an identity per graph (the digest of exactly the bytes it reads) and
+a checksum per file. The records are typed (nucleus_runtime.records): reading a manifest checks every field.
+
+Format 2 groups everything per stage; format-1 manifests (nucleus-export before stages) load through `_from_v1`.
 """
 
 from __future__ import annotations
@@ -14,19 +18,35 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nucleus_runtime.atomic import write_atomic  # noqa: F401 - the bundle writers' name for the shared helper
 from nucleus_runtime.contract import (
+    CHECKPOINT_LINKS_DIR,
+    COMBINE_FORMULATIONS,
+    COMBINE_ONEHOT,
     GRAPHS,
     MANIFEST_NAME,
+    MOE_LOWERINGS,
+    MOE_NATIVE,
     MOE_PLUGIN,
+    SCHEME_SUFFIXES,
+    TENSORRT_MODULES,
+    external_data_file,
+    graph_of_unit,
+    onnx_file,
+    precision_label,
 )
 from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.records import RelPath, Sha256, check_relpath, from_json, to_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DAMAGED_FIX = "the manifest was damaged or edited: copy the bundle again from its source, or export it again."
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def _refuse(problem: str) -> None:
+    raise NucleusError(f"{MANIFEST_NAME}: {problem}", DAMAGED_FIX)
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """One graph input or output: ONNX element type name ("float32", "bfloat16", "int64", ...) and symbolic shape."""
 
@@ -34,7 +54,13 @@ class TensorSpec:
     shape: list[int | str]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class GraphIO:
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+
+@dataclasses.dataclass(frozen=True)
 class Profiles:
     """Shape ranges a bundle serves. Resolutions are in image pixels, grids in latent patches (rows, cols)."""
 
@@ -44,73 +70,316 @@ class Profiles:
     grids: list[tuple[int, int]]
     opt_resolution: tuple[int, int]
 
+    def __post_init__(self) -> None:
+        for name in ("batch", "text_len"):
+            value = tuple(getattr(self, name))
+            if len(value) != 3 or not 1 <= value[0] <= value[1] <= value[2]:
+                _refuse(f"profiles.{name} is {list(getattr(self, name))}; expected [min, opt, max] with 1 <= min <= opt <= max.")
+        if not self.resolutions or len(self.grids) != len(self.resolutions):
+            _refuse(f"profiles has {len(self.resolutions)} resolutions and {len(self.grids)} grids; expected one grid per resolution.")
+        if any(v < 1 for pair in (*self.resolutions, *self.grids) for v in pair):
+            _refuse("profiles holds a resolution or grid that is not positive.")
+        if tuple(self.opt_resolution) not in [tuple(r) for r in self.resolutions]:
+            _refuse(f"profiles.opt_resolution {list(self.opt_resolution)} is not one of profiles.resolutions.")
+
+    @property
+    def pixels_per_patch(self) -> int:
+        """Image pixels per latent patch side (the VAE's scale factor times the patch size), as the profiles were made."""
+        return self.resolutions[0][0] // self.grids[0][0]
+
     @property
     def image_tokens(self) -> tuple[int, int, int]:
         tokens = [h * w for h, w in self.grids]
-        opt_grid = self.grids[self.resolutions.index(tuple(self.opt_resolution))]
+        opt_grid = self.grids[[tuple(r) for r in self.resolutions].index(tuple(self.opt_resolution))]
         return min(tokens), opt_grid[0] * opt_grid[1], max(tokens)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    sha256: Sha256
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringRecord:
+    """How an engine computes the MoE ops: native layers (with the combine's formulation) or the plugins."""
+
+    moe: str
+    combine: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.moe not in MOE_LOWERINGS:
+            _refuse(f"MoE lowering {self.moe!r} is not one of {', '.join(MOE_LOWERINGS)}.")
+        if (self.moe == MOE_NATIVE) != (self.combine is not None) or (self.combine and self.combine not in COMBINE_FORMULATIONS):
+            _refuse(f"lowering {self.moe!r} with combine {self.combine!r}: native lowerings name one of "
+                    f"{', '.join(COMBINE_FORMULATIONS)}, plugin lowerings none.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRecord:
+    """One engine unit's plan (`<unit>.plan`, built from `<unit>.engine.onnx`).
+
+    Attributes:
+        flavor: the TensorRT that built it ("tensorrt" or "tensorrt-rtx"); a plan loads only in that library.
+        version: that library's version.
+        compute_capabilities: the targets it was built for ("SM89", ...); None: the builder's GPU (full TensorRT).
+        stripped: a weight-stripped plan, refit at load from its engine ONNX.
+        weight_streaming: built with streamable weights.
+    """
+
+    flavor: str
+    version: str
+    lowering: LoweringRecord
+    compute_capabilities: list[str] | None = None
+    stripped: bool = False
+    weight_streaming: bool = False
+
+    def __post_init__(self) -> None:
+        if self.flavor not in TENSORRT_MODULES:
+            _refuse(f"engine flavor {self.flavor!r} is not one of {', '.join(TENSORRT_MODULES)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentRecord:
+    """Consecutive blocks [first, last) of a stage's graph as a graph of their own (`<name>.onnx`), reading
+    text_kv[first:last]; `inputs`/`outputs` are what it takes from and hands to the other segments."""
+
+    name: str
+    blocks: tuple[int, int]
+    inputs: list[str]
+    outputs: list[str]
+    digest: str
+
+    def __post_init__(self) -> None:
+        check_relpath(self.name, f"{MANIFEST_NAME}: segment name", DAMAGED_FIX)
+        if not 0 <= self.blocks[0] < self.blocks[1]:
+            _refuse(f"segment {self.name} has blocks {list(self.blocks)}; expected [first, last) with first < last.")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """One stage of the pipeline (contract.GRAPHS): its graph `<stage>.onnx`, the identity of exactly the bytes that
+    graph reads (`digest`: the graph and every weight range of its external data or linked shards), its segments
+    ([]: one piece) and its engines by unit (the stage, or each segment)."""
+
+    io: GraphIO
+    digest: str
+    segments: list[SegmentRecord] = dataclasses.field(default_factory=list)
+    engines: dict[str, EngineRecord] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginRecord:
+    """The TensorRT plugin library the engines need (its checksum is the `files` record of `library`)."""
+
+    library: RelPath
+    ops: list[str]
+    namespace: str
+    version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationRecord:
+    """A quantized build: its scheme; the recipe (per-GEMM modes, scales) is contract.QUANT_RECIPE_NAME."""
+
+    scheme: str
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEME_SUFFIXES:
+            _refuse(f"quantization scheme {self.scheme!r} is not one of {', '.join(SCHEME_SUFFIXES)}.")
+
+
+# The model_config entries the runtime reads (rope axes, patching, text width).
+_RUNTIME_CONFIG_INTS = ("patch_size", "in_channels", "joint_attention_dim", "num_layers")
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """Everything a consumer needs to know about a bundle without opening the graphs."""
 
     model_config: dict[str, Any]
     config_hash: str
     precision: str
-    moe_lowering: str
     profiles: Profiles
-    io: dict[str, dict[str, dict[str, TensorSpec]]]
-    files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    quantization: dict[str, Any] | None = None
-    engines: dict[str, Any] | None = None
-    plugins: dict[str, Any] | None = None
+    stages: dict[str, StageRecord]
+    files: dict[str, FileRecord]
+    quantization: QuantizationRecord | None = None
+    plugins: PluginRecord | None = None
     tools: dict[str, str] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-    # Graph name -> its segments in execution order (docs/contract.md "Segments"); None: every graph is one piece.
-    segments: dict[str, list[dict[str, Any]]] | None = None
 
-    def graph_segments(self, graph: str) -> list[dict[str, Any]]:
-        """The graph's segment records (index, name, blocks, text_kv_layers, inputs, outputs, onnx, plan?), or []."""
-        return list((self.segments or {}).get(graph) or [])
+    def __post_init__(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            _refuse(f"format version {self.format_version} is not {FORMAT_VERSION}.")
+        for key in _RUNTIME_CONFIG_INTS:
+            value = self.model_config.get(key)
+            if type(value) is not int or value < 1:
+                _refuse(f"model_config.{key} is {value!r}; expected a positive integer.")
+        axes = self.model_config.get("axes_dims_rope")
+        if not (isinstance(axes, list) and len(axes) == 3 and all(type(a) is int and a > 0 for a in axes)):
+            _refuse(f"model_config.axes_dims_rope is {axes!r}; expected three positive integers.")
+        for relpath in self.files:
+            check_relpath(relpath, f"{MANIFEST_NAME}: files entry", DAMAGED_FIX)
+        missing = [g for g in (*GRAPHS,) if g not in self.stages]
+        unknown = [g for g in self.stages if g not in GRAPHS]
+        if missing or unknown:
+            _refuse(f"stages are {sorted(self.stages)}; expected {', '.join(GRAPHS)}.")
+        for graph, stage in self.stages.items():
+            names = {seg.name for seg in stage.segments}
+            if any(graph_of_unit(s) != graph for s in names) or set(stage.engines) - ({graph} | names):
+                _refuse(f"stages.{graph} names segments or engines of another stage ({sorted(names | set(stage.engines))}).")
+        uses_plugins = any(e.lowering.moe == MOE_PLUGIN for s in self.stages.values() for e in s.engines.values())
+        if uses_plugins and self.plugins is None:
+            _refuse("the engines use TensorRT plugins (lowering 'plugin') but there is no plugins record, so the plugin "
+                    "library cannot be verified.")
+        if self.plugins is not None and self.plugins.library not in self.files:
+            _refuse(f"the plugin library {self.plugins.library!r} has no checksum in 'files'.")
+
+    # ---- stages and engine units -----------------------------------------------------------------------------
+
+    def units(self, graph: str) -> list[str]:
+        """What of a stage has its own graph and engine, in execution order: its segments, or the stage itself."""
+        segments = self.stages[graph].segments
+        return [seg.name for seg in segments] if segments else [graph]
 
     def engine_units(self) -> list[str]:
-        """What has its own graph and engine, in execution order: text_kv, then the denoiser or its segments."""
-        units = []
-        for graph in GRAPHS:
-            segments = self.graph_segments(graph)
-            units += [seg["name"] for seg in segments] if segments else [graph]
-        return units
+        """Every unit in execution order (contract.GRAPHS order)."""
+        return [unit for graph in GRAPHS for unit in self.units(graph)]
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    def graph_segments(self, graph: str) -> list[SegmentRecord]:
+        return list(self.stages[graph].segments)
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
-        raw = dict(raw)
-        p = raw["profiles"]
-        raw["profiles"] = Profiles(
-            batch=tuple(p["batch"]),
-            text_len=tuple(p["text_len"]),
-            resolutions=[tuple(r) for r in p["resolutions"]],
-            grids=[tuple(g) for g in p["grids"]],
-            opt_resolution=tuple(p["opt_resolution"]),
-        )
-        raw["io"] = {
-            graph: {side: {name: TensorSpec(**spec) for name, spec in specs.items()} for side, specs in sides.items()}
-            for graph, sides in raw["io"].items()
-        }
-        return cls(**raw)
+    def engine(self, unit: str) -> EngineRecord | None:
+        return self.stages[graph_of_unit(unit)].engines.get(unit)
+
+    def unit_digest(self, unit: str) -> str:
+        """The identity of exactly the bytes the unit's ONNX graph reads."""
+        stage = self.stages[graph_of_unit(unit)]
+        for seg in stage.segments:
+            if seg.name == unit:
+                return seg.digest
+        return stage.digest
+
+    @property
+    def engine_flavors(self) -> set[str]:
+        return {e.flavor for s in self.stages.values() for e in s.engines.values()}
+
+    @property
+    def identity(self) -> str:
+        """One digest for the whole bundle's computation: two bundles with equal identities compute the same thing
+        from the same bytes (what "is this the same bundle?" asks)."""
+        digest = hashlib.sha256(self.precision.encode())
+        for unit in self.engine_units():
+            digest.update(f"|{unit}={self.unit_digest(unit)}".encode())
+        return digest.hexdigest()
+
+    # ---- precision -------------------------------------------------------------------------------------------
+
+    @property
+    def precision_label(self) -> str:
+        return precision_label(self.precision, self.quantization.scheme if self.quantization else None)
+
+    @property
+    def io(self) -> dict[str, GraphIO]:
+        return {graph: stage.io for graph, stage in self.stages.items()}
+
+    # ---- resolutions -----------------------------------------------------------------------------------------
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Latent patch grid of a pixel resolution the bundle serves; a clear error for any other."""
-        if (height, width) in [tuple(r) for r in self.profiles.resolutions]:
-            return self.profiles.grids[self.profiles.resolutions.index((height, width))]
+        resolutions = [tuple(r) for r in self.profiles.resolutions]
+        if (height, width) in resolutions:
+            return tuple(self.profiles.grids[resolutions.index((height, width))])  # type: ignore[return-value]
         served = ", ".join(f"{h}x{w}" for h, w in self.profiles.resolutions)
         raise NucleusError(
             f"resolution {height}x{width} is not in this bundle's profiles ({served}).",
             "pick one of those sizes, or export the bundle again with --resolutions including it.",
         )
+
+    # ---- JSON ------------------------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(to_json(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Manifest:
+        """A manifest from parsed JSON (format 2, or format 1 migrated), every field checked."""
+        if isinstance(raw, dict) and raw.get("format_version") == 1:
+            raw = _from_v1(raw)
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if type(version) is int and version != FORMAT_VERSION:
+            raise NucleusError(
+                f"{MANIFEST_NAME} has format version {version}; this runtime reads versions 1 and "
+                f"{FORMAT_VERSION}.",
+                "export the bundle again with this version of nucleus-export.",
+            )
+        return from_json(cls, raw, MANIFEST_NAME, DAMAGED_FIX)
+
+
+# ---- format 1 -----------------------------------------------------------------------------------------------------
+
+
+def _legacy_digest(files: dict[str, Any], graph: str) -> str:
+    """Format 1 recorded no graph identities: the digest of every recorded file the graph may read (the graph, its
+    data file, every linked shard, whole). Conservative: a bundle that differs anywhere in those files differs."""
+    digest = hashlib.sha256(b"format-1")
+    for relpath in sorted(files):
+        if relpath in (onnx_file(graph), external_data_file(graph_of_unit(graph))) or relpath.startswith(CHECKPOINT_LINKS_DIR + "/"):
+            digest.update(f"|{relpath}={files[relpath].get('sha256') if isinstance(files[relpath], dict) else None}".encode())
+    return "files:" + digest.hexdigest()
+
+
+def _from_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest (top-level io, segments, engines and moe_lowering; dict records) in format 2."""
+    files = raw.get("files") or {}
+    stages: dict[str, Any] = {}
+    top_lowering = raw.get("moe_lowering")
+    for graph in GRAPHS:
+        segments = [
+            {"name": s.get("name"), "blocks": s.get("blocks"), "inputs": s.get("inputs"), "outputs": s.get("outputs"),
+             "digest": _legacy_digest(files, str(s.get("name")))}
+            for s in ((raw.get("segments") or {}).get(graph) or [])
+            if isinstance(s, dict)
+        ]
+        engines = {}
+        for unit, record in (raw.get("engines") or {}).items():
+            if not isinstance(record, dict) or graph_of_unit(unit) != graph:
+                continue
+            moe = record.get("moe_lowering", top_lowering)
+            combine = (record.get("combine") or {}).get("formulation", COMBINE_ONEHOT) if moe == MOE_NATIVE else None
+            engines[unit] = {
+                "flavor": record.get("backend"),
+                "version": record.get("backend_version"),
+                "lowering": {"moe": moe, "combine": combine},
+                "compute_capabilities": record.get("compute_capabilities"),
+                "stripped": bool(record.get("stripped")),
+                "weight_streaming": bool(record.get("weight_streaming")),
+            }
+        stages[graph] = {
+            "io": (raw.get("io") or {}).get(graph),
+            "digest": _legacy_digest(files, graph),
+            "segments": segments,
+            "engines": engines,
+        }
+    plugins = raw.get("plugins")
+    quantization = raw.get("quantization")
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": raw.get("model_config"),
+        "config_hash": raw.get("config_hash"),
+        "precision": raw.get("precision"),
+        "profiles": raw.get("profiles"),
+        "stages": stages,
+        "files": files,
+        "quantization": None if not isinstance(quantization, dict) else {"scheme": quantization.get("scheme")},
+        "plugins": None if not isinstance(plugins, dict) else {
+            k: plugins.get(k) for k in ("library", "ops", "namespace", "version")
+        },
+        "tools": raw.get("tools") or {},
+    }
+
+
+# ---- files --------------------------------------------------------------------------------------------------------
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -131,164 +400,18 @@ def bundle_files(bundle_dir: Path) -> list[str]:
     )
 
 
-def file_record(bundle_dir: Path, relpath: str) -> dict[str, Any]:
-    path = bundle_dir / relpath
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def file_record(bundle_dir: Path, relpath: str) -> FileRecord:
+    path = Path(bundle_dir) / relpath
+    return FileRecord(sha256_file(path), path.stat().st_size)
 
 
-_DAMAGED_FIX = "the manifest was damaged or edited: copy the bundle again from its source, or export it again."
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def check_relpath(relpath: object, what: str, fix: str = _DAMAGED_FIX) -> str:
-    """A path recorded in a manifest or index must be relative and stay inside its folder: no absolute path, no
-    drive, no backslash, no `..`, `.` or empty component. Returns it unchanged."""
-    parts = relpath.split("/") if isinstance(relpath, str) else []
-    if (
-        not parts
-        or any(part in ("", ".", "..") for part in parts)
-        or "\\" in relpath  # type: ignore[operator]
-        or "\0" in relpath  # type: ignore[operator]
-        or re.match(r"^[A-Za-z]:", relpath)  # type: ignore[arg-type]
-    ):
-        raise NucleusError(f"{what} {relpath!r} is not a relative path inside its folder.", fix)
-    return relpath  # type: ignore[return-value]
-
-
-def inside(root: Path, relpath: str, what: str, fix: str = _DAMAGED_FIX) -> Path:
+def inside(root: Path, relpath: str, what: str, fix: str = DAMAGED_FIX) -> Path:
     """root/relpath, refused when the path or a symlink on it leads outside root."""
     check_relpath(relpath, what, fix)
     path = Path(root) / relpath
     if not path.resolve().is_relative_to(Path(root).resolve()):
         raise NucleusError(f"{what} {relpath!r} is a symlink that leads outside {root}.", fix)
     return path
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _expect(ok: bool, where: str, value: object, expected: str) -> None:
-    if not ok:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise NucleusError(f"{MANIFEST_NAME}: {where} is {shown} ({_kind(value)}); expected {expected}.", _DAMAGED_FIX)
-
-
-def _is_int(value: object, minimum: int = 0) -> bool:
-    return type(value) is int and value >= minimum
-
-
-def _is_int_list(value: object, length: int | None = None, minimum: int = 0) -> bool:
-    return isinstance(value, list) and (length is None or len(value) == length) and all(_is_int(v, minimum) for v in value)
-
-
-# Top-level fields: (JSON type, required). Everything a consumer reads is checked before it is used, so a damaged
-# manifest fails with one line naming the field instead of somewhere deep in a backend.
-_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "model_config": ((dict,), True),
-    "config_hash": ((str,), True),
-    "precision": ((str,), True),
-    "moe_lowering": ((str,), True),
-    "profiles": ((dict,), True),
-    "io": ((dict,), True),
-    "files": ((dict,), True),
-    "quantization": ((dict, type(None)), False),
-    "engines": ((dict, type(None)), False),
-    "plugins": ((dict, type(None)), False),
-    "segments": ((dict, type(None)), False),
-    "tools": ((dict,), False),
-    "format_version": ((int,), True),
-}
-# The model_config entries the runtime reads (rope axes, patching, text width).
-_RUNTIME_CONFIG_INTS = ("patch_size", "in_channels", "joint_attention_dim", "num_layers")
-
-
-def validate_manifest(raw: object) -> None:
-    """Check a parsed manifest's structure, types and paths; raises NucleusError naming the first bad field."""
-    _expect(isinstance(raw, dict), "the top level", raw, "an object")
-    assert isinstance(raw, dict)
-    unknown = sorted(set(raw) - set(_FIELDS))
-    if unknown:
-        raise NucleusError(f"{MANIFEST_NAME} has unknown fields {', '.join(unknown)}.", _DAMAGED_FIX)
-    for name, (types, required) in _FIELDS.items():
-        if name not in raw:
-            if required:
-                raise NucleusError(f"{MANIFEST_NAME} has no field '{name}'.", _DAMAGED_FIX)
-            continue
-        value = raw[name]
-        _expect(isinstance(value, types) and not isinstance(value, bool), f"field '{name}'", value,
-                " or ".join("null" if t is type(None) else {dict: "an object", str: "a string", int: "an integer"}[t] for t in types))
-    if raw["format_version"] != FORMAT_VERSION:
-        raise NucleusError(
-            f"{MANIFEST_NAME} has format version {raw['format_version']}; this runtime reads version {FORMAT_VERSION}.",
-            "export the bundle again with this version of nucleus-export.",
-        )
-    config = raw["model_config"]
-    for key in _RUNTIME_CONFIG_INTS:
-        _expect(_is_int(config.get(key), 1), f"model_config.{key}", config.get(key), "a positive integer")
-    _expect(_is_int_list(config.get("axes_dims_rope"), 3, 1), "model_config.axes_dims_rope", config.get("axes_dims_rope"),
-            "three positive integers")
-
-    profiles = raw["profiles"]
-    for key in ("batch", "text_len"):
-        value = profiles.get(key)
-        _expect(_is_int_list(value, 3, 1) and value[0] <= value[1] <= value[2], f"profiles.{key}", value, "[min, opt, max] with 1 <= min <= opt <= max")
-    resolutions, grids = profiles.get("resolutions"), profiles.get("grids")
-    for key, value in (("resolutions", resolutions), ("grids", grids)):
-        _expect(isinstance(value, list) and bool(value) and all(_is_int_list(v, 2, 1) for v in value), f"profiles.{key}", value,
-                "a non-empty list of [height, width] pairs")
-    _expect(len(grids) == len(resolutions), "profiles.grids", grids, f"one grid per resolution ({len(resolutions)})")
-    _expect(profiles.get("opt_resolution") in resolutions, "profiles.opt_resolution", profiles.get("opt_resolution"),
-            "one of profiles.resolutions")
-
-    for graph in GRAPHS:
-        sides = raw["io"].get(graph)
-        _expect(isinstance(sides, dict) and set(sides) == {"inputs", "outputs"}, f"io.{graph}", sides, "an object with inputs and outputs")
-        for side, specs in sides.items():
-            _expect(isinstance(specs, dict), f"io.{graph}.{side}", specs, "an object")
-            for tensor, spec in specs.items():
-                ok = isinstance(spec, dict) and set(spec) == {"dtype", "shape"} and isinstance(spec["dtype"], str) and (
-                    isinstance(spec["shape"], list) and all(isinstance(d, str) or _is_int(d) for d in spec["shape"])
-                )
-                _expect(ok, f"io.{graph}.{side}.{tensor}", spec, "{dtype: string, shape: [int or name, ...]}")
-
-    files = raw["files"]
-    for relpath, record in files.items():
-        check_relpath(relpath, f"{MANIFEST_NAME}: files entry")
-        ok = isinstance(record, dict) and isinstance(record.get("sha256"), str) and _SHA256.fullmatch(record["sha256"])
-        _expect(bool(ok) and _is_int(record.get("bytes")), f"files[{relpath!r}]", record, "{sha256: 64 hex digits, bytes: integer}")
-
-    plugins = raw.get("plugins")
-    if raw["moe_lowering"] == MOE_PLUGIN and plugins is None:
-        raise NucleusError(
-            f"{MANIFEST_NAME} says the engines use TensorRT plugins (moe_lowering 'plugin') but has no plugins record, "
-            "so the plugin library cannot be verified.",
-            _DAMAGED_FIX,
-        )
-    if plugins is not None:
-        library = plugins.get("library")
-        check_relpath(library, f"{MANIFEST_NAME}: plugins.library")
-        if library not in files:
-            raise NucleusError(f"{MANIFEST_NAME}: the plugin library {library!r} has no checksum in 'files'.", _DAMAGED_FIX)
-        if "sha256" in plugins and plugins["sha256"] != files[library]["sha256"]:
-            raise NucleusError(f"{MANIFEST_NAME}: plugins.sha256 and files[{library!r}] disagree.", _DAMAGED_FIX)
-    for graph, record in (raw.get("engines") or {}).items():
-        for key in ("file", "onnx", "refit_onnx"):
-            if isinstance(record, dict) and record.get(key) is not None:
-                check_relpath(record[key], f"{MANIFEST_NAME}: engines.{graph}.{key}")
-    for graph, records in (raw.get("segments") or {}).items():
-        _expect(graph in GRAPHS and isinstance(records, list), f"segments.{graph}", records, "a list of segment records")
-        for k, seg in enumerate(records):
-            ok = isinstance(seg, dict) and isinstance(seg.get("name"), str) and isinstance(seg.get("inputs"), list) and (
-                isinstance(seg.get("outputs"), list) and _is_int_list(seg.get("text_kv_layers"), 2, 0)
-            )
-            _expect(ok, f"segments.{graph}[{k}]", seg, "{name, inputs, outputs, text_kv_layers: [first, last], ...}")
-            check_relpath(seg["name"], f"{MANIFEST_NAME}: segments.{graph}[{k}].name")
-            if seg.get("onnx") is not None:
-                check_relpath(seg["onnx"], f"{MANIFEST_NAME}: segments.{graph}[{k}].onnx")
-    scales = (raw.get("quantization") or {}).get("scales_file")
-    if scales is not None:
-        check_relpath(scales, f"{MANIFEST_NAME}: quantization.scales_file")
 
 
 def check_sha256_hex(value: str) -> str:
@@ -329,12 +452,8 @@ def load_manifest(bundle_dir: Path, expect_sha256: str | None = None) -> Manifes
     try:
         raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NucleusError(f"{path} is not valid JSON ({exc}).", _DAMAGED_FIX) from None
-    validate_manifest(raw)
-    try:
-        return Manifest.from_dict(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise NucleusError(f"{path} is unreadable ({type(exc).__name__}: {exc}).", _DAMAGED_FIX) from None
+        raise NucleusError(f"{path} is not valid JSON ({exc}).", DAMAGED_FIX) from None
+    return Manifest.from_dict(raw)
 
 
 def verify_files(bundle_dir: Path, manifest: Manifest, names: list[str] | None = None) -> None:
@@ -342,14 +461,47 @@ def verify_files(bundle_dir: Path, manifest: Manifest, names: list[str] | None =
     for relpath in list(manifest.files) if names is None else names:
         record = manifest.files.get(relpath)
         if record is None:
-            raise NucleusError(f"{relpath} is not recorded in {bundle_dir}/{MANIFEST_NAME}.", _DAMAGED_FIX)
+            raise NucleusError(f"{relpath} is not recorded in {bundle_dir}/{MANIFEST_NAME}.", DAMAGED_FIX)
         path = inside(bundle_dir, relpath, f"{MANIFEST_NAME}: files entry")
         if not path.exists():
             raise NucleusError(f"bundle file {path} is missing.", "copy the complete bundle, or export it again.")
         if not path.is_file():
             raise NucleusError(f"bundle file {path} is not a regular file.", "copy the bundle again, or export it again.")
-        if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+        if path.stat().st_size != record.bytes or sha256_file(path) != record.sha256:
             raise NucleusError(
                 f"bundle file {path} does not match its checksum in {MANIFEST_NAME}: it was changed or truncated.",
                 "copy the bundle again, or export it again.",
             )
+
+
+def stage_files(manifest: Manifest, graph: str) -> list[str]:
+    """The recorded files the ONNX graphs of a stage read: its graph or segment graphs, their data, linked shards."""
+    units = manifest.units(graph)
+    graphs = [onnx_file(graph)] + [onnx_file(u) for u in units if u != graph]
+    data = [f for f in manifest.files if f == external_data_file(graph) or f.startswith(CHECKPOINT_LINKS_DIR + "/")]
+    return graphs + data
+
+
+__all__ = [
+    "DAMAGED_FIX",
+    "EngineRecord",
+    "FileRecord",
+    "GraphIO",
+    "LoweringRecord",
+    "Manifest",
+    "PluginRecord",
+    "Profiles",
+    "QuantizationRecord",
+    "SegmentRecord",
+    "StageRecord",
+    "TensorSpec",
+    "bundle_files",
+    "check_relpath",
+    "check_sha256_hex",
+    "file_record",
+    "inside",
+    "load_manifest",
+    "sha256_file",
+    "stage_files",
+    "verify_files",
+]

@@ -1,5 +1,6 @@
 """The bundle contract, one definition per fact: graph, tensor and dimension names, the text K/V layout, the
-`nucleus` custom ops and their plugins, the expert capacity rule, precision labels and backend names.
+`nucleus` custom ops and their plugins, the expert capacity rule, GEMM precision modes, precision labels, backend
+names and every bundle file name.
 
 Everything that produces or consumes a bundle (graph builders, MoE lowering, engine builds, parity, runtime
 backends, the Triton model, the plugin checks) imports these names instead of spelling them. numpy-free and
@@ -9,6 +10,7 @@ The prose specification, with the op semantics, is docs/contract.md.
 
 from __future__ import annotations
 
+import enum
 import math
 from fractions import Fraction
 
@@ -66,6 +68,12 @@ def text_kv_shape(num_layers: int, batch: Dim, text_len: Dim, kv_heads: int, hea
     return (num_layers, 2, batch, text_len, kv_heads, head_dim)
 
 
+# -- graphs' ONNX form ---------------------------------------------------------------------------------------------
+# 23: the standard Attention, RMSNormalization and RotaryEmbedding ops, which TensorRT parses into fused layers.
+ONNX_OPSET = 23
+# Tensors below this many bytes stay inside the graph proto even when weights go to external data.
+INLINE_TENSOR_MAX_BYTES = 1024
+
 # -- the `nucleus` custom ops and their TensorRT plugins ---------------------------------------------------------
 DOMAIN = "nucleus"
 DOMAIN_VERSION = 1
@@ -86,11 +94,15 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # Added to the per-token gating sum before dividing, as diffusers does, so a token no expert chose cannot divide by 0.
 GATING_EPS = 1e-12
 
-# manifest `moe_lowering`: the ONNX as exported (custom nodes with function bodies), or what the engines were built
-# with (native TensorRT layers, or the plugins)
-MOE_FUNCTIONS = "functions"
+# How an engine computes the MoE ops (manifest engine records, `lowering.moe`): native TensorRT layers, or the plugins.
+# The exported ONNX always carries the custom nodes with their function bodies.
 MOE_NATIVE = "native"
 MOE_PLUGIN = "plugin"
+MOE_LOWERINGS = (MOE_NATIVE, MOE_PLUGIN)
+# The native combine's formulations (`lowering.combine`): a one-hot GEMM, or a per-expert gather-add-scatter chain.
+COMBINE_ONEHOT = "onehot"
+COMBINE_CHAIN = "chain"
+COMBINE_FORMULATIONS = (COMBINE_ONEHOT, COMBINE_CHAIN)
 
 
 # -- the capacity rule -------------------------------------------------------------------------------------------
@@ -124,25 +136,55 @@ def capacity_fraction(capacity_factor: float, num_experts: int, max_image_tokens
     return num, den
 
 
-# -- precision labels --------------------------------------------------------------------------------------------
-FP8_SUFFIX = "+fp8"
+# -- precision ---------------------------------------------------------------------------------------------------
+COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def precision_label(compute: str, fp8: bool) -> str:
-    """'bf16', 'bf16+fp8', ...: the manifest's `precision` plus the FP8 marker used in reports."""
-    return compute + FP8_SUFFIX if fp8 else compute
+class GemmMode(str, enum.Enum):
+    """How one GEMM computes in a quantized build (values as recipe files store them)."""
+
+    COMPUTE = "compute"  # weights and activations in the compute precision
+    FP8_WEIGHTS = "fp8-weights"  # E4M3 weights (per output channel), activations in the compute precision: W8A16
+    FP8 = "fp8"  # E4M3 weights and E4M3 activations (per-tensor calibrated scale): W8A8
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self is not GemmMode.COMPUTE
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self is GemmMode.FP8
+
+
+# The quantization scheme a manifest records, and the marker it adds to precision labels.
+FP8_SCHEME = "fp8_e4m3"
+SCHEME_SUFFIXES = {FP8_SCHEME: "+fp8"}
+
+
+def precision_label(compute: str, scheme: str | None) -> str:
+    """'bf16', 'bf16+fp8', ...: the compute precision plus the marker of the quantization scheme, if any."""
+    return compute + SCHEME_SUFFIXES[scheme] if scheme else compute
 
 
 # -- backends ----------------------------------------------------------------------------------------------------
+# One spelling everywhere: CLI choices, manifest engine records (`flavor`), runtime backend names, Triton parameters.
 ONNXRUNTIME = "onnxruntime"
 TENSORRT = "tensorrt"
 TENSORRT_RTX = "tensorrt-rtx"
-# The Python module each engine backend is imported as.
+AUTO = "auto"
+# The runtime's own distribution; its extras are named after the backends (`pip install 'nucleus-runtime[tensorrt]'`).
+RUNTIME_DISTRIBUTION = "nucleus-runtime"
+# The Python module each TensorRT flavor is imported as (its plans deserialize only in the library that built them).
 TENSORRT_MODULES = {TENSORRT: "tensorrt", TENSORRT_RTX: "tensorrt_rtx"}
 
 # -- files -------------------------------------------------------------------------------------------------------
 MANIFEST_NAME = "manifest.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+# The quantization recipe (activation scales and per-GEMM modes); `build --fp8-scales` takes it back.
+QUANT_RECIPE_NAME = "fp8_scales.json"
+# The quality report (`check`, `build`) and the engine build log.
+PARITY_NAME = "parity.json"
+BUILD_LOG_NAME = "build_log.json"
 # Protobuf cannot serialize a model over 2 GB: weights of larger graphs go to `<graph>.onnx.data`.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 # Hard links to the checkpoint's safetensors shards: graph weights stored as the checkpoint stores them point into
@@ -165,8 +207,6 @@ def is_weight_data(relpath: str) -> bool:
 # -- denoiser segments (consecutive block groups built and run as separate engines; docs/contract.md) -----------
 # Graph metadata key: JSON list of the residual-stream tensor after each block (where a graph may be cut).
 BLOCK_OUTPUTS_METADATA = "nucleus.block_outputs"
-# Segment graph metadata key: JSON of the segment's manifest record.
-SEGMENT_METADATA = "nucleus.segment"
 
 
 def segment_name(graph: str, index: int) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 
 from nucleus_runtime.backends.base import Backend, TextKVHandle
 from nucleus_runtime.bundle import Manifest
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.latents import initial_noise
@@ -92,13 +93,8 @@ def check_text(
         )
     if mask.dtype.kind not in "biuf" or (mask.dtype.kind == "f" and not np.isfinite(mask).all()):
         raise NucleusError(f"{name}_mask has dtype {mask.dtype.name} or non-finite values.", "pass a 0/1 integer mask.")
-    empty = [int(row) for row in np.flatnonzero(~(mask != 0).any(axis=1))]
-    if empty:
-        raise NucleusError(
-            f"{name}_mask masks out every token of batch row{'s' if len(empty) > 1 else ''} {empty}; attention over no "
-            "text is undefined.",
-            "pass the mask that came with the embeddings (1 for real tokens), or no mask.",
-        )
+    # A row that masks out every text token is served as diffusers serves it: the image tokens are always among the
+    # keys, so its attention runs over them alone.
     return embeddings, (mask != 0).astype(np.int64)
 
 
@@ -159,10 +155,11 @@ def _check_profile(manifest: Manifest, batch: int, text_len: int, cfg: bool) -> 
 
 
 def cache_namespace(manifest: Manifest, backend: Backend) -> str:
-    """What text K/V cache keys share for one bundle on one backend (the `namespace` of `text_kv_key`)."""
-    # The text_kv graph's checksums identify the weights: two checkpoints of one architecture must not share.
-    weights = ",".join(r["sha256"] for f, r in sorted(manifest.files.items()) if f.startswith(f"{TEXT_KV}.onnx"))
-    return f"{manifest.config_hash}|{weights}|{manifest.precision}|{backend.name}"
+    """What text K/V cache keys share for one bundle on one backend (the `namespace` of `text_kv_key`): the identity of
+    exactly the bytes the backend reads to produce an entry (text_kv) and to consume it (the denoiser's units), so
+    two fine-tunes that differ in any weight either graph reads never share an entry, linked weights included."""
+    units = [TEXT_KV, *manifest.units(DENOISER)]
+    return "|".join([backend.name, *(f"{u}={backend.unit_identity(manifest, u)}" for u in units)])
 
 
 def generate(

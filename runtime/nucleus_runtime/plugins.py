@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nucleus_runtime.bundle import Manifest, sha256_file, verify_files
+from nucleus_runtime.bundle import Manifest, PluginRecord, sha256_file, verify_files
 from nucleus_runtime.contract import CUSTOM_OPS as PLUGIN_NAMES
-from nucleus_runtime.contract import MOE_PLUGIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from nucleus_runtime.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION
 from nucleus_runtime.contract import PLUGIN_LIBRARY_NAME as LIBRARY_NAME
 from nucleus_runtime.errors import NucleusError
 
@@ -74,23 +74,21 @@ def find_plugin_library(path: str | Path) -> Path:
 
 def bundle_plugin_library(bundle_dir: Path, manifest: Manifest) -> tuple[Path, str] | None:
     """The plugin library a bundle's engines need, verified: the path the manifest records (inside the bundle) and
-    its recorded sha256, checked against the file. None when the engines use no plugins.
+    its recorded sha256, checked against the file. None when the engines use no plugins (load_manifest refuses plugin
+    engines without a plugins record).
 
     Always verified, whatever the caller's checksum setting: loading the library runs its native code.
     """
-    if manifest.plugins is None and manifest.moe_lowering != MOE_PLUGIN:
+    if manifest.plugins is None:
         return None
-    if manifest.plugins is None:  # load_manifest refuses this; a Manifest built in code may still hold it
-        raise NucleusError(
-            f"bundle {bundle_dir} uses TensorRT plugins but its manifest has no plugins record to verify them with.",
-            "build the bundle again with `nucleus-export build --plugins ...`.",
-        )
-    relpath = manifest.plugins["library"]
+    relpath = manifest.plugins.library
     verify_files(bundle_dir, manifest, [relpath])
-    return Path(bundle_dir) / relpath, manifest.files[relpath]["sha256"]
+    return Path(bundle_dir) / relpath, manifest.files[relpath].sha256
 
 
-def load_plugin_library(path: str | Path, trt_module: Any = None, sha256: str | None = None) -> Path:
+def load_plugin_library(
+    path: str | Path, trt_module: Any = None, sha256: str | None = None, record: PluginRecord | None = None
+) -> Path:
     """Check the library and register its creators with TensorRT's plugin registry.
 
     Args:
@@ -99,6 +97,8 @@ def load_plugin_library(path: str | Path, trt_module: Any = None, sha256: str | 
             find_plugin_library run (for backends that do not use TensorRT, e.g. to validate a bundle).
         sha256: the checksum the library must have (from a bundle's manifest, or taken by the build that records
             it); required to load, and checked right before the registry opens the file.
+        record: the bundle's plugins record: the ops, namespace and version its engines were built with (default:
+            this runtime's contract).
 
     Returns:
         The resolved library path.
@@ -110,8 +110,9 @@ def load_plugin_library(path: str | Path, trt_module: Any = None, sha256: str | 
     lib = find_plugin_library(path)
     if trt_module is None:
         return lib
+    wanted = record or PluginRecord(str(LIBRARY_NAME), list(PLUGIN_NAMES), PLUGIN_NAMESPACE, PLUGIN_VERSION)
     registry = trt_module.get_plugin_registry()
-    if not _creators_registered(registry):
+    if not _creators_registered(registry, wanted):
         if sha256 is None:
             raise NucleusError(f"refusing to load {lib} without a checksum to verify it.", "load it from a bundle.")
         actual = sha256_file(lib)
@@ -133,23 +134,23 @@ def load_plugin_library(path: str | Path, trt_module: Any = None, sha256: str | 
                 f"TensorRT refused plugin library {lib} (IPluginRegistry.load_library returned nothing).",
                 "rebuild it against this TensorRT version; the TensorRT log above says why.",
             )
-    missing = [name for name in PLUGIN_NAMES if _get_creator(registry, name) is None]
+    missing = [name for name in wanted.ops if _get_creator(registry, name, wanted) is None]
     if missing:
         raise NucleusError(
             f"After loading {lib}, TensorRT has no creator for {', '.join(missing)} "
-            f"(namespace {PLUGIN_NAMESPACE!r}, version {PLUGIN_VERSION!r}).",
+            f"(namespace {wanted.namespace!r}, version {wanted.version!r}).",
             "rebuild the library from plugins/ against this TensorRT version.",
         )
     return lib
 
 
-def _get_creator(registry: Any, name: str) -> Any:
+def _get_creator(registry: Any, name: str, record: PluginRecord) -> Any:
     getter = getattr(registry, "get_creator", None) or registry.get_plugin_creator
     try:
-        return getter(name, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+        return getter(name, record.version, record.namespace)
     except Exception:  # some bindings raise instead of returning None for an unknown creator
         return None
 
 
-def _creators_registered(registry: Any) -> bool:
-    return all(_get_creator(registry, name) is not None for name in PLUGIN_NAMES)
+def _creators_registered(registry: Any, record: PluginRecord) -> bool:
+    return all(_get_creator(registry, name, record) is not None for name in record.ops)

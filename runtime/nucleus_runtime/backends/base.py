@@ -9,11 +9,13 @@ device memory (TensorRT binds it as the denoiser's `text_kv` input once, no per-
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nucleus_runtime import contract
+from nucleus_runtime.bundle import Manifest
 
 # The denoiser inputs fed from the host each step: all but text_kv, which backends keep where they computed it.
 DENOISER_HOST_INPUTS = tuple(n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV)
@@ -60,11 +62,34 @@ class TextKVHandle(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """Runs the two graphs of a bundle (contract: docs/contract.md)."""
+    """Runs the graphs of a bundle (contract: docs/contract.md). The backends a bundle can be opened with are listed
+    in nucleus_runtime.backends.registry; each says what it reads (`files`) and whether it can run here."""
 
     name: str = "backend"
     # The handle type compute_text_kv returns; denoise refuses any other (text K/V of another backend).
     text_kv_type: type[TextKVHandle] = TextKVHandle
+
+    # ---- what the registry asks before opening one --------------------------------------------------------------
+
+    @classmethod
+    def files(cls, manifest: Manifest) -> list[str]:
+        """Bundle-relative paths this backend reads besides the manifest and scheduler config."""
+        raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether its libraries are importable (and, for GPU backends, a GPU is visible)."""
+        return False
+
+    @classmethod
+    def serves(cls, bundle_dir: Path, manifest: Manifest) -> bool:
+        """Whether the bundle holds what this backend runs (e.g. engines of its flavor)."""
+        return False
+
+    def unit_identity(self, manifest: Manifest, unit: str) -> str:
+        """The identity of exactly the bytes this backend reads for one engine unit of the bundle (cache keys use
+        it): by default the unit's ONNX graph and the weight ranges it reads."""
+        return manifest.unit_digest(unit)
 
     @abc.abstractmethod
     def compute_text_kv(

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the bundle's two ONNX graphs in two sessions, CPU or CUDA.
+"""ONNX Runtime backend: the bundle's ONNX graphs in sessions, CPU or CUDA.
 
 Text K/V stays an `OrtValue` where the text_kv session put it (host memory on CPU, device memory on the CUDA EP)
 and is bound to the denoiser with IOBinding, so it is neither copied nor converted per step; a bfloat16/float16
@@ -8,29 +8,34 @@ text_kv passes through as is. The custom MoE ops run through their model-local f
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nucleus_runtime.backends import factory
 from nucleus_runtime.backends.base import (
     Backend,
     TextKVHandle,
     text_kv_inputs,
 )
-from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
+from nucleus_runtime.bundle import Manifest, load_manifest, stage_files, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
     DENOISER_INPUTS,
+    GRAPHS,
     ONNXRUNTIME,
     SAMPLE,
     TEXT_KV_INPUTS,
+    onnx_file,
 )
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
+
+if TYPE_CHECKING:
+    from nucleus_runtime.backends.registry import BackendOptions
 
 logger = logging.getLogger("nucleus_runtime")
 
@@ -121,7 +126,29 @@ class OrtBackend(Backend):
 
     text_kv_type = OrtTextKV
 
-    name = "onnxruntime"
+    name = ONNXRUNTIME
+
+    @classmethod
+    def files(cls, manifest: Manifest) -> list[str]:
+        """The exported graphs, their segments and weights (data files, linked checkpoint shards), in manifest order;
+        not the engines' graphs (*.engine.onnx). The contract's graph files always: a manifest that lost their records
+        must not silently serve without them."""
+        names: list[str] = []
+        for graph in GRAPHS:
+            names += [f for f in stage_files(manifest, graph) if f not in names]
+        return names
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("onnxruntime") is not None
+
+    @classmethod
+    def serves(cls, bundle_dir: Path, manifest: Manifest) -> bool:
+        return all((Path(bundle_dir) / onnx_file(g)).is_file() for g in GRAPHS)
+
+    @classmethod
+    def open(cls, bundle_dir: Path, manifest: Manifest, options: BackendOptions) -> OrtBackend:
+        return cls(bundle_dir, OrtOptions(options.threads, options.device, verify_checksums=options.verify_checksums), manifest)
 
     def __init__(self, bundle_dir: Path, options: OrtOptions | None = None, manifest: Manifest | None = None):
         ort = _import_ort()
@@ -130,7 +157,7 @@ class OrtBackend(Backend):
         self.manifest = manifest or load_manifest(self.bundle_dir)
         if self.options.verify_checksums:
             # The graphs, their segments and external data (what this backend reads), each of which must be recorded.
-            verify_files(self.bundle_dir, self.manifest, factory.backend_files(self.manifest, ONNXRUNTIME))
+            verify_files(self.bundle_dir, self.manifest, self.files(self.manifest))
         self.providers = _providers(ort, self.options.device)
         self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
         session_options = ort.SessionOptions()
@@ -151,14 +178,12 @@ class OrtBackend(Backend):
         # A segmented bundle runs its segment graphs one after the other (same weights, same results as the full
         # graph: tests/test_segments.py); intermediates stay OrtValues on the session's device between them.
         self.segments = self.manifest.graph_segments(DENOISER) if self.options.segments else []
-        self._segment_sessions = [
-            self._session(seg["name"], session_options, tuple(seg["inputs"])) for seg in self.segments
-        ]
+        self._segment_sessions = [self._session(seg.name, session_options, tuple(seg.inputs)) for seg in self.segments]
         self._denoiser = None if self.segments else self._session(DENOISER, session_options, DENOISER_INPUTS)
         logger.debug("onnxruntime %s, providers %s", ort.__version__, self.providers)
 
     def _session(self, graph: str, session_options: Any, expected: tuple[str, ...]) -> Any:
-        path = self.bundle_dir / f"{graph}.onnx"
+        path = self.bundle_dir / onnx_file(graph)
         if not path.is_file():
             raise NucleusError(f"bundle file {path} is missing.", "copy the complete bundle, or export it again.")
         try:
@@ -206,17 +231,17 @@ class OrtBackend(Backend):
         values: dict[str, Any] = {}  # tensors produced by earlier segments, as OrtValues
         for seg, session in zip(self.segments, self._segment_sessions):
             binding = session.io_binding()
-            for name in seg["inputs"]:
+            for name in seg.inputs:
                 if name == TEXT_KV_TENSOR:
-                    binding.bind_cpu_input(name, text_kv.layers(*seg["text_kv_layers"]))
+                    binding.bind_cpu_input(name, text_kv.layers(*seg.blocks))
                 elif name in values:
                     binding.bind_ortvalue_input(name, values[name])
                 else:
                     binding.bind_cpu_input(name, inputs[name])
-            for name in seg["outputs"]:
+            for name in seg.outputs:
                 binding.bind_output(name, self._device)
             session.run_with_iobinding(binding)
-            values.update(zip(seg["outputs"], binding.get_outputs()))
+            values.update(zip(seg.outputs, binding.get_outputs()))
         return values[SAMPLE].numpy()
 
     def describe(self) -> dict[str, Any]:

@@ -12,9 +12,11 @@ and the logic is kept to binding and copying; the loop, cache and checks are sha
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,36 +26,40 @@ from nucleus_runtime.backends.base import (
     TextKVHandle,
     text_kv_inputs,
 )
-from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
+from nucleus_runtime.bundle import EngineRecord, Manifest, load_manifest, stage_files, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
     HOST_INPUT_DTYPES,
+    RUNTIME_DISTRIBUTION,
     SAMPLE,
+    TENSORRT,
     TENSORRT_MODULES,
-    is_weight_data,
+    TENSORRT_RTX,
+    engine_onnx_file,
+    graph_of_unit,
     plan_file,
 )
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.gpu import cuda_device_count
+
+if TYPE_CHECKING:
+    from nucleus_runtime.backends.registry import BackendOptions
 
 logger = logging.getLogger("nucleus_runtime")
 
 
-def _import_tensorrt(manifest: Manifest | None = None) -> Any:
-    """The module the engines were built with (a plan only deserializes in the library that built it)."""
-    built_with = {(r or {}).get("backend") for r in (manifest.engines or {}).values() if isinstance(r, dict)} if manifest else set()
-    names = [TENSORRT_MODULES[b] for b in built_with if b in TENSORRT_MODULES] or list(TENSORRT_MODULES.values())
-    for name in names:
-        try:
-            return __import__(name)
-        except ImportError:
-            continue
-    raise NucleusError(
-        f"{' or '.join(names)} is not installed.",
-        "pip install tensorrt (datacenter GPUs) or tensorrt-rtx (RTX GPUs), matching the engines' builder, "
-        "or use --backend onnxruntime.",
-    )
+def _import_tensorrt(flavor: str) -> Any:
+    """The module of the TensorRT flavor the engines were built with (a plan only deserializes in that library)."""
+    module = TENSORRT_MODULES[flavor]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NucleusError(
+            f"{module} is not installed, and the engines were built with {flavor}.",
+            f"pip install '{RUNTIME_DISTRIBUTION}[{flavor}]', or use --backend onnxruntime.",
+        ) from None
 
 
 def _import_cudart() -> Any:
@@ -75,6 +81,12 @@ def _check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def select_cuda_device(device_id: int) -> None:
+    """Make `device_id` the current CUDA device of this process, before a TensorRT backend is opened on it."""
+    cudart = _import_cudart()
+    _check(cudart.cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
+
+
 def parse_compute_capability(value: Any) -> tuple[int, int]:
     """"SM89", "sm_89", "8.9", "89" or [8, 9] -> (8, 9)."""
     if isinstance(value, (list, tuple)):
@@ -86,10 +98,10 @@ def parse_compute_capability(value: Any) -> tuple[int, int]:
     return int(text[:-1]), int(text[-1])
 
 
-def engine_compute_capabilities(manifest: Manifest, graph: str) -> list[tuple[int, int]]:
-    """Compute capabilities the build targeted (manifest engines[graph].compute_capabilities; none: portable)."""
-    record = (manifest.engines or {}).get(graph) or {}
-    return [parse_compute_capability(v) for v in record.get("compute_capabilities") or []]
+def engine_compute_capabilities(manifest: Manifest, unit: str) -> list[tuple[int, int]]:
+    """Compute capabilities the build targeted (the unit's engine record; none recorded: the builder's GPU)."""
+    record = manifest.engine(unit)
+    return [parse_compute_capability(v) for v in (record.compute_capabilities if record else None) or []]
 
 
 class DeviceBuffer:
@@ -149,7 +161,7 @@ class _Engine:
     """One deserialized engine with its execution context and per-input device buffers (grown, never shrunk).
 
     Args:
-        record: the manifest's engine record: `stripped` plans are refit from `refit_onnx` before use.
+        record: the manifest's engine record: `stripped` plans are refit from their engine ONNX before use.
         streaming_budget: bytes of weights kept on the GPU (weight streaming), None for all of them.
     """
 
@@ -159,7 +171,7 @@ class _Engine:
         runtime: Any,
         path: Path,
         cudart: Any,
-        record: dict | None = None,
+        record: EngineRecord,
         streaming_budget: int | None = None,
         logger: Any = None,
     ):
@@ -169,9 +181,8 @@ class _Engine:
                 f"TensorRT could not load {path}: it was built for another GPU or another TensorRT version.",
                 "build the engines again on (or for) this GPU with `nucleus-export build`.",
             )
-        record = record or {}
-        if record.get("stripped"):
-            _refit(trt, engine, path.parent / record["refit_onnx"], logger)
+        if record.stripped:
+            _refit(trt, engine, path.parent / engine_onnx_file(path.stem), logger)
         if streaming_budget is not None:
             # Documented API (TensorRT >= 10.1, TensorRT-RTX): the budget is set before the context is created.
             if int(getattr(engine, "streamable_weights_size", 0)) <= 0:
@@ -211,7 +222,7 @@ def _split_budget(manifest: Manifest, units: list[str], budget: int | None) -> l
         return [None] * len(units)
     if budget < 0:
         raise NucleusError(f"weight streaming budget {budget} is negative.", "give a size in bytes (GB on the CLI).")
-    sizes = [int(((manifest.engines or {}).get(u) or {}).get("bytes") or 1) for u in units]
+    sizes = [manifest.files[plan_file(u)].bytes if plan_file(u) in manifest.files else 1 for u in units]
     return [budget * size // sum(sizes) for size in sizes]
 
 
@@ -232,12 +243,49 @@ class TensorRTBackend(Backend):
     """
 
     text_kv_type = TrtTextKV
+    name = TENSORRT
 
     @property
     def supports_device_io(self) -> bool:
         return not self.segments  # segments pass hidden states between engines in the backend's own buffers
 
-    name = "tensorrt"
+    @classmethod
+    def files(cls, manifest: Manifest) -> list[str]:
+        """Every unit's plan, the plugin library when the engines use one, and for weight-stripped plans the engine
+        graphs they are refit from with the weights those read."""
+        units = manifest.engine_units()
+        names = [plan_file(u) for u in units]
+        if any((r := manifest.engine(u)) is not None and r.stripped for u in units):
+            names += [engine_onnx_file(u) for u in units]
+            data = [f for g in dict.fromkeys(graph_of_unit(u) for u in units) for f in stage_files(manifest, g)]
+            names += [f for f in dict.fromkeys(data) if not f.endswith(".onnx")]
+        if manifest.plugins is not None:
+            names.append(manifest.plugins.library)
+        return names
+
+    @classmethod
+    def available(cls) -> bool:
+        module = TENSORRT_MODULES[cls.name]
+        found = importlib.util.find_spec(module) is not None and importlib.util.find_spec("cuda") is not None
+        return found and cuda_device_count() > 0
+
+    @classmethod
+    def serves(cls, bundle_dir: Path, manifest: Manifest) -> bool:
+        units = manifest.engine_units()
+        records = [manifest.engine(u) for u in units]
+        return all(r is not None and r.flavor == cls.name for r in records) and all(
+            (Path(bundle_dir) / plan_file(u)).is_file() for u in units
+        )
+
+    @classmethod
+    def open(cls, bundle_dir: Path, manifest: Manifest, options: BackendOptions) -> TensorRTBackend:
+        return cls(bundle_dir, manifest, options.verify_checksums, options.weight_streaming_budget)
+
+    def unit_identity(self, manifest: Manifest, unit: str) -> str:
+        """The plan's bytes (and, for a weight-stripped plan, the weights it is refit from)."""
+        identity = f"plan:{manifest.files[plan_file(unit)].sha256}"
+        record = manifest.engine(unit)
+        return identity + (f"+{manifest.unit_digest(unit)}" if record is not None and record.stripped else "")
 
     def __init__(
         self,
@@ -250,13 +298,19 @@ class TensorRTBackend(Backend):
         self.manifest = manifest or load_manifest(self.bundle_dir)
         self.segments = self.manifest.graph_segments(DENOISER)
         units = self.manifest.engine_units()
-        denoiser_units = units[1:]
-        plans = [plan_file(unit) for unit in units]
-        missing = [p for p in plans if not (self.bundle_dir / p).is_file()]
+        records = [self.manifest.engine(unit) for unit in units]
+        missing = [plan_file(u) for u, r in zip(units, records) if r is None or not (self.bundle_dir / plan_file(u)).is_file()]
         if missing:
             raise NucleusError(
                 f"bundle {self.bundle_dir} has no TensorRT engines ({', '.join(missing)}).",
                 "build them with `nucleus-export build`, or run with --backend onnxruntime.",
+            )
+        flavors = sorted({r.flavor for r in records if r is not None})
+        if flavors != [self.name]:
+            raise NucleusError(
+                f"the engines of {self.bundle_dir} were built with {', '.join(flavors)}; a plan loads only in the "
+                "library that built it.",
+                f"run with --backend {flavors[0]} (or --backend auto).",
             )
         # The plugin library is native code that runs in this process: verified whatever verify_checksums says,
         # before TensorRT is even imported, and loaded from the path the manifest records.
@@ -264,25 +318,23 @@ class TensorRTBackend(Backend):
 
         library = plugins.bundle_plugin_library(self.bundle_dir, self.manifest)
         if verify_checksums:
-            records = [(self.manifest.engines or {}).get(unit) or {} for unit in units]
-            refit = [r["refit_onnx"] for r in records if r.get("stripped")]
-            data = [f for f in self.manifest.files if is_weight_data(f)] if refit else []
-            verify_files(self.bundle_dir, self.manifest, plans + refit + data)
-        self.trt = _import_tensorrt(self.manifest)
+            verify_files(self.bundle_dir, self.manifest, [f for f in self.files(self.manifest) if f in self.manifest.files])
+        self.trt = _import_tensorrt(self.name)
         self.cudart = _import_cudart()
-        self.name = self.trt.__name__
         self._check_gpu()
         if library is not None:
-            plugins.load_plugin_library(library[0], self.trt, sha256=library[1])
+            plugins.load_plugin_library(library[0], self.trt, sha256=library[1], record=self.manifest.plugins)
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = self.trt.Runtime(self._logger)
-        engines = self.manifest.engines or {}
-        self._text_kv = _Engine(self.trt, self._runtime, self.bundle_dir / plans[0], self.cudart, engines.get(TEXT_KV), None, self._logger)
+
+        def engine(unit: str, budget: int | None = None) -> _Engine:
+            return _Engine(self.trt, self._runtime, self.bundle_dir / plan_file(unit), self.cudart,
+                           self.manifest.engine(unit), budget, self._logger)  # type: ignore[arg-type]
+
+        denoiser_units = self.manifest.units(DENOISER)
+        self._text_kv = engine(TEXT_KV)
         budgets = _split_budget(self.manifest, denoiser_units, weight_streaming_budget)
-        self._denoisers = [
-            _Engine(self.trt, self._runtime, self.bundle_dir / plan_file(unit), self.cudart, engines.get(unit), budget, self._logger)
-            for unit, budget in zip(denoiser_units, budgets)
-        ]
+        self._denoisers = [engine(unit, budget) for unit, budget in zip(denoiser_units, budgets)]
         self._stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._bound_text_kv: TrtTextKV | None = None
 
@@ -390,9 +442,9 @@ class TensorRTBackend(Backend):
         produced: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (device address, shape)
         layer_bytes = text_kv.nbytes // text_kv.shape[0]
         for seg, engine in zip(self.segments, self._denoisers):
-            for name in seg["inputs"]:
+            for name in seg.inputs:
                 if name == TEXT_KV_TENSOR:
-                    first, last = seg["text_kv_layers"]
+                    first, last = seg.blocks
                     engine.context.set_input_shape(name, (last - first, *text_kv.shape[1:]))
                     engine.context.set_tensor_address(name, text_kv.buffer.ptr + first * layer_bytes)
                 elif name in produced:
@@ -403,10 +455,10 @@ class TensorRTBackend(Backend):
                     # Uploaded once per step: later segments reading the same host input bind this copy (one
                     # stream, so it stays valid until the step's final synchronize).
                     produced[name] = (self._upload(engine, name, inputs[name]), inputs[name].shape)
-            for name in seg["outputs"]:
+            for name in seg.outputs:
                 shape, dtype = engine.output_shape(name), engine.output_dtype(name)
                 produced[name] = (engine.buffer(name, int(np.prod(shape)) * dtype.itemsize).ptr, shape)
-            self._execute(engine, seg["name"])
+            self._execute(engine, seg.name)
         last = self._denoisers[-1]
         shape, dtype = last.output_shape(SAMPLE), last.output_dtype(SAMPLE)
         host = np.empty(shape, dtype=dtype)
@@ -423,3 +475,9 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "version": self.trt.__version__, "gpu": self.gpu_name}
+
+
+class TensorRTRtxBackend(TensorRTBackend):
+    """The same backend for engines built with TensorRT-RTX (module `tensorrt_rtx`, RTX GPUs)."""
+
+    name = TENSORRT_RTX

@@ -9,7 +9,7 @@ Two layers, so that almost all of it runs without Triton:
   `nucleus-export run`.
 - the Triton adapter, kept small: `TritonPythonModel` (reads requests, writes responses) and the backend it gives
   the core, chosen by the config's `layout` parameter:
-  - `inprocess`: the runtime's own backend (`nucleus_runtime.backends.factory.open_backend`: TensorRT on the GPU,
+  - `inprocess`: the runtime's own backend (`nucleus_runtime.backends.registry.open_backend`: TensorRT on the GPU,
     ONNX Runtime on the CPU) over the bundle files placed in this version folder. Text K/V stays where that backend
     put it (device memory for TensorRT) for every step and, through the cache, for later requests.
   - `bls`: `BlsBackend`, the runtime's `Backend` interface over BLS calls to the `nucleus_text_kv` and
@@ -37,7 +37,7 @@ if (_HERE / "nucleus_runtime").is_dir() and str(_HERE) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from nucleus_runtime.backends import factory  # noqa: E402
+from nucleus_runtime.backends import registry  # noqa: E402
 from nucleus_runtime.backends.base import (  # noqa: E402
     Backend,
     TextKVHandle,
@@ -48,7 +48,6 @@ from nucleus_runtime.contract import (  # noqa: E402
     ONNXRUNTIME,
     SAMPLE,
     SCHEDULER_CONFIG_NAME,
-    TENSORRT,
 )
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV  # noqa: E402
 from nucleus_runtime.errors import NucleusError  # noqa: E402
@@ -268,18 +267,18 @@ def open_inprocess_backend(model_dir: Path, manifest: Manifest, params: Mapping[
         device_id: the GPU Triton gave this instance (KIND_GPU), made current before TensorRT loads the engines.
     """
     name = params.get(PARAM_BACKEND, ONNXRUNTIME)
-    if name == TENSORRT and device_id is not None:
-        factory.select_cuda_device(device_id)
+    if name != ONNXRUNTIME and device_id is not None:
+        from nucleus_runtime.backends.tensorrt import select_cuda_device
+
+        select_cuda_device(device_id)
     threads = int(params.get(PARAM_THREADS) or 0)
-    return factory.open_backend(
-        model_dir,
-        name,
-        manifest,
+    options = registry.BackendOptions(
         # The instance group is KIND_CPU for ONNX Runtime: stay on the CPU even where onnxruntime-gpu is installed.
         device="cpu" if name == ONNXRUNTIME else "auto",
         threads=threads or None,
         verify_checksums=params.get(PARAM_VERIFY_CHECKSUMS, "true") != "false",
     )
+    return registry.open_backend(model_dir, name, manifest, options)
 
 
 class BlsTextKV(TextKVHandle):
@@ -320,7 +319,7 @@ class BlsBackend(Backend):
         self.pb = pb_utils
         self.text_kv_model = text_kv_model
         self.denoiser_model = denoiser_model
-        spec = manifest.io[TEXT_KV]["outputs"][TEXT_KV]
+        spec = manifest.stages[TEXT_KV].io.outputs[TEXT_KV]
         self._text_kv_dims = list(spec.shape)
         self._text_kv_itemsize = _ITEMSIZE.get(spec.dtype, 4)
         # Since Triton 23.04 a BLS call can ask for host outputs; the denoiser's sample is needed on the host.

@@ -7,9 +7,8 @@
   so its error measures everything except routing; the extra outputs give, per block, the graph's own choice on the
   reference's upstream state (a flip there cannot be the echo of a flip in an earlier block).
 
-The forced router is derived from the graph's own ExpertChoiceRouter function body (top-C replaced by a gather of
-the scores at the given indices), so gating follows the one definition of the op. It lives in its own domain, so a
-MoE lowering (which rewrites only the `nucleus` ops) leaves it in place and lowers everything else.
+The forced router is derived from the graph's own ExpertChoiceRouter function body
+(nucleus_export.moe.expert_choice.forced_router_function), so gating follows the one definition of the op.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ import onnx
 from nucleus_runtime.contract import DOMAIN, ROUTER_OP
 from onnx import TensorProto, helper
 
-FORCED_DOMAIN = "nucleus.parity"
-FORCED_ROUTER_OP = f"{ROUTER_OP}Forced"
+from nucleus_export.moe.expert_choice import FORCED_DOMAIN, FORCED_ROUTER_OP, forced_router_function
+
 FORCED_INPUT_PREFIX = "forced_token_indices"
 
 
@@ -62,37 +61,6 @@ def with_router_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     return expose(model, names), names
 
 
-def _forced_router_function(router: onnx.FunctionProto) -> onnx.FunctionProto:
-    """The router body with its TopK's selection replaced by a `forced_indices` input; TopK's own indices become a
-    third output `own_indices`."""
-    topk = [n for n in router.node if n.op_type == "TopK"]
-    if len(topk) != 1:
-        raise ValueError(f"{ROUTER_OP} body has {len(topk)} TopK nodes; forced routing needs exactly one")
-    values, indices = topk[0].output[0], topk[0].output[1]
-    affinity = topk[0].input[0]
-    nodes = []
-    for node in router.node:
-        if node is topk[0]:
-            own = copy.deepcopy(node)
-            own.output[0], own.output[1] = "own_values", "own_indices"
-            nodes += [
-                own,
-                helper.make_node("GatherElements", [affinity, "forced_indices"], [values], axis=-1),
-                helper.make_node("Identity", ["forced_indices"], [indices]),
-            ]
-        else:
-            nodes.append(node)
-    return helper.make_function(
-        FORCED_DOMAIN,
-        FORCED_ROUTER_OP,
-        inputs=[*router.input, "forced_indices"],
-        outputs=[*router.output, "own_indices"],
-        nodes=nodes,
-        opset_imports=list(router.opset_import),
-        attributes=list(router.attribute),
-    )
-
-
 def with_forced_routing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, RoutingNames]:
     """Copy of an exported denoiser graph (router function bodies present) whose routers take their selections from
     graph inputs `forced_token_indices.<k>` ([B, E, C] int64, k = MoE block in order) and output their own choice.
@@ -107,7 +75,7 @@ def with_forced_routing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Routin
     bodies = [f for f in out.functions if f.domain == DOMAIN and f.name == ROUTER_OP]
     if not bodies:
         raise ValueError(f"the graph has no {ROUTER_OP} function body to derive forced routing from")
-    out.functions.append(_forced_router_function(bodies[0]))
+    out.functions.append(forced_router_function(bodies[0]))
     if not any(o.domain == FORCED_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(FORCED_DOMAIN, 1))
     names = RoutingNames([], [], [])

@@ -24,25 +24,24 @@ import copy
 import dataclasses
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
 from nucleus_runtime.contract import (
+    BATCH_DIM,
     BLOCK_OUTPUTS_METADATA,
+    IMAGE_TOKENS_DIM,
+    INLINE_TENSOR_MAX_BYTES,
+    TEXT_LEN_DIM,
     DENOISER_GRAPH,
-    SEGMENT_METADATA,
     TEXT_KV,
-    onnx_file,
     segment_name,
 )
 from onnx import TensorProto, helper, numpy_helper
 
 from nucleus_export.errors import NucleusExportError
-from nucleus_export.graph.builder import INLINE_TENSOR_MAX_BYTES
-from nucleus_export.graph.denoiser import B, S, T
 
-PROFILE_DIMS = (B, S, T)
+PROFILE_DIMS = (BATCH_DIM, IMAGE_TOKENS_DIM, TEXT_LEN_DIM)
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -59,17 +58,6 @@ class Segment:
     @property
     def name(self) -> str:
         return segment_name(self.graph, self.index)
-
-    def record(self) -> dict:
-        """The manifest's record (without files, which the caller adds)."""
-        return {
-            "index": self.index,
-            "name": self.name,
-            "blocks": list(self.blocks),
-            "text_kv_layers": list(self.blocks),
-            "inputs": list(self.inputs),
-            "outputs": list(self.outputs),
-        }
 
 
 def block_outputs(model: onnx.ModelProto) -> list[str]:
@@ -96,19 +84,6 @@ def even_groups(num_blocks: int, num_segments: int) -> list[tuple[int, int]]:
 def segment_groups(num_blocks: int, num_segments: int | None) -> list[tuple[int, int]] | None:
     """The block groups `--segments N` asks for; None (one graph) for None or 1."""
     return None if num_segments in (None, 1) else even_groups(num_blocks, num_segments)
-
-
-def groups_by_bytes(block_bytes: Sequence[int], budget: int) -> list[tuple[int, int]]:
-    """Fewest consecutive groups whose weight bytes stay within `budget` each (a block over it gets its own group)."""
-    groups: list[tuple[int, int]] = []
-    start, filled = 0, 0
-    for idx, nbytes in enumerate(block_bytes):
-        if idx > start and filled + nbytes > budget:
-            groups.append((start, idx))
-            start, filled = idx, 0
-        filled += nbytes
-    groups.append((start, len(block_bytes)))
-    return groups
 
 
 def _typed(value: onnx.ValueInfoProto | None) -> bool:
@@ -255,7 +230,6 @@ def _segment_model(
         producer_version=model.producer_version,
     )
     out.ir_version = model.ir_version
-    helper.set_model_props(out, {SEGMENT_METADATA: json.dumps(seg.record())})
     return out
 
 
@@ -279,19 +253,3 @@ def block_weight_bytes(model: onnx.ModelProto) -> tuple[list[int], int]:
                 else:
                     per_block[block] += initializers[name]
     return per_block, rest
-
-
-
-def write_segments(bundle_dir: Path, groups: Sequence[tuple[int, int]], graph: str = DENOISER_GRAPH) -> list[dict]:
-    """Cut `<graph>.onnx` of a bundle into `<graph>.seg<k>.onnx` files beside it (same external data file, no copy).
-
-    Returns:
-        The manifest's segment records (Segment.record() plus the `onnx` file name).
-    """
-    model = onnx.load(str(Path(bundle_dir) / onnx_file(graph)), load_external_data=False)
-    records = []
-    for seg_model, seg in split_denoiser(model, groups, graph):
-        name = onnx_file(seg.name)
-        onnx.save_model(seg_model, str(Path(bundle_dir) / name))
-        records.append({**seg.record(), "onnx": name})
-    return records

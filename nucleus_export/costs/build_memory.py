@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import psutil
 
-from nucleus_export.engines.segments import groups_by_bytes
 from nucleus_export.errors import UsageError
 
 GB = 1e9
@@ -55,6 +54,19 @@ class BuildMemoryPlan:
             + f"; largest {max(self.group_bytes) / GB:.2f} GB of weights, predicted peak "
             f"{self.predicted_peak / GB:.1f} GB of {self.budget / GB:.1f} GB allowed"
         )
+
+
+def groups_by_bytes(block_bytes: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Fewest consecutive groups whose weight bytes stay within `budget` each (a block over it gets its own group)."""
+    groups: list[tuple[int, int]] = []
+    start, filled = 0, 0
+    for idx, nbytes in enumerate(block_bytes):
+        if idx > start and filled + nbytes > budget:
+            groups.append((start, idx))
+            start, filled = idx, 0
+        filled += nbytes
+    groups.append((start, len(block_bytes)))
+    return groups
 
 
 def plan_build_memory(block_bytes: Sequence[int], other_bytes: int, budget: int) -> BuildMemoryPlan:

@@ -1,6 +1,6 @@
-"""Which TensorRT flavour builds the engines: full TensorRT (`tensorrt`, datacenter GPUs) or TensorRT-RTX
+"""Which TensorRT flavor builds the engines: full TensorRT (`tensorrt`, datacenter GPUs) or TensorRT-RTX
 (`tensorrt_rtx`, RTX/edge GPUs). Both expose the same Python builder API, so the rest of the build takes the module
-as a value (`Backend.trt`) and has one code path.
+as a value (`TensorRTFlavor.trt`) and has one code path.
 
 Modules are imported lazily: the package imports without either, and the error names the extra to install.
 """
@@ -8,29 +8,22 @@ Modules are imported lazily: the package imports without either, and the error n
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import logging
-import os
-from pathlib import Path
 from types import ModuleType
 
-from nucleus_runtime.contract import TENSORRT, TENSORRT_MODULES, TENSORRT_RTX
+from nucleus_runtime.contract import AUTO, TENSORRT, TENSORRT_MODULES, TENSORRT_RTX
+from nucleus_runtime.gpu import cuda_device_count
 
 from nucleus_export.errors import NucleusExportError, UsageError
 
 logger = logging.getLogger("nucleus_export")
 
-AUTO = "auto"
-BACKEND_CHOICES = (AUTO, TENSORRT, TENSORRT_RTX)
-
-# Python module and pip extra (pyproject [project.optional-dependencies]) of each backend.
-_EXTRAS = {TENSORRT: "trt", TENSORRT_RTX: "rtx"}
-
+FLAVOR_CHOICES = (AUTO, TENSORRT, TENSORRT_RTX)
 
 @dataclasses.dataclass(frozen=True)
-class Backend:
-    """A resolved backend: its name, the imported module and facts the build depends on.
+class TensorRTFlavor:
+    """A resolved TensorRT flavor: its name, the imported module and facts the build depends on.
 
     Attributes:
         name: "tensorrt" or "tensorrt-rtx".
@@ -54,11 +47,12 @@ class Backend:
 
 
 def install_hint(name: str) -> str:
-    return f"pip install 'nucleus-export[{_EXTRAS[name]}]'"
+    """The toolkit's extras are named after the flavors (pyproject [project.optional-dependencies])."""
+    return f"pip install 'nucleus-export[{name}]'"
 
 
 def _import(name: str) -> ModuleType | None:
-    """Import a backend's module, or None when it is not installed (any ImportError: a broken install counts)."""
+    """Import a flavor's module, or None when it is not installed (any ImportError: a broken install counts)."""
     try:
         return importlib.import_module(TENSORRT_MODULES[name])
     except ImportError as exc:
@@ -66,40 +60,12 @@ def _import(name: str) -> ModuleType | None:
         return None
 
 
-# One folder per GPU the NVIDIA kernel driver manages (Linux).
-NVIDIA_PROC_GPUS = Path("/proc/driver/nvidia/gpus")
-
-
-@functools.lru_cache(maxsize=1)
-def cuda_device_count() -> int:
-    """Number of CUDA devices this process may use, 0 without a driver or GPU.
-
-    Read from the kernel driver's /proc entries, narrowed by CUDA_VISIBLE_DEVICES as the CUDA runtime narrows it
-    (entries up to the first invalid one, e.g. "-1" or "" hide every GPU): no native library is loaded for the
-    probe, so none needs a checksum, and no CUDA context is created.
-    """
-    count = sum(1 for _ in NVIDIA_PROC_GPUS.iterdir()) if NVIDIA_PROC_GPUS.is_dir() else 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return count
-    valid = 0
-    for entry in visible.split(","):
-        entry = entry.strip()
-        if not entry or entry.startswith("-") or not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
-            break
-        valid += 1
-    return min(count, valid)
-
-
 def _gpu_visible() -> bool:
-    # NUCLEUS_EXPORT_ASSUME_NO_GPU lets tests exercise the "no GPU" path on a machine that has one.
-    if os.environ.get("NUCLEUS_EXPORT_ASSUME_NO_GPU"):
-        return False
     return cuda_device_count() > 0
 
 
-def resolve_backend(choice: str = AUTO) -> Backend:
-    """Pick and import the backend for `--backend`.
+def resolve_flavor(choice: str = AUTO) -> TensorRTFlavor:
+    """Pick and import the TensorRT flavor for `build --backend`.
 
     auto: full TensorRT when it is installed and a GPU is visible (it needs one to build), else TensorRT-RTX (builds
     on the CPU), else an error naming both extras.
@@ -108,16 +74,16 @@ def resolve_backend(choice: str = AUTO) -> Backend:
         UsageError: unknown choice.
         NucleusExportError: the chosen module is missing, or full TensorRT was chosen without a GPU.
     """
-    if choice not in BACKEND_CHOICES:
-        raise UsageError(f"unknown backend '{choice}'.", f"use one of {', '.join(BACKEND_CHOICES)}.")
+    if choice not in FLAVOR_CHOICES:
+        raise UsageError(f"unknown backend '{choice}'.", f"use one of {', '.join(FLAVOR_CHOICES)}.")
     if choice == AUTO:
         if _gpu_visible():
             module = _import(TENSORRT)
             if module is not None:
-                return Backend(TENSORRT, module, module.__version__)
+                return TensorRTFlavor(TENSORRT, module, module.__version__)
         module = _import(TENSORRT_RTX)
         if module is not None:
-            return Backend(TENSORRT_RTX, module, module.__version__)
+            return TensorRTFlavor(TENSORRT_RTX, module, module.__version__)
         if _import(TENSORRT) is not None:
             raise NucleusExportError(
                 "TensorRT is installed but no CUDA GPU is visible, and full TensorRT needs one to build engines; "
@@ -135,11 +101,11 @@ def resolve_backend(choice: str = AUTO) -> Backend:
             f"--backend {choice} was requested but the `{TENSORRT_MODULES[choice]}` module is not installed.",
             f"{install_hint(choice)}, or pick another --backend.",
         )
-    backend = Backend(choice, module, module.__version__)
-    if backend.needs_gpu and not _gpu_visible():
+    flavor = TensorRTFlavor(choice, module, module.__version__)
+    if flavor.needs_gpu and not _gpu_visible():
         raise NucleusExportError(
             "--backend tensorrt needs a CUDA GPU to build (full TensorRT times kernels on the device), and none is "
             "visible (no driver, no device, or CUDA_VISIBLE_DEVICES hides it).",
             f"run on a GPU machine, or use --backend tensorrt-rtx ({install_hint(TENSORRT_RTX)}), which builds on the CPU.",
         )
-    return backend
+    return flavor

@@ -10,26 +10,30 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from nucleus_runtime.bundle import Manifest, load_manifest
+from nucleus_runtime.bundle import LoweringRecord, Manifest, load_manifest
 from nucleus_runtime.contract import (
+    AUTO,
     DENOISER_GRAPH,
+    MOE_NATIVE,
+    MOE_PLUGIN,
     TENSORRT,
     TENSORRT_MODULES,
-    graph_of_unit,
+    engine_onnx_file,
     onnx_file,
-    precision_label,
 )
 
-from nucleus_export.engines.cost import GPUS, Cost
-from nucleus_export.engines.flops import (
+from nucleus_export.costs.combine import combine_choice
+from nucleus_export.costs.flops import (
     CLASSES,
     GEMM_CLASSES,
     graph_cost,
     intrinsic_flops,
 )
-from nucleus_export.engines.lowering import broadcast_attention_masks, lower_moe_native
+from nucleus_export.costs.roofline import GPUS, Cost
 from nucleus_export.errors import NucleusExportError
+from nucleus_export.model.checkpoint import expected_parameter_shapes
 from nucleus_export.model.config import ModelConfig
+from nucleus_export.rewrites.as_built import engine_graph
 
 logger = logging.getLogger("nucleus_export")
 
@@ -80,22 +84,19 @@ class BundleCost:
         return dataclasses.asdict(self)
 
 
-def _engine_graph(bundle: Path, manifest: Manifest) -> tuple[onnx.ModelProto, str, str, Path | None]:
-    """The denoiser as TensorRT gets it: (model, combine formulation, description, path on disk if built)."""
-    record = (manifest.engines or {}).get(DENOISER_GRAPH, {})
-    path = bundle / record["onnx"] if record.get("onnx") else None
-    if path is not None and path.is_file() and manifest.moe_lowering != "plugin":
-        combine = record.get("combine", {}).get("formulation", "onehot")
-        return onnx.load(str(path), load_external_data=False), combine, path.name, path
-    from nucleus_export.engines.pipeline import combine_choice
-
-    # Segmented engines (no single denoiser record) are counted on the whole graph, lowered with their combine.
-    recorded = [r["combine"]["formulation"] for name, r in (manifest.engines or {}).items()
-                if graph_of_unit(name) == DENOISER_GRAPH and isinstance(r, dict) and r.get("combine")]
+def _counted_graph(bundle: Path, manifest: Manifest) -> tuple[onnx.ModelProto, str, Path | None]:
+    """The denoiser as its engine computes it (rewrites.as_built), with the combine it was built with; plugin
+    engines and ONNX-only bundles are counted with the native lowering `build` would choose. Also the engine ONNX
+    TensorRT parsed, when the denoiser is one built engine."""
     config = ModelConfig.from_dict(manifest.model_config)
-    combine = recorded[0] if recorded else combine_choice(config, manifest.profiles, manifest.precision, "auto", TENSORRT).formulation
-    model = onnx.load(str(bundle / onnx_file(DENOISER_GRAPH)), load_external_data=False)
-    return broadcast_attention_masks(lower_moe_native(model, combine, config.num_experts)), combine, f"{onnx_file(DENOISER_GRAPH)} lowered as `build` would", None
+    records = [manifest.engine(u) for u in manifest.units(DENOISER_GRAPH)]
+    built = [r.lowering for r in records if r is not None and r.lowering.moe == MOE_NATIVE]
+    lowering = built[0] if built else LoweringRecord(
+        MOE_NATIVE, combine_choice(config, manifest.profiles, manifest.precision, AUTO, TENSORRT).formulation
+    )
+    model = engine_graph(onnx.load(str(bundle / onnx_file(DENOISER_GRAPH)), load_external_data=False), lowering, config.num_experts)
+    parsed = bundle / engine_onnx_file(DENOISER_GRAPH)
+    return model, str(lowering.combine), parsed if records[0] is not None and parsed.is_file() else None
 
 
 def _input_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, list[int]]:
@@ -107,18 +108,19 @@ def _input_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, li
 
 def tensorrt_layers(path: Path) -> dict[str, int] | None:
     """Layer types of the parsed network, with whichever TensorRT is importable (None without one)."""
-    from nucleus_export.engines.backends import resolve_backend
-    from nucleus_export.engines.engine import NetworkFromOnnxPath, inspect_network
+    from nucleus_export.engines.flavors import resolve_flavor
+    from nucleus_export.engines.inspection import inspect_network
+    from nucleus_export.engines.loaders import NetworkFromOnnxPath
 
     for name, module in TENSORRT_MODULES.items():
         if importlib.util.find_spec(module) is None:
             continue
         try:
-            backend = resolve_backend(name)  # full TensorRT refuses without a GPU: then try TensorRT-RTX
+            flavor = resolve_flavor(name)  # full TensorRT refuses without a GPU: then try TensorRT-RTX
         except NucleusExportError:
             continue
         try:
-            parsed = NetworkFromOnnxPath(backend, path)()
+            parsed = NetworkFromOnnxPath(flavor, path)()
         except NucleusExportError as exc:  # reported, not fatal, for an inspection
             logger.warning("%s could not parse %s: %s", name, path, exc)
             return None
@@ -137,11 +139,10 @@ def bundle_cost(bundle: Path, gpu: str = "h100", parse: bool = True) -> BundleCo
     target = GPUS[gpu]
     manifest = load_manifest(bundle)
     config = ModelConfig.from_dict(manifest.model_config)
-    from nucleus_export.model.checkpoint import expected_parameter_shapes
-
     shapes = expected_parameter_shapes(config)
-    model, combine, description, path = _engine_graph(bundle, manifest)
-    fp8 = bool(manifest.quantization)
+    model, combine, path = _counted_graph(bundle, manifest)
+    description = path.name if path is not None else f"{onnx_file(DENOISER_GRAPH)} lowered as `build` would"
+    fp8 = manifest.quantization is not None
     batch, text_len = manifest.profiles.batch[2], manifest.profiles.text_len[1]
     results = []
     for resolution, (rows, cols) in zip(manifest.profiles.resolutions, manifest.profiles.grids):
@@ -167,9 +168,9 @@ def bundle_cost(bundle: Path, gpu: str = "h100", parse: bool = True) -> BundleCo
     notes = []
     if path is None:
         notes.append("no engine ONNX in the bundle: costs are of the graph `build` would make; TensorRT layers need a built bundle")
-    if manifest.moe_lowering == "plugin":
+    if any(r is not None and r.lowering.moe == MOE_PLUGIN for r in map(manifest.engine, manifest.units(DENOISER_GRAPH))):
         notes.append("engines use the MoE plugins: router and combine are counted in their native lowering")
     return BundleCost(
-        str(bundle), target.name, target.source, precision_label(manifest.precision, fp8), combine, description,
+        str(bundle), target.name, target.source, manifest.precision_label, combine, description,
         results, layers, None if layers is None else layers.get("ATTENTION_INPUT", 0), config.num_layers, notes,
     )

@@ -5,7 +5,7 @@ cannot run there as is. `emulate_bf16_in_fp32` rewrites it into a float32 graph 
 bfloat16 to bfloat16 right where it is produced (Cast to BFLOAT16 then back to FLOAT), with bf16 initializers and
 constants widened exactly to float32. Each op then computes in float32 and stores its result rounded to bf16, which
 is what a GPU bf16 kernel does for GEMMs (fp32 accumulation, one rounding) and elementwise ops. The quality report
-applies it to the graph after MoE lowering (parity.quality.as_built), so the combine's rounding is that of the
+applies it to the graph after MoE lowering (rewrites.as_built.engine_graph), so the combine's rounding is that of the
 native layers TensorRT builds (e.g. each gated contribution rounded to bf16), whatever formulation the lowering
 chose; inside a function body (not inlined) only the node's outputs are rounded. It remains an estimate where a
 GPU op accumulates in bf16 across additions. Reports label it "bf16 emulated on CPU".
@@ -24,6 +24,13 @@ from onnx import TensorProto, helper, numpy_helper
 BF16 = TensorProto.BFLOAT16
 F32 = TensorProto.FLOAT
 EMULATION_LABEL = "bf16 emulated on CPU (float32 math, bf16 rounding of every bf16 tensor)"
+
+
+def has_bf16(model: onnx.ModelProto) -> bool:
+    """Whether a graph holds bfloat16 weights or casts to bfloat16 (what ONNX Runtime's CPU provider cannot run)."""
+    if any(i.data_type == BF16 for i in model.graph.initializer):
+        return True
+    return any(a.name == "to" and a.i == BF16 for n in model.graph.node for a in n.attribute)
 
 
 def _widen(tensor: TensorProto) -> TensorProto:

@@ -1,0 +1,140 @@
+"""The interface every inference backend implements.
+
+The pipeline never touches backend objects directly: it asks the backend for text K/V once per (prompt, mask, grid)
+and keeps the returned handle in the cache; each denoising step passes that handle back. A handle may live in
+device memory (TensorRT binds it as the denoiser's `text_kv` input once, no per-step copy) or be a numpy array
+(ONNX Runtime). Handles report their size so the cache can bound itself in bytes.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nucleus_runtime import contract
+from nucleus_runtime.bundle import Manifest
+
+# The denoiser inputs fed from the host each step: all but text_kv, which backends keep where they computed it.
+DENOISER_HOST_INPUTS = tuple(n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV)
+
+
+def _host_array(name: str, array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=contract.HOST_INPUT_DTYPES[name])
+
+
+def text_kv_inputs(
+    encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The text_kv graph's inputs by contract name, contiguous and in the contract's dtypes."""
+    arrays = (encoder_hidden_states, txt_rope_cos, txt_rope_sin)
+    return {name: _host_array(name, a) for name, a in zip(contract.TEXT_KV_INPUTS, arrays, strict=True)}
+
+
+def denoiser_host_inputs(
+    hidden_states: np.ndarray,
+    timestep: np.ndarray,
+    img_rope_cos: np.ndarray,
+    img_rope_sin: np.ndarray,
+    encoder_hidden_states_mask: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The denoiser's host-side inputs (all but `text_kv`) by contract name, contiguous, in the contract's dtypes."""
+    arrays = (hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+    return {name: _host_array(name, a) for name, a in zip(DENOISER_HOST_INPUTS, arrays, strict=True)}
+
+
+class TextKVHandle(abc.ABC):
+    """Opaque text K/V as produced by `Backend.compute_text_kv`; consumed only by the same backend."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, ...]: ...
+
+    def to_numpy(self) -> np.ndarray:
+        """Host copy, for tests and debugging."""
+        raise NotImplementedError
+
+
+class Backend(abc.ABC):
+    """Runs the graphs of a bundle (contract: docs/contract.md). The backends a bundle can be opened with are listed
+    in nucleus_runtime.backends.registry; each says what it reads (`files`) and whether it can run here."""
+
+    name: str = "backend"
+    # The handle type compute_text_kv returns; denoise refuses any other (text K/V of another backend).
+    text_kv_type: type[TextKVHandle] = TextKVHandle
+
+    # ---- what the registry asks before opening one --------------------------------------------------------------
+
+    @classmethod
+    def files(cls, manifest: Manifest) -> list[str]:
+        """Bundle-relative paths this backend reads besides the manifest and scheduler config."""
+        raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether its libraries are importable (and, for GPU backends, a GPU is visible)."""
+        return False
+
+    @classmethod
+    def serves(cls, bundle_dir: Path, manifest: Manifest) -> bool:
+        """Whether the bundle holds what this backend runs (e.g. engines of its flavor)."""
+        return False
+
+    def unit_identity(self, manifest: Manifest, unit: str) -> str:
+        """The identity of exactly the bytes this backend reads for one engine unit of the bundle (cache keys use
+        it): by default the unit's ONNX graph and the weight ranges it reads."""
+        return manifest.unit_digest(unit)
+
+    @abc.abstractmethod
+    def compute_text_kv(
+        self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
+    ) -> TextKVHandle:
+        """encoder_hidden_states [B,T,D] float32, rope tables [T, head_dim/2] -> text_kv [L,2,B,T,Hkv,Dh]."""
+
+    def denoise(
+        self,
+        hidden_states: np.ndarray,
+        timestep: np.ndarray,
+        img_rope_cos: np.ndarray,
+        img_rope_sin: np.ndarray,
+        text_kv: TextKVHandle,
+        encoder_hidden_states_mask: np.ndarray,
+    ) -> np.ndarray:
+        """One transformer forward: hidden_states [B,S,C_in], timestep [B] (t/1000) -> sample [B,S,C_out]."""
+        if not isinstance(text_kv, self.text_kv_type):
+            raise TypeError(f"{type(self).__name__}.denoise needs its own text K/V, got {type(text_kv).__name__}")
+        inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
+        return self._denoise(inputs, text_kv)
+
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TextKVHandle) -> np.ndarray:
+        """`denoise` with the host inputs by contract name (denoiser_host_inputs) and this backend's own text K/V.
+        Graph backends implement this; wrappers (timing, test doubles) may override `denoise` itself instead."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither denoise nor _denoise")
+
+    def denoise_device(self, inputs: dict[str, Any], text_kv: TextKVHandle, sample: Any, stream: int) -> None:
+        """One transformer forward on caller-owned GPU tensors, enqueued on the caller's CUDA `stream`.
+
+        `inputs` holds the denoiser inputs other than `text_kv` by contract name and `sample` receives the output, all
+        contiguous DLPack tensors (torch, CuPy, JAX) on the GPU in the contract's dtypes. Nothing is copied to the host
+        and nothing waits: DLPack's stream protocol orders the producer's pending work before `stream`, and the
+        caller orders its later work on `stream`. Backends that take host arrays only do not override this (callers
+        use `denoise`).
+        """
+        raise NotImplementedError(f"the {self.name} backend takes host arrays only")
+
+    @property
+    def supports_device_io(self) -> bool:
+        """Whether `denoise_device` serves this backend's bundle (callers fall back to host arrays otherwise)."""
+        return False
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory and sessions."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name}

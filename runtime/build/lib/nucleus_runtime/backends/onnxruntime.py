@@ -1,0 +1,254 @@
+"""ONNX Runtime backend: the bundle's ONNX graphs in sessions, CPU or CUDA.
+
+Text K/V stays an `OrtValue` where the text_kv session put it (host memory on CPU, device memory on the CUDA EP)
+and is bound to the denoiser with IOBinding, so it is neither copied nor converted per step; a bfloat16/float16
+text_kv passes through as is. The custom MoE ops run through their model-local function bodies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nucleus_runtime.backends.base import (
+    Backend,
+    TextKVHandle,
+    text_kv_inputs,
+)
+from nucleus_runtime.bundle import Manifest, load_manifest, stage_files, verify_files
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import (
+    DENOISER_INPUTS,
+    GRAPHS,
+    ONNXRUNTIME,
+    SAMPLE,
+    TEXT_KV_INPUTS,
+    onnx_file,
+)
+from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
+from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
+from nucleus_runtime.errors import NucleusError
+
+if TYPE_CHECKING:
+    from nucleus_runtime.backends.registry import BackendOptions
+
+logger = logging.getLogger("nucleus_runtime")
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+
+
+@dataclasses.dataclass
+class OrtOptions:
+    """Session settings.
+
+    Attributes:
+        threads: intra-op threads (None: ONNX Runtime's default, one per physical core). Results are bitwise the
+            same on any thread count (measured on 1, 2 and 4 threads, tests/test_parity.py): the sequential
+            executor fixes the node order, and the one kernel found to race, ScatterND with reduction="add" (lost
+            updates on repeated indices, microsoft/onnxruntime#18048), is only ever given distinct indices by the
+            MoECombine body. No session option is needed for it (use_deterministic_compute does not cure the race).
+        device: "auto" (CUDA EP when onnxruntime-gpu provides it, else CPU), "cpu" or "cuda".
+        optimization: graph optimization level: "all", "extended", "basic" or "disabled".
+        verify_checksums: check the ONNX files against the manifest before loading them.
+        segments: run the denoiser's segment graphs in sequence when the bundle has them (False: the full graph).
+    """
+
+    threads: int | None = None
+    device: str = "auto"
+    optimization: str = "all"
+    verify_checksums: bool = True
+    segments: bool = True
+
+
+class OrtTextKV(TextKVHandle):
+    """Text K/V as an OrtValue, on the device the text_kv session ran on."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.value.tensor_size_in_bytes())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape())
+
+    def to_numpy(self) -> np.ndarray:
+        return self.value.numpy()
+
+    def layers(self, first: int, last: int) -> np.ndarray:
+        """text_kv[first:last] as a host array (a view of one host copy, made on first use), for a segment."""
+        if getattr(self, "_host", None) is None:
+            self._host = self.value.numpy()
+        return self._host[first:last]
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise NucleusError(
+            "onnxruntime is not installed.", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)."
+        ) from None
+    return onnxruntime
+
+
+def _providers(ort: Any, device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU_EP]
+    if CUDA_EP in available:
+        return [CUDA_EP, CPU_EP]
+    if device == "cuda":
+        raise NucleusError(
+            f"ONNX Runtime has no {CUDA_EP} here (available: {', '.join(available)}).",
+            "pip install onnxruntime-gpu in place of onnxruntime, or run with --device cpu.",
+        )
+    return [CPU_EP]
+
+
+class OrtBackend(Backend):
+    """Runs a bundle's text_kv.onnx and denoiser.onnx with ONNX Runtime.
+
+    Args:
+        bundle_dir: the bundle folder.
+        options: session settings.
+        manifest: the bundle's manifest, when the caller has it loaded already.
+    """
+
+    text_kv_type = OrtTextKV
+
+    name = ONNXRUNTIME
+
+    @classmethod
+    def files(cls, manifest: Manifest) -> list[str]:
+        """The exported graphs, their segments and weights (data files, linked checkpoint shards), in manifest order;
+        not the engines' graphs (*.engine.onnx). The contract's graph files always: a manifest that lost their records
+        must not silently serve without them."""
+        names: list[str] = []
+        for graph in GRAPHS:
+            names += [f for f in stage_files(manifest, graph) if f not in names]
+        return names
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("onnxruntime") is not None
+
+    @classmethod
+    def serves(cls, bundle_dir: Path, manifest: Manifest) -> bool:
+        return all((Path(bundle_dir) / onnx_file(g)).is_file() for g in GRAPHS)
+
+    @classmethod
+    def open(cls, bundle_dir: Path, manifest: Manifest, options: BackendOptions) -> OrtBackend:
+        return cls(bundle_dir, OrtOptions(options.threads, options.device, verify_checksums=options.verify_checksums), manifest)
+
+    def __init__(self, bundle_dir: Path, options: OrtOptions | None = None, manifest: Manifest | None = None):
+        ort = _import_ort()
+        self.bundle_dir = Path(bundle_dir)
+        self.options = options or OrtOptions()
+        self.manifest = manifest or load_manifest(self.bundle_dir)
+        if self.options.verify_checksums:
+            # The graphs, their segments and external data (what this backend reads), each of which must be recorded.
+            verify_files(self.bundle_dir, self.manifest, self.files(self.manifest))
+        self.providers = _providers(ort, self.options.device)
+        self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
+        session_options = ort.SessionOptions()
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        session_options.graph_optimization_level = levels[self.options.optimization]
+        if self.options.threads:
+            session_options.intra_op_num_threads = self.options.threads
+        # One graph runs at a time: a second inter-op pool would only compete for the same cores.
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._ort = ort
+        self._text_kv = self._session(TEXT_KV, session_options, TEXT_KV_INPUTS)
+        # A segmented bundle runs its segment graphs one after the other (same weights, same results as the full
+        # graph: tests/test_segments.py); intermediates stay OrtValues on the session's device between them.
+        self.segments = self.manifest.graph_segments(DENOISER) if self.options.segments else []
+        self._segment_sessions = [self._session(seg.name, session_options, tuple(seg.inputs)) for seg in self.segments]
+        self._denoiser = None if self.segments else self._session(DENOISER, session_options, DENOISER_INPUTS)
+        logger.debug("onnxruntime %s, providers %s", ort.__version__, self.providers)
+
+    def _session(self, graph: str, session_options: Any, expected: tuple[str, ...]) -> Any:
+        path = self.bundle_dir / onnx_file(graph)
+        if not path.is_file():
+            raise NucleusError(f"bundle file {path} is missing.", "copy the complete bundle, or export it again.")
+        try:
+            session = self._ort.InferenceSession(str(path), session_options, providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for unreadable graphs
+            if "NOT_IMPLEMENTED" in str(exc):
+                # Typically a bf16/fp16 bundle on the CPU provider, which lacks low-precision MatMul kernels.
+                fix = (
+                    f"{' / '.join(self.providers)} has no kernel for an op of this {self.manifest.precision} bundle: "
+                    "export an fp32 bundle (--precision fp32) for CPU runs, or run on CUDA (onnxruntime-gpu) or TensorRT."
+                )
+            else:
+                fix = "export the bundle again."
+            raise NucleusError(f"ONNX Runtime cannot load {path}: {exc}", fix) from None
+        names = {i.name for i in session.get_inputs()}
+        if names != set(expected):
+            raise NucleusError(
+                f"{path} has inputs {sorted(names)}; the bundle contract expects {sorted(expected)}.",
+                "export the bundle again with this version of nucleus-export.",
+            )
+        return session
+
+    def compute_text_kv(
+        self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
+    ) -> OrtTextKV:
+        binding = self._text_kv.io_binding()
+        for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(TEXT_KV_TENSOR, self._device)
+        self._text_kv.run_with_iobinding(binding)
+        return OrtTextKV(binding.get_outputs()[0])
+
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: OrtTextKV) -> np.ndarray:  # type: ignore[override]
+        if self.segments:
+            return self._denoise_segments(inputs, text_kv)
+        binding = self._denoiser.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_ortvalue_input(TEXT_KV_TENSOR, text_kv.value)
+        binding.bind_output(SAMPLE)
+        self._denoiser.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: OrtTextKV) -> np.ndarray:
+        values: dict[str, Any] = {}  # tensors produced by earlier segments, as OrtValues
+        for seg, session in zip(self.segments, self._segment_sessions):
+            binding = session.io_binding()
+            for name in seg.inputs:
+                if name == TEXT_KV_TENSOR:
+                    binding.bind_cpu_input(name, text_kv.layers(*seg.blocks))
+                elif name in values:
+                    binding.bind_ortvalue_input(name, values[name])
+                else:
+                    binding.bind_cpu_input(name, inputs[name])
+            for name in seg.outputs:
+                binding.bind_output(name, self._device)
+            session.run_with_iobinding(binding)
+            values.update(zip(seg.outputs, binding.get_outputs()))
+        return values[SAMPLE].numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "onnxruntime": self._ort.__version__,
+            "providers": self.providers,
+            "threads": self.options.threads,
+            "optimization": self.options.optimization,
+        }

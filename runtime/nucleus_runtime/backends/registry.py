@@ -1,0 +1,75 @@
+"""The backends a bundle can be opened with, and the one place that chooses among them.
+
+`nucleus-export run` and `generate`, `EngineTransformer`, the Triton pipeline model, the benchmarks and
+`--backend auto` all open backends here; `nucleus-export triton --layout inprocess` places exactly `serving_files`
+into the model's version folder. A new backend is a `Backend` subclass with its `files`, `available`, `serves` and
+`open`, listed in `BACKENDS` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from nucleus_runtime.backends.base import Backend
+from nucleus_runtime.backends.onnxruntime import OrtBackend
+from nucleus_runtime.backends.tensorrt import TensorRTBackend, TensorRTRtxBackend
+from nucleus_runtime.bundle import Manifest, load_manifest
+from nucleus_runtime.contract import AUTO, MANIFEST_NAME, ONNXRUNTIME, SCHEDULER_CONFIG_NAME
+from nucleus_runtime.errors import NucleusError
+
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (OrtBackend, TensorRTBackend, TensorRTRtxBackend)}
+CHOICES = (AUTO, *BACKENDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """How to open a backend; each backend reads what applies to it.
+
+    Attributes:
+        device: ONNX Runtime's device ("auto", "cpu", "cuda"); TensorRT runs on the current CUDA device.
+        threads: ONNX Runtime intra-op threads (None: one per physical core).
+        verify_checksums: check the files against the manifest before loading them (a plugin library always is).
+        weight_streaming_budget: TensorRT only: bytes of denoiser weights kept on the GPU (engines built with
+            `build --weight-streaming`); None keeps them all.
+    """
+
+    device: str = AUTO
+    threads: int | None = None
+    verify_checksums: bool = True
+    weight_streaming_budget: int | None = None
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise NucleusError(f"unknown backend '{name}'.", f"use one of: {', '.join(CHOICES)}.")
+    return BACKENDS[name]
+
+
+def backend_files(manifest: Manifest, name: str) -> list[str]:
+    """Bundle-relative paths a backend reads besides the manifest and scheduler config, in manifest order."""
+    return backend_class(name).files(manifest)
+
+
+def serving_files(manifest: Manifest, name: str) -> list[str]:
+    """Everything a folder needs so that `open_backend(folder, name)` and the denoising loop can serve it."""
+    return [MANIFEST_NAME, SCHEDULER_CONFIG_NAME, *backend_files(manifest, name)]
+
+
+def resolve_backend(choice: str, bundle_dir: Path, manifest: Manifest) -> str:
+    """"auto": the TensorRT flavor the bundle's engines were built with when it can run here (library installed, GPU
+    visible, every engine present), else ONNX Runtime; any other choice is checked and returned."""
+    if choice != AUTO:
+        return backend_class(choice).name
+    for name, cls in BACKENDS.items():
+        if name != ONNXRUNTIME and cls.serves(bundle_dir, manifest) and cls.available():
+            return name
+    return ONNXRUNTIME
+
+
+def open_backend(
+    bundle_dir: Path, choice: str = AUTO, manifest: Manifest | None = None, options: BackendOptions = BackendOptions()
+) -> Backend:
+    """The bundle's graphs in a backend ("auto" resolved by `resolve_backend`)."""
+    manifest = manifest or load_manifest(bundle_dir)
+    return backend_class(resolve_backend(choice, Path(bundle_dir), manifest)).open(Path(bundle_dir), manifest, options)
