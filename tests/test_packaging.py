@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -61,10 +62,13 @@ RUN_A_BUNDLE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory) -> Path:
     """A fresh venv with only `pip install './runtime[onnxruntime]'` (not editable: what a deployment gets)."""
-    venv = tmp_path_factory.mktemp("runtime-venv") / "venv"
+    root = tmp_path_factory.mktemp("runtime-venv")
+    # A copy of the source: pip builds in the source folder, which must stay clean.
+    source = Path(shutil.copytree(ROOT / "runtime", root / "runtime", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")))
+    venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"{ROOT / 'runtime'}[onnxruntime]"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"{source}[onnxruntime]"], check=True)
     return python
 
 

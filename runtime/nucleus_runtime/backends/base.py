@@ -9,6 +9,7 @@ device memory (TensorRT binds it as the denoiser's `text_kv` input once, no per-
 from __future__ import annotations
 
 import abc
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from nucleus_runtime import contract
 from nucleus_runtime.bundle import Manifest
+from nucleus_runtime.contract import AUTO
 
 # The denoiser inputs fed from the host each step: all but text_kv, which backends keep where they computed it.
 DENOISER_HOST_INPUTS = tuple(n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV)
@@ -43,6 +45,24 @@ def denoiser_host_inputs(
     """The denoiser's host-side inputs (all but `text_kv`) by contract name, contiguous, in the contract's dtypes."""
     arrays = (hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
     return {name: _host_array(name, a) for name, a in zip(DENOISER_HOST_INPUTS, arrays, strict=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """How to open a backend; each backend reads what applies to it.
+
+    Attributes:
+        device: ONNX Runtime's device ("auto", "cpu", "cuda"); TensorRT runs on the current CUDA device.
+        threads: ONNX Runtime intra-op threads (None: one per physical core).
+        verify_checksums: check the files against the manifest before loading them (a plugin library always is).
+        weight_streaming_budget: TensorRT only: bytes of denoiser weights kept on the GPU (engines built with
+            `build --weight-streaming`); None keeps them all.
+    """
+
+    device: str = AUTO
+    threads: int | None = None
+    verify_checksums: bool = True
+    weight_streaming_budget: int | None = None
 
 
 class TextKVHandle(abc.ABC):
@@ -85,6 +105,11 @@ class Backend(abc.ABC):
     def serves(cls, bundle_dir: Path, manifest: Manifest) -> bool:
         """Whether the bundle holds what this backend runs (e.g. engines of its flavor)."""
         return False
+
+    @classmethod
+    def open(cls, bundle_dir: Path, manifest: Manifest, options: BackendOptions) -> Backend:
+        """The bundle's graphs in this backend."""
+        raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
 
     def unit_identity(self, manifest: Manifest, unit: str) -> str:
         """The identity of exactly the bytes this backend reads for one engine unit of the bundle (cache keys use

@@ -8,10 +8,9 @@ into the model's version folder. A new backend is a `Backend` subclass with its 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from nucleus_runtime.backends.base import Backend
+from nucleus_runtime.backends.base import Backend, BackendOptions
 from nucleus_runtime.backends.onnxruntime import OrtBackend
 from nucleus_runtime.backends.tensorrt import TensorRTBackend, TensorRTRtxBackend
 from nucleus_runtime.bundle import Manifest, load_manifest
@@ -20,24 +19,6 @@ from nucleus_runtime.errors import NucleusError
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (OrtBackend, TensorRTBackend, TensorRTRtxBackend)}
 CHOICES = (AUTO, *BACKENDS)
-
-
-@dataclasses.dataclass(frozen=True)
-class BackendOptions:
-    """How to open a backend; each backend reads what applies to it.
-
-    Attributes:
-        device: ONNX Runtime's device ("auto", "cpu", "cuda"); TensorRT runs on the current CUDA device.
-        threads: ONNX Runtime intra-op threads (None: one per physical core).
-        verify_checksums: check the files against the manifest before loading them (a plugin library always is).
-        weight_streaming_budget: TensorRT only: bytes of denoiser weights kept on the GPU (engines built with
-            `build --weight-streaming`); None keeps them all.
-    """
-
-    device: str = AUTO
-    threads: int | None = None
-    verify_checksums: bool = True
-    weight_streaming_budget: int | None = None
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -16,13 +16,14 @@ import importlib
 import importlib.util
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from nucleus_runtime import dlpack
 from nucleus_runtime.backends.base import (
     Backend,
+    BackendOptions,
     TextKVHandle,
     text_kv_inputs,
 )
@@ -43,9 +44,6 @@ from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.gpu import cuda_device_count
-
-if TYPE_CHECKING:
-    from nucleus_runtime.backends.registry import BackendOptions
 
 logger = logging.getLogger("nucleus_runtime")
 
