@@ -21,6 +21,18 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest's hook s
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    """`gpu` tests run where a CUDA GPU is visible to PyTorch and are skipped (with the reason) elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none is visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 SMALL_RESOLUTIONS = [(128, 128), (96, 160), (160, 96)]
 
 

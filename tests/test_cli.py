@@ -39,6 +39,23 @@ def test_inspect_tiny_and_folder(tiny_checkpoint_dir):
     assert summary["total_parameters"] > summary["parameters_per_token"]["1024x1024"] > 0
 
 
+def test_inspect_names_routed_experts_only_with_moe_blocks_and_flags_overfull_capacity(tmp_path):
+    from nucleus_export.model.tiny import write_checkpoint
+
+    dense = write_checkpoint(tmp_path / "dense", {"dense_moe_strategy": "all_dense", "capacity_factors": 0.0})
+    result = _run("inspect", "--model", str(dense), "--resolutions", "128x128")
+    assert result.returncode == 0, result.stderr
+    assert "routed experts" not in result.stdout and "no MoE blocks" in result.stdout
+    assert json.loads(_run("inspect", "--model", str(dense), "--json").stdout)["routed_expert_parameters_per_layer"] is None
+    # Two experts at capacity factor 4: each would take 2 S tokens of a row of S, which do not exist.
+    overfull = write_checkpoint(tmp_path / "overfull", {"num_experts": 2, "capacity_factors": [0.0, 0.0, 0.0, 4.0, 1.0]})
+    result = _run("inspect", "--model", str(overfull), "--resolutions", "128x128")
+    assert result.returncode == 0, result.stderr
+    assert "block 3 at 128x128: capacity 128 exceeds the 64 image tokens" in " ".join(result.stdout.split())
+    summary = json.loads(_run("inspect", "--model", str(overfull), "--resolutions", "128x128", "--json").stdout)
+    assert summary["layers"][3]["over_capacity"] == ["128x128"] and summary["layers"][4]["over_capacity"] == []
+
+
 def test_usage_error_exit_code_2():
     result = _run("inspect")
     assert result.returncode == 2

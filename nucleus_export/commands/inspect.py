@@ -52,6 +52,12 @@ def _fmt(n: float) -> str:
     return str(int(n))
 
 
+def _capacity_cell(capacity: int | None, over: bool) -> str:
+    if capacity is None:
+        return "-"
+    return f"[bold red]{capacity} > S[/bold red]" if over else str(capacity)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bundle is not None:
         return run_bundle(args)
@@ -71,11 +77,13 @@ def run(args: argparse.Namespace) -> int:
         f"{c.kv_heads} K/V heads, text dim {c.joint_attention_dim}, patch {c.patch_size}, "
         f"in {c.in_channels} / out {c.output_channels} channels per token"
     )
-    out.print(
-        f"{len(c.moe_layers)} MoE blocks ({c.dense_moe_strategy}): {c.num_experts} routed experts + 1 shared, "
-        f"intermediate {c.moe_intermediate_dim}, {'sigmoid' if c.use_sigmoid else 'softmax'} routing, "
-        f"route scale {c.route_scale}"
-    )
+    if c.moe_layers:
+        out.print(
+            f"{len(c.moe_layers)} MoE blocks ({c.dense_moe_strategy}): {c.num_experts} routed experts + 1 shared, "
+            f"intermediate {c.moe_intermediate_dim}, {c.score_function} routing, route scale {c.route_scale}"
+        )
+    else:
+        out.print(f"no MoE blocks ({c.dense_moe_strategy}, moe_enabled {c.moe_enabled}): every block is dense")
     layers = Table(title="blocks (capacity = tokens per expert per batch row)")
     layers.add_column("block")
     layers.add_column("kind")
@@ -87,15 +95,23 @@ def run(args: argparse.Namespace) -> int:
             str(layer.index),
             layer.kind,
             f"{layer.capacity_factor:g}" if layer.kind == "moe" else "-",
-            *[str(layer.capacity.get(f"{h}x{w}", "-")) for h, w in resolutions],
+            *[_capacity_cell(layer.capacity.get(f"{h}x{w}"), f"{h}x{w}" in layer.over_capacity) for h, w in resolutions],
         )
     out.print(layers)
+    for layer in summary.layers:
+        for key in layer.over_capacity:
+            out.print(
+                f"[bold red]block {layer.index} at {key}: capacity {layer.capacity[key]} exceeds the "
+                f"{summary.image_tokens[key]} image tokens of a row[/bold red] (each expert must pick distinct tokens: "
+                "diffusers' topk fails there, and export refuses that resolution)"
+            )
     params = Table(title="parameters")
     params.add_column("what")
     params.add_column("count", justify="right")
     params.add_row("total", _fmt(summary.total_parameters))
     params.add_row("text side (once per prompt)", _fmt(summary.text_side_parameters))
-    params.add_row("routed experts per MoE block", _fmt(summary.routed_expert_parameters_per_layer))
+    if c.moe_layers:
+        params.add_row("routed experts per MoE block", _fmt(summary.routed_expert_parameters_per_layer))
     params.add_row("unused (norm_added_q)", _fmt(summary.unused_parameters))
     for key, value in summary.parameters_per_token.items():
         params.add_row(f"touched per image token per step at {key}", _fmt(value))

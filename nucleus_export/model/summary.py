@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from nucleus_runtime import contract
+
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import VAE_SCALE_FACTOR
 
@@ -20,6 +22,7 @@ class LayerSummary:
     kind: str  # "dense" | "moe"
     capacity_factor: float
     capacity: dict[str, int]  # resolution "HxW" -> tokens per expert per batch row (MoE only)
+    over_capacity: list[str]  # resolutions at which the capacity exceeds the image tokens of a row
 
 
 @dataclasses.dataclass
@@ -30,10 +33,11 @@ class ModelSummary:
     total_parameters: int
     text_side_parameters: int
     unused_parameters: int
-    routed_expert_parameters_per_layer: int
+    routed_expert_parameters_per_layer: int | None  # None without MoE blocks
     parameters_per_token: dict[str, int]  # resolution -> parameters touched per image token per step
     bytes_by_dtype: dict[str, int]
     shards: list[tuple[str, int]]
+    image_tokens: dict[str, int]  # resolution -> image tokens per batch row
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -55,14 +59,9 @@ def summarize(checkpoint: Checkpoint, resolutions: list[tuple[int, int]]) -> Mod
     layers = []
     for idx in range(config.num_layers):
         moe = config.is_moe(idx)
-        layers.append(
-            LayerSummary(
-                idx,
-                "moe" if moe else "dense",
-                config.capacity_factor(idx) if moe else 0.0,
-                {k: config.capacity(idx, s) for k, s in tokens.items()} if moe else {},
-            )
-        )
+        capacity = {k: config.capacity(idx, s) for k, s in tokens.items()} if moe else {}
+        over = [k for k, c in capacity.items() if not contract.capacity_fits(c, tokens[k])]
+        layers.append(LayerSummary(idx, "moe" if moe else "dense", config.capacity_factor(idx) if moe else 0.0, capacity, over))
     always = total - text_side - unused - routed
     per_token = {}
     for key, s in tokens.items():
@@ -80,8 +79,9 @@ def summarize(checkpoint: Checkpoint, resolutions: list[tuple[int, int]]) -> Mod
         total_parameters=total,
         text_side_parameters=text_side,
         unused_parameters=unused,
-        routed_expert_parameters_per_layer=per_layer_routed,
+        routed_expert_parameters_per_layer=per_layer_routed if config.moe_layers else None,
         parameters_per_token=per_token,
         bytes_by_dtype=weights.bytes_by_dtype(),
         shards=sorted(shard_sizes.items()),
+        image_tokens=tokens,
     )
