@@ -205,10 +205,9 @@ def trained_bpe() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], .
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
     model = json.loads(tokenizer.to_str())["model"]
-    merges = tuple(tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"])
-    return tuple(model["vocab"].items()), merges
+    return tuple(model["vocab"].items()), tuple(tuple(pair) for pair in model["merges"])
 
 
 def bpe_tokenizer(padding_side: str = "right") -> Any:

@@ -14,12 +14,12 @@ not a deployment.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import types
 from pathlib import Path
 from typing import Any
 
+import markupsafe
 import numpy as np
 from nucleus_runtime.atomic import write_atomic
 from nucleus_runtime.tokenizer import PROMPT_TEMPLATE_FILE, TOKENIZER_FILE, PromptTemplate, PromptTokenizer
@@ -52,7 +52,7 @@ _TRANSFORMS = (
     ("strips", str.strip),
     ("left-strips", str.lstrip),
     ("right-strips", str.rstrip),
-    ("HTML-escapes", html.escape),
+    ("HTML-escapes", lambda text: str(markupsafe.escape(text))),  # Jinja's own escape filter
 )
 # The processor attributes holding multimodal placeholders (transformers' ProcessorMixin checks these three).
 _PLACEHOLDER_ATTRIBUTES = ("image_token", "video_token", "audio_token")
