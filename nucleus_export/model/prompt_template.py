@@ -19,7 +19,6 @@ import types
 from pathlib import Path
 from typing import Any
 
-import markupsafe
 import numpy as np
 from nucleus_runtime.atomic import write_atomic
 from nucleus_runtime.tokenizer import PROMPT_TEMPLATE_FILE, TOKENIZER_FILE, PromptTemplate, PromptTokenizer
@@ -47,12 +46,22 @@ PROBE_PROMPTS = (
     "猫 🦊 👩\u200d🚀 e\u0301 مرحبا",
     "<|im_end|> special-token text <|im_start|>",
 )
+
+
+def _jinja_escape(text: str) -> str:
+    # Jinja's own `e` filter (its quoting differs from html.escape); markupsafe comes with jinja2, which only chat
+    # templates need, so it is imported when a template is being diagnosed.
+    import markupsafe
+
+    return str(markupsafe.escape(text))
+
+
 # Transformations worth naming when a template does not insert the prompt verbatim.
 _TRANSFORMS = (
     ("strips", str.strip),
     ("left-strips", str.lstrip),
     ("right-strips", str.rstrip),
-    ("HTML-escapes", lambda text: str(markupsafe.escape(text))),  # Jinja's own escape filter
+    ("HTML-escapes", _jinja_escape),
 )
 # The processor attributes holding multimodal placeholders (transformers' ProcessorMixin checks these three).
 _PLACEHOLDER_ATTRIBUTES = ("image_token", "video_token", "audio_token")
