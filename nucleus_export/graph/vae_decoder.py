@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 from nucleus_runtime import contract
@@ -82,8 +83,8 @@ def build_vae_decoder(
     postprocess(g, decoded)
 
 
-def postprocess(g: GraphBuilder, decoded: str, name: str = IMAGE) -> str:
-    """[B, C, H, W] float32 in [-1, 1] -> graph output `name` [B, H, W, C] uint8, as VaeImageProcessor.postprocess
+def postprocess(g: GraphBuilder, decoded: str) -> None:
+    """[B, C, H, W] float32 in [-1, 1] -> the graph output IMAGE [B, H, W, C] uint8, as VaeImageProcessor.postprocess
     (denormalize, pt_to_numpy) and numpy_to_pil do it: (x * 0.5 + 0.5).clamp(0, 1), then (x * 255).round() (half
     to even, as numpy's round and ONNX Round both do). The Cast writes the graph output itself: TensorRT accepts
     uint8 only at the network's edge, not on an intermediate tensor (GraphBuilder.output would add an Identity)."""
@@ -93,15 +94,14 @@ def postprocess(g: GraphBuilder, decoded: str, name: str = IMAGE) -> str:
     x = g.op("Round", [g.op("Mul", [x, g.const(255.0)])])
     x = g.op("Transpose", [x], perm=[0, 2, 3, 1])
     g.scope = ""
-    g.nodes.append(helper.make_node("Cast", [x], [name], name=f"output/{name}", to=TensorProto.UINT8))
-    b = contract.BATCH_DIM
-    g.outputs.append(helper.make_tensor_value_info(name, TensorProto.UINT8, [b, HEIGHT_DIM, WIDTH_DIM, _CHANNELS]))
-    return name
+    g.nodes.append(helper.make_node("Cast", [x], [IMAGE], name=f"output/{IMAGE}", to=TensorProto.UINT8))
+    shape = [contract.BATCH_DIM, HEIGHT_DIM, WIDTH_DIM, _CHANNELS]
+    g.outputs.append(helper.make_tensor_value_info(IMAGE, TensorProto.UINT8, shape))
 
 
 @dataclasses.dataclass
 class _Decoder:
-    """Emits the decoder of one form; values named *_f32 are float32, *_cd in the compute dtype."""
+    """Emits the decoder of one form; values named *_f32 are float32, the others in the compute dtype."""
 
     g: GraphBuilder
     emit: LayerEmitter
@@ -122,21 +122,21 @@ class _Decoder:
         x = g.op("Add", [x, g.const(np.asarray(config.latents_mean, np.float32).reshape(-1, 1, 1))])
         if self.form == FORM_3D:
             x = g.op("Unsqueeze", [x, g.const([_TIME_AXIS], np.int64)])
-        x = self.scoped("post_quant_conv", self.causal_conv, x, "post_quant_conv")
-        x = self.scoped("decoder.conv_in", self.causal_conv, x, "decoder.conv_in")
+        x = self.in_scope(self.causal_conv, x, "post_quant_conv")
+        x = self.in_scope(self.causal_conv, x, "decoder.conv_in")
         mid = "decoder.mid_block"
-        x = self.scoped(f"{mid}.resnets.0", self.resnet, x, f"{mid}.resnets.0")
-        x = self.scoped(f"{mid}.attentions.0", self.attention, x, f"{mid}.attentions.0")
-        x = self.scoped(f"{mid}.resnets.1", self.resnet, x, f"{mid}.resnets.1")
+        x = self.in_scope(self.resnet, x, f"{mid}.resnets.0")
+        x = self.in_scope(self.attention, x, f"{mid}.attentions.0")
+        x = self.in_scope(self.resnet, x, f"{mid}.resnets.1")
         for block in config.up_blocks:
             prefix = f"decoder.up_blocks.{block.index}"
             for j in range(config.num_res_blocks + 1):
-                x = self.scoped(f"{prefix}.resnets.{j}", self.resnet, x, f"{prefix}.resnets.{j}")
+                x = self.in_scope(self.resnet, x, f"{prefix}.resnets.{j}")
             if block.upsample is not None:
-                x = self.scoped(f"{prefix}.upsamplers.0", self.upsample, x, f"{prefix}.upsamplers.0")
+                x = self.in_scope(self.upsample, x, f"{prefix}.upsamplers.0")
         g.scope = "decoder.head"
         x = self.emit.silu(self.rms_norm(x, "decoder.norm_out.gamma"))
-        x = self.scoped("decoder.conv_out", self.causal_conv, x, "decoder.conv_out")
+        x = self.in_scope(self.causal_conv, x, "decoder.conv_out")
         g.scope = "decoder.clamp"
         x = g.op("Clip", [x, g.const(-1.0), g.const(1.0)])
         if self.form == FORM_3D:
@@ -144,9 +144,10 @@ class _Decoder:
         g.scope = ""
         return x
 
-    def scoped(self, scope: str, emit_layer, *args) -> str:
-        self.g.scope = scope
-        return emit_layer(*args)
+    def in_scope(self, layer: Callable[[str, str], str], x: str, module: str) -> str:
+        """Emit `layer` for `module`, its nodes named under the module's path (what cost tools classify by)."""
+        self.g.scope = module
+        return layer(x, module)
 
     # ---- layers ---------------------------------------------------------------------------------------------------
 
@@ -221,7 +222,8 @@ class _Decoder:
         x = g.op("Resize", [x, "", g.const([1.0, 1.0, 2.0, 2.0])], mode="nearest",
                  coordinate_transformation_mode="asymmetric", nearest_mode="floor", hint="upsample_nearest")
         conv = f"{prefix}.resample.1"
-        y = g.op("Conv", [x, emit.tensor(f"{conv}.weight", cd), emit.tensor(f"{conv}.bias", cd)], pads=[1, 1, 1, 1], hint=conv)
+        weight, bias = emit.tensor(f"{conv}.weight", cd), emit.tensor(f"{conv}.bias", cd)
+        y = g.op("Conv", [x, weight, bias], pads=[1, 1, 1, 1], hint=conv)
         if self.form == FORM_3D:
             y = g.op("Unsqueeze", [y, g.const([_TIME_AXIS], np.int64)], hint="batch_to_frames")
         return emit.to_f32(y)

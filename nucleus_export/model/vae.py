@@ -285,11 +285,15 @@ def _shards(vae_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise NucleusExportError(f"{index} is not a valid index ({exc}).", "restore the index json of the VAE.") from None
+            raise NucleusExportError(
+                f"{index} is not a valid index ({exc}).", "restore the index json of the VAE."
+            ) from None
         paths = [inside(vae_dir, f, f"{INDEX_NAME} names shard", "restore the index json of the VAE.") for f in files]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
-            raise NucleusExportError(f"{index.name} names missing shards: {_listing(missing)}.", f"download them into {vae_dir}.")
+            raise NucleusExportError(
+                f"{index.name} names missing shards: {_listing(missing)}.", f"download them into {vae_dir}."
+            )
         return paths
     if (vae_dir / WEIGHTS_NAME).is_file():
         return [vae_dir / WEIGHTS_NAME]
@@ -323,7 +327,11 @@ def open_vae(path: Path) -> VaeCheckpoint:
     expected = decoder_parameter_shapes(config)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{n} {list(tensors[n].shape)} vs {list(expected[n])}" for n in sorted(expected) if n in tensors and tensors[n].shape != expected[n]]
+    wrong = [
+        f"{n} {list(tensors[n].shape)} vs {list(shape)}"
+        for n, shape in sorted(expected.items())
+        if n in tensors and tensors[n].shape != shape
+    ]
     if missing or unexpected or wrong:
         parts = [f"{len(missing)} missing ({_listing(missing)})"] if missing else []
         parts += [f"{len(unexpected)} unexpected ({_listing(unexpected)})"] if unexpected else []
