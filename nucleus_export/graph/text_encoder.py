@@ -95,11 +95,11 @@ class TextEncoderBuilder:
         scalar = g.const([], np.int64)
         past_len = g.op("Reshape", [g.op("Shape", [self.past], start=3, end=4), scalar])
         text_len = g.op("Reshape", [g.op("Shape", [ids], start=1, end=2), scalar])
-        one = g.const(1, np.int64)
-        positions = g.op("Range", [past_len, g.op("Add", [past_len, text_len]), one], hint="positions")  # [T]
+        total_len = g.op("Add", [past_len, text_len])
+        positions = g.op("Range", [past_len, total_len, g.const(1, np.int64)], hint="positions")  # [T]
         self.cos, self.sin = self.rope_tables(positions)
         self.table_rows = emit.positions(ids)  # [B, T] = 0..T-1: the rows of the tables RotaryEmbedding reads
-        self.bias = self.attention_bias(mask, positions, g.op("Add", [past_len, text_len]))
+        self.bias = self.attention_bias(mask, positions, total_len)
 
         g.scope = f"{LANGUAGE_MODEL}.embed_tokens"
         table = emit.tensor(f"{LANGUAGE_MODEL}.embed_tokens.weight", emit.precision.np_dtype)
