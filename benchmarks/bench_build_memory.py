@@ -84,13 +84,13 @@ def disk_bytes(folder: Path, shared: set[tuple[int, int]]) -> tuple[int, int]:
 
 def write_plausible_scales(config: ModelConfig, path: Path) -> None:
     """An fp8_scales.json naming every GEMM input the FP8 graph quantizes, with plausible amax values."""
-    from nucleus_export.graph.precision import Fp8Scales
+    from nucleus_export.graph.precision import QuantRecipe
     from nucleus_export.quant.gemms import gemm_groups
 
     names = [gemm for group in gemm_groups(config) for gemm in group.gemms]
     amax = {n: next((v for k, v in PLAUSIBLE_AMAX.items() if n.endswith(k)), DEFAULT_AMAX) for n in names}
     calibration = {"source": "bench_build_memory.py: plausible values, not calibrated"}
-    path.write_text(Fp8Scales(amax, calibration).to_json())
+    path.write_text(QuantRecipe(amax, calibration=calibration).to_json())
 
 
 def run_step(step: str, argv: list[str], out: Path, env: dict[str, str], shared: set[tuple[int, int]]) -> StepResult:

@@ -114,7 +114,7 @@ def token_counts() -> dict:
 def export_graph(checkpoint: TextEncoderCheckpoint, out_dir: Path, compute: str, link: bool) -> Path:
     """write_graph with external data (and hard links to the shards when `link`), as a bundle export would."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_graph(out_dir, TEXT_ENCODER_GRAPH, checkpoint, GraphPrecision(compute),
+    write_graph(out_dir, TEXT_ENCODER_GRAPH, checkpoint.weights, GraphPrecision(compute),
                 lambda g, e: build_text_encoder(g, e, checkpoint.config), True, text_encoder_metadata(checkpoint.config),
                 CheckpointLinks(out_dir) if link else None)
     return out_dir / f"{TEXT_ENCODER_GRAPH}.onnx"
@@ -198,21 +198,16 @@ def child(step: str, workdir: Path) -> dict:
                 "onnx_bytes": path.stat().st_size, "data_bytes": data.stat().st_size if data.exists() else 0,
                 "linked_shards": sorted(p.name for p in (path.parent / "checkpoint").iterdir())}
     if step == "trt":
-        from nucleus_export.engines.backends import resolve_backend
-        from nucleus_export.engines.engine import (
-            BuildSettings,
-            EngineFromOnnx,
-            NetworkFromOnnxPath,
-            onnx_input_shapes,
-            profile_shapes,
-        )
+        from nucleus_export.engines.flavors import resolve_flavor
+        from nucleus_export.engines.loaders import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
+        from nucleus_export.engines.profiles import onnx_input_shapes, profile_shapes
 
         layers = 2
         checkpoint = open_text_encoder_model(REAL_SPEC, return_index=layers)
         path = export_graph(checkpoint, workdir / f"real-bf16-L{layers}", "bf16", link=True)
         exported = time.perf_counter() - start
         ranges = {"batch": (1, 1, 2), "text_len": (1, 64, 512), PAST_LEN_DIM: (0, 64, 128), TOTAL_LEN_DIM: (1, 128, 640)}
-        report = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path),
+        report = EngineFromOnnx(NetworkFromOnnxPath(resolve_flavor("tensorrt-rtx"), path),
                                 BuildSettings(profile_shapes(onnx_input_shapes(path), ranges)),
                                 path.with_suffix(".plan"), TEXT_ENCODER_GRAPH)()
         return {"layers": layers, "export_seconds": round(exported, 1), "parse_seconds": report.parse_seconds,

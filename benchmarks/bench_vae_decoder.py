@@ -7,7 +7,7 @@ resolutions, and what FP8 would cost in image quality (a benchmark, not a test; 
 
 FP8 here is a measurement, not a product option: every Conv gets E4M3 Q/DQ on its input (one per-tensor scale,
 amax calibrated on separate latents) and its weight (one scale per output channel); the attention stays in the
-compute dtype. bf16 graphs run as nucleus_export.parity.emulation rewrites them (float32 math, bf16 rounding of
+compute dtype. bf16 graphs run as nucleus_export.rewrites.bf16_emulation rewrites them (float32 math, bf16 rounding of
 every bf16 tensor), since ONNX Runtime's CPU provider has no bf16 convolutions. Quality is the PSNR of the uint8
 image against the float32 graph's uint8 image, on random latents N(0, 1) (the normalized latents the denoiser
 produces) through random weights: an estimate of the precision loss, not of a trained VAE's image quality.
@@ -48,7 +48,7 @@ def export(vae: VaeCheckpoint, out_dir: Path, form: str, compute: str = "fp32", 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{VAE_DECODER_GRAPH}.onnx"
     if not path.is_file():
-        write_graph(out_dir, VAE_DECODER_GRAPH, vae, GraphPrecision(compute),
+        write_graph(out_dir, VAE_DECODER_GRAPH, vae.weights, GraphPrecision(compute),
                     lambda g, emit: build_vae_decoder(g, emit, vae.config, form, float_output=float_output),
                     external=True, links=CheckpointLinks(out_dir))
     return path
@@ -132,10 +132,10 @@ def timing(vae: VaeCheckpoint, work: Path, sizes: list[tuple[int, int]], runs: i
 def trt_builds(vae: VaeCheckpoint, work: Path, size: tuple[int, int]) -> dict:
     """One static-shape build per form at `size`, and one with the dynamic profile of the default resolutions
     (batch 1..2, latent sides from the smallest to the largest side served)."""
-    from nucleus_export.engines.backends import resolve_backend
-    from nucleus_export.engines.engine import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
+    from nucleus_export.engines.flavors import resolve_flavor
+    from nucleus_export.engines.loaders import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
 
-    backend = resolve_backend("tensorrt-rtx")
+    backend = resolve_flavor("tensorrt-rtx")
     shape = latents(vae.config, size, 1, 0).shape
     sides = [s // vae.config.scale_factor for r in aspect_resolutions() for s in r]
     z, opt = vae.config.z_dim, 1024 // vae.config.scale_factor
@@ -225,7 +225,7 @@ def _array(name: str, array: np.ndarray) -> TensorProto:
 
 
 def fp8_quality(vae: VaeCheckpoint, work: Path, size: tuple[int, int], calibration: int = 4, evaluation: int = 4) -> dict:
-    from nucleus_export.parity.emulation import emulate_bf16_in_fp32
+    from nucleus_export.rewrites.bf16_emulation import emulate_bf16_in_fp32
 
     fp32 = load_model(export(vae, work / "fp32-2d", "2d"))
     bf16 = load_model(export(vae, work / "bf16-2d", "2d", compute="bf16"))

@@ -21,7 +21,9 @@ from toy_pipeline import _processor, allow_processor_without_torchvision
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import write_graph
 from nucleus_export.graph.external_data import CheckpointLinks
-from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
+from nucleus_runtime.contract import GemmMode
+
+from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.graph.text_encoder import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -68,13 +70,13 @@ def relative_error(actual: np.ndarray, expected: np.ndarray, rows: np.ndarray) -
     return float(np.abs(actual[rows] - expected[rows]).max() / np.abs(expected[rows]).max())
 
 
-def export(checkpoint, out_dir: Path, compute: str = "fp32", fp8: Fp8Scales | None = None, external: bool = False,
+def export(checkpoint, out_dir: Path, compute: str = "fp32", fp8: QuantRecipe | None = None, external: bool = False,
            link: bool = False) -> Path:
     """The exporter's steps for this graph: write_graph with the builder, the block-output metadata and, for a
     bundle, external data and hard links to the checkpoint's shards."""
     out_dir.mkdir(parents=True, exist_ok=True)
     links = CheckpointLinks(out_dir) if link else None
-    write_graph(out_dir, TEXT_ENCODER_GRAPH, checkpoint, GraphPrecision(compute, fp8),
+    write_graph(out_dir, TEXT_ENCODER_GRAPH, checkpoint.weights, GraphPrecision(compute, fp8),
                 lambda g, e: build_text_encoder(g, e, checkpoint.config), external, text_encoder_metadata(checkpoint.config),
                 links)
     return out_dir / f"{TEXT_ENCODER_GRAPH}.onnx"
@@ -332,8 +334,8 @@ def test_fp8_linears_stay_close_to_fp32(case, processor, tmp_path):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     expected, _ = run(session, ids, mask, empty_past(config, 2))
     real = mask.astype(bool)
-    for scales, quantize_nodes in ((Fp8Scales(amax), 7 * config.kept_layers),
-                                   (Fp8Scales(amax, weight_only=(LANGUAGE_MODEL,)), 0)):
+    for scales, quantize_nodes in ((QuantRecipe(amax), 7 * config.kept_layers),
+                                   (QuantRecipe(amax, {LANGUAGE_MODEL: GemmMode.FP8_WEIGHTS}), 0)):
         path = export(checkpoint, tmp_path / f"fp8-{quantize_nodes}", fp8=scales)
         graph = onnx.load(str(path)).graph
         assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == quantize_nodes
@@ -376,18 +378,13 @@ def test_bf16_graph_builds_with_tensorrt_rtx(bf16_bundle, tmp_path):
     """Parsed (fused attention, rotary embedding, bf16 GEMMs) and built on the CPU from the linked bundle, over a
     profile that includes past_len = 0 (the prefix pass) and a cached prefix."""
     pytest.importorskip("tensorrt_rtx")
-    from nucleus_export.engines.backends import resolve_backend
-    from nucleus_export.engines.engine import (
-        BuildSettings,
-        EngineFromOnnx,
-        NetworkFromOnnxPath,
-        onnx_input_shapes,
-        profile_shapes,
-    )
+    from nucleus_export.engines.flavors import resolve_flavor
+    from nucleus_export.engines.loaders import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
+    from nucleus_export.engines.profiles import onnx_input_shapes, profile_shapes
 
     _, path = bf16_bundle
     ranges = {"batch": (1, 2, 2), "text_len": (1, 16, 48), PAST_LEN_DIM: (0, 32, 64), TOTAL_LEN_DIM: (1, 48, 112)}
-    report = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path),
+    report = EngineFromOnnx(NetworkFromOnnxPath(resolve_flavor("tensorrt-rtx"), path),
                             BuildSettings(profile_shapes(onnx_input_shapes(path), ranges)), tmp_path / "te.plan",
                             TEXT_ENCODER_GRAPH)()
     net = report.network

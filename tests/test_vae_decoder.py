@@ -16,7 +16,7 @@ from nucleus_export.export import write_graph
 from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.external_data import CheckpointLinks, load_model
 from nucleus_export.graph.layers import LayerEmitter
-from nucleus_export.graph.precision import Fp8Scales, GraphPrecision
+from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.graph.vae_decoder import (
     DECODED,
     FORMS,
@@ -94,7 +94,7 @@ def _export(vae_dir, out_dir, form: str, compute: str = "fp32", float_output: bo
     """The graph as an exporter writes it: export.write_graph over the VAE's decoder weights."""
     vae = open_vae(vae_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_graph(out_dir, VAE_DECODER_GRAPH, vae, GraphPrecision(compute),
+    write_graph(out_dir, VAE_DECODER_GRAPH, vae.weights, GraphPrecision(compute),
                 lambda g, emit: build_vae_decoder(g, emit, vae.config, form, float_output=float_output),
                 external=external, links=CheckpointLinks(out_dir) if external else None)
     return out_dir / f"{VAE_DECODER_GRAPH}.onnx"
@@ -195,7 +195,7 @@ def test_fp8_is_refused(vae_dirs):
     vae = open_vae(vae_dirs["toy-8x"])
     g = GraphBuilder(VAE_DECODER_GRAPH)
     with pytest.raises(NucleusExportError, match="FP8 is not offered for the VAE decoder"):
-        build_vae_decoder(g, LayerEmitter(g, vae.weights, GraphPrecision("bf16", Fp8Scales({}))), vae.config)
+        build_vae_decoder(g, LayerEmitter(g, vae.weights, GraphPrecision("bf16", QuantRecipe({}))), vae.config)
 
 
 # ---- parity with diffusers ----------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def test_uint8_image_matches_the_pipeline(outputs, references, name):
 
 
 def test_bf16_graph_emulated_on_cpu_stays_close(vae_dirs, references, tmp_path):
-    from nucleus_export.parity.emulation import emulate_bf16_in_fp32
+    from nucleus_export.rewrites.bf16_emulation import emulate_bf16_in_fp32
 
     name = "toy-8x"
     path = _export(vae_dirs[name], tmp_path / "bf16", "2d", compute="bf16")
@@ -274,14 +274,14 @@ def test_bf16_graph_emulated_on_cpu_stays_close(vae_dirs, references, tmp_path):
 @pytest.mark.parametrize("form", FORMS)
 def test_bf16_graph_builds_with_tensorrt_rtx(vae_dirs, tmp_path, form):
     pytest.importorskip("tensorrt_rtx")
-    from nucleus_export.engines.backends import resolve_backend
-    from nucleus_export.engines.engine import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
+    from nucleus_export.engines.flavors import resolve_flavor
+    from nucleus_export.engines.loaders import BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
 
     name = "toy-8x"
     z = CONFIGS[name].z_dim
     path = _export(vae_dirs[name], tmp_path, form, compute="bf16", float_output=False)
     shapes = {LATENTS: ((1, z, 4, 4), (1, z, 8, 8), (BATCH, z, 8, 12))}
-    report = EngineFromOnnx(NetworkFromOnnxPath(resolve_backend("tensorrt-rtx"), path), BuildSettings(shapes),
+    report = EngineFromOnnx(NetworkFromOnnxPath(resolve_flavor("tensorrt-rtx"), path), BuildSettings(shapes),
                             tmp_path / "vae_decoder.plan", graph=VAE_DECODER_GRAPH)()
     network = report.network
     assert report.engine_bytes > 0

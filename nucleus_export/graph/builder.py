@@ -35,6 +35,7 @@ ONNX_TYPE_NAMES = {
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",
     TensorProto.INT64: "int64",
+    TensorProto.UINT8: "uint8",
 }
 
 

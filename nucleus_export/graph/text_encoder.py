@@ -82,7 +82,7 @@ class TextEncoderBuilder:
 
     def __init__(self, g: GraphBuilder, emit: LayerEmitter, config: TextEncoderConfig):
         self.g, self.emit, self.config = g, emit, config
-        self.quantize = emit.precision.fp8 is not None
+        self.quantize = emit.precision.recipe is not None
 
     def build(self, on_layer: Callable[[int], None]) -> None:
         g, emit, c = self.g, self.emit, self.config

@@ -69,7 +69,7 @@ def build_vae_decoder(
     """
     if form not in FORMS:
         raise NucleusExportError(f"unknown VAE decoder form '{form}'.", f"use one of {', '.join(FORMS)}.")
-    if emit.precision.fp8 is not None:
+    if emit.precision.recipe is not None:
         raise NucleusExportError(
             "FP8 is not offered for the VAE decoder: E4M3 convolutions cost visible image quality.",
             "build the VAE decoder in bf16 (or fp32); FP8 applies to the denoiser only.",

@@ -99,7 +99,7 @@ def parse_synthetic_spec(spec: str) -> tuple[dict[str, Any], int]:
     return nucleus_image_config(layers), seed
 
 
-def _random_bf16(name: str, shape: tuple[int, ...], seed: int, out: Any) -> None:
+def random_bf16(name: str, shape: tuple[int, ...], seed: int, out: Any) -> None:
     """Draw one tensor in chunks and write its bf16 bytes to `out`; never holds more than one chunk."""
     mean, std = init_law(name, shape)
     total = math.prod(shape)
@@ -112,7 +112,7 @@ def _random_bf16(name: str, shape: tuple[int, ...], seed: int, out: Any) -> None
         out.write(chunk.astype(ml_dtypes.bfloat16).view(np.uint8).data)
 
 
-def _plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> list[list[str]]:
+def plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> list[list[str]]:
     plan: list[list[str]] = [[]]
     filled = 0
     for name, shape in shapes.items():
@@ -141,7 +141,7 @@ def write_synthetic_checkpoint(
     """
     model_config = ModelConfig.from_dict(config)
     shapes = expected_parameter_shapes(model_config)
-    plan = _plan_shards(shapes, shard_bytes)
+    plan = plan_shards(shapes, shard_bytes)
     total_bytes = sum(math.prod(s) * 2 for s in shapes.values())
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def write_synthetic_checkpoint(
             with open(tmp / file_name, "wb", buffering=8 << 20) as f:
                 f.write(struct.pack("<Q", len(blob)) + blob)
                 for name in names:
-                    _random_bf16(name, shapes[name], seed, f)
+                    random_bf16(name, shapes[name], seed, f)
                     weight_map[name] = file_name
             written += offset
             logger.info(

@@ -474,11 +474,11 @@ def write_synthetic_text_encoder(out_dir: Path, config: dict[str, Any], seed: in
     Returns:
         out_dir (written through a temporary sibling and renamed into place when complete).
     """
-    from nucleus_export.model.synthetic import _plan_shards, _random_bf16
+    from nucleus_export.model.synthetic import plan_shards, random_bf16
 
     TextEncoderConfig.from_dict(config, source="synthetic config")  # refuse what the graph could not read anyway
     shapes = full_model_shapes(config)
-    plan = _plan_shards(shapes, shard_bytes)
+    plan = plan_shards(shapes, shard_bytes)
     total = sum(math.prod(s) * 2 for s in shapes.values())
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -504,7 +504,7 @@ def write_synthetic_text_encoder(out_dir: Path, config: dict[str, Any], seed: in
             with open(tmp / file_name, "wb", buffering=8 << 20) as f:
                 f.write(struct.pack("<Q", len(blob)) + blob)
                 for name in names:
-                    _random_bf16(name, shapes[name], seed, f)
+                    random_bf16(name, shapes[name], seed, f)
                     weight_map[name] = file_name
         if len(plan) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
