@@ -24,20 +24,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
-from nucleus_export.export import write_graph
-from nucleus_export.graph.external_data import CheckpointLinks
-from nucleus_export.graph.precision import GraphPrecision
-from nucleus_export.graph.text_encoder import (
+from nucleus_runtime.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     PAST_KEY_VALUES,
     PAST_LEN_DIM,
     TEXT_ENCODER_GRAPH,
     TOTAL_LEN_DIM,
-    build_text_encoder,
-    text_encoder_metadata,
 )
+
+from nucleus_export.export import write_graph
+from nucleus_export.graph.external_data import CheckpointLinks
+from nucleus_export.graph.precision import GraphPrecision
+from nucleus_export.graph.text_encoder import build_text_encoder, text_encoder_metadata
 from nucleus_export.model.text_encoder import (
     TINY_VISION_CONFIG,
     TextEncoderCheckpoint,

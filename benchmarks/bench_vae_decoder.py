@@ -23,20 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from nucleus_runtime.contract import IMAGE, LATENTS, VAE_DECODER_GRAPH
 from onnx import TensorProto, helper, numpy_helper
 
 from nucleus_export.export import write_graph
 from nucleus_export.graph.external_data import CheckpointLinks, load_model
 from nucleus_export.graph.precision import FP8_MAX, GraphPrecision, quantize_per_channel
-from nucleus_export.graph.vae_decoder import (
-    DECODED,
-    FORMS,
-    IMAGE,
-    LATENTS,
-    VAE_DECODER_GRAPH,
-    build_vae_decoder,
-    vae_decoder_cost,
-)
+from nucleus_export.graph.vae_decoder import DECODED, FORMS, build_vae_decoder, vae_decoder_cost
 from nucleus_export.model.vae import QWEN_IMAGE_VAE, VaeCheckpoint, VaeConfig, open_vae, write_random_vae
 from nucleus_export.resolutions import aspect_resolutions, parse_resolutions
 

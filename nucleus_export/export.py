@@ -21,8 +21,12 @@ from nucleus_runtime.bundle import GraphIO, Manifest, Profiles, QuantizationReco
 from nucleus_runtime.contract import (
     BLOCK_OUTPUTS_METADATA,
     MANIFEST_NAME,
+    PROMPT_TEMPLATE_FILE,
     QUANT_RECIPE_NAME,
     SCHEDULER_CONFIG_NAME,
+    TEXT_ENCODER_GRAPH,
+    TOKENIZER_FILE,
+    VAE_DECODER_GRAPH,
     block_output,
     external_data_file,
     onnx_file,
@@ -30,6 +34,7 @@ from nucleus_runtime.contract import (
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
+from nucleus_runtime.tokenizer import PromptTemplate
 from rich.progress import Progress
 
 from nucleus_export import __version__
@@ -40,10 +45,16 @@ from nucleus_export.graph.external_data import CheckpointLinks, ExternalDataWrit
 from nucleus_export.graph.identity import record_bundle
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.graph.precision import GraphPrecision
+from nucleus_export.graph.text_encoder import build_text_encoder, text_encoder_metadata
 from nucleus_export.graph.text_kv import build_text_kv
-from nucleus_export.log import console
+from nucleus_export.graph.vae_decoder import FORM_2D, build_vae_decoder
+from nucleus_export.log import console, stage
 from nucleus_export.model.checkpoint import Checkpoint, WeightStore
-from nucleus_export.model.config import ModelConfig
+from nucleus_export.model.components import PipelineComponents, available_stages, open_components
+from nucleus_export.model.config import DEFAULT_VAE_SCALE_FACTOR, ModelConfig
+from nucleus_export.model.prompt_template import tokenizer_json
+from nucleus_export.model.text_encoder import DEFAULT_RETURN_INDEX
+from nucleus_export.model.vae import VAE_FOLDER, open_vae
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
 from nucleus_export.rewrites.segments import Segment, segment_groups, split_denoiser
 
@@ -64,6 +75,9 @@ class ExportOptions:
         segments: also cut the denoiser into this many segment graphs (rewrites/segments.py); None or 1: no cut.
         link_checkpoint: with external data, read weights the graphs use as the checkpoint stores them (same dtype)
             from hard links to its shards instead of copying them (graph.external_data).
+        stages: the stages to export (contract.STAGES; the transformer's two always); None: every stage the model
+            root provides (model.components).
+        return_index: the text encoder's hidden state the pipeline reads (its `return_index`).
     """
 
     precision: GraphPrecision = dataclasses.field(default_factory=GraphPrecision)
@@ -75,14 +89,16 @@ class ExportOptions:
     external_data: bool | None = None
     segments: int | None = None
     link_checkpoint: bool = True
+    stages: tuple[str, ...] | None = None
+    return_index: int = DEFAULT_RETURN_INDEX
 
 
-def build_profiles(config: ModelConfig, options: ExportOptions) -> Profiles:
+def build_profiles(config: ModelConfig, options: ExportOptions, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR) -> Profiles:
     """The shape ranges the graphs serve, every request the options make checked against the model."""
     if not options.resolutions:
         raise UsageError("no resolutions given.", "pass --resolutions HxW[,HxW...].")
     resolutions = list(dict.fromkeys(tuple(r) for r in options.resolutions))
-    grids = [patch_grid(config, h, w) for h, w in resolutions]
+    grids = [patch_grid(config, h, w, vae_scale_factor) for h, w in resolutions]
     opt = tuple(options.opt_resolution) if options.opt_resolution else ((1024, 1024) if (1024, 1024) in resolutions else resolutions[0])
     if opt not in resolutions:
         raise UsageError(f"optimization resolution {opt[0]}x{opt[1]} is not among the served resolutions.", "add it to --resolutions.")
@@ -128,23 +144,55 @@ def _tool_versions() -> dict[str, str]:
 # re-read by the full checker, about 6x its weights at peak (measured: 4.9 GB for a 0.79 GB model), while streamed
 # external data keeps the peak flat (0.67 GB for 4.4 GB). Far below protobuf's hard 2 GB limit on purpose.
 INLINE_WEIGHTS_MAX_BYTES = 256 << 20
+# The decoder's form of its causal 3D convolutions for one frame: 2D with each kernel's last temporal slice, exactly
+# what they compute with zero history, 2.4-2.8x faster than the 3D form and a third of its plan (docs/vae_decoder.md).
+VAE_FORM = FORM_2D
+# Where each component's linked shards go in the bundle (checkpoint/<component>/).
+COMPONENT_LINKS = (TEXT_ENCODER_GRAPH, VAE_DECODER_GRAPH)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportPlan:
-    """What an export decides before writing anything, once per export or build: the profiles and whether weights
-    go to external data."""
+    """What an export decides before writing anything, once per export or build: the stages and the components they
+    come from, the profiles, whether weights go to external data, and the text encoder's prompt template."""
 
     profiles: Profiles
     external: bool
+    stages: tuple[str, ...]
+    components: PipelineComponents
+    template: PromptTemplate | None = None
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens of the template's fixed prefix: what a runtime encodes once and reuses (the text encoder's past)."""
+        if self.template is None:
+            return 0
+        from tokenizers import Tokenizer
+
+        from nucleus_export.model.prompt_template import tokenizer_json
+
+        tokenizer = Tokenizer.from_str(tokenizer_json(self.components.processor))
+        return len(tokenizer.encode(self.template.prefix, add_special_tokens=self.template.add_special_tokens).ids)
 
 
 def plan_export(checkpoint: Checkpoint, options: ExportOptions) -> ExportPlan:
     """Check the options against the model and decide the layout (cheap; refuses bad requests before any work)."""
-    profiles = build_profiles(checkpoint.config, options)
-    estimated = checkpoint.weights.num_parameters * options.precision.np_dtype.itemsize
+    root = checkpoint.pipeline_root
+    stages = options.stages or available_stages(root)
+    components = open_components(root, stages, options.return_index)
+    # The pipeline's pixel grid follows its VAE, exported or not.
+    vae = components.vae or (open_vae(root / VAE_FOLDER) if root is not None and (root / VAE_FOLDER).is_dir() else None)
+    profiles = build_profiles(checkpoint.config, options, vae.config.scale_factor if vae else DEFAULT_VAE_SCALE_FACTOR)
+    weights = [checkpoint.weights, *(c.weights for c in (components.text_encoder, components.vae) if c is not None)]
+    estimated = sum(w.num_parameters for w in weights) * options.precision.np_dtype.itemsize
     external = options.external_data if options.external_data is not None else estimated > INLINE_WEIGHTS_MAX_BYTES
-    return ExportPlan(profiles, external)
+    template = None
+    if components.processor is not None:
+        from nucleus_export.model.prompt_template import prompt_template_from_processor
+
+        # The pipeline truncates at max_sequence_length, a multiple of 8: the longest the bundle serves.
+        template = prompt_template_from_processor(components.processor, max_sequence_length=options.max_text_len // 8 * 8)
+    return ExportPlan(profiles, external, stages, components, template)
 
 
 def _io_specs(model: onnx.ModelProto) -> GraphIO:
@@ -238,12 +286,51 @@ def write_graphs(out_dir: Path, checkpoint: Checkpoint, options: ExportOptions, 
 
                 io[name] = write_graph(out_dir, name, checkpoint.weights, precision, build_denoiser, plan.external,
                                        metadata, links)
+    io.update(_write_component_stages(out_dir, options, plan))
     if links is not None:
         logger.info("graph weights stored as the checkpoint stores them: read from %d hard-linked shards", len(links.files))
     write_atomic(out_dir / SCHEDULER_CONFIG_NAME, json.dumps(scheduler_config(checkpoint), indent=2))
     if precision.recipe is not None:
         write_atomic(out_dir / QUANT_RECIPE_NAME, precision.recipe.to_json())
     return io
+
+
+def _write_component_stages(out_dir: Path, options: ExportOptions, plan: ExportPlan) -> dict[str, GraphIO]:
+    """The text encoder (with the tokenizer files) and the VAE decoder, where the plan has them. Neither is quantized:
+    the text encoder runs once per prompt, and FP8 costs the VAE visible quality (docs/vae_decoder.md)."""
+    parts, precision, io = plan.components, options.precision.unquantized(), {}
+    links = {c: CheckpointLinks(out_dir, c) if plan.external and options.link_checkpoint else None for c in COMPONENT_LINKS}
+    if parts.text_encoder is not None:
+        config = parts.text_encoder.config
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"export {onnx_file(TEXT_ENCODER_GRAPH)}", total=config.kept_layers)
+            io[TEXT_ENCODER_GRAPH] = write_graph(
+                out_dir, TEXT_ENCODER_GRAPH, parts.text_encoder.weights, precision,
+                lambda g, e: build_text_encoder(g, e, config, lambda _i: progress.advance(task)), plan.external,
+                text_encoder_metadata(config), links[TEXT_ENCODER_GRAPH],
+            )
+        write_atomic(out_dir / TOKENIZER_FILE, tokenizer_json(parts.processor))
+        write_atomic(out_dir / PROMPT_TEMPLATE_FILE, plan.template.to_json())  # type: ignore[union-attr]
+    if parts.vae is not None:
+        vae = parts.vae
+        with stage(f"export {onnx_file(VAE_DECODER_GRAPH)}"):
+            io[VAE_DECODER_GRAPH] = write_graph(
+                out_dir, VAE_DECODER_GRAPH, vae.weights, precision,
+                lambda g, e: build_vae_decoder(g, e, vae.config, VAE_FORM), plan.external, links=links[VAE_DECODER_GRAPH],
+            )
+    return io
+
+
+def stage_config(plan: ExportPlan, graph: str) -> dict:
+    """What a runtime needs to know about a component stage (StageRecord.config, docs/contract.md)."""
+    if graph == TEXT_ENCODER_GRAPH:
+        config = plan.components.text_encoder.config  # type: ignore[union-attr]
+        return {"return_index": config.return_index, "kept_layers": config.kept_layers, "hidden_size": config.hidden_size,
+                "prefix_tokens": plan.prefix_tokens, "config_hash": config.config_hash()}
+    if graph == VAE_DECODER_GRAPH:
+        config = plan.components.vae.config  # type: ignore[union-attr]
+        return {"scale_factor": config.scale_factor, "z_dim": config.z_dim, "form": VAE_FORM}
+    return {}
 
 
 def write_segments(out_dir: Path, groups: Sequence[tuple[int, int]], graph: str = DENOISER) -> list[Segment]:
@@ -275,6 +362,7 @@ def write_manifest(
             digest=digests[onnx_file(graph)],
             segments=[SegmentRecord(s.name, s.blocks, s.inputs, s.outputs, digests[onnx_file(s.name)])
                       for s in segments.get(graph, [])],
+            config=stage_config(plan, graph),
         )
         for graph in io
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from nucleus_export.errors import UsageError
-from nucleus_export.model.config import VAE_SCALE_FACTOR, ModelConfig
+from nucleus_export.model.config import DEFAULT_VAE_SCALE_FACTOR, ModelConfig
 
 # Seven aspect ratios from 1:1 to 16:9 and 9:16 at about one megapixel (multiples of 16 pixels).
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -41,12 +41,17 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def patch_grid(config: ModelConfig, height: int, width: int) -> tuple[int, int]:
-    """Latent patch grid (rows, cols) of a pixel resolution; refuses sizes the model cannot tile."""
-    step = VAE_SCALE_FACTOR * config.patch_size
+def patch_grid(config: ModelConfig, height: int, width: int, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR) -> tuple[int, int]:
+    """Latent patch grid (rows, cols) of a pixel resolution; refuses sizes the model cannot tile.
+
+    Args:
+        vae_scale_factor: pixels per latent of the pipeline's VAE (its config's 2 ** len(temperal_downsample));
+            without a VAE at hand, the pipeline's own default.
+    """
+    step = vae_scale_factor * config.patch_size
     if height <= 0 or width <= 0 or height % step or width % step:
         raise UsageError(
-            f"resolution {height}x{width} is not a multiple of {step} pixels (VAE factor {VAE_SCALE_FACTOR} x patch "
+            f"resolution {height}x{width} is not a multiple of {step} pixels (VAE factor {vae_scale_factor} x patch "
             f"size {config.patch_size}).",
             f"round height and width to multiples of {step}.",
         )

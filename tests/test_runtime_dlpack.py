@@ -54,10 +54,10 @@ def test_non_contiguous_and_foreign_objects_are_refused():
 
 def test_tensorrt_device_path_refuses_host_tensors_before_binding():
     """The validation in TensorRTBackend.denoise_device runs before any TensorRT call (none exists here)."""
-    from nucleus_runtime.backends.tensorrt import TensorRTBackend, TrtTextKV
+    from nucleus_runtime.backends.tensorrt import TensorRTBackend, TrtTensor
 
     backend = object.__new__(TensorRTBackend)
     inputs = {"hidden_states": torch.zeros(1, 4, 64), "timestep": torch.zeros(1), "img_rope_cos": torch.zeros(4, 16),
               "img_rope_sin": torch.zeros(4, 16), "encoder_hidden_states_mask": torch.ones(1, 3, dtype=torch.int64)}
     with pytest.raises(NucleusError, match="hidden_states is float32 in cpu memory; the engine binds float32 on the GPU"):
-        backend.denoise_device(inputs, object.__new__(TrtTextKV), torch.zeros(1, 4, 64), stream=0)
+        backend.denoise_device(inputs, object.__new__(TrtTensor), torch.zeros(1, 4, 64), stream=0)

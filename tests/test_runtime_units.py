@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import NucleusMoEImagePipeline
-from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TensorHandle
 from nucleus_runtime.bundle import EngineRecord, GraphIO, LoweringRecord, Manifest, Profiles, StageRecord
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.latents import initial_noise, pack_latents, unpack_latents
@@ -46,7 +46,7 @@ def test_seeded_noise_is_deterministic_and_packed():
 # ---- cache -----------------------------------------------------------------------------------------------------
 
 
-class ArrayKV(TextKVHandle):
+class ArrayKV(TensorHandle):
     def __init__(self, array: np.ndarray):
         self.array = array
 

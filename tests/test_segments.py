@@ -222,7 +222,7 @@ def test_tensorrt_backend_chains_segments_on_device():
     in proportion to the plans."""
     from nucleus_runtime.backends.tensorrt import (
         TensorRTBackend,
-        TrtTextKV,
+        TrtTensor,
         _split_budget,
     )
     from nucleus_runtime.bundle import Manifest
@@ -267,7 +267,7 @@ def test_tensorrt_backend_chains_segments_on_device():
     backend._execute = lambda engine, name: executed.append(name)
     backend.copy_to_host = lambda host, ptr: host.fill(ptr)
     kv_shape = (5, 2, 2, 8, 2, 4)
-    kv = TrtTextKV(Buffer(1_000_000, int(np.prod(kv_shape)) * 2), kv_shape, np.dtype(np.uint16), backend)
+    kv = TrtTensor(Buffer(1_000_000, int(np.prod(kv_shape)) * 2), kv_shape, np.dtype(np.uint16), backend)
     inputs = {"hidden_states": np.zeros(1), "timestep": np.zeros(1)}
     out = backend._denoise_segments(inputs, kv)
     seg0, seg1 = (e.context for e in backend._denoisers)

@@ -15,17 +15,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from nucleus_runtime.contract import BLOCK_OUTPUTS_METADATA, CHECKPOINT_LINKS_DIR
-from toy_pipeline import _processor, allow_processor_without_torchvision
-
-from nucleus_export.errors import NucleusExportError
-from nucleus_export.export import write_graph
-from nucleus_export.graph.external_data import CheckpointLinks
-from nucleus_runtime.contract import GemmMode
-
-from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
-from nucleus_export.graph.text_encoder import (
+from nucleus_runtime.contract import (
     ATTENTION_MASK,
+    BLOCK_OUTPUTS_METADATA,
+    CHECKPOINT_LINKS_DIR,
     INPUT_IDS,
     KEY_VALUES,
     PAST_KEY_VALUES,
@@ -33,6 +26,15 @@ from nucleus_export.graph.text_encoder import (
     PROMPT_EMBEDS,
     TEXT_ENCODER_GRAPH,
     TOTAL_LEN_DIM,
+    GemmMode,
+)
+from toy_pipeline import _processor, allow_processor_without_torchvision
+
+from nucleus_export.errors import NucleusExportError
+from nucleus_export.export import write_graph
+from nucleus_export.graph.external_data import CheckpointLinks
+from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
+from nucleus_export.graph.text_encoder import (
     build_text_encoder,
     layer_output,
     rope_inverse_frequencies,

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from bpe_processor import QWEN3_VL_INSTRUCT_CHAT_TEMPLATE, bpe_processor
 from diffusers.pipelines.nucleusmoe_image.pipeline_nucleusmoe_image import DEFAULT_SYSTEM_PROMPT
+from nucleus_runtime.contract import PROMPT_TEMPLATE_FILE, TOKENIZER_FILE
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.tokenizer import (
-    PROMPT_TEMPLATE_FILE,
-    TOKENIZER_FILE,
     PromptTemplate,
     PromptTokenizer,
     common_prefix_length,

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from nucleus_runtime.contract import IMAGE, LATENTS, VAE_DECODER_GRAPH
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import write_graph
@@ -17,16 +18,7 @@ from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.external_data import CheckpointLinks, load_model
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
-from nucleus_export.graph.vae_decoder import (
-    DECODED,
-    FORMS,
-    IMAGE,
-    LATENTS,
-    VAE_DECODER_GRAPH,
-    build_vae_decoder,
-    postprocess,
-    vae_decoder_cost,
-)
+from nucleus_export.graph.vae_decoder import DECODED, FORMS, build_vae_decoder, postprocess, vae_decoder_cost
 from nucleus_export.model.vae import (
     QWEN_IMAGE_VAE,
     VaeConfig,

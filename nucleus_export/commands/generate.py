@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from nucleus_runtime.atomic import atomic_file
 from nucleus_runtime.backends import registry
-from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TensorHandle
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.contract import AUTO, SCHEDULER_CONFIG_NAME
 from nucleus_runtime.pipeline import generate
@@ -118,7 +118,7 @@ class TimedBackend(Backend):
         self.name = inner.name
         self.timings = timings
 
-    def compute_text_kv(self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray) -> TextKVHandle:
+    def compute_text_kv(self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray) -> TensorHandle:
         start = time.perf_counter()
         try:
             return self.inner.compute_text_kv(encoder_hidden_states, txt_rope_cos, txt_rope_sin)

@@ -74,10 +74,13 @@ class CheckpointLinks:
 
     Args:
         bundle_dir: the (temporary) bundle folder the graphs are written into.
+        component: the pipeline component the shards belong to ("" for the transformer): its links go to
+            checkpoint/<component>/, so shards of two components with the same file name never collide.
     """
 
-    def __init__(self, bundle_dir: Path):
+    def __init__(self, bundle_dir: Path, component: str = ""):
         self.bundle_dir = Path(bundle_dir)
+        self.folder = f"{CHECKPOINT_LINKS_DIR}/{component}" if component else CHECKPOINT_LINKS_DIR
         self._locations: dict[Path, str | None] = {}
 
     def tensor(self, name: str, info: TensorInfo, data_type: int) -> TensorProto | None:
@@ -94,9 +97,9 @@ class CheckpointLinks:
 
     def _link(self, shard: Path) -> str | None:
         if shard not in self._locations:
-            location: str | None = f"{CHECKPOINT_LINKS_DIR}/{shard.name}"
+            location: str | None = f"{self.folder}/{shard.name}"
             dest = self.bundle_dir / location
-            dest.parent.mkdir(exist_ok=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(shard.resolve(), dest)  # resolved: Hub caches name shards through symlinks into blobs/
             except OSError as exc:

@@ -23,7 +23,16 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 from nucleus_runtime import contract
-from nucleus_runtime.contract import BLOCK_OUTPUTS_METADATA
+from nucleus_runtime.contract import (
+    ATTENTION_MASK,
+    BLOCK_OUTPUTS_METADATA,
+    INPUT_IDS,
+    KEY_VALUES,
+    PAST_KEY_VALUES,
+    PAST_LEN_DIM,
+    PROMPT_EMBEDS,
+    TOTAL_LEN_DIM,
+)
 from onnx import TensorProto
 
 from nucleus_export.graph.builder import GraphBuilder
@@ -34,16 +43,7 @@ from nucleus_export.model.text_encoder import (
     layer_prefix,
 )
 
-TEXT_ENCODER_GRAPH = "text_encoder"
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-PAST_KEY_VALUES = "past_key_values"
-PROMPT_EMBEDS = "prompt_embeds"
-KEY_VALUES = "key_values"
-
 B, T = contract.BATCH_DIM, contract.TEXT_LEN_DIM
-PAST_LEN_DIM = "past_len"  # tokens already encoded (0 for a full forward)
-TOTAL_LEN_DIM = "total_len"  # past_len + text_len: the attention mask covers both
 MASK_BIAS = -1e30  # exp underflows to exactly 0 in float32, like SDPA's boolean mask (lowest finite where smaller)
 
 

@@ -30,6 +30,14 @@ from collections.abc import Callable
 
 import numpy as np
 from nucleus_runtime import contract
+from nucleus_runtime.contract import (
+    HEIGHT_DIM,
+    IMAGE,
+    LATENT_HEIGHT_DIM,
+    LATENT_WIDTH_DIM,
+    LATENTS,
+    WIDTH_DIM,
+)
 from onnx import TensorProto, helper
 
 from nucleus_export.errors import NucleusExportError
@@ -37,14 +45,7 @@ from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.model.vae import VaeConfig
 
-VAE_DECODER_GRAPH = "vae_decoder"
-LATENTS = "latents"  # [batch, z_dim, latent_height, latent_width] float32: the unpacked, still normalized latents
-IMAGE = "image"  # [batch, height, width, 3] uint8
 DECODED = "decoded"  # [batch, 3, height, width] float32, only with float_output: vae.decode(...)[0][:, :, 0]
-LATENT_HEIGHT_DIM = "latent_height"
-LATENT_WIDTH_DIM = "latent_width"
-HEIGHT_DIM = "height"
-WIDTH_DIM = "width"
 FORM_2D = "2d"
 FORM_3D = "3d"
 FORMS = (FORM_2D, FORM_3D)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from nucleus_runtime.backends import registry
-from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TensorHandle
 from nucleus_runtime.backends.onnxruntime import CUDA_EP
 from nucleus_runtime.bundle import Manifest, load_manifest
 from nucleus_runtime.contract import (
@@ -295,10 +295,10 @@ class EngineTransformer(torch.nn.Module):
             self.config["joint_attention_dim"],
         )
 
-    def _text_kv(self, embeddings: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]) -> TextKVHandle:
+    def _text_kv(self, embeddings: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]) -> TensorHandle:
         key = self._content_key(embeddings, mask, grid)
 
-        def compute() -> TextKVHandle:
+        def compute() -> TensorHandle:
             host_embeddings, _ = self._host_text(embeddings, mask)
             cos, sin = text_rope(tuple(self.config["axes_dims_rope"]), *grid, host_embeddings.shape[1])
             return self.backend.compute_text_kv(host_embeddings, cos, sin)
@@ -308,7 +308,7 @@ class EngineTransformer(torch.nn.Module):
     # ---- denoiser -----------------------------------------------------------------------------------------------
 
     def _denoise_host(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor, text_kv: TextKVHandle,
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor, text_kv: TensorHandle,
         grid: tuple[int, int],
     ) -> torch.Tensor:
         cos, sin = self._rope_tables(grid)
@@ -322,7 +322,7 @@ class EngineTransformer(torch.nn.Module):
         return torch.from_numpy(out)
 
     def _denoise_device(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor, text_kv: TextKVHandle,
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor, text_kv: TensorHandle,
         grid: tuple[int, int],
     ) -> torch.Tensor:
         """The engine reads torch's CUDA tensors and writes a torch tensor, on torch's current stream."""

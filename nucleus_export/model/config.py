@@ -24,8 +24,9 @@ DENSE_MOE_STRATEGIES = {
     "all_dense": lambda idx, n: False,
 }
 
-# The VAE downsamples by 8; the pipeline's pixel sizes must be multiples of 8 * patch_size.
-VAE_SCALE_FACTOR = 8
+# Pixels per latent when no VAE is at hand (a transformer folder): NucleusMoEImagePipeline's own fallback. With a
+# pipeline root the factor comes from the VAE's config (model.vae.VaeConfig.scale_factor).
+DEFAULT_VAE_SCALE_FACTOR = 8
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 from nucleus_runtime.atomic import write_atomic
-from nucleus_runtime.tokenizer import PROMPT_TEMPLATE_FILE, TOKENIZER_FILE, PromptTemplate, PromptTokenizer
+from nucleus_runtime.contract import PROMPT_TEMPLATE_FILE, TOKENIZER_FILE
+from nucleus_runtime.tokenizer import PromptTemplate, PromptTokenizer
 from tokenizers import Tokenizer
 
 from nucleus_export.errors import NucleusExportError

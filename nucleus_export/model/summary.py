@@ -8,7 +8,7 @@ import math
 from nucleus_runtime import contract
 
 from nucleus_export.model.checkpoint import Checkpoint
-from nucleus_export.model.config import VAE_SCALE_FACTOR
+from nucleus_export.model.config import DEFAULT_VAE_SCALE_FACTOR
 
 # Text-side weights run once per prompt (text_kv graph), not per denoising step.
 TEXT_SIDE = ("txt_norm.", ".encoder_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.norm_added_k.")
@@ -52,7 +52,7 @@ def summarize(checkpoint: Checkpoint, resolutions: list[tuple[int, int]]) -> Mod
     unused = sum(n for name, n in counts.items() if any(u in name for u in UNUSED))
     routed = sum(n for name, n in counts.items() if ".img_mlp.experts." in name)
     per_layer_routed = routed // max(1, len(config.moe_layers))
-    step = VAE_SCALE_FACTOR * config.patch_size
+    step = DEFAULT_VAE_SCALE_FACTOR * config.patch_size
     keys = [f"{h}x{w}" for h, w in resolutions]
     tokens = {key: (h // step) * (w // step) for key, (h, w) in zip(keys, resolutions)}
 

@@ -5,7 +5,7 @@ This package never imports torch, diffusers or transformers: numpy, safetensors,
 a backend is opened, so the package imports without any of them.
 """
 
-from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TensorHandle
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.latents import initial_noise, pack_latents, unpack_latents
@@ -22,7 +22,7 @@ __all__ = [
     "NucleusError",
     "SchedulerConfig",
     "TextKVCache",
-    "TextKVHandle",
+    "TensorHandle",
     "generate",
     "initial_noise",
     "load_manifest",

@@ -27,7 +27,9 @@ from nucleus_runtime.contract import (
     MOE_LOWERINGS,
     MOE_NATIVE,
     MOE_PLUGIN,
+    OPTIONAL_STAGES,
     SCHEME_SUFFIXES,
+    STAGES,
     TENSORRT_MODULES,
     external_data_file,
     graph_of_unit,
@@ -158,14 +160,16 @@ class SegmentRecord:
 
 @dataclasses.dataclass(frozen=True)
 class StageRecord:
-    """One stage of the pipeline (contract.GRAPHS): its graph `<stage>.onnx`, the identity of exactly the bytes that
+    """One stage of the pipeline (contract.STAGES): its graph `<stage>.onnx`, the identity of exactly the bytes that
     graph reads (`digest`: the graph and every weight range of its external data or linked shards), its segments
-    ([]: one piece) and its engines by unit (the stage, or each segment)."""
+    ([]: one piece), its engines by unit (the stage, or each segment) and the facts about it a runtime needs
+    (`config`; the text encoder's and the VAE decoder's, see docs/contract.md)."""
 
     io: GraphIO
     digest: str
     segments: list[SegmentRecord] = dataclasses.field(default_factory=list)
     engines: dict[str, EngineRecord] = dataclasses.field(default_factory=dict)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,10 +224,11 @@ class Manifest:
             _refuse(f"model_config.axes_dims_rope is {axes!r}; expected three positive integers.")
         for relpath in self.files:
             check_relpath(relpath, f"{MANIFEST_NAME}: files entry", DAMAGED_FIX)
-        missing = [g for g in (*GRAPHS,) if g not in self.stages]
-        unknown = [g for g in self.stages if g not in GRAPHS]
+        missing = [g for g in GRAPHS if g not in self.stages]
+        unknown = [g for g in self.stages if g not in STAGES]
         if missing or unknown:
-            _refuse(f"stages are {sorted(self.stages)}; expected {', '.join(GRAPHS)}.")
+            _refuse(f"stages are {sorted(self.stages)}; expected {', '.join(GRAPHS)} and optionally "
+                    f"{', '.join(OPTIONAL_STAGES)}.")
         for graph, stage in self.stages.items():
             names = {seg.name for seg in stage.segments}
             if any(graph_of_unit(s) != graph for s in names) or set(stage.engines) - ({graph} | names):
@@ -242,9 +247,14 @@ class Manifest:
         segments = self.stages[graph].segments
         return [seg.name for seg in segments] if segments else [graph]
 
-    def engine_units(self) -> list[str]:
-        """Every unit in execution order (contract.GRAPHS order)."""
-        return [unit for graph in GRAPHS for unit in self.units(graph)]
+    @property
+    def stage_names(self) -> list[str]:
+        """The bundle's stages in execution order."""
+        return [graph for graph in STAGES if graph in self.stages]
+
+    def engine_units(self, graphs: tuple[str, ...] | None = None) -> list[str]:
+        """Every unit of the given stages (default: all of the bundle's) in execution order."""
+        return [unit for graph in self.stage_names if graphs is None or graph in graphs for unit in self.units(graph)]
 
     def graph_segments(self, graph: str) -> list[SegmentRecord]:
         return list(self.stages[graph].segments)

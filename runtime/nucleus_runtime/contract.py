@@ -14,10 +14,16 @@ import enum
 import math
 from fractions import Fraction
 
-# -- graphs ------------------------------------------------------------------------------------------------------
-TEXT_KV_GRAPH = "text_kv"
-DENOISER_GRAPH = "denoiser"
+# -- stages (one graph each) -------------------------------------------------------------------------------------
+TEXT_ENCODER_GRAPH = "text_encoder"  # token ids -> prompt embeddings (Qwen3-VL's language model, truncated)
+TEXT_KV_GRAPH = "text_kv"  # prompt embeddings -> per-block text K/V
+DENOISER_GRAPH = "denoiser"  # one transformer forward
+VAE_DECODER_GRAPH = "vae_decoder"  # latents -> uint8 RGB image
+# Every bundle holds the transformer's two stages; a bundle of a pipeline root may add the text encoder and the VAE
+# decoder. STAGES is the execution order.
 GRAPHS = (TEXT_KV_GRAPH, DENOISER_GRAPH)
+OPTIONAL_STAGES = (TEXT_ENCODER_GRAPH, VAE_DECODER_GRAPH)
+STAGES = (TEXT_ENCODER_GRAPH, TEXT_KV_GRAPH, DENOISER_GRAPH, VAE_DECODER_GRAPH)
 
 # -- tensors -----------------------------------------------------------------------------------------------------
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
@@ -31,6 +37,20 @@ IMG_ROPE_SIN = "img_rope_sin"
 ENCODER_HIDDEN_STATES_MASK = "encoder_hidden_states_mask"
 SAMPLE = "sample"
 
+# text_encoder: input_ids [B, T] int64, attention_mask [B, P + T] int64 over [past ; new] (1 real, 0 padding),
+# past_key_values [L, 2, B, P, Hkv, Dh] (K after k_norm and RoPE, V; P may be 0) -> prompt_embeds [B, T, D] float32
+# (hidden_states[return_index]) and key_values [L, 2, B, T, Hkv, Dh] of the new tokens (a runtime caches the fixed
+# system-prompt prefix's and passes them as past_key_values).
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+PAST_KEY_VALUES = "past_key_values"
+PROMPT_EMBEDS = "prompt_embeds"
+KEY_VALUES = "key_values"
+# vae_decoder: latents [B, z_dim, h, w] float32 (unpacked, still normalized) -> image [B, H, W, 3] uint8
+LATENTS = "latents"
+IMAGE = "image"
+
+TEXT_ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, PAST_KEY_VALUES)
 TEXT_KV_INPUTS = (ENCODER_HIDDEN_STATES, TXT_ROPE_COS, TXT_ROPE_SIN)
 DENOISER_INPUTS = (HIDDEN_STATES, TIMESTEP, IMG_ROPE_COS, IMG_ROPE_SIN, TEXT_KV, ENCODER_HIDDEN_STATES_MASK)
 
@@ -46,6 +66,9 @@ HOST_INPUT_DTYPES = {
     IMG_ROPE_SIN: "float32",
     ENCODER_HIDDEN_STATES_MASK: "int64",
     SAMPLE: "float32",
+    INPUT_IDS: "int64",
+    ATTENTION_MASK: "int64",
+    LATENTS: "float32",
 }
 
 
@@ -59,6 +82,14 @@ def block_output(index: int) -> str:
 BATCH_DIM = "batch"
 IMAGE_TOKENS_DIM = "image_tokens"
 TEXT_LEN_DIM = "text_len"
+PAST_LEN_DIM = "past_len"  # text_encoder: tokens already encoded (0 for a full forward)
+TOTAL_LEN_DIM = "total_len"  # text_encoder: past_len + text_len, what its attention mask covers
+LATENT_HEIGHT_DIM = "latent_height"  # vae_decoder: the latent grid (patch grid x patch size)
+LATENT_WIDTH_DIM = "latent_width"
+HEIGHT_DIM = "height"  # vae_decoder's output pixels
+WIDTH_DIM = "width"
+# Dims whose profile may start at 0 (an empty past: the text encoder's full forward).
+ZERO_ALLOWED_DIMS = (PAST_LEN_DIM,)
 
 Dim = int | str  # a size, or a symbolic dimension name
 
@@ -180,6 +211,10 @@ TENSORRT_MODULES = {TENSORRT: "tensorrt", TENSORRT_RTX: "tensorrt_rtx"}
 # -- files -------------------------------------------------------------------------------------------------------
 MANIFEST_NAME = "manifest.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+# The text_encoder stage's tokenizer (the processor's `tokenizers` backend) and prompt template (the chat template as
+# prefix + prompt + suffix, with the padding and truncation rules): nucleus_runtime.tokenizer reads both.
+TOKENIZER_FILE = "tokenizer.json"
+PROMPT_TEMPLATE_FILE = "prompt_template.json"
 # The quantization recipe (activation scales and per-GEMM modes); `build --fp8-scales` takes it back.
 QUANT_RECIPE_NAME = "fp8_scales.json"
 # The quality report (`check`, `build`) and the engine build log.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-VAE_SCALE_FACTOR = 8
 
 
 def latent_channels(in_channels: int, patch_size: int) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from nucleus_runtime.backends.base import Backend, TextKVHandle
+from nucleus_runtime.backends.base import Backend, TensorHandle
 from nucleus_runtime.bundle import Manifest
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
@@ -244,7 +244,7 @@ def generate(
     txt_cos, txt_sin = text_rope(axes, *grid, embeddings.shape[1])
     schedule: Schedule = make_schedule(scheduler_config, steps, tokens)
 
-    def compute_text_kv() -> TextKVHandle:
+    def compute_text_kv() -> TensorHandle:
         return backend.compute_text_kv(embeddings, txt_cos, txt_sin)
 
     if recompute_text_kv:

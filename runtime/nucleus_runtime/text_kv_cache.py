@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nucleus_runtime.backends.base import TextKVHandle
+from nucleus_runtime.backends.base import TensorHandle
 
 logger = logging.getLogger("nucleus_runtime")
 
@@ -58,7 +58,7 @@ def text_kv_key(
 
 
 class TextKVCache:
-    """LRU cache of `TextKVHandle`s bounded by total bytes, with hit/miss counters; thread-safe.
+    """LRU cache of `TensorHandle`s bounded by total bytes, with hit/miss counters; thread-safe.
 
     Args:
         max_bytes: size bound. An entry larger than the bound alone is computed and returned but not kept.
@@ -66,12 +66,12 @@ class TextKVCache:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
         self.max_bytes = max_bytes
-        self._entries: collections.OrderedDict[str, TextKVHandle] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, TensorHandle] = collections.OrderedDict()
         self._bytes = 0
         self._stats = CacheStats()
         self._lock = threading.Lock()
 
-    def get_or_compute(self, key: str, compute: Callable[[], TextKVHandle]) -> TextKVHandle:
+    def get_or_compute(self, key: str, compute: Callable[[], TensorHandle]) -> TensorHandle:
         with self._lock:
             handle = self._entries.get(key)
             if handle is not None:

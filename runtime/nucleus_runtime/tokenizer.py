@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from nucleus_runtime.contract import PROMPT_TEMPLATE_FILE
 from nucleus_runtime.errors import NucleusError
 
-TOKENIZER_FILE = "tokenizer.json"
-PROMPT_TEMPLATE_FILE = "prompt_template.json"
 FORMAT_VERSION = 1
 
 _SIDES = ("right", "left")

@@ -23,7 +23,8 @@ from nucleus_runtime.contract import AUTO
 DENOISER_HOST_INPUTS = tuple(n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV)
 
 
-def _host_array(name: str, array: np.ndarray) -> np.ndarray:
+def host_array(name: str, array: np.ndarray) -> np.ndarray:
+    """A host input by contract name, contiguous, in the contract's dtype."""
     return np.ascontiguousarray(array, dtype=contract.HOST_INPUT_DTYPES[name])
 
 
@@ -32,7 +33,7 @@ def text_kv_inputs(
 ) -> dict[str, np.ndarray]:
     """The text_kv graph's inputs by contract name, contiguous and in the contract's dtypes."""
     arrays = (encoder_hidden_states, txt_rope_cos, txt_rope_sin)
-    return {name: _host_array(name, a) for name, a in zip(contract.TEXT_KV_INPUTS, arrays, strict=True)}
+    return {name: host_array(name, a) for name, a in zip(contract.TEXT_KV_INPUTS, arrays, strict=True)}
 
 
 def denoiser_host_inputs(
@@ -44,7 +45,7 @@ def denoiser_host_inputs(
 ) -> dict[str, np.ndarray]:
     """The denoiser's host-side inputs (all but `text_kv`) by contract name, contiguous, in the contract's dtypes."""
     arrays = (hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
-    return {name: _host_array(name, a) for name, a in zip(DENOISER_HOST_INPUTS, arrays, strict=True)}
+    return {name: host_array(name, a) for name, a in zip(DENOISER_HOST_INPUTS, arrays, strict=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +58,20 @@ class BackendOptions:
         verify_checksums: check the files against the manifest before loading them (a plugin library always is).
         weight_streaming_budget: TensorRT only: bytes of denoiser weights kept on the GPU (engines built with
             `build --weight-streaming`); None keeps them all.
+        stages: the stages to load (None: every stage of the bundle); a runtime that loads stages one at a time on a
+            small GPU opens a backend per group (nucleus_runtime.text_to_image, memory plan "staged").
     """
 
     device: str = AUTO
     threads: int | None = None
     verify_checksums: bool = True
     weight_streaming_budget: int | None = None
+    stages: tuple[str, ...] | None = None
 
 
-class TextKVHandle(abc.ABC):
-    """Opaque text K/V as produced by `Backend.compute_text_kv`; consumed only by the same backend."""
+class TensorHandle(abc.ABC):
+    """A tensor left where the backend computed it (text K/V from `compute_text_kv`, the text encoder's key_values
+    from `encode_prompt`): opaque, consumed only by the same backend, sized so caches can bound themselves."""
 
     @property
     @abc.abstractmethod
@@ -87,7 +92,7 @@ class Backend(abc.ABC):
 
     name: str = "backend"
     # The handle type compute_text_kv returns; denoise refuses any other (text K/V of another backend).
-    text_kv_type: type[TextKVHandle] = TextKVHandle
+    tensor_type: type[TensorHandle] = TensorHandle
 
     # ---- what the registry asks before opening one --------------------------------------------------------------
 
@@ -119,7 +124,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def compute_text_kv(
         self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
-    ) -> TextKVHandle:
+    ) -> TensorHandle:
         """encoder_hidden_states [B,T,D] float32, rope tables [T, head_dim/2] -> text_kv [L,2,B,T,Hkv,Dh]."""
 
     def denoise(
@@ -128,21 +133,33 @@ class Backend(abc.ABC):
         timestep: np.ndarray,
         img_rope_cos: np.ndarray,
         img_rope_sin: np.ndarray,
-        text_kv: TextKVHandle,
+        text_kv: TensorHandle,
         encoder_hidden_states_mask: np.ndarray,
     ) -> np.ndarray:
         """One transformer forward: hidden_states [B,S,C_in], timestep [B] (t/1000) -> sample [B,S,C_out]."""
-        if not isinstance(text_kv, self.text_kv_type):
+        if not isinstance(text_kv, self.tensor_type):
             raise TypeError(f"{type(self).__name__}.denoise needs its own text K/V, got {type(text_kv).__name__}")
         inputs = denoiser_host_inputs(hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
         return self._denoise(inputs, text_kv)
 
-    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TextKVHandle) -> np.ndarray:
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TensorHandle) -> np.ndarray:
         """`denoise` with the host inputs by contract name (denoiser_host_inputs) and this backend's own text K/V.
         Graph backends implement this; wrappers (timing, test doubles) may override `denoise` itself instead."""
         raise NotImplementedError(f"{type(self).__name__} implements neither denoise nor _denoise")
 
-    def denoise_device(self, inputs: dict[str, Any], text_kv: TextKVHandle, sample: Any, stream: int) -> None:
+    def encode_prompt(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: TensorHandle | None
+    ) -> tuple[np.ndarray, TensorHandle]:
+        """The text_encoder stage: input_ids [B, T] int64 and attention_mask [B, P + T] over [past ; new], with the K/V
+        of the P tokens before them (None: P = 0) -> prompt_embeds [B, T, D] float32 on the host and the new tokens'
+        key_values (contract.PAST_KEY_VALUES layout), left where they were computed."""
+        raise NotImplementedError(f"the {self.name} backend did not load a text_encoder stage")
+
+    def decode_image(self, latents: np.ndarray) -> np.ndarray:
+        """The vae_decoder stage: latents [B, z_dim, h, w] float32 (unpacked, normalized) -> image [B, H, W, 3] uint8."""
+        raise NotImplementedError(f"the {self.name} backend did not load a vae_decoder stage")
+
+    def denoise_device(self, inputs: dict[str, Any], text_kv: TensorHandle, sample: Any, stream: int) -> None:
         """One transformer forward on caller-owned GPU tensors, enqueued on the caller's CUDA `stream`.
 
         `inputs` holds the denoiser inputs other than `text_kv` by contract name and `sample` receives the output, all

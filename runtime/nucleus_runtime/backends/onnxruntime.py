@@ -18,17 +18,29 @@ import numpy as np
 from nucleus_runtime.backends.base import (
     Backend,
     BackendOptions,
-    TextKVHandle,
+    TensorHandle,
+    host_array,
     text_kv_inputs,
 )
 from nucleus_runtime.bundle import Manifest, load_manifest, stage_files, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
+    ATTENTION_MASK,
+    BATCH_DIM,
     DENOISER_INPUTS,
     GRAPHS,
+    IMAGE,
+    INPUT_IDS,
+    KEY_VALUES,
+    LATENTS,
     ONNXRUNTIME,
+    PAST_KEY_VALUES,
+    PROMPT_EMBEDS,
     SAMPLE,
+    TEXT_ENCODER_GRAPH,
+    TEXT_ENCODER_INPUTS,
     TEXT_KV_INPUTS,
+    VAE_DECODER_GRAPH,
     onnx_file,
 )
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
@@ -38,6 +50,7 @@ from nucleus_runtime.errors import NucleusError
 logger = logging.getLogger("nucleus_runtime")
 
 CUDA_EP = "CUDAExecutionProvider"
+ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, without importing onnx
 CPU_EP = "CPUExecutionProvider"
 
 
@@ -56,6 +69,7 @@ class OrtOptions:
         optimization: graph optimization level: "all", "extended", "basic" or "disabled".
         verify_checksums: check the ONNX files against the manifest before loading them.
         segments: run the denoiser's segment graphs in sequence when the bundle has them (False: the full graph).
+        stages: the stages to load (None: every stage of the bundle).
     """
 
     threads: int | None = None
@@ -63,10 +77,11 @@ class OrtOptions:
     optimization: str = "all"
     verify_checksums: bool = True
     segments: bool = True
+    stages: tuple[str, ...] | None = None
 
 
-class OrtTextKV(TextKVHandle):
-    """Text K/V as an OrtValue, on the device the text_kv session ran on."""
+class OrtTensor(TensorHandle):
+    """An OrtValue on the device its session ran on (text K/V, the text encoder's key_values)."""
 
     def __init__(self, value: Any):
         self.value = value
@@ -114,7 +129,8 @@ def _providers(ort: Any, device: str) -> list[str]:
 
 
 class OrtBackend(Backend):
-    """Runs a bundle's text_kv.onnx and denoiser.onnx with ONNX Runtime.
+    """Runs a bundle's ONNX graphs with ONNX Runtime: text_kv and the denoiser (or its segments), and the text encoder
+    and the VAE decoder where the bundle has them.
 
     Args:
         bundle_dir: the bundle folder.
@@ -122,7 +138,7 @@ class OrtBackend(Backend):
         manifest: the bundle's manifest, when the caller has it loaded already.
     """
 
-    text_kv_type = OrtTextKV
+    tensor_type = OrtTensor
 
     name = ONNXRUNTIME
 
@@ -131,8 +147,12 @@ class OrtBackend(Backend):
         """The exported graphs, their segments and weights (data files, linked checkpoint shards), in manifest order;
         not the engines' graphs (*.engine.onnx). The contract's graph files always: a manifest that lost their records
         must not silently serve without them."""
+        return cls._stage_files(manifest, manifest.stage_names)
+
+    @staticmethod
+    def _stage_files(manifest: Manifest, stages: list[str]) -> list[str]:
         names: list[str] = []
-        for graph in GRAPHS:
+        for graph in stages:
             names += [f for f in stage_files(manifest, graph) if f not in names]
         return names
 
@@ -146,16 +166,18 @@ class OrtBackend(Backend):
 
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Manifest, options: BackendOptions) -> OrtBackend:
-        return cls(bundle_dir, OrtOptions(options.threads, options.device, verify_checksums=options.verify_checksums), manifest)
+        ort_options = OrtOptions(options.threads, options.device, verify_checksums=options.verify_checksums, stages=options.stages)
+        return cls(bundle_dir, ort_options, manifest)
 
     def __init__(self, bundle_dir: Path, options: OrtOptions | None = None, manifest: Manifest | None = None):
         ort = _import_ort()
         self.bundle_dir = Path(bundle_dir)
         self.options = options or OrtOptions()
         self.manifest = manifest or load_manifest(self.bundle_dir)
+        self.stages = [g for g in self.manifest.stage_names if self.options.stages is None or g in self.options.stages]
         if self.options.verify_checksums:
             # The graphs, their segments and external data (what this backend reads), each of which must be recorded.
-            verify_files(self.bundle_dir, self.manifest, self.files(self.manifest))
+            verify_files(self.bundle_dir, self.manifest, self._stage_files(self.manifest, self.stages))
         self.providers = _providers(ort, self.options.device)
         self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
         session_options = ort.SessionOptions()
@@ -172,13 +194,19 @@ class OrtBackend(Backend):
         session_options.inter_op_num_threads = 1
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self._ort = ort
-        self._text_kv = self._session(TEXT_KV, session_options, TEXT_KV_INPUTS)
+
+        def session(graph: str, inputs: tuple[str, ...]) -> Any:
+            return self._session(graph, session_options, inputs) if graph in self.stages else None
+
+        self._text_encoder = session(TEXT_ENCODER_GRAPH, TEXT_ENCODER_INPUTS)
+        self._vae_decoder = session(VAE_DECODER_GRAPH, (LATENTS,))
+        self._text_kv = session(TEXT_KV, TEXT_KV_INPUTS)
         # A segmented bundle runs its segment graphs one after the other (same weights, same results as the full
         # graph: tests/test_segments.py); intermediates stay OrtValues on the session's device between them.
-        self.segments = self.manifest.graph_segments(DENOISER) if self.options.segments else []
+        self.segments = self.manifest.graph_segments(DENOISER) if self.options.segments and DENOISER in self.stages else []
         self._segment_sessions = [self._session(seg.name, session_options, tuple(seg.inputs)) for seg in self.segments]
-        self._denoiser = None if self.segments else self._session(DENOISER, session_options, DENOISER_INPUTS)
-        logger.debug("onnxruntime %s, providers %s", ort.__version__, self.providers)
+        self._denoiser = None if self.segments else session(DENOISER, DENOISER_INPUTS)
+        logger.debug("onnxruntime %s, providers %s, stages %s", ort.__version__, self.providers, ", ".join(self.stages))
 
     def _session(self, graph: str, session_options: Any, expected: tuple[str, ...]) -> Any:
         path = self.bundle_dir / onnx_file(graph)
@@ -206,18 +234,53 @@ class OrtBackend(Backend):
 
     def compute_text_kv(
         self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
-    ) -> OrtTextKV:
-        binding = self._text_kv.io_binding()
+    ) -> OrtTensor:
+        binding = self._stage(self._text_kv, TEXT_KV).io_binding()
         for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
             binding.bind_cpu_input(name, array)
         binding.bind_output(TEXT_KV_TENSOR, self._device)
         self._text_kv.run_with_iobinding(binding)
-        return OrtTextKV(binding.get_outputs()[0])
+        return OrtTensor(binding.get_outputs()[0])
 
-    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: OrtTextKV) -> np.ndarray:  # type: ignore[override]
+    def encode_prompt(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: OrtTensor | None
+    ) -> tuple[np.ndarray, OrtTensor]:  # type: ignore[override]
+        session = self._stage(self._text_encoder, TEXT_ENCODER_GRAPH)
+        binding = session.io_binding()
+        binding.bind_cpu_input(INPUT_IDS, host_array(INPUT_IDS, input_ids))
+        binding.bind_cpu_input(ATTENTION_MASK, host_array(ATTENTION_MASK, attention_mask))
+        binding.bind_ortvalue_input(PAST_KEY_VALUES, past.value if past is not None else self._empty_past(input_ids.shape[0]))
+        binding.bind_output(PROMPT_EMBEDS)
+        binding.bind_output(KEY_VALUES, self._device)
+        session.run_with_iobinding(binding)
+        embeds, key_values = binding.get_outputs()
+        return embeds.numpy(), OrtTensor(key_values)
+
+    def _empty_past(self, batch: int) -> Any:
+        """past_key_values with past_len 0, in the graph's dtype (bf16 as its raw bits: numpy has no bfloat16)."""
+        spec = self.manifest.stages[TEXT_ENCODER_GRAPH].io.inputs[PAST_KEY_VALUES]
+        shape = [batch if d == BATCH_DIM else 0 if isinstance(d, str) else d for d in spec.shape]
+        if spec.dtype == "bfloat16":
+            return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np.uint16), ONNX_BFLOAT16)
+        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(spec.dtype)))
+
+    def decode_image(self, latents: np.ndarray) -> np.ndarray:
+        session = self._stage(self._vae_decoder, VAE_DECODER_GRAPH)
+        return session.run([IMAGE], {LATENTS: host_array(LATENTS, latents)})[0]
+
+    def _stage(self, session: Any, graph: str) -> Any:
+        if session is None:
+            raise NucleusError(
+                f"this ONNX Runtime backend of {self.bundle_dir} did not load the {graph} stage"
+                + ("" if graph in self.manifest.stages else " (the bundle has none)") + ".",
+                f"export the bundle from a pipeline root with --stages including {graph}, or open it with that stage.",
+            )
+        return session
+
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: OrtTensor) -> np.ndarray:  # type: ignore[override]
         if self.segments:
             return self._denoise_segments(inputs, text_kv)
-        binding = self._denoiser.io_binding()
+        binding = self._stage(self._denoiser, DENOISER).io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
         binding.bind_ortvalue_input(TEXT_KV_TENSOR, text_kv.value)
@@ -225,7 +288,7 @@ class OrtBackend(Backend):
         self._denoiser.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: OrtTextKV) -> np.ndarray:
+    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: OrtTensor) -> np.ndarray:
         values: dict[str, Any] = {}  # tensors produced by earlier segments, as OrtValues
         for seg, session in zip(self.segments, self._segment_sessions):
             binding = session.io_binding()

@@ -24,7 +24,7 @@ from nucleus_runtime import dlpack
 from nucleus_runtime.backends.base import (
     Backend,
     BackendOptions,
-    TextKVHandle,
+    TensorHandle,
     text_kv_inputs,
 )
 from nucleus_runtime.bundle import EngineRecord, Manifest, load_manifest, stage_files, verify_files
@@ -116,7 +116,7 @@ class DeviceBuffer:
             self.ptr = 0
 
 
-class TrtTextKV(TextKVHandle):
+class TrtTensor(TensorHandle):
     """Text K/V in device memory, written by the text_kv engine and read in place by the denoiser."""
 
     def __init__(self, buffer: DeviceBuffer, shape: tuple[int, ...], dtype: np.dtype, backend: TensorRTBackend):
@@ -240,7 +240,7 @@ class TensorRTBackend(Backend):
     address (text_kv[first:last] is contiguous), so nothing crosses to the host between segments.
     """
 
-    text_kv_type = TrtTextKV
+    tensor_type = TrtTensor
     name = TENSORRT
 
     @property
@@ -334,7 +334,7 @@ class TensorRTBackend(Backend):
         budgets = _split_budget(self.manifest, denoiser_units, weight_streaming_budget)
         self._denoisers = [engine(unit, budget) for unit, budget in zip(denoiser_units, budgets)]
         self._stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._bound_text_kv: TrtTextKV | None = None
+        self._bound_text_kv: TrtTensor | None = None
 
     def _check_gpu(self) -> None:
         device = _check(self.cudart.cudaGetDevice(), "cudaGetDevice")
@@ -374,7 +374,7 @@ class TensorRTBackend(Backend):
 
     def compute_text_kv(
         self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
-    ) -> TrtTextKV:
+    ) -> TrtTensor:
         engine = self._text_kv
         for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
             self._upload(engine, name, array)
@@ -384,9 +384,9 @@ class TensorRTBackend(Backend):
         engine.context.set_tensor_address(TEXT_KV_TENSOR, out.ptr)
         self._execute(engine, TEXT_KV)
         _check(self.cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return TrtTextKV(out, shape, dtype, self)
+        return TrtTensor(out, shape, dtype, self)
 
-    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TrtTextKV) -> np.ndarray:  # type: ignore[override]
+    def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TrtTensor) -> np.ndarray:  # type: ignore[override]
         if self.segments:
             return self._denoise_segments(inputs, text_kv)
         engine = self._denoisers[0]
@@ -403,8 +403,8 @@ class TensorRTBackend(Backend):
         self.copy_to_host(host, out.ptr)
         return host.astype(np.float32, copy=False)
 
-    def denoise_device(self, inputs: dict[str, Any], text_kv: TextKVHandle, sample: Any, stream: int) -> None:
-        if not isinstance(text_kv, TrtTextKV):
+    def denoise_device(self, inputs: dict[str, Any], text_kv: TensorHandle, sample: Any, stream: int) -> None:
+        if not isinstance(text_kv, TrtTensor):
             raise TypeError(f"TensorRTBackend.denoise_device needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
         # The views hold the DLPack capsules, and with them the tensors, until the run is enqueued.
         views = {name: dlpack.view(tensor, stream) for name, tensor in {**inputs, SAMPLE: sample}.items()}
@@ -436,7 +436,7 @@ class TensorRTBackend(Backend):
         if not engine.context.execute_async_v3(int(stream)):
             raise NucleusError(f"TensorRT failed to run {DENOISER}.plan (see the TensorRT log above).", "rerun with --verbose.")
 
-    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: TrtTextKV) -> np.ndarray:
+    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: TrtTensor) -> np.ndarray:
         produced: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (device address, shape)
         layer_bytes = text_kv.nbytes // text_kv.shape[0]
         for seg, engine in zip(self.segments, self._denoisers):

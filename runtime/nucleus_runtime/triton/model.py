@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from nucleus_runtime.backends import registry  # noqa: E402
 from nucleus_runtime.backends.base import (  # noqa: E402
     Backend,
-    TextKVHandle,
+    TensorHandle,
     text_kv_inputs,
 )
 from nucleus_runtime.bundle import Manifest, load_manifest  # noqa: E402
@@ -281,7 +281,7 @@ def open_inprocess_backend(model_dir: Path, manifest: Manifest, params: Mapping[
     return registry.open_backend(model_dir, name, manifest, options)
 
 
-class BlsTextKV(TextKVHandle):
+class BlsTensor(TensorHandle):
     """Text K/V as the pb_utils.Tensor that nucleus_text_kv returned, left where Triton put it (GPU for TensorRT).
 
     It is passed back unchanged as the denoiser's `text_kv` input (same name), so it is never converted to numpy,
@@ -311,7 +311,7 @@ class BlsBackend(Backend):
         text_kv_model, denoiser_model: the model names in the repository.
     """
 
-    text_kv_type = BlsTextKV
+    tensor_type = BlsTensor
 
     name = "triton_bls"
 
@@ -338,16 +338,16 @@ class BlsBackend(Backend):
             )
         return self.pb.get_output_tensor_by_name(response, output)
 
-    def compute_text_kv(self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray) -> BlsTextKV:
+    def compute_text_kv(self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray) -> BlsTensor:
         host = text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin)
         inputs = [to_triton(self.pb, name, array) for name, array in host.items()]
         tensor = self._exec(self.text_kv_model, inputs, TEXT_KV, host=False)
         batch, text_len = encoder_hidden_states.shape[:2]
         sizes = {"batch": batch, "text_len": text_len}
         shape = tuple(sizes.get(d, d) if isinstance(d, str) else d for d in self._text_kv_dims)
-        return BlsTextKV(tensor, shape, self._text_kv_itemsize)  # type: ignore[arg-type]
+        return BlsTensor(tensor, shape, self._text_kv_itemsize)  # type: ignore[arg-type]
 
-    def _denoise(self, host: dict[str, np.ndarray], text_kv: BlsTextKV) -> np.ndarray:  # type: ignore[override]
+    def _denoise(self, host: dict[str, np.ndarray], text_kv: BlsTensor) -> np.ndarray:  # type: ignore[override]
         inputs = [to_triton(self.pb, name, array) for name, array in host.items()] + [text_kv.tensor]
         sample = self._exec(self.denoiser_model, inputs, SAMPLE, host=True)
         if not sample.is_cpu():
