@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import onnx
 from nucleus_runtime.bundle import inside
-from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR
+from nucleus_runtime.contract import checkpoint_links_dir
 from onnx import TensorProto, helper
 
 from nucleus_export.errors import NucleusExportError
@@ -80,7 +80,7 @@ class CheckpointLinks:
 
     def __init__(self, bundle_dir: Path, component: str = ""):
         self.bundle_dir = Path(bundle_dir)
-        self.folder = f"{CHECKPOINT_LINKS_DIR}/{component}" if component else CHECKPOINT_LINKS_DIR
+        self.folder = checkpoint_links_dir(component)
         self._locations: dict[Path, str | None] = {}
 
     def tensor(self, name: str, info: TensorInfo, data_type: int) -> TensorProto | None:

@@ -31,6 +31,7 @@ from nucleus_runtime.contract import (
     SCHEME_SUFFIXES,
     STAGES,
     TENSORRT_MODULES,
+    checkpoint_links_dir,
     external_data_file,
     graph_of_unit,
     onnx_file,
@@ -488,7 +489,8 @@ def stage_files(manifest: Manifest, graph: str) -> list[str]:
     """The recorded files the ONNX graphs of a stage read: its graph or segment graphs, their data, linked shards."""
     units = manifest.units(graph)
     graphs = [onnx_file(graph)] + [onnx_file(u) for u in units if u != graph]
-    data = [f for f in manifest.files if f == external_data_file(graph) or f.startswith(CHECKPOINT_LINKS_DIR + "/")]
+    links = checkpoint_links_dir(graph) + "/"
+    data = [f for f in manifest.files if f == external_data_file(graph) or (f.startswith(links) and "/" not in f[len(links):])]
     return graphs + data
 
 

@@ -227,6 +227,12 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 CHECKPOINT_LINKS_DIR = "checkpoint"
 
 
+def checkpoint_links_dir(graph: str) -> str:
+    """Where a graph's linked shards go: the transformer's graphs share checkpoint/, each pipeline component has its
+    own checkpoint/<stage>/ (so shards of two components with the same file name never collide)."""
+    return f"{CHECKPOINT_LINKS_DIR}/{graph}" if graph in OPTIONAL_STAGES else CHECKPOINT_LINKS_DIR
+
+
 EXTERNAL_DATA_SUFFIX = ".onnx.data"
 
 
