@@ -138,7 +138,8 @@ def guidance_combine(pos: np.ndarray, neg: np.ndarray, guidance: float) -> np.nd
     return (comb * (cond_norm / comb_norm)).astype(np.float32)
 
 
-def _check_profile(manifest: Manifest, batch: int, text_len: int, cfg: bool) -> None:
+def check_batch(manifest: Manifest, batch: int, cfg: bool) -> None:
+    """Refuse a denoiser batch (2 x the prompts with CFG) outside the bundle's batch profile."""
     lo, _, hi = manifest.profiles.batch
     if not lo <= batch <= hi:
         raise NucleusError(
@@ -146,6 +147,10 @@ def _check_profile(manifest: Manifest, batch: int, text_len: int, cfg: bool) -> 
             f"but the bundle's profile serves batch {lo}..{hi}.",
             "export/build the bundle with a larger batch range, or pass fewer prompts.",
         )
+
+
+def _check_profile(manifest: Manifest, batch: int, text_len: int, cfg: bool) -> None:
+    check_batch(manifest, batch, cfg)
     lo, _, hi = manifest.profiles.text_len
     if not lo <= text_len <= hi:
         raise NucleusError(

@@ -102,6 +102,22 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
 
     @classmethod
+    def stage_files(cls, manifest: Manifest, stage: str) -> list[str]:
+        """Bundle-relative paths this backend reads to load one stage (`files` is their union, and more)."""
+        raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
+
+    @classmethod
+    def stage_bytes(cls, manifest: Manifest, stage: str) -> int:
+        """The recorded bytes of what loading one stage reads: the memory its weights take where it runs, before
+        activations (conservative where a linked shard also holds tensors no graph reads)."""
+        return sum(manifest.files[f].bytes for f in cls.stage_files(manifest, stage) if f in manifest.files)
+
+    @classmethod
+    def memory_available(cls, options: BackendOptions) -> int | None:
+        """Bytes free now where this backend would load a bundle with `options` (None: it cannot tell)."""
+        return None
+
+    @classmethod
     def available(cls) -> bool:
         """Whether its libraries are importable (and, for GPU backends, a GPU is visible)."""
         return False

@@ -46,6 +46,7 @@ from nucleus_runtime.contract import (
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.errors import NucleusError
+from nucleus_runtime.memory import host_available_bytes
 
 logger = logging.getLogger("nucleus_runtime")
 
@@ -147,14 +148,25 @@ class OrtBackend(Backend):
         """The exported graphs, their segments and weights (data files, linked checkpoint shards), in manifest order;
         not the engines' graphs (*.engine.onnx). The contract's graph files always: a manifest that lost their records
         must not silently serve without them."""
-        return cls._stage_files(manifest, manifest.stage_names)
+        return cls._union(manifest, manifest.stage_names)
 
-    @staticmethod
-    def _stage_files(manifest: Manifest, stages: list[str]) -> list[str]:
+    @classmethod
+    def stage_files(cls, manifest: Manifest, stage: str) -> list[str]:
+        return stage_files(manifest, stage)
+
+    @classmethod
+    def _union(cls, manifest: Manifest, stages: list[str]) -> list[str]:
         names: list[str] = []
         for graph in stages:
-            names += [f for f in stage_files(manifest, graph) if f not in names]
+            names += [f for f in cls.stage_files(manifest, graph) if f not in names]
         return names
+
+    @classmethod
+    def memory_available(cls, options: BackendOptions) -> int | None:
+        """Host memory when the sessions would run on the CPU; on the CUDA provider, unknown here."""
+        if options.device == "cpu" or CUDA_EP not in _import_ort().get_available_providers():
+            return host_available_bytes()
+        return None
 
     @classmethod
     def available(cls) -> bool:
@@ -177,7 +189,7 @@ class OrtBackend(Backend):
         self.stages = [g for g in self.manifest.stage_names if self.options.stages is None or g in self.options.stages]
         if self.options.verify_checksums:
             # The graphs, their segments and external data (what this backend reads), each of which must be recorded.
-            verify_files(self.bundle_dir, self.manifest, self._stage_files(self.manifest, self.stages))
+            verify_files(self.bundle_dir, self.manifest, self._union(self.manifest, self.stages))
         self.providers = _providers(ort, self.options.device)
         self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
         session_options = ort.SessionOptions()
@@ -304,6 +316,11 @@ class OrtBackend(Backend):
             session.run_with_iobinding(binding)
             values.update(zip(seg.outputs, binding.get_outputs()))
         return values[SAMPLE].numpy()
+
+    def close(self) -> None:
+        """Drop every session: their weights are freed now, not when this object is collected."""
+        self._text_encoder = self._vae_decoder = self._text_kv = self._denoiser = None
+        self._segment_sessions = []
 
     def describe(self) -> dict[str, Any]:
         return {

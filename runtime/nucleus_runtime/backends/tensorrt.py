@@ -37,7 +37,6 @@ from nucleus_runtime.contract import (
     TENSORRT_MODULES,
     TENSORRT_RTX,
     engine_onnx_file,
-    graph_of_unit,
     plan_file,
 )
 from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
@@ -249,17 +248,28 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def files(cls, manifest: Manifest) -> list[str]:
-        """Every unit's plan, the plugin library when the engines use one, and for weight-stripped plans the engine
-        graphs they are refit from with the weights those read."""
-        units = manifest.engine_units()
+        """Every stage's `stage_files` and the plugin library when the engines use one."""
+        names = [f for stage in manifest.stage_names for f in cls.stage_files(manifest, stage)]
+        if manifest.plugins is not None:
+            names.append(manifest.plugins.library)
+        return list(dict.fromkeys(names))
+
+    @classmethod
+    def stage_files(cls, manifest: Manifest, stage: str) -> list[str]:
+        """The stage's plans, and for weight-stripped plans the engine graphs they are refit from with the weights
+        those read."""
+        units = manifest.units(stage)
         names = [plan_file(u) for u in units]
         if any((r := manifest.engine(u)) is not None and r.stripped for u in units):
             names += [engine_onnx_file(u) for u in units]
-            data = [f for g in dict.fromkeys(graph_of_unit(u) for u in units) for f in stage_files(manifest, g)]
-            names += [f for f in dict.fromkeys(data) if not f.endswith(".onnx")]
-        if manifest.plugins is not None:
-            names.append(manifest.plugins.library)
+            names += [f for f in stage_files(manifest, stage) if not f.endswith(".onnx")]
         return names
+
+    @classmethod
+    def memory_available(cls, options: BackendOptions) -> int | None:
+        """Free memory of the current CUDA device (cudaMemGetInfo)."""
+        free, _total = _check(_import_cudart().cudaMemGetInfo(), "cudaMemGetInfo")
+        return int(free)
 
     @classmethod
     def available(cls) -> bool:
