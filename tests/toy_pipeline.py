@@ -7,6 +7,10 @@
 - VAE: diffusers' AutoencoderKLQwenImage with a small base width (same downsampling: 8x, 16 latent channels);
 - transformer: the embedded tiny model (nucleus_export/model/tiny.py); scheduler: the runtime's default config.
 
+A second variant ("other") changes every axis the runtime must not assume: six experts with sigmoid routing and MHA
+in the transformer, a 48-wide MHA text encoder with attention biases and head_dim x heads != hidden, a 4x VAE with
+non-trivial latent statistics, and a processor that pads on the left.
+
 Saved with the pipeline's own save_pretrained, so it loads through NucleusMoEImagePipeline.from_pretrained.
 
 transformers gates Qwen3VLProcessor's video processor on torchvision, whose PyPI wheels are CUDA builds that cannot
@@ -17,6 +21,7 @@ load next to the CPU torch of these machines; `allow_processor_without_torchvisi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import shutil
 import tempfile
@@ -32,6 +37,30 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyVariant:
+    name: str
+    transformer: dict[str, Any]  # overrides of nucleus_export.model.tiny.TINY_CONFIG
+    text_encoder: dict[str, Any]  # overrides of the Qwen3-VL text config below
+    vae: dict[str, Any]  # AutoencoderKLQwenImage arguments
+    padding_side: str = "right"
+
+
+VARIANTS = {
+    "toy": ToyVariant("toy", {}, {}, {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1}),
+    "other": ToyVariant(
+        "other",
+        {"num_experts": 6, "use_sigmoid": True, "num_key_value_heads": 4, "joint_attention_dim": 48,
+         "capacity_factors": [0.0, 0.0, 0.0, 3.0, 1.5]},
+        {"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 10, "num_attention_heads": 3,
+         "num_key_value_heads": 3, "head_dim": 24, "attention_bias": True},
+        {"base_dim": 12, "z_dim": 16, "dim_mult": [1, 2, 4], "num_res_blocks": 1, "temperal_downsample": [False, True],
+         "latents_mean": [0.1 * (i % 5) - 0.2 for i in range(16)], "latents_std": [0.5 + 0.1 * (i % 7) for i in range(16)]},
+        padding_side="left",
+    ),
+}
 
 
 @contextlib.contextmanager
@@ -62,7 +91,7 @@ def allow_processor_without_torchvision() -> Iterator[None]:
             del module.VideoProcessorMixin
 
 
-def _processor() -> Any:
+def _processor(padding_side: str = "right") -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -75,7 +104,8 @@ def _processor() -> Any:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="?"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:]
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:],
+        padding_side=padding_side,
     )
     return Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessorPil(),
@@ -85,21 +115,23 @@ def _processor() -> Any:
     ), vocab
 
 
-def _text_encoder(vocab: dict[str, int], text_dim: int) -> Any:
+def _text_encoder(vocab: dict[str, int], text_dim: int, overrides: dict[str, Any]) -> Any:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+    text_config = {
+        "vocab_size": len(vocab),
+        "hidden_size": text_dim,
+        "intermediate_size": 2 * text_dim,
+        "num_hidden_layers": 9,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": text_dim // 4,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        **overrides,
+    }
     config = Qwen3VLConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": text_dim,
-            "intermediate_size": 2 * text_dim,
-            "num_hidden_layers": 9,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": text_dim // 4,
-            "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        },
+        text_config=text_config,
         vision_config={
             "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": text_dim,
             "patch_size": 4, "num_position_embeddings": 16, "deepstack_visual_indexes": [0],
@@ -112,8 +144,8 @@ def _text_encoder(vocab: dict[str, int], text_dim: int) -> Any:
     return Qwen3VLForConditionalGeneration(config).eval()
 
 
-def write_toy_pipeline(out_dir: Path) -> Path:
-    """Write the toy pipeline folder (model_index.json, transformer/, text_encoder/, processor/, vae/, scheduler/)."""
+def write_toy_pipeline(out_dir: Path, variant: ToyVariant = VARIANTS["toy"]) -> Path:
+    """Write a toy pipeline folder (model_index.json, transformer/, text_encoder/, processor/, vae/, scheduler/)."""
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -124,20 +156,23 @@ def write_toy_pipeline(out_dir: Path) -> Path:
 
     from nucleus_export.model.checkpoint import open_checkpoint
     from nucleus_export.model.reference import load_reference
-    from nucleus_export.model.tiny import TINY_CONFIG, ensure_tiny_checkpoint
+    from nucleus_export.model.tiny import TINY_CONFIG, ensure_tiny_checkpoint, write_checkpoint
 
     torch.manual_seed(SEED)
     with allow_processor_without_torchvision():
-        processor, vocab = _processor()
+        processor, vocab = _processor(variant.padding_side)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        transformer = write_checkpoint(tmp / "tiny-transformer", variant.transformer) if variant.transformer else ensure_tiny_checkpoint()
+        text_dim = {**TINY_CONFIG, **variant.transformer}["joint_attention_dim"]
         pipe = NucleusMoEImagePipeline(
-            transformer=load_reference(open_checkpoint(ensure_tiny_checkpoint())),
+            transformer=load_reference(open_checkpoint(transformer)),
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(DEFAULT_SCHEDULER_CONFIG),
-            vae=AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval(),
-            text_encoder=_text_encoder(vocab, TINY_CONFIG["joint_attention_dim"]),
+            vae=AutoencoderKLQwenImage(**variant.vae).eval(),
+            text_encoder=_text_encoder(vocab, text_dim, variant.text_encoder),
             processor=processor,
         )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
+            shutil.rmtree(tmp / "tiny-transformer", ignore_errors=True)
             pipe.save_pretrained(tmp)
             tmp.rename(out_dir)
         finally:
@@ -145,13 +180,13 @@ def write_toy_pipeline(out_dir: Path) -> Path:
     return out_dir
 
 
-def ensure_toy_pipeline() -> Path:
-    """The toy pipeline in the test run's private model cache (NUCLEUS_EXPORT_CACHE), written on first use."""
+def ensure_toy_pipeline(variant: str = "toy") -> Path:
+    """A toy pipeline in the test run's private model cache (NUCLEUS_EXPORT_CACHE), written on first use."""
     from nucleus_export.model.tiny import cache_root
 
-    path = cache_root() / "toy-nucleus-pipeline"
+    path = cache_root() / ("toy-nucleus-pipeline" if variant == "toy" else f"toy-nucleus-pipeline-{variant}")
     if not (path / "model_index.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_toy_pipeline(path)
+        write_toy_pipeline(path, VARIANTS[variant])
     return path
 

@@ -1,4 +1,5 @@
-"""`nucleus-export check`: ONNX Runtime vs diffusers on the bundle's graphs; writes parity.json."""
+"""`nucleus-export check`: ONNX Runtime vs diffusers (and transformers, for the text encoder) on the bundle's graphs;
+writes parity.json."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from nucleus_export.model.specs import open_model
 from nucleus_export.parity.cases import CASE_SETS
 from nucleus_export.parity.check import write_report
 from nucleus_export.parity.quality import built_lowering, quality_report, tolerance_for
+from nucleus_export.parity.stages import check_stages
 
 # CLI flag -> Tolerance field it overrides
 OVERRIDES = {
@@ -58,16 +60,20 @@ def run(args: argparse.Namespace) -> int:
     precision = GraphPrecision(manifest.precision, recipe)
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     tolerance = dataclasses.replace(tolerance_for(precision), **overrides)
+    checkpoint = open_model(args.model)
     report = quality_report(
-        open_model(args.model), args.bundle, precision, built_lowering(manifest), tolerance=tolerance, case_set=args.cases
+        checkpoint, args.bundle, precision, built_lowering(manifest), tolerance=tolerance, case_set=args.cases
     )
-    path = write_report(args.bundle, {report.graph_precision: report})
-    for line in report.summary_lines():
+    resolutions = [tuple(manifest.profiles.opt_resolution)] if args.cases == "quick" else manifest.profiles.resolutions
+    stages = check_stages(checkpoint.pipeline_root, args.bundle, manifest, precision.exact, resolutions)
+    path = write_report(args.bundle, {report.graph_precision: report}, {c.stage: c.to_dict() for c in stages})
+    for line in [*report.summary_lines(), *(c.summary_line() for c in stages)]:
         print(line)
     print(f"wrote {path}")
-    if not report.passed:
+    failures = report.failures() + [f"{c.stage} {c.metric} {c.value:.3g} > {c.limit:.3g}" for c in stages if not c.passed]
+    if failures:
         raise NucleusExportError(
-            f"the bundle's graphs differ from the model over tolerance ({'; '.join(report.failures())}; details in {path}).",
+            f"the bundle's graphs differ from the model over tolerance ({'; '.join(failures)}; details in {path}).",
             "check that --model is the checkpoint the bundle was exported from; if it is, export the bundle again.",
         )
     return 0

@@ -1,7 +1,12 @@
-"""`nucleus-export run`: denoise latents from prompt embeddings with a bundle (ONNX Runtime or TensorRT).
+"""`nucleus-export run`: a bundle's pipeline with the runtime alone (ONNX Runtime or TensorRT).
 
-Reads `prompt_embeds` [B,T,D] and optional `prompt_embeds_mask` [B,T] from safetensors files, writes the final packed
-latents [B, S, in_channels] as `latents`. Decoding them to pixels (the VAE) is outside the bundle.
+Two interfaces:
+- text in, picture out: `--prompt` (and `--negative-prompt`) through every stage (tokenizer, text encoder, text K/V,
+  denoiser, VAE decoder; nucleus_runtime.text_to_image), a PNG written to `--out`;
+- prompt embeddings in, latents out: `--prompt-embeds` [B,T,D] (+ `prompt_embeds_mask` [B,T]) from safetensors
+  files, the final packed latents [B, S, in_channels] written as `latents` (the denoiser alone).
+
+Neither imports torch, diffusers or transformers.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from pathlib import Path
 import numpy as np
 from nucleus_runtime.atomic import atomic_file
 from nucleus_runtime.backends import registry
-from nucleus_runtime.backends.base import Backend
 from nucleus_runtime.bundle import Manifest, load_manifest, verify_files
 from nucleus_runtime.contract import AUTO, ONNXRUNTIME, SCHEDULER_CONFIG_NAME
 from nucleus_runtime.errors import NucleusError
 from nucleus_runtime.pipeline import check_guidance, check_text, generate
+from nucleus_runtime.png import write_png
 from nucleus_runtime.scheduler import SchedulerConfig
 from nucleus_runtime.text_kv_cache import TextKVCache
+from nucleus_runtime.text_to_image import MEMORY_PLANS, TextToImage
 
 from nucleus_export.commands.common import add_expect_manifest_argument
 from nucleus_export.errors import UsageError
@@ -36,16 +42,23 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "batch of 2, text K/V computed once. Inputs and output are safetensors files.",
     )
     parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (from `export` or `build`)")
-    parser.add_argument("--prompt-embeds", type=Path, required=True, help="safetensors with prompt_embeds [B,T,D] (+ prompt_embeds_mask [B,T])")
-    parser.add_argument("--negative-prompt-embeds", type=Path, help="the same for the negative prompt; needed when --guidance > 1")
-    parser.add_argument("--height", type=int, required=True, help="image height in pixels (one of the bundle's resolutions)")
-    parser.add_argument("--width", type=int, required=True, help="image width in pixels")
+    text = parser.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the prompt: run every stage and write the picture (a bundle exported from a pipeline root)")
+    text.add_argument("--prompt-embeds", type=Path, help="safetensors with prompt_embeds [B,T,D] (+ prompt_embeds_mask [B,T]): denoise only")
+    parser.add_argument("--negative-prompt", help="with --prompt: the CFG negative prompt (default: the empty prompt, as the pipeline)")
+    parser.add_argument("--negative-prompt-embeds", type=Path, help="with --prompt-embeds: the same for the negative prompt; needed when --guidance > 1")
+    parser.add_argument("--height", type=int, help="image height in pixels (one of the bundle's resolutions; default: its optimization resolution)")
+    parser.add_argument("--width", type=int, help="image width in pixels")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale; CFG runs when > 1 (default 4.0)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--latents", type=Path, help="safetensors with initial packed `latents` [B, S, in_channels]")
     start.add_argument("--seed", type=int, help="seed for numpy initial noise (default 0; not torch's randn)")
-    parser.add_argument("--out", type=Path, required=True, help="safetensors file for the final `latents`")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="with --prompt: the PNG picture; with --prompt-embeds: safetensors file for the final `latents`")
+    parser.add_argument("--memory-plan", choices=MEMORY_PLANS, default=AUTO,
+                        help="with --prompt: keep every stage loaded (resident), load them one at a time and free each "
+                        "(staged, for small GPUs), or auto (default): resident when the weights fit the free memory")
     parser.add_argument(
         "--backend",
         choices=registry.CHOICES,
@@ -101,41 +114,79 @@ def write_latents(path: Path, latents: np.ndarray, metadata: dict[str, str]) -> 
         save_file({"latents": np.ascontiguousarray(latents)}, str(tmp), metadata=metadata)
 
 
-def open_backend(args: argparse.Namespace, bundle: Path, manifest: Manifest) -> Backend:
-    name = registry.resolve_backend(args.backend, bundle, manifest)
+def backend_options(args: argparse.Namespace, name: str) -> registry.BackendOptions:
     if args.weight_streaming_budget is not None and name == ONNXRUNTIME:
         raise UsageError(
             "--weight-streaming-budget applies to the TensorRT backends only.", "add --backend tensorrt or drop it."
         )
     budget = None if args.weight_streaming_budget is None else int(args.weight_streaming_budget * 1e9)
-    options = registry.BackendOptions(args.device, args.threads, not args.skip_checksums, budget)
-    return registry.open_backend(bundle, name, manifest, options)
+    return registry.BackendOptions(args.device, args.threads, not args.skip_checksums, budget)
+
+
+def check_mode(args: argparse.Namespace) -> None:
+    """Refuse options of the other interface, and half a resolution."""
+    if args.prompt is not None and args.negative_prompt_embeds is not None:
+        raise UsageError("--negative-prompt-embeds goes with --prompt-embeds.", "with --prompt, pass --negative-prompt TEXT.")
+    if args.prompt is None and args.negative_prompt is not None:
+        raise UsageError("--negative-prompt goes with --prompt.", "with --prompt-embeds, pass --negative-prompt-embeds FILE.")
+    if args.prompt is None and args.memory_plan != AUTO:
+        raise UsageError("--memory-plan applies to --prompt runs (every stage).", "drop it, or run with --prompt.")
+    if (args.height is None) != (args.width is None):
+        raise UsageError("--height and --width go together.", "pass both, or neither for the bundle's optimization resolution.")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_mode(args)
     check_out_path(args.out)
     manifest = load_manifest(args.bundle, args.expect_manifest_sha256)
+    height, width = (args.height, args.width) if args.height else manifest.profiles.opt_resolution
+    manifest.grid_for(height, width)
+    latents = read_tensors(args.latents, ("latents",))["latents"] if args.latents else None
+    seed = None if latents is not None else (args.seed if args.seed is not None else 0)
+    check_guidance(args.guidance)
+    if args.prompt is not None:
+        return run_prompt(args, manifest, height, width, latents, seed)
+    return run_embeddings(args, manifest, height, width, latents, seed)
+
+
+def _progress(steps: range):
+    return track(steps, "denoising", total=len(steps))
+
+
+def run_prompt(args: argparse.Namespace, manifest: Manifest, height: int, width: int, latents: np.ndarray | None,
+               seed: int | None) -> int:
+    name = registry.resolve_backend(args.backend, args.bundle, manifest)
+    options = backend_options(args, name)
+    with TextToImage(args.bundle, name, memory_plan=args.memory_plan, device=options.device, threads=options.threads,
+                     verify_checksums=options.verify_checksums, weight_streaming_budget=options.weight_streaming_budget,
+                     manifest=manifest) as pipe:
+        result = pipe.generate(args.prompt, args.negative_prompt, height=height, width=width, steps=args.steps,
+                               guidance=args.guidance, seed=seed, latents=latents, progress=_progress)
+    write_png(args.out, result.images[0])
+    print(f"wrote {args.out}: {width}x{height} PNG, {args.steps} steps ({result.backend}, memory plan "
+          f"{result.memory_plan.plan}): {result.timings.summary()}")
+    return 0
+
+
+def run_embeddings(args: argparse.Namespace, manifest: Manifest, height: int, width: int, latents: np.ndarray | None,
+                   seed: int | None) -> int:
     if not args.skip_checksums:
         verify_files(args.bundle, manifest, [SCHEDULER_CONFIG_NAME])
     scheduler = SchedulerConfig.from_file(args.bundle / SCHEDULER_CONFIG_NAME)
     # Check everything about the request that needs no graph before loading the (possibly large) backend.
-    manifest.grid_for(args.height, args.width)
     prompt = read_tensors(args.prompt_embeds, ("prompt_embeds",), ("prompt_embeds_mask",))
     negative: dict[str, np.ndarray] = {}
     if args.negative_prompt_embeds is not None:
         negative = read_tensors(args.negative_prompt_embeds, ("prompt_embeds",), ("prompt_embeds_mask",))
-    latents = read_tensors(args.latents, ("latents",))["latents"] if args.latents else None
-    seed = None if latents is not None else (args.seed if args.seed is not None else 0)
     # The runtime's own checks (generate repeats them), run before the backend loads so bad inputs fail in a moment.
-    check_guidance(args.guidance)
     text_dim = manifest.model_config["joint_attention_dim"]
     for tensors, name in ((prompt, "prompt_embeds"), (negative, "negative_prompt_embeds")):
         if tensors:
             tensors["prompt_embeds"], tensors["prompt_embeds_mask"] = check_text(
                 name, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"), text_dim
             )
-
-    backend = open_backend(args, args.bundle, manifest)
+    name = registry.resolve_backend(args.backend, args.bundle, manifest)
+    backend = registry.open_backend(args.bundle, name, manifest, backend_options(args, name))
     cache = None if args.no_text_kv_cache else TextKVCache()
     start = time.perf_counter()
     try:
@@ -147,22 +198,22 @@ def run(args: argparse.Namespace) -> int:
             prompt.get("prompt_embeds_mask"),
             negative.get("prompt_embeds"),
             negative.get("prompt_embeds_mask"),
-            height=args.height,
-            width=args.width,
+            height=height,
+            width=width,
             steps=args.steps,
             guidance=args.guidance,
             latents=latents,
             seed=seed,
             cache=cache,
             recompute_text_kv=args.no_text_kv_cache,
-            progress=lambda steps: track(steps, "denoising", total=len(steps)),
+            progress=_progress,
         )
     finally:
         backend.close()
     seconds = time.perf_counter() - start
     metadata = {
-        "height": str(args.height),
-        "width": str(args.width),
+        "height": str(height),
+        "width": str(width),
         "steps": str(args.steps),
         "guidance": str(args.guidance),
         "seed": "" if seed is None else str(seed),

@@ -276,7 +276,7 @@ class ParityReport:
 # ---- ONNX Runtime side ---------------------------------------------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto | Path, directory: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
+def cpu_session(model: onnx.ModelProto | Path, directory: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
     """A CPU session; a ModelProto is saved next to the bundle's graphs first, so relative external data resolves."""
     import onnxruntime as ort
 
@@ -322,9 +322,9 @@ class OnnxGraphs:
 
     def __init__(self, variants: GraphVariants, threads: int | None = None):
         self.variants = variants
-        self.text_kv = _session(variants.text_kv, variants.directory, threads)
-        self.free = _session(variants.free, variants.directory, threads)
-        self.forced = _session(variants.forced, variants.directory, threads)
+        self.text_kv = cpu_session(variants.text_kv, variants.directory, threads)
+        self.free = cpu_session(variants.free, variants.directory, threads)
+        self.forced = cpu_session(variants.forced, variants.directory, threads)
 
     def run(self, case: ParityCase, config: ModelConfig, reference_routing: list[np.ndarray]) -> GraphOutput:
         (text_kv,) = self.text_kv.run(None, case.text_kv_inputs(config))
@@ -544,9 +544,12 @@ def check_parity(
     return ParityReport(graph_precision or manifest.precision, tolerance, results, note)
 
 
-def write_report(bundle_dir: Path, reports: dict[str, ParityReport]) -> Path:
-    """parity.json holds one report per checked graph variant (e.g. "fp32", "bf16", "bf16+fp8")."""
+def write_report(bundle_dir: Path, reports: dict[str, ParityReport], stages: dict[str, dict] | None = None) -> Path:
+    """parity.json holds one report per checked graph variant (e.g. "fp32", "bf16", "bf16+fp8") and, under "stages",
+    the checks of the pipeline's other stages (parity/stages.py)."""
     path = Path(bundle_dir) / PARITY_NAME
     payload = {name: json.loads(report.to_json()) for name, report in reports.items()}
+    if stages:
+        payload["stages"] = stages
     write_atomic(path, json.dumps(payload, indent=2))
     return path

@@ -217,25 +217,30 @@ class TextToImageResult:
 
 def plan_memory(choice: str, manifest: Manifest, backend_name: str, options: BackendOptions) -> MemoryPlan:
     """Resolve --memory-plan: RESIDENT or STAGED as asked, or for "auto" by the stages' weights against the memory
-    free where the backend runs."""
+    free where the backend runs (choose_memory_plan)."""
     if choice not in MEMORY_PLANS:
         raise NucleusError(f"memory plan {choice!r} is not one of {', '.join(MEMORY_PLANS)}.", "pass auto, resident or staged.")
     cls = registry.backend_class(backend_name)
     stage_bytes = {stage: cls.stage_bytes(manifest, stage) for stage in manifest.stage_names}
-    largest = max(sum(stage_bytes.get(s, 0) for s in group) for group in STAGE_GROUPS)
-    total = sum(stage_bytes.values())
     if choice != AUTO:
         return MemoryPlan(choice, "asked for", stage_bytes, None)
-    available = cls.memory_available(options)
+    return choose_memory_plan(stage_bytes, cls.memory_available(options))
+
+
+def choose_memory_plan(stage_bytes: dict[str, int], available: int | None) -> MemoryPlan:
+    """"auto": resident when every stage's weights fit in RESIDENT_FRACTION of the free memory (or when the backend
+    cannot tell what is free), else staged."""
+    total = sum(stage_bytes.values())
     if available is None:
-        return MemoryPlan(RESIDENT, f"{backend_name} cannot tell its free memory; weights {_gb(total)}", stage_bytes, None)
+        return MemoryPlan(RESIDENT, f"free memory unknown; weights {_gb(total)}", stage_bytes, None)
     if total <= RESIDENT_FRACTION * available:
         return MemoryPlan(RESIDENT, f"weights {_gb(total)} fit in {_gb(available)} free", stage_bytes, available)
+    largest = max(sum(stage_bytes.get(s, 0) for s in group) for group in STAGE_GROUPS)
     if largest > RESIDENT_FRACTION * available:
-        logger.warning("the largest stage group needs %s of weights and %s is free: loading may fail",
+        logger.warning("the largest stage group needs %s of weights and %s is free: loading it may fail",
                        _gb(largest), _gb(available))
     return MemoryPlan(STAGED, f"weights {_gb(total)} do not fit in {_gb(available)} free; the largest group "
-                      f"{_gb(largest)} loads alone", stage_bytes, available)
+                      f"({_gb(largest)}) loads alone", stage_bytes, available)
 
 
 class TextToImage:
@@ -246,7 +251,7 @@ class TextToImage:
             vae_decoder stages).
         backend: "auto", "onnxruntime", "tensorrt" or "tensorrt-rtx" (registry.resolve_backend).
         memory_plan: "auto", "resident" or "staged" (module docstring).
-        device, threads, verify_checksums: as BackendOptions.
+        device, threads, verify_checksums, weight_streaming_budget: as BackendOptions.
         text_kv_cache: text K/V cache shared across calls (resident plan; default: a fresh bounded one).
     """
 
@@ -259,6 +264,7 @@ class TextToImage:
         device: str = AUTO,
         threads: int | None = None,
         verify_checksums: bool = True,
+        weight_streaming_budget: int | None = None,
         text_kv_cache: TextKVCache | None = None,
         manifest: Manifest | None = None,
     ):
@@ -276,7 +282,7 @@ class TextToImage:
         self.scheduler = SchedulerConfig.from_file(self.bundle_dir / SCHEDULER_CONFIG_NAME)
         self.tokenizer = load_prompt_tokenizer(self.bundle_dir, self.manifest, verify_checksums)
         self.backend_name = registry.resolve_backend(backend, self.bundle_dir, self.manifest)
-        self.options = BackendOptions(device, threads, verify_checksums)
+        self.options = BackendOptions(device, threads, verify_checksums, weight_streaming_budget)
         self.memory = plan_memory(memory_plan, self.manifest, self.backend_name, self.options)
         logger.info("memory plan %s (%s)", self.memory.plan, self.memory.reason)
         self.text_kv_cache = text_kv_cache if text_kv_cache is not None else TextKVCache()
