@@ -34,17 +34,17 @@ def no_tensorrt(monkeypatch):
 def test_no_tensorrt_names_the_extras(no_tensorrt):
     with pytest.raises(NucleusExportError) as info:
         resolve_flavor("auto")
-    assert "nucleus-export[tensorrt-rtx]" in str(info.value) and "nucleus-export[tensorrt]" in str(info.value)
-    with pytest.raises(NucleusExportError, match=r"nucleus-export\[tensorrt-rtx\]"):
+    assert ".[tensorrt-rtx]'" in str(info.value) and ".[tensorrt]'" in str(info.value)
+    with pytest.raises(NucleusExportError, match=r"runtime\[tensorrt-rtx\]"):
         resolve_flavor("tensorrt-rtx")
-    with pytest.raises(NucleusExportError, match=r"nucleus-export\[tensorrt\]"):
+    with pytest.raises(NucleusExportError, match=r"runtime\[tensorrt\]"):
         resolve_flavor("tensorrt")
 
 
 def test_cli_without_tensorrt_fails_before_exporting(no_tensorrt, tmp_path, capsys):
     assert main(["build", *TINY_ARGS, "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
-    assert "nucleus-export[tensorrt-rtx]" in err and "Traceback" not in err
+    assert ".[tensorrt-rtx]'" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
 
 

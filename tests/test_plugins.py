@@ -1,7 +1,8 @@
 """TensorRT plugin sources: the kernels compile with nvcc (sm_80, sm_90, warnings as errors), the NumPy reference of
 both ops matches diffusers' NucleusMoELayer, and nucleus_runtime.plugins reports bad plugin libraries clearly.
 
-The glue (IPluginV3) needs TensorRT headers, which these machines lack; plugins/gpu_check.sh runs the kernels on a GPU.
+The glue (IPluginV3) compiles only against TensorRT's C++ headers, which no package installed here ships (compiled out
+of tree against TensorRT 11.1's headers: plugins/README.md); plugins/gpu_check.sh runs the kernels on a GPU.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "about 2x the bf16 build's error; add --fp8-sensitivity to stay within 1.25x of it",
     )
     quant.add_argument("--fp8-scales", type=Path, help=f"reuse a quantization recipe ({QUANT_RECIPE_NAME} of an earlier bundle) instead of calibrating")
-    quant.add_argument("--calibration-prompts", type=Path, help="safetensors with prompt_embeds [N,T,D] (+ optional prompt_embeds_mask) for FP8 calibration (README, build --fp8)")
+    quant.add_argument("--calibration-prompts", type=Path, help="safetensors with prompt_embeds [N,T,D] (+ optional prompt_embeds_mask) for FP8 calibration (docs/fp8.md)")
     quant.add_argument("--calibration-size", type=int, default=8, help="calibration samples (default 8)")
     quant.add_argument(
         "--fp8-sensitivity",

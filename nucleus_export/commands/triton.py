@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         choices=configs.LAYOUTS,
         default=configs.DEFAULT_LAYOUT,
         help="inprocess (default): one Python model runs the graphs with nucleus_runtime, text K/V stays in it; "
-        "bls: the graphs are Triton models called per step (text K/V crosses Triton every step). README: 'triton'",
+        "bls: the graphs are Triton models called per step (text K/V crosses Triton every step). docs/triton.md",
     )
     p.add_argument(
         "--onnxruntime-threads",

@@ -17,7 +17,7 @@ from nucleus_export.errors import UsageError
 
 GB = 1e9
 # Fitted to two measured builds of the 6-block real-dimension checkpoint (bf16, plan streamed to disk): one engine
-# of 3.96 GB of weights peaked at 10.90 GB, three segments (largest 2.3 GB) at 6.77 GB (README "Build memory").
+# of 3.96 GB of weights peaked at 10.90 GB, three segments (largest 2.3 GB) at 6.77 GB (docs/findings.md, "Build memory and bundle size").
 BUILD_BASE_BYTES = int(1.0 * GB)
 BUILD_BYTES_PER_WEIGHT_BYTE = 2.5
 

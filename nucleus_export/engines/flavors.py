@@ -47,8 +47,9 @@ class TensorRTFlavor:
 
 
 def install_hint(name: str) -> str:
-    """The toolkit's extras are named after the flavors (pyproject [project.optional-dependencies])."""
-    return f"pip install 'nucleus-export[{name}]'"
+    """The toolkit's extras are named after the flavors (pyproject [project.optional-dependencies]); they pull the
+    runtime's extra of the same name, so the runtime distribution is installed from the checkout first."""
+    return f"pip install './runtime[{name}]' '.[{name}]' (from the nucleus-export checkout)"
 
 
 def _import(name: str) -> ModuleType | None:

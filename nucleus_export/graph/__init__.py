@@ -1,1 +1,1 @@
-"""ONNX graphs built directly from the checkpoint's tensors, block by block (see README "Why build the graph")."""
+"""ONNX graphs built directly from the checkpoint's tensors, block by block (docs/architecture.md, "Why the graph is built from the weights")."""

@@ -3,8 +3,8 @@ scales).
 
 A recipe maps GEMM module paths (or prefixes such as "transformer_blocks.4" for a whole block) to a
 `nucleus_runtime.contract.GemmMode`, the longest matching prefix winning, with `default_mode` for the rest. A new mode
-is a `GemmMode` member, its emission in graph/layers.py, its candidates in quant/sensitivity.py and its peak in
-costs/bundle_cost.py (docs/architecture.md).
+is a `GemmMode` member, its emission in graph/layers.py and its candidates in quant/sensitivity.py; costs/bundle_cost.py
+prices every quantized GEMM at the FP8 peak, so a mode with another peak extends it there (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run a bundle's graphs in ONNX Runtime and diffusers' forward on the same inputs, and compare, routing-aware.
 
-Three numbers per case (see README, `check`):
+Three numbers per case (docs/commands.md, `check`):
 - routing: per MoE block the share of the reference's (row, expert, token) selections the graph made, end to end,
   and the graph's own choice with the reference's routing forced upstream, every disagreement classified by its
   score margin (nucleus_export.parity.routing: a near-tie is a flip that float32 rounding of the gate logits alone

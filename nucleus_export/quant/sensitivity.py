@@ -1,6 +1,6 @@
 """How each GEMM computes in an FP8 build (W8A8, FP8 weights only, or bf16), chosen by measurement.
 
-What was measured (README, `--fp8`): FP8's excess error is E4M3 arithmetic, weight and activation rounding in about
+What was measured (docs/fp8.md): FP8's excess error is E4M3 arithmetic, weight and activation rounding in about
 equal parts, not routing alone: with the reference's routing forced, the tiny model's FP8 graph is 3.7x the bf16
 graph's error. Each GEMM group's share adds up (the sum of one-group-at-a-time excesses matches the whole within a few
 percent), so the selection is a budget problem:
@@ -208,8 +208,8 @@ def select_fp8_modes(
     """Measure every GEMM group's FP8 cost and choose each group's mode (see module docstring).
 
     Returns:
-        The scales with `keep` / `weight_only` set and the measurements under calibration["sensitivity"], and the
-        measurements.
+        The recipe with each GEMM group's mode chosen (QuantRecipe.modes) and the measurements under
+        calibration["sensitivity"], and the measurements.
     """
     from nucleus_export.model.reference import load_reference
 

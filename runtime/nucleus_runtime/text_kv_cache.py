@@ -42,7 +42,7 @@ def text_kv_key(
     """Content hash of what text K/V and its use depend on.
 
     Args:
-        namespace: identifies the model and precision (e.g. the manifest's config hash), so one cache can serve
+        namespace: identifies exactly the bytes that produce and consume an entry (pipeline.cache_namespace), so one cache can serve
             several bundles without mixing their K/V.
         embeddings: [B, T, D] prompt embeddings as fed to the text_kv graph.
         mask: [B, T] mask as fed to the denoiser.
