@@ -25,22 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from nucleus_export.model.tiny import MEDIUM_CONFIG
+
 ROOT = Path(__file__).resolve().parents[1]
-
-# A scaled-down Nucleus-Image with its proportions: GQA 4:1, text width 2x hidden, 3 dense blocks then MoE blocks,
-# 2 routed experts per token on average; ~72M parameters.
-MEDIUM_CONFIG: dict[str, Any] = {
-    "num_layers": 8,
-    "attention_head_dim": 64,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "joint_attention_dim": 1024,
-    "axes_dims_rope": [8, 28, 28],
-    "num_experts": 16,
-    "moe_intermediate_dim": 320,
-    "capacity_factors": [0.0, 0.0, 0.0, 4.0, 4.0, 2.0, 2.0, 2.0],
-}
-
 
 @dataclasses.dataclass
 class Case:

@@ -121,3 +121,16 @@ def test_generate_resolves_the_pipeline_folders(hub_cache, tiny_checkpoint_dir):
     # transformer/ is listed by the repository but not cached: generate does not ask for it.
     assert resolve_pipeline(REPO) == snapshot
     assert set(PIPELINE_FOLDERS) >= {"text_encoder", "processor", "vae", "scheduler"} and "transformer" not in PIPELINE_FOLDERS
+
+
+def test_export_stages_fetch_their_component_folders(hub_cache, tiny_checkpoint_dir):
+    """export/build ask the Hub for the folders of the stages they export: the transformer-only cache above is
+    incomplete for the text encoder stage, and complete once text_encoder/ and processor/ are cached too."""
+    files = pipeline_files(tiny_checkpoint_dir)
+    cache_snapshot(hub_cache, files, listed=[*files, *OTHER_COMPONENTS])
+    with pytest.raises(NucleusExportError, match="is incomplete in"):
+        open_model(REPO, ("text_encoder",))
+    for path in OTHER_COMPONENTS:
+        files[path] = "{}"
+    snapshot = cache_snapshot(hub_cache, files)
+    assert open_model(REPO, ("text_encoder", "vae_decoder")).pipeline_root == snapshot

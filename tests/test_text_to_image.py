@@ -233,3 +233,15 @@ def test_check_covers_the_pipeline_stages(pipeline_root, bundle, capsys):
     assert stages[TEXT_ENCODER_GRAPH]["passed"] and stages[TEXT_ENCODER_GRAPH]["value"] <= 1e-5
     assert stages[TEXT_ENCODER_GRAPH]["cases"] >= 6
     assert stages[VAE_DECODER_GRAPH]["passed"] and stages[VAE_DECODER_GRAPH]["value"] <= 1
+
+
+def test_stages_choose_what_a_pipeline_root_exports(pipeline_root, bundle, tmp_path, capsys):
+    assert load_manifest(bundle).stage_names == [TEXT_ENCODER_GRAPH, "text_kv", "denoiser", VAE_DECODER_GRAPH]
+    out = tmp_path / "vae-only"
+    assert main(["export", "--model", str(pipeline_root), "--out", str(out), "--stages", "vae_decoder",
+                 "--resolutions", "64x64"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.stage_names == ["text_kv", "denoiser", VAE_DECODER_GRAPH]
+    assert not (out / "tokenizer.json").exists()
+    assert main(["export", "--model", str(pipeline_root), "--out", str(tmp_path / "x"), "--stages", "unet"]) == 2
+    assert "unknown stage(s) unet" in capsys.readouterr().err

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nucleus_export.model.tiny import MEDIUM_CONFIG
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -46,6 +48,11 @@ class ToyVariant:
     text_encoder: dict[str, Any]  # overrides of the Qwen3-VL text config below
     vae: dict[str, Any]  # AutoencoderKLQwenImage arguments
     padding_side: str = "right"
+    processor: str = "chars"  # "chars": the character-level tokenizer below; "bpe": tests/bpe_processor.py's
+
+
+# The released QwenImage VAE's architecture (diffusers' AutoencoderKLQwenImage defaults), random weights.
+REAL_VAE: dict[str, Any] = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2}
 
 
 VARIANTS = {
@@ -59,6 +66,17 @@ VARIANTS = {
         {"base_dim": 12, "z_dim": 16, "dim_mult": [1, 2, 4], "num_res_blocks": 1, "temperal_downsample": [False, True],
          "latents_mean": [0.1 * (i % 5) - 0.2 for i in range(16)], "latents_std": [0.5 + 0.1 * (i % 7) for i in range(16)]},
         padding_side="left",
+    ),
+    # For benchmarks (benchmarks/bench_text_to_image.py), not tests: the medium transformer of nucleus_export.model.tiny,
+    # a text encoder at a quarter of the real width with the real head_dim and vocabulary, the real VAE, and a
+    # Qwen-like BPE processor with Qwen3-VL's chat template.
+    "medium": ToyVariant(
+        "medium",
+        MEDIUM_CONFIG,
+        {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 12,
+         "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128},
+        REAL_VAE,
+        processor="bpe",
     ),
 }
 
@@ -91,7 +109,13 @@ def allow_processor_without_torchvision() -> Iterator[None]:
             del module.VideoProcessorMixin
 
 
-def _processor(padding_side: str = "right") -> Any:
+def _processor(padding_side: str = "right", kind: str = "chars") -> tuple[Any, dict[str, int]]:
+    """The processor and the ids of the special tokens the text encoder's config names."""
+    if kind == "bpe":
+        from bpe_processor import bpe_processor
+
+        processor = bpe_processor(padding_side=padding_side)
+        return processor, {t: processor.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -119,7 +143,7 @@ def _text_encoder(vocab: dict[str, int], text_dim: int, overrides: dict[str, Any
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     text_config = {
-        "vocab_size": len(vocab),
+        "vocab_size": max(vocab.values()) + 1,
         "hidden_size": text_dim,
         "intermediate_size": 2 * text_dim,
         "num_hidden_layers": 9,
@@ -160,9 +184,10 @@ def write_toy_pipeline(out_dir: Path, variant: ToyVariant = VARIANTS["toy"]) -> 
 
     torch.manual_seed(SEED)
     with allow_processor_without_torchvision():
-        processor, vocab = _processor(variant.padding_side)
+        processor, vocab = _processor(variant.padding_side, variant.processor)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        transformer = write_checkpoint(tmp / "tiny-transformer", variant.transformer) if variant.transformer else ensure_tiny_checkpoint()
+        transformer = (write_checkpoint(tmp / "tiny-transformer", variant.transformer, max_shard_size="4GB")
+                       if variant.transformer else ensure_tiny_checkpoint())
         text_dim = {**TINY_CONFIG, **variant.transformer}["joint_attention_dim"]
         pipe = NucleusMoEImagePipeline(
             transformer=load_reference(open_checkpoint(transformer)),

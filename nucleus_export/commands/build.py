@@ -16,6 +16,7 @@ from nucleus_export.commands.common import (
     add_out_argument,
     bundle_path,
     export_options,
+    requested_stages,
 )
 from nucleus_export.costs.combine import COMBINE_CHOICES
 from nucleus_export.engines.flavors import FLAVOR_CHOICES
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-build-memory {args.max_build_memory} is not positive.", "give it in GB, e.g. 16.")
     out = bundle_path(args, args.precision + ("-fp8" if args.fp8 else ""))
     refuse_existing(out, args.force)
-    checkpoint = open_model(args.model)
+    checkpoint = open_model(args.model, requested_stages(args))
     options = export_options(args)
     # Fail fast (backend, plugins, TensorRT's limits) before export and calibration, which take the longest.
     plan = plan_build(checkpoint, options, build)

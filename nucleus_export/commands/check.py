@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from nucleus_runtime.bundle import load_manifest, verify_files
-from nucleus_runtime.contract import GRAPHS, QUANT_RECIPE_NAME, onnx_file
+from nucleus_runtime.contract import GRAPHS, OPTIONAL_STAGES, QUANT_RECIPE_NAME, onnx_file
 
 from nucleus_export.commands.common import add_expect_manifest_argument
 from nucleus_export.errors import NucleusExportError
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     precision = GraphPrecision(manifest.precision, recipe)
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     tolerance = dataclasses.replace(tolerance_for(precision), **overrides)
-    checkpoint = open_model(args.model)
+    checkpoint = open_model(args.model, tuple(s for s in manifest.stage_names if s in OPTIONAL_STAGES))
     report = quality_report(
         checkpoint, args.bundle, precision, built_lowering(manifest), tolerance=tolerance, case_set=args.cases
     )

@@ -7,11 +7,14 @@ import re
 from pathlib import Path
 
 from nucleus_runtime.bundle import check_sha256_hex
-from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR
+from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR, OPTIONAL_STAGES
 from nucleus_runtime.errors import NucleusError
 
 from nucleus_export.export import INLINE_WEIGHTS_MAX_BYTES, ExportOptions
 from nucleus_export.graph.precision import COMPUTE_DTYPES, GraphPrecision
+from nucleus_export.model.components import parse_stages
+from nucleus_export.model.specs import MODEL_HELP
+from nucleus_export.model.text_encoder import DEFAULT_RETURN_INDEX
 from nucleus_export.resolutions import (
     DEFAULT_BASE,
     aspect_resolutions,
@@ -37,13 +40,7 @@ def add_expect_manifest_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_argument(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, required: bool = True) -> None:
-    parser.add_argument(
-        "--model",
-        required=required,
-        help="'tiny' (embedded tiny model, generated offline), 'synthetic:nucleus-image?layers=N' (random weights, "
-        "real dimensions, N blocks, cached on first use), a diffusers transformer folder, a pipeline root, or a "
-        "Hugging Face Hub id such as NucleusAI/NucleusMoE-Image (only transformer/ and scheduler/ are downloaded)",
-    )
+    parser.add_argument("--model", required=required, help=MODEL_HELP)
 
 
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +82,18 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_precision: str
     group.add_argument("--max-text-len", type=int, default=1024, help="longest prompt in tokens (default 1024)")
     group.add_argument("--opt-text-len", type=int, help="typical prompt length (default: 128, or --max-text-len if smaller)")
     group.add_argument(
+        "--stages",
+        type=parse_stages,
+        help="stages to export, comma-separated, of text_encoder,text_kv,denoiser,vae_decoder (the transformer's "
+        "text_kv and denoiser always; default: every stage the model provides: a pipeline root or Hub id gives all four)",
+    )
+    group.add_argument(
+        "--return-index",
+        type=int,
+        default=DEFAULT_RETURN_INDEX,
+        help=f"the text encoder hidden state the pipeline reads (its return_index, default {DEFAULT_RETURN_INDEX})",
+    )
+    group.add_argument(
         "--external-data",
         choices=["auto", "always", "never"],
         default="auto",
@@ -110,4 +119,11 @@ def export_options(args: argparse.Namespace, precision: GraphPrecision | None = 
         opt_text_len=args.opt_text_len,
         external_data={"auto": None, "always": True, "never": False}[args.external_data],
         link_checkpoint=args.weights == "link",
+        stages=args.stages,
+        return_index=args.return_index,
     )
+
+
+def requested_stages(args: argparse.Namespace) -> tuple[str, ...]:
+    """The optional stages an export or build asks the model for (every one unless --stages narrows them)."""
+    return tuple(s for s in (args.stages or OPTIONAL_STAGES) if s in OPTIONAL_STAGES)

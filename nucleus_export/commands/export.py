@@ -12,6 +12,7 @@ from nucleus_export.commands.common import (
     add_out_argument,
     bundle_path,
     export_options,
+    requested_stages,
 )
 from nucleus_export.export import export_bundle
 from nucleus_export.model.specs import open_model
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint = open_model(args.model)
+    checkpoint = open_model(args.model, requested_stages(args))
     options = export_options(args)
     options.segments = args.segments
     out = bundle_path(args, options.precision.label)

@@ -42,6 +42,20 @@ TINY_CONFIG: dict[str, Any] = {
     "route_scale": 2.5,
 }
 
+# A scaled-down Nucleus-Image with its proportions, for benchmarks: GQA 4:1, text width 2x hidden, 3 dense blocks then
+# MoE blocks, 2 routed experts per token on average; ~72M parameters (overrides of TINY_CONFIG).
+MEDIUM_CONFIG: dict[str, Any] = {
+    "num_layers": 8,
+    "attention_head_dim": 64,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "joint_attention_dim": 1024,
+    "axes_dims_rope": [8, 28, 28],
+    "num_experts": 16,
+    "moe_intermediate_dim": 320,
+    "capacity_factors": [0.0, 0.0, 0.0, 4.0, 4.0, 2.0, 2.0, 2.0],
+}
+
 TINY_SEED = 0
 # Bump when random_weight changes, so cached tiny checkpoints of the old init are not reused.
 TINY_INIT_VERSION = 3
