@@ -92,3 +92,35 @@ def test_runtime_installs_alone_and_runs_a_bundle(runtime_venv, tiny_bundle, tmp
                         SchedulerConfig.from_file(tiny_bundle / "scheduler_config.json"), text, None, np.zeros_like(text),
                         None, height=128, width=128, steps=2, guidance=4.0, seed=1)
     np.testing.assert_array_equal(np.load(out), expected)
+
+
+TEXT_TO_IMAGE = textwrap.dedent(
+    """
+    import importlib.util, sys
+    assert all(importlib.util.find_spec(m) is None for m in ("torch", "diffusers", "transformers", "nucleus_export"))
+    from nucleus_runtime.png import write_png
+    from nucleus_runtime.text_to_image import TextToImage
+    with TextToImage(sys.argv[1], threads=2) as pipe:
+        write_png(sys.argv[2], pipe("a red fox", height=64, width=64, steps=2, seed=4))
+    """
+)
+
+
+def test_runtime_alone_turns_text_into_the_same_png(runtime_venv, tmp_path):
+    """The deployment venv takes a sentence and gives the PNG the toolkit's environment gives (tokenizer included)."""
+    from toy_pipeline import allow_processor_without_torchvision, ensure_toy_pipeline
+
+    from nucleus_export.cli import main
+
+    bundle = tmp_path / "bundle"
+    with allow_processor_without_torchvision():
+        assert main(["export", "--model", str(ensure_toy_pipeline()), "--out", str(bundle), "--precision", "fp32",
+                     "--resolutions", "64x64", "--max-text-len", "512"]) == 0
+    out = tmp_path / "fox.png"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    subprocess.run([str(runtime_venv), "-c", TEXT_TO_IMAGE, str(bundle), str(out)], check=True, env=env, cwd=tmp_path)
+    from nucleus_runtime.png import encode_png
+    from nucleus_runtime.text_to_image import TextToImage
+
+    with TextToImage(bundle, threads=2) as pipe:
+        assert out.read_bytes() == encode_png(pipe("a red fox", height=64, width=64, steps=2, seed=4))
