@@ -235,3 +235,34 @@ def test_engine_transformer_refuses_what_the_bundle_cannot_serve(engine_pipe, ca
         call(engine_pipe)
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_a_4x_vae_sets_the_pixel_grid(tmp_path, capsys):
+    """The "other" toy pipeline has a 4x VAE (as diffusers' own dummy pipeline): export takes the pixel grid from it,
+    and EngineTransformer and `generate` serve its sizes, giving diffusers' latents and pixels."""
+    from diffusers import NucleusMoEImagePipeline
+
+    root = ensure_toy_pipeline("other")
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--model", str(root), "--out", str(bundle), "--stages", "text_kv,denoiser",
+                 "--resolutions", "32x32,32x64", "--max-text-len", str(MAX_TEXT_LEN)]) == 0
+    manifest = load_manifest(bundle)
+    assert manifest.profiles.pixels_per_patch == 8 and manifest.grid_for(32, 64) == (4, 8)
+    reference = NucleusMoEImagePipeline.from_pretrained(root)
+    engine = NucleusMoEImagePipeline.from_pretrained(root, transformer=None)
+    engine.transformer = EngineTransformer(bundle, threads=2)
+    for pipe in (reference, engine):
+        pipe.set_progress_bar_config(disable=True)
+    ours = _reference(engine, "a fox", 32, 64, 4.0, 2, "latent")
+    assert _rel(ours.numpy(), _reference(reference, "a fox", 32, 64, 4.0, 2, "latent").numpy()) <= 1e-4
+    out = tmp_path / "fox.png"
+    assert main(["generate", "--model", str(root), "--bundle", str(bundle), "--prompt", "a fox", "--height", "32",
+                 "--width", "64", "--steps", str(STEPS), "--seed", "2", "--threads", "2", "--out", str(out)]) == 0
+    ref = _reference(reference, "a fox", 32, 64, 4.0, 2, "pil")[0]
+    assert np.abs(np.asarray(Image.open(out), np.int16) - np.asarray(ref, np.int16)).max() <= 1
+    capsys.readouterr()
+    # Another pipeline (the toy one: 64-wide text, 8x VAE) is refused in one line, before any work.
+    assert main(["generate", "--model", str(ensure_toy_pipeline()), "--bundle", str(bundle), "--prompt", "x",
+                 "--height", "32", "--width", "32", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert "the bundle's model takes 48" in err and "Fix:" in err.splitlines()[-1]
