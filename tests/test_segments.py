@@ -21,7 +21,7 @@ from nucleus_export.costs.build_memory import (
     groups_by_bytes,
     plan_build_memory,
 )
-from nucleus_export.rewrites.segments import block_outputs, even_groups, split_denoiser
+from nucleus_export.rewrites.segments import block_outputs, even_groups, split_segments
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_checkpoint
@@ -108,7 +108,7 @@ def test_segment_graphs_take_their_text_kv_slice(tiny_checkpoint, tmp_path):
     export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(resolutions=RESOLUTIONS, max_text_len=16))
     model = onnx.load(str(tmp_path / "b" / "denoiser.onnx"), load_external_data=False)
     assert len(block_outputs(model)) == tiny_checkpoint.config.num_layers
-    pieces = split_denoiser(model, [(0, 2), (2, 3), (3, 5)])
+    pieces = split_segments(model, [(0, 2), (2, 3), (3, 5)], "denoiser")
     for seg_model, seg in pieces:
         text_kv = next(v for v in seg_model.graph.input if v.name == "text_kv")
         assert text_kv.type.tensor_type.shape.dim[0].dim_value == seg.blocks[1] - seg.blocks[0]
@@ -119,7 +119,7 @@ def test_segment_graphs_take_their_text_kv_slice(tiny_checkpoint, tmp_path):
         onnx.checker.check_model(seg_model)
     assert pieces[0][1].inputs[0] == "hidden_states" and pieces[-1][1].outputs == ["sample"]
     with pytest.raises(NucleusExportError, match="do not cover"):
-        split_denoiser(model, [(0, 2), (3, 5)])
+        split_segments(model, [(0, 2), (3, 5)], "denoiser")
 
 
 def test_groups_by_bytes_and_memory_plan():
