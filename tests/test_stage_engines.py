@@ -414,3 +414,57 @@ def test_tensorrt_text_encoder_binds_slices_by_address(fp32_segmented):
     with pytest.raises(TypeError, match="its own key_values"):
         backend.encode_prompt(ids, mask, OrtTensor(None))
     assert isinstance(key_values, TrtTensor)
+
+
+# ---- costs and inspect -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["toy-fp32", "toy-bf16", "variant-fp32"])
+def test_text_encoder_cost_is_the_graphs(which, fp32_segmented, bf16_build, variant_build):
+    """The analytic cost (costs/text_encoder.py) counts the exported graph's GEMM and attention FLOPs (costs/flops.py)
+    and its weight bytes (the initializers), for GQA and MHA with biases and the final norm."""
+    import math
+
+    import onnx
+
+    from nucleus_export.costs.flops import graph_cost
+    from nucleus_export.costs.text_encoder import text_encoder_cost
+    from nucleus_export.model.text_encoder import TextEncoderConfig
+
+    out, manifest, _ = {"toy-fp32": fp32_segmented, "toy-bf16": bf16_build, "variant-fp32": variant_build}[which]
+    config = TextEncoderConfig.from_fields(manifest.stages["text_encoder"].config["model_config"])
+    model = onnx.load(str(out / "text_encoder.onnx"), load_external_data=False)
+    batch, text_len, past_len = 2, 7, 5
+    past = [config.kept_layers, 2, batch, past_len, config.num_key_value_heads, config.head_dim]
+    counted = graph_cost(model, {INPUT_IDS: [batch, text_len], ATTENTION_MASK: [batch, past_len + text_len],
+                                 PAST_KEY_VALUES: past})
+    compute_bytes = 2 if which.endswith("bf16") else 4
+    cost = text_encoder_cost(config, text_len, past_len, batch, compute_bytes)
+    assert cost.attention_flops == counted["attention"].gemm_flops > 0
+    assert cost.flops == sum(c.gemm_flops for c in counted.values())
+    stored = sum(math.prod(i.dims) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+                 for i in model.graph.initializer if i.name.startswith("model.language_model."))
+    assert cost.weight_bytes == stored
+    fp8 = text_encoder_cost(config, text_len, past_len, batch, compute_bytes, fp8=True)
+    assert fp8.flops == cost.flops and fp8.weight_bytes < cost.weight_bytes
+
+
+def test_inspect_shows_the_stages(bf16_build, capsys):
+    from nucleus_export.cli import main
+
+    out, manifest, reports = bf16_build
+    assert main(["inspect", "--bundle", str(out), "--gpu", "rtx4090", "--json"]) == 0
+    stages = {s["name"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert list(stages) == list(ALL_STAGES)
+    for name, stage in stages.items():
+        assert stage["precision"] == "bf16" and stage["files"] == OrtBackend.stage_files(manifest, name)
+        assert [u["plan_bytes"] for u in stage["units"]] == [(out / plan_file(u)).stat().st_size for u in manifest.units(name)]
+        assert stage["profiles"] == reports[name].profile  # what the engine was built with
+    assert len(stages["vae_decoder"]["costs"]) == len(RESOLUTIONS) and stages["text_kv"]["costs"] == []
+    cases = [row["case"] for row in stages["text_encoder"]["costs"]]
+    prefix = manifest.stages["text_encoder"].config["prefix_tokens"]
+    assert cases[0] == f"template prefix, {prefix} tokens (once)" and cases[-1] == f"{MAX_TEXT_LEN} tokens, no cache"
+    assert all(row["seconds"] > 0 and row["flops"] > 0 for s in stages.values() for row in s["costs"])
+    assert main(["inspect", "--bundle", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "stages" in printed and "vae_decoder: one call" in printed and "past_key_values" in printed
