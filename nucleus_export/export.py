@@ -34,7 +34,7 @@ from nucleus_runtime.contract import (
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
-from nucleus_runtime.tokenizer import PromptTemplate
+from nucleus_runtime.tokenizer import PromptTemplate, PromptTokenizer
 from rich.progress import Progress
 
 from nucleus_export import __version__
@@ -175,17 +175,20 @@ class ExportPlan:
     components: PipelineComponents
     template: PromptTemplate | None = None
 
-    @property
-    def prefix_tokens(self) -> int:
-        """Tokens of the template's fixed prefix: what a runtime encodes once and reuses (the text encoder's past)."""
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        """The runtime's tokenizer of the bundle's tokenizer files (the pipeline's processor and chat template)."""
         if self.template is None:
-            return 0
+            raise UsageError("the model has no text encoder stage, so there is no prompt tokenizer.",
+                             "export from a pipeline root with --stages including text_encoder.")
         from tokenizers import Tokenizer
 
-        from nucleus_export.model.prompt_template import tokenizer_json
+        return PromptTokenizer(Tokenizer.from_str(tokenizer_json(self.components.processor)), self.template)
 
-        tokenizer = Tokenizer.from_str(tokenizer_json(self.components.processor))
-        return len(tokenizer.encode(self.template.prefix, add_special_tokens=self.template.add_special_tokens).ids)
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens of the template's fixed prefix: what a runtime encodes once and reuses (the text encoder's past),
+        counted by the runtime's own tokenizer."""
+        return 0 if self.template is None else len(self.prompt_tokenizer().prefix_ids)
 
 
 def plan_export(checkpoint: Checkpoint, options: ExportOptions) -> ExportPlan:

@@ -468,3 +468,48 @@ def test_inspect_shows_the_stages(bf16_build, capsys):
     assert main(["inspect", "--bundle", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "stages" in printed and "vae_decoder: one call" in printed and "past_key_values" in printed
+
+
+# ---- FP8 text encoder (opt-in) -----------------------------------------------------------------------------------------
+
+
+def test_fp8_text_encoder_is_opt_in_and_calibrated(toy_root, tmp_path, capsys):
+    """`build --fp8 --fp8-text-encoder`: the text encoder's seven linears per kept layer get FP8 Q/DQ with activation
+    scales calibrated on transformers' forward (recorded in the recipe with the transformer's); without the flag the
+    text encoder stays bf16; the flag alone, or without a text encoder, is refused."""
+    from nucleus_export.cli import main
+    from nucleus_export.graph.precision import QuantRecipe
+    from nucleus_export.quant.calibrate import text_encoder_linears
+
+    args = ["build", "--model", str(toy_root), "--backend", "tensorrt-rtx", "--skip-quality", "--resolutions", "128x128",
+            "--max-text-len", str(MAX_TEXT_LEN), "--opt-text-len", str(OPT_TEXT_LEN), "--calibration-size", "2",
+            "--stages", "text_encoder,text_kv,denoiser"]
+    assert main([*args, "--fp8-text-encoder", "--out", str(tmp_path / "x")]) == 1
+    assert "only apply with --fp8" in capsys.readouterr().err
+    assert main(["build", "--model", "tiny", "--fp8", "--fp8-text-encoder", "--backend", "tensorrt-rtx",
+                 "--skip-quality", "--out", str(tmp_path / "y")]) == 2
+    assert "needs a text_encoder stage" in capsys.readouterr().err
+
+    out = tmp_path / "fp8"
+    assert main([*args, "--fp8", "--fp8-text-encoder", "--out", str(out)]) == 0
+    manifest = load_manifest(out)
+    assert manifest.stage_names == ["text_encoder", "text_kv", "denoiser"]  # --stages left the VAE out
+    assert {g: manifest.stage_precision(g) for g in manifest.stage_names} == {
+        "text_encoder": "bf16+fp8", "text_kv": "bf16", "denoiser": "bf16+fp8"}
+    recipe = QuantRecipe.load(out / "fp8_scales.json")
+    config = manifest.stages["text_encoder"].config
+    linears = [name for name in recipe.activation_amax if name.startswith("model.language_model.")]
+    assert len(linears) == 7 * config["kept_layers"] and all(recipe.activation_amax[n] > 0 for n in linears)
+    assert recipe.calibration["text_encoder"]["count"] == 8 and "timesteps" in recipe.calibration
+    log = json.loads((out / "build_log.json").read_text())["engines"]["text_encoder"]["network"]
+    fp8 = [g for g in log["gemms"] if "language_model" in g["name"]]
+    assert len(fp8) == 7 * config["kept_layers"] and all(g["fp8_inputs"] == [True, True] for g in fp8)
+    from nucleus_export.model.text_encoder import TextEncoderConfig
+
+    assert sorted(linears) == sorted(text_encoder_linears(TextEncoderConfig.from_fields(config["model_config"])))
+
+    plain = tmp_path / "fp8-denoiser-only"
+    assert main([*args, "--fp8", "--fp8-scales", str(out / "fp8_scales.json"), "--out", str(plain)]) == 0
+    assert load_manifest(plain).stage_precision("text_encoder") == "bf16"
+    log = json.loads((plain / "build_log.json").read_text())["engines"]["text_encoder"]["network"]
+    assert log["num_quantize"] == 0

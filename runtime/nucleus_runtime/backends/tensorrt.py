@@ -569,7 +569,6 @@ class TensorRTBackend(Backend):
     def denoise_device(self, inputs: dict[str, Any], text_kv: TensorHandle, sample: Any, stream: int) -> None:
         if not isinstance(text_kv, TrtTensor):
             raise TypeError(f"TensorRTBackend.denoise_device needs text K/V from TensorRTBackend, got {type(text_kv).__name__}")
-        self._loaded(self._denoisers, DENOISER)
         # The views hold the DLPack capsules, and with them the tensors, until the run is enqueued.
         views = {name: dlpack.view(tensor, stream) for name, tensor in {**inputs, SAMPLE: sample}.items()}
         for name, view in views.items():
@@ -578,6 +577,7 @@ class TensorRTBackend(Backend):
                     f"{name} is {view.dtype} in {view.device} memory; the engine binds {HOST_INPUT_DTYPES[name]} on the GPU.",
                     "pass contiguous CUDA tensors in the contract's dtypes, or use `denoise` with host arrays.",
                 )
+        self._loaded(self._denoisers, DENOISER)
         if self.segments:
             raise NucleusError(
                 "denoise_device serves single-engine bundles; this bundle's denoiser is segmented.",
