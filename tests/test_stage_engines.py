@@ -513,3 +513,17 @@ def test_fp8_text_encoder_is_opt_in_and_calibrated(toy_root, tmp_path, capsys):
     assert load_manifest(plain).stage_precision("text_encoder") == "bf16"
     log = json.loads((plain / "build_log.json").read_text())["engines"]["text_encoder"]["network"]
     assert log["num_quantize"] == 0
+
+
+def test_vae_resolutions_over_tensorrts_limit_are_refused_before_work(toy_root, tmp_path):
+    """The VAE decoder's single-head attention over every latent pixel: at 1280x1280 and batch 4 its scores pass
+    2^31 elements (the transformer would fit), so `build` refuses before exporting anything and says what fits."""
+    from nucleus_export.build import plan_build
+
+    options = ExportOptions(precision=GraphPrecision("bf16"), resolutions=[(1024, 1024), (1280, 1280)], max_text_len=512,
+                            max_batch=4)
+    with pytest.raises(NucleusExportError, match=r"VAE decoder at 1280x1280 \(batch 4\)") as info:
+        plan_build(open_checkpoint(toy_root), options, BuildOptions(flavor="tensorrt-rtx"))
+    assert "1.48 MP at batch 4" in info.value.fix
+    plan_build(open_checkpoint(toy_root), dataclasses.replace(options, resolutions=[(1024, 1024)]),
+               BuildOptions(flavor="tensorrt-rtx"))

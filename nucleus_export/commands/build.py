@@ -1,4 +1,5 @@
-"""`nucleus-export build`: export the bundle and build text_kv.plan / denoiser.plan with TensorRT or TensorRT-RTX."""
+"""`nucleus-export build`: export the bundle and build an engine per stage (text_encoder.plan, text_kv.plan,
+denoiser.plan, vae_decoder.plan, or their segments) with TensorRT or TensorRT-RTX."""
 
 from __future__ import annotations
 
@@ -31,10 +32,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "build",
         parents=[common],
         help="export the bundle and build TensorRT / TensorRT-RTX engines (bf16, or --fp8), with a quality report",
-        description="Export text_kv.onnx and denoiser.onnx, lower the MoE ops (native layers or plugins), build "
-        "text_kv.plan and denoiser.plan with one optimization profile over the served resolutions, batch 1..2 and "
-        "the text length range, and compare the graphs with diffusers' float32 forward (parity.json). Written to a "
-        "temporary folder and renamed into place.",
+        description="Export the bundle's stages (text_kv.onnx and denoiser.onnx; from a pipeline root also "
+        "text_encoder.onnx and vae_decoder.onnx, as --stages says), lower the MoE ops (native layers or plugins), "
+        "build one plan per stage (the denoiser and the text encoder cut into segments where --max-build-memory needs) "
+        "with one optimization profile each over the served resolutions, batch 1..2, the text length range and the "
+        "text encoder's cached prefix, and compare the transformer's graphs with diffusers' float32 forward "
+        "(parity.json). Written to a temporary folder and renamed into place.",
     )
     add_model_argument(parser)
     add_out_argument(parser)
