@@ -486,6 +486,11 @@ def test_fp8_text_encoder_is_opt_in_and_calibrated(toy_root, tmp_path, capsys):
             "--stages", "text_encoder,text_kv,denoiser"]
     assert main([*args, "--fp8-text-encoder", "--out", str(tmp_path / "x")]) == 1
     assert "only apply with --fp8" in capsys.readouterr().err
+    from nucleus_export.errors import UsageError
+    from nucleus_export.export import plan_export
+
+    with pytest.raises(UsageError, match="an FP8 text encoder needs an FP8 build"):  # the same rule for API callers
+        plan_export(open_checkpoint(toy_root), _options("bf16", quantize_text_encoder=True))
     assert main(["build", "--model", "tiny", "--fp8", "--fp8-text-encoder", "--backend", "tensorrt-rtx",
                  "--skip-quality", "--out", str(tmp_path / "y")]) == 2
     assert "needs a text_encoder stage" in capsys.readouterr().err
