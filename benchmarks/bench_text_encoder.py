@@ -1,6 +1,8 @@
 """What the text_encoder stage costs: the chat template's cacheable prefix in tokens, ONNX Runtime CPU time of a full
-forward against the suffix alone with the prefix's K/V cached, and peak RSS / wall time of exporting the
-real-dimension text encoder (36 layers, 29 kept) and of a TensorRT-RTX bf16 build of a few real-dimension layers.
+forward against the suffix alone with the prefix's K/V cached, peak RSS / wall time of exporting the real-dimension
+text encoder (36 layers, 29 kept), of a TensorRT-RTX bf16 build of a few real-dimension layers, and of `build` from a
+pipeline root whose text encoder has the real dimensions (segmented as --max-build-memory needs; `segmented`), and
+the prompt embeddings' error of bf16 and FP8 graphs against float32 (`fp8`).
 
 A benchmark, not a test. Checkpoints are synthetic (nucleus_export.model.text_encoder: Qwen3-VL-8B's layout with
 random bf16 weights, written tensor by tensor). The prompt is what NucleusMoEImagePipeline feeds its text encoder:
@@ -9,7 +11,15 @@ pipeline's processor (tests/toy_pipeline.py), counted in Qwen tokens when the `q
 ranks, 151643 entries, as Qwen2.5 / Qwen3 / Qwen3-VL use) is importable, else estimated at 4 characters per token.
 Export and build steps run in a fresh child process each; peak RSS is that child's ru_maxrss (os.wait4).
 
-    python benchmarks/bench_text_encoder.py [--steps prefix,ort,ort-real,export,trt] [--workdir /tmp/te-bench]
+The `segmented` step builds the product's way (nucleus_export.build.build_bundle) a pipeline root assembled in the
+work folder: the synthetic real-dimension text encoder with --layers decoder layers (return_index -8 keeps
+layers - 7), the toy pipeline's processor (a character-level tokenizer: its template prefix is 284 tokens, where Qwen's
+BPE gives 60) and scheduler, and the tiny transformer. Its default budget is the target the build must meet,
+0.5 x the text encoder graph's weight bytes + 2 GB (--max-build-memory overrides it). Disk: the checkpoint (17.5 GB
+at 36 layers) plus the plans (about the kept layers' weights).
+
+    python benchmarks/bench_text_encoder.py [--steps prefix,ort,ort-real,export,trt,segmented,fp8] [--workdir /tmp/te-bench]
+        [--layers 36] [--max-build-memory GB]
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from nucleus_runtime.contract import (
     INPUT_IDS,
     PAST_KEY_VALUES,
     PAST_LEN_DIM,
+    PROMPT_EMBEDS,
     TEXT_ENCODER_GRAPH,
     TOTAL_LEN_DIM,
 )
@@ -46,8 +57,10 @@ from nucleus_export.model.text_encoder import (
     write_synthetic_text_encoder,
 )
 
-STEPS = ("prefix", "ort", "ort-real", "export", "trt")
+STEPS = ("prefix", "ort", "ort-real", "export", "trt", "segmented", "fp8")
+CHILD_STEPS = ("export", "trt", "segmented")
 REAL_SPEC = "synthetic:qwen3-vl-text?layers=36"
+GB = 1e9
 CHARS_PER_TOKEN = 4
 # Typical user prompts: a short one, a medium one and a long, detailed one.
 PROMPTS = {
@@ -183,12 +196,163 @@ def ort_real_layer(workdir: Path, counts: dict, repeats: int) -> dict:
                                          for name in suffixes}}
 
 
+# ---- FP8 quality ----------------------------------------------------------------------------------------------------
+
+# Tiny configurations of the real class (as tests/test_text_encoder.py): GQA 2:1 with the pipeline's return_index, and
+# MHA with biases, heads x head_dim != hidden and the final norm.
+TINY_TEXT = {
+    "tiny-gqa": ({"vocab_size": 128, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 9,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2]}}, -8),
+    "tiny-mha": ({"vocab_size": 128, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+                  "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 24, "attention_bias": True,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 3, 3]}}, -1),
+}
+
+
+def fp8_quality(workdir: Path) -> dict:
+    """Error of the text encoder's prompt_embeds against its float32 graph, for bf16, FP8 W8A8 (in bf16 and in
+    float32) and FP8 weights only (bf16), on the tiny configurations and the medium one. Activation amax come from
+    `calibrate_text_encoder_fp8` on its built-in prompts; the error is measured on this benchmark's PROMPTS (held
+    out), batch 3 right-padded, on the real tokens. bf16 runs as the quality report runs it on the CPU
+    (rewrites.bf16_emulation). Random weights: a trained model's outlier channels may well do worse."""
+    import onnx
+    import onnxruntime as ort
+    from nucleus_runtime.contract import GemmMode
+    from nucleus_runtime.tokenizer import PromptTokenizer
+    from tokenizers import Tokenizer
+
+    from nucleus_export.model.prompt_template import prompt_template_from_processor, tokenizer_json
+    from nucleus_export.model.text_encoder import LANGUAGE_MODEL, write_tiny_text_encoder
+    from nucleus_export.quant.calibrate import calibrate_text_encoder_fp8
+    from nucleus_export.rewrites.as_built import engine_graph
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from toy_pipeline import _processor, allow_processor_without_torchvision
+
+    with allow_processor_without_torchvision():
+        processor = _processor()[0]
+    template = prompt_template_from_processor(processor)
+    tokenizer = PromptTokenizer(Tokenizer.from_str(tokenizer_json(processor)), template)
+    ids, mask = tokenizer.encode(list(PROMPTS.values()))
+    real = mask.astype(bool)
+    results = {}
+    for name in (*TINY_TEXT, "medium"):
+        folder = workdir / f"fp8-{name}"
+        if name == "medium":
+            if not (folder / "config.json").is_file():
+                config = qwen3_vl_8b_config(MEDIUM_TEXT["num_hidden_layers"])
+                write_synthetic_text_encoder(folder, {**config, "text_config": {**config["text_config"], **MEDIUM_TEXT},
+                                                      "vision_config": {**config["vision_config"], **TINY_VISION_CONFIG,
+                                                                        "out_hidden_size": MEDIUM_TEXT["hidden_size"]}})
+            checkpoint = open_text_encoder(folder, MEDIUM_RETURN_INDEX)
+        else:
+            text_config, return_index = TINY_TEXT[name]
+            if not (folder / "config.json").is_file():
+                write_tiny_text_encoder(folder, text_config, seed=1)
+            checkpoint = open_text_encoder(folder, return_index)
+        recipe = calibrate_text_encoder_fp8(checkpoint, tokenizer)
+        variants = {"fp32": GraphPrecision("fp32"), "bf16": GraphPrecision("bf16"),
+                    "fp8 W8A8, fp32": GraphPrecision("fp32", recipe), "fp8 W8A8, bf16": GraphPrecision("bf16", recipe),
+                    "fp8 weights only, bf16": GraphPrecision("bf16", recipe.with_modes({LANGUAGE_MODEL: GemmMode.FP8_WEIGHTS}))}
+        embeds = {}
+        for label, precision in variants.items():
+            out = workdir / f"fp8-{name}-graphs" / label.replace(" ", "").replace(",", "-")
+            out.mkdir(parents=True, exist_ok=True)
+            write_graph(out, TEXT_ENCODER_GRAPH, checkpoint.weights, precision,
+                        lambda g, e: build_text_encoder(g, e, checkpoint.config), True, text_encoder_metadata(checkpoint.config))
+            path = out / f"{TEXT_ENCODER_GRAPH}.onnx"
+            if precision.compute != "fp32":  # ONNX Runtime's CPU provider has no bf16 GEMMs: emulated, as the report does
+                emulated = engine_graph(onnx.load(str(path)), None, 0, runnable_on_cpu=True)
+                path = out / "emulated.onnx"
+                onnx.save_model(emulated, str(path), save_as_external_data=True, location="emulated.onnx.data")
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            past = np.zeros((checkpoint.config.kept_layers, 2, ids.shape[0], 0, checkpoint.config.num_key_value_heads,
+                             checkpoint.config.head_dim), np.float32)
+            embeds[label] = session.run([PROMPT_EMBEDS], {INPUT_IDS: ids, ATTENTION_MASK: mask, PAST_KEY_VALUES: past})[0][real]
+        reference = embeds.pop("fp32")
+        errors = {}
+        for label, value in embeds.items():
+            cosine = (value * reference).sum(-1) / (np.linalg.norm(value, axis=-1) * np.linalg.norm(reference, axis=-1))
+            errors[label] = {"rel_max": float(np.abs(value - reference).max() / np.abs(reference).max()),
+                             "rel_l2": float(np.linalg.norm(value - reference) / np.linalg.norm(reference)),
+                             "min_token_cosine": float(cosine.min())}
+        bf16 = errors["bf16"]["rel_l2"]
+        for value in errors.values():
+            value["rel_l2_vs_bf16"] = round(value["rel_l2"] / bf16, 2)
+        config = checkpoint.config
+        results[name] = {"hidden": config.hidden_size, "kept_layers": config.kept_layers,
+                         "heads": f"{config.num_attention_heads}/{config.num_key_value_heads}",
+                         "tokens": int(real.sum()), "errors": errors}
+    return results
+
+
 # ---- export and build in child processes ----------------------------------------------------------------------------
 
 
-def child(step: str, workdir: Path) -> dict:
+def pipeline_root(workdir: Path, layers: int) -> Path:
+    """A pipeline root of symlinks: the synthetic real-dimension text encoder, the toy pipeline's processor, scheduler
+    and model index, the tiny transformer (which the build needs and which costs nothing)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from toy_pipeline import allow_processor_without_torchvision, ensure_toy_pipeline
+
+    from nucleus_export.model.text_encoder import ensure_synthetic_text_encoder
+
+    with allow_processor_without_torchvision():
+        toy = ensure_toy_pipeline()
+    root = workdir / f"pipeline-te-L{layers}"
+    root.mkdir(exist_ok=True)
+    links = {name: toy / name for name in ("model_index.json", "processor", "scheduler", "transformer")}
+    links["text_encoder"] = ensure_synthetic_text_encoder(f"synthetic:qwen3-vl-text?layers={layers}")
+    for name, target in links.items():
+        if not (root / name).exists():
+            (root / name).symlink_to(target)
+    return root
+
+
+def segmented_build(workdir: Path, layers: int, budget: float | None) -> dict:
+    """`build` of text_encoder, text_kv and denoiser from `pipeline_root`, bf16, TensorRT-RTX, no quality report."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from toy_pipeline import allow_processor_without_torchvision
+
+    from nucleus_export.build import BuildOptions, build_bundle
+    from nucleus_export.costs.text_encoder import text_encoder_cost
+    from nucleus_export.export import ExportOptions
+    from nucleus_export.model.checkpoint import open_checkpoint
+
+    root = pipeline_root(workdir, layers)
+    config = open_text_encoder(root / "text_encoder").config
+    weights = text_encoder_cost(config, 1).weight_bytes  # bf16: what the graph's engines hold
+    target = 0.5 * weights + 2 * GB
+    budget = budget * GB if budget else target
+    start = time.perf_counter()
+    with allow_processor_without_torchvision():
+        manifest, reports, _ = build_bundle(
+            open_checkpoint(root), workdir / f"bundle-te-L{layers}",
+            ExportOptions(precision=GraphPrecision("bf16"), resolutions=[(128, 128)], max_text_len=1024,
+                          stages=(TEXT_ENCODER_GRAPH, "text_kv", "denoiser")),
+            BuildOptions(flavor="tensorrt-rtx", quality=False, max_build_memory=int(budget)), force=True,
+        )
+    units = {r.graph: r for r in reports if r.graph.startswith(TEXT_ENCODER_GRAPH)}
+    segments = manifest.graph_segments(TEXT_ENCODER_GRAPH)
+    return {
+        "layers": layers, "kept_layers": config.kept_layers, "weight_bytes_gb": round(weights / GB, 2),
+        "target_peak_gb": round(target / GB, 2), "budget_gb": round(budget / GB, 2),
+        "prefix_tokens": manifest.stages[TEXT_ENCODER_GRAPH].config["prefix_tokens"],
+        "segments": [list(s.blocks) for s in segments] or [[0, config.kept_layers]],
+        "engine_gb": {unit: round(r.engine_bytes / GB, 3) for unit, r in units.items()},
+        "build_seconds": {unit: r.build_seconds for unit, r in units.items()},
+        "text_encoder_build_seconds": round(sum(r.build_seconds for r in units.values()), 1),
+        "bundle_seconds": round(time.perf_counter() - start, 1),
+        "profile": units[next(iter(units))].profile,
+    }
+
+
+def child(step: str, workdir: Path, layers: int = 36, budget: float | None = None) -> dict:
     """Runs in the measured child process."""
     start = time.perf_counter()
+    if step == "segmented":
+        return segmented_build(workdir, layers, budget)
     if step == "export":
         checkpoint = open_text_encoder_model(REAL_SPEC)
         path = export_graph(checkpoint, workdir / "real-bf16", "bf16", link=True)
@@ -215,11 +379,11 @@ def child(step: str, workdir: Path) -> dict:
     raise ValueError(step)
 
 
-def measured(step: str, workdir: Path) -> dict:
+def measured(step: str, workdir: Path, extra: list[str] | None = None) -> dict:
     """Run `step` in a fresh child; its result plus peak RSS and wall time."""
     result_file = workdir / f"{step}.json"
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", step, "--workdir", str(workdir)])
+    proc = subprocess.Popen([sys.executable, __file__, "--child", step, "--workdir", str(workdir), *(extra or [])])
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"step {step} failed (status {status})")
@@ -232,11 +396,15 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/te-bench"))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--child", choices=("export", "trt"), help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=36, help="segmented: decoder layers of the synthetic text encoder")
+    parser.add_argument("--max-build-memory", type=float, metavar="GB",
+                        help="segmented: the build budget (default: the target, 0.5 x weights + 2 GB)")
+    parser.add_argument("--child", choices=CHILD_STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
-        (args.workdir / f"{args.child}.json").write_text(json.dumps(child(args.child, args.workdir)))
+        result = child(args.child, args.workdir, args.layers, args.max_build_memory)
+        (args.workdir / f"{args.child}.json").write_text(json.dumps(result))
         return
     steps = args.steps.split(",")
     if set(steps) - set(STEPS):
@@ -249,6 +417,13 @@ def main() -> None:
             results[step] = ort_real_layer(args.workdir, results["prefix"], args.repeats)
         elif step in ("export", "trt"):
             results[step] = measured(step, args.workdir)
+        elif step == "fp8":
+            results[step] = fp8_quality(args.workdir)
+        elif step == "segmented":
+            extra = ["--layers", str(args.layers)]
+            extra += ["--max-build-memory", str(args.max_build_memory)] if args.max_build_memory else []
+            results[step] = result = measured(step, args.workdir, extra)
+            result["meets_target"] = result["peak_rss_gb"] <= result["target_peak_gb"]
         print(json.dumps({step: results[step]}, indent=2), flush=True)
 
 

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from nucleus_export.export import write_graph
 from nucleus_export.graph.external_data import CheckpointLinks, load_model
 from nucleus_export.graph.precision import FP8_MAX, GraphPrecision, quantize_per_channel
-from nucleus_export.graph.vae_decoder import DECODED, FORMS, build_vae_decoder, vae_decoder_cost
+from nucleus_export.costs.vae_decoder import vae_decoder_cost
+from nucleus_export.graph.vae_decoder import DECODED, FORMS, build_vae_decoder
 from nucleus_export.model.vae import QWEN_IMAGE_VAE, VaeCheckpoint, VaeConfig, open_vae, write_random_vae
 from nucleus_export.resolutions import aspect_resolutions, parse_resolutions
 

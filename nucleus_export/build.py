@@ -1,5 +1,5 @@
-"""Build orchestration: export a bundle, cut the denoiser to the memory budget, build one engine per unit, copy the
-plugin library, run the quality report, and record everything in the manifest.
+"""Build orchestration: export a bundle, cut the denoiser and the text encoder to the memory budget, build one engine
+per unit of every stage, copy the plugin library, run the quality report, and record everything in the manifest.
 
 Everything is written into a temporary sibling folder (nucleus_runtime.atomic.atomic_dir) and renamed into place at
 the end, so a failed or interrupted build never leaves a half bundle behind. `plan_build` runs every check that needs
@@ -22,10 +22,12 @@ from nucleus_runtime.bundle import EngineRecord, LoweringRecord, Manifest, Plugi
 from nucleus_runtime.contract import (
     BUILD_LOG_NAME,
     DENOISER_GRAPH,
+    GRAPHS,
     MANIFEST_NAME,
     MOE_NATIVE,
     MOE_PLUGIN,
     PLUGIN_LIBRARY_PATH,
+    SEGMENT_SLICED_INPUTS,
     TENSORRT_RTX,
     graph_of_unit,
 )
@@ -36,14 +38,20 @@ from nucleus_export.engines.flavors import TensorRTFlavor, resolve_flavor
 from nucleus_export.engines.inspection import NetworkReport
 from nucleus_export.engines.loaders import BuildReport, BuildSettings, EngineFromOnnx, NetworkFromOnnxPath
 from nucleus_export.engines.plugins import load_plugins
-from nucleus_export.engines.profiles import check_profile_limits, dim_ranges_from_profiles, onnx_input_shapes, profile_shapes
+from nucleus_export.engines.profiles import (
+    check_profile_limits,
+    check_vae_limits,
+    dim_ranges_from_manifest,
+    onnx_input_shapes,
+    profile_shapes,
+)
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, ExportPlan, plan_export, refuse_existing, write_graphs, write_manifest, write_segments
 from nucleus_export.graph.identity import record_bundle
 from nucleus_export.log import PhaseProgress, console, logger
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.rewrites.as_built import engine_graph
-from nucleus_export.rewrites.segments import block_weight_bytes, segment_groups
+from nucleus_export.rewrites.segments import block_outputs, block_weight_bytes, segment_groups
 
 if TYPE_CHECKING:  # parity imports torch; the build imports it only when a quality report runs
     from nucleus_export.parity.check import ParityReport
@@ -68,7 +76,8 @@ class BuildOptions:
         quality_cases: its case set: "quick" (the optimization resolution, the default) or "full" (every served resolution).
         segments: cut the denoiser into this many engines of consecutive blocks (None: as --max-build-memory needs).
         max_build_memory: host memory the build may use, in bytes (None: what is available when the build starts);
-            picks the segmentation through the measured model in costs/build_memory.py.
+            picks the segmentation of the denoiser (without --segments) and of the text encoder through the measured
+            model in costs/build_memory.py.
         strip_weights: weight-stripped plans, refit at load from the engine ONNX they were built from (kept in the
             bundle; it references the same external data as the exported graph).
         weight_streaming: build engines whose weights a runtime may stream (`run --weight-streaming-budget`).
@@ -146,6 +155,8 @@ def plan_build(checkpoint: Checkpoint, export_options: ExportOptions, options: B
     if options.moe == MOE_NATIVE:
         combine = combine_choice(checkpoint.config, export.profiles, compute, options.combine, flavor.name)
     check_profile_limits(checkpoint.config, export.profiles, compute == "fp32", combine and combine.formulation)
+    if export.components.vae is not None:
+        check_vae_limits(export.profiles, export.components.vae.config.scale_factor)
     lowering = LoweringRecord(options.moe, combine.formulation if combine else None)
     return BuildPlan(flavor, export, lowering, combine)
 
@@ -156,7 +167,13 @@ def _gpu_present() -> bool:
     return cuda_device_count() > 0
 
 
-def write_engine_graph(bundle_dir: Path, unit: str, lowering: LoweringRecord, num_experts: int) -> Path:
+def stage_lowering(graph: str, lowering: LoweringRecord) -> LoweringRecord | None:
+    """How a stage's engines compute the MoE ops: the build's lowering for the transformer's stages (text_kv records
+    it too, as it always has), none for the text encoder and the VAE decoder, which have no MoE ops."""
+    return lowering if graph in GRAPHS else None
+
+
+def write_engine_graph(bundle_dir: Path, unit: str, lowering: LoweringRecord | None, num_experts: int) -> Path:
     """Write the graph TensorRT parses for an engine unit (rewrites.as_built.engine_graph). It stays in the bundle
     beside the unit's own graph, whose external data it shares by relative location (not loaded here): users rebuild
     the engine from it with trtexec or Polygraphy, and a weight-stripped plan is refit from it."""
@@ -168,12 +185,14 @@ def write_engine_graph(bundle_dir: Path, unit: str, lowering: LoweringRecord, nu
 
 def build_engines(bundle_dir: Path, manifest: Manifest, flavor: TensorRTFlavor, options: BuildOptions,
                   lowering: LoweringRecord) -> list[BuildReport]:
-    """Build one plan per engine unit (text_kv, the denoiser or each of its segments) in `bundle_dir`, one at a
-    time: each network is parsed from disk, built straight into its file and released before the next."""
-    ranges = dim_ranges_from_profiles(manifest.profiles)
+    """Build one plan per engine unit of every stage (the text encoder or its segments, text_kv, the denoiser or its
+    segments, the VAE decoder) in `bundle_dir`, one at a time: each network is parsed from disk, built straight into
+    its file and released before the next. Every unit's profile comes from the manifest (dim_ranges_from_manifest)."""
+    ranges = dim_ranges_from_manifest(manifest)
     reports = []
     for unit in manifest.engine_units():
-        onnx_path = write_engine_graph(bundle_dir, unit, lowering, manifest.model_config["num_experts"])
+        unit_lowering = stage_lowering(graph_of_unit(unit), lowering)
+        onnx_path = write_engine_graph(bundle_dir, unit, unit_lowering, manifest.model_config["num_experts"])
         settings = BuildSettings(
             shapes=profile_shapes(onnx_input_shapes(onnx_path), ranges),
             timing_cache=options.timing_cache,
@@ -184,7 +203,7 @@ def build_engines(bundle_dir: Path, manifest: Manifest, flavor: TensorRTFlavor, 
         )
         with PhaseProgress(f"build {contract.plan_file(unit)}") as progress:
             report = EngineFromOnnx(
-                NetworkFromOnnxPath(flavor, onnx_path, plugin_override=lowering.moe == MOE_PLUGIN),
+                NetworkFromOnnxPath(flavor, onnx_path, plugin_override=unit_lowering is not None and unit_lowering.moe == MOE_PLUGIN),
                 settings,
                 bundle_dir / contract.plan_file(unit),
                 graph=unit,
@@ -224,16 +243,16 @@ def copy_plugin_library(bundle_dir: Path, library: Path, sha256: str) -> PluginR
     return PluginRecord(PLUGIN_LIBRARY_PATH, list(contract.CUSTOM_OPS), contract.PLUGIN_NAMESPACE, contract.PLUGIN_VERSION)
 
 
-def plan_segments(bundle_dir: Path, num_blocks: int, options: BuildOptions) -> list[tuple[int, int]] | None:
-    """Block groups of the denoiser's engines, or None for one engine: --segments if given, else the fewest groups
-    whose predicted build peak (costs/build_memory.py) fits --max-build-memory."""
-    if options.segments is not None:
-        return segment_groups(num_blocks, options.segments)
-    model = onnx.load(str(bundle_dir / contract.onnx_file(DENOISER_GRAPH)), load_external_data=False)
+def plan_segments(bundle_dir: Path, graph: str, options: BuildOptions, budget: int) -> list[tuple[int, int]] | None:
+    """Layer groups of a stage's engines (the denoiser's blocks, the text encoder's layers), or None for one engine:
+    for the denoiser --segments if given, else the fewest groups whose predicted build peak (costs/build_memory.py)
+    fits `budget`; one mechanism for every stage that can be cut."""
+    model = onnx.load(str(bundle_dir / contract.onnx_file(graph)), load_external_data=False)
+    if graph == DENOISER_GRAPH and options.segments is not None:
+        return segment_groups(len(block_outputs(model)), options.segments)
     per_block, rest = block_weight_bytes(model)
     del model
-    budget = options.max_build_memory or available_memory()
-    plan = plan_build_memory(per_block, rest, budget)
+    plan = plan_build_memory(per_block, rest, budget, graph)
     logger.info(plan.describe())
     return None if len(plan.groups) == 1 else plan.groups
 
@@ -263,8 +282,13 @@ def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOp
         io = write_graphs(tmp, checkpoint, export_options, plan.export)
         if plan.combine is not None:
             console.print(_combine_line(plan.combine), highlight=False)
-        groups = plan_segments(tmp, checkpoint.config.num_layers, options)
-        segments = {} if groups is None else {DENOISER_GRAPH: write_segments(tmp, groups)}
+        # Measured once: the budget every stage is cut to (the memory available now, unless --max-build-memory).
+        budget = options.max_build_memory or available_memory()
+        segments = {}
+        for graph in (g for g in SEGMENT_SLICED_INPUTS if g in io):
+            groups = plan_segments(tmp, graph, options, budget)
+            if groups is not None:
+                segments[graph] = write_segments(tmp, groups, graph)
         manifest = write_manifest(tmp, checkpoint, export_options, plan.export, io, segments)
         reports = build_engines(tmp, manifest, plan.flavor, options, plan.lowering)
         plugins = None if plugin_library is None else copy_plugin_library(tmp, *plugin_library)
@@ -293,7 +317,7 @@ def record_engines(bundle_dir: Path, manifest: Manifest, reports: list[BuildRepo
         record = EngineRecord(
             flavor=report.flavor,
             version=report.version,
-            lowering=plan.lowering,
+            lowering=stage_lowering(graph, plan.lowering),
             compute_capabilities=report.compute_capabilities,
             stripped=options.strip_weights,
             weight_streaming=options.weight_streaming,

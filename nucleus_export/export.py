@@ -34,7 +34,7 @@ from nucleus_runtime.contract import (
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.scheduler import DEFAULT_SCHEDULER_CONFIG
-from nucleus_runtime.tokenizer import PromptTemplate
+from nucleus_runtime.tokenizer import PromptTemplate, PromptTokenizer
 from rich.progress import Progress
 
 from nucleus_export import __version__
@@ -56,7 +56,7 @@ from nucleus_export.model.prompt_template import tokenizer_json
 from nucleus_export.model.text_encoder import DEFAULT_RETURN_INDEX
 from nucleus_export.model.vae import VAE_FOLDER, open_vae
 from nucleus_export.resolutions import aspect_resolutions, patch_grid
-from nucleus_export.rewrites.segments import Segment, segment_groups, split_denoiser
+from nucleus_export.rewrites.segments import Segment, segment_groups, split_segments
 
 logger = logging.getLogger("nucleus_export")
 
@@ -78,6 +78,8 @@ class ExportOptions:
         stages: the stages to export (contract.STAGES; the transformer's two always); None: every stage the model
             root provides (model.components).
         return_index: the text encoder's hidden state the pipeline reads (its `return_index`).
+        quantize_text_encoder: with an FP8 recipe (`precision.recipe`), also give the text encoder's linears FP8 Q/DQ
+            (opt-in: docs/text_encoder.md has the error it costs); the recipe must hold their activation scales.
     """
 
     precision: GraphPrecision = dataclasses.field(default_factory=GraphPrecision)
@@ -91,6 +93,17 @@ class ExportOptions:
     link_checkpoint: bool = True
     stages: tuple[str, ...] | None = None
     return_index: int = DEFAULT_RETURN_INDEX
+    quantize_text_encoder: bool = False
+
+
+def stage_precision(options: ExportOptions, graph: str) -> GraphPrecision:
+    """How a stage's graph computes: the transformer's denoiser as the options say; text_kv (once per prompt) and the
+    VAE decoder (FP8 costs visible quality, docs/vae_decoder.md) never quantized; the text encoder quantized only
+    when asked (quantize_text_encoder)."""
+    precision = options.precision
+    if graph == DENOISER or (graph == TEXT_ENCODER_GRAPH and options.quantize_text_encoder):
+        return precision
+    return precision.unquantized()
 
 
 def build_profiles(config: ModelConfig, options: ExportOptions, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR) -> Profiles:
@@ -162,23 +175,31 @@ class ExportPlan:
     components: PipelineComponents
     template: PromptTemplate | None = None
 
-    @property
-    def prefix_tokens(self) -> int:
-        """Tokens of the template's fixed prefix: what a runtime encodes once and reuses (the text encoder's past)."""
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        """The runtime's tokenizer of the bundle's tokenizer files (the pipeline's processor and chat template)."""
         if self.template is None:
-            return 0
+            raise UsageError("the model has no text encoder stage, so there is no prompt tokenizer.",
+                             "export from a pipeline root with --stages including text_encoder.")
         from tokenizers import Tokenizer
 
-        from nucleus_export.model.prompt_template import tokenizer_json
+        return PromptTokenizer(Tokenizer.from_str(tokenizer_json(self.components.processor)), self.template)
 
-        tokenizer = Tokenizer.from_str(tokenizer_json(self.components.processor))
-        return len(tokenizer.encode(self.template.prefix, add_special_tokens=self.template.add_special_tokens).ids)
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens of the template's fixed prefix: what a runtime encodes once and reuses (the text encoder's past),
+        counted by the runtime's own tokenizer."""
+        return 0 if self.template is None else len(self.prompt_tokenizer().prefix_ids)
 
 
 def plan_export(checkpoint: Checkpoint, options: ExportOptions) -> ExportPlan:
     """Check the options against the model and decide the layout (cheap; refuses bad requests before any work)."""
     root = checkpoint.pipeline_root
     stages = options.stages or available_stages(root)
+    if options.quantize_text_encoder and (options.precision.recipe is None or TEXT_ENCODER_GRAPH not in stages):
+        raise UsageError(
+            "an FP8 text encoder needs an FP8 build (--fp8) of a bundle with a text_encoder stage.",
+            "add --fp8 and build from a pipeline root with the text encoder, or drop --fp8-text-encoder.",
+        )
     components = open_components(root, stages, options.return_index)
     # The pipeline's pixel grid follows its VAE, exported or not.
     vae = components.vae or (open_vae(root / VAE_FOLDER) if root is not None and (root / VAE_FOLDER).is_dir() else None)
@@ -277,15 +298,14 @@ def write_graphs(out_dir: Path, checkpoint: Checkpoint, options: ExportOptions, 
                 progress.advance(task)
 
             if name == TEXT_KV:
-                # text_kv runs once per prompt: never quantized.
-                io[name] = write_graph(out_dir, name, checkpoint.weights, precision.unquantized(),
+                io[name] = write_graph(out_dir, name, checkpoint.weights, stage_precision(options, name),
                                        lambda g, e: build_text_kv(g, e, config, advance), plan.external, links=links)
             else:
                 def build_denoiser(g: GraphBuilder, e: LayerEmitter, advance=advance) -> None:
                     DenoiserBuilder(g, e, config, plan.profiles.image_tokens[2]).build(advance)
 
-                io[name] = write_graph(out_dir, name, checkpoint.weights, precision, build_denoiser, plan.external,
-                                       metadata, links)
+                io[name] = write_graph(out_dir, name, checkpoint.weights, stage_precision(options, name),
+                                       build_denoiser, plan.external, metadata, links)
     io.update(_write_component_stages(out_dir, options, plan))
     if links is not None:
         logger.info("graph weights stored as the checkpoint stores them: read from %d hard-linked shards", len(links.files))
@@ -296,16 +316,16 @@ def write_graphs(out_dir: Path, checkpoint: Checkpoint, options: ExportOptions, 
 
 
 def _write_component_stages(out_dir: Path, options: ExportOptions, plan: ExportPlan) -> dict[str, GraphIO]:
-    """The text encoder (with the tokenizer files) and the VAE decoder, where the plan has them. Neither is quantized:
-    the text encoder runs once per prompt, and FP8 costs the VAE visible quality (docs/vae_decoder.md)."""
-    parts, precision, io = plan.components, options.precision.unquantized(), {}
+    """The text encoder (with the tokenizer files) and the VAE decoder, where the plan has them, each in its
+    stage_precision."""
+    parts, io = plan.components, {}
     links = {c: CheckpointLinks(out_dir, c) if plan.external and options.link_checkpoint else None for c in COMPONENT_LINKS}
     if parts.text_encoder is not None:
         config = parts.text_encoder.config
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"export {onnx_file(TEXT_ENCODER_GRAPH)}", total=config.kept_layers)
             io[TEXT_ENCODER_GRAPH] = write_graph(
-                out_dir, TEXT_ENCODER_GRAPH, parts.text_encoder.weights, precision,
+                out_dir, TEXT_ENCODER_GRAPH, parts.text_encoder.weights, stage_precision(options, TEXT_ENCODER_GRAPH),
                 lambda g, e: build_text_encoder(g, e, config, lambda _i: progress.advance(task)), plan.external,
                 text_encoder_metadata(config), links[TEXT_ENCODER_GRAPH],
             )
@@ -315,30 +335,32 @@ def _write_component_stages(out_dir: Path, options: ExportOptions, plan: ExportP
         vae = parts.vae
         with stage(f"export {onnx_file(VAE_DECODER_GRAPH)}"):
             io[VAE_DECODER_GRAPH] = write_graph(
-                out_dir, VAE_DECODER_GRAPH, vae.weights, precision,
+                out_dir, VAE_DECODER_GRAPH, vae.weights, stage_precision(options, VAE_DECODER_GRAPH),
                 lambda g, e: build_vae_decoder(g, e, vae.config, VAE_FORM), plan.external, links=links[VAE_DECODER_GRAPH],
             )
     return io
 
 
 def stage_config(plan: ExportPlan, graph: str) -> dict:
-    """What a runtime needs to know about a component stage (StageRecord.config, docs/contract.md)."""
+    """What a runtime needs to know about a component stage (StageRecord.config, docs/contract.md), and the
+    component's own config (`model_config`: what its engine profiles and `inspect`'s costs are computed from)."""
     if graph == TEXT_ENCODER_GRAPH:
         config = plan.components.text_encoder.config  # type: ignore[union-attr]
         return {"return_index": config.return_index, "kept_layers": config.kept_layers, "hidden_size": config.hidden_size,
-                "prefix_tokens": plan.prefix_tokens, "config_hash": config.config_hash()}
+                "prefix_tokens": plan.prefix_tokens, "config_hash": config.config_hash(), "model_config": config.to_dict()}
     if graph == VAE_DECODER_GRAPH:
         config = plan.components.vae.config  # type: ignore[union-attr]
-        return {"scale_factor": config.scale_factor, "z_dim": config.z_dim, "form": VAE_FORM}
+        return {"scale_factor": config.scale_factor, "z_dim": config.z_dim, "form": VAE_FORM,
+                "model_config": config.to_dict()}
     return {}
 
 
 def write_segments(out_dir: Path, groups: Sequence[tuple[int, int]], graph: str = DENOISER) -> list[Segment]:
-    """Cut `<graph>.onnx` of a bundle into `<graph>.seg<k>.onnx` files beside it (same external data, no copy);
-    returns the segments in execution order."""
+    """Cut `<graph>.onnx` of a bundle (the denoiser, or the text encoder) into `<graph>.seg<k>.onnx` files beside it
+    (same external data, no copy); returns the segments in execution order."""
     model = onnx.load(str(Path(out_dir) / onnx_file(graph)), load_external_data=False)
     segments = []
-    for seg_model, seg in split_denoiser(model, groups, graph):
+    for seg_model, seg in split_segments(model, groups, graph):
         onnx.save_model(seg_model, str(Path(out_dir) / onnx_file(seg.name)))
         segments.append(seg)
     return segments
@@ -363,6 +385,7 @@ def write_manifest(
             segments=[SegmentRecord(s.name, s.blocks, s.inputs, s.outputs, digests[onnx_file(s.name)])
                       for s in segments.get(graph, [])],
             config=stage_config(plan, graph),
+            precision=stage_precision(options, graph).label,
         )
         for graph in io
     }

@@ -74,6 +74,9 @@ def test_bf16_bundle(bf16_build):
     out, manifest, reports, parity = bf16_build
     assert {p.name for p in out.iterdir()} >= {"text_kv.plan", "denoiser.plan", "build_log.json", "parity.json"}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftover lowered graphs
+    # A transformer-only bundle builds exactly its two stages, with the build's MoE lowering recorded on both.
+    assert manifest.engine_units() == ["text_kv", "denoiser"] and not list(out.glob("text_encoder*"))
+    assert manifest.engine("text_kv").lowering == manifest.engine("denoiser").lowering
     verify_files(out, load_manifest(out))  # every file, the plans included, is recorded with its checksum
     assert manifest.engine("denoiser").lowering.moe == "native"
     assert manifest.engine("denoiser").flavor == "tensorrt-rtx"

@@ -1,6 +1,7 @@
-"""Denoiser segments (rewrites/segments.py), the build-memory plan and synthetic real-architecture checkpoints.
+"""Segments (rewrites/segments.py) of the denoiser and the text encoder, the build-memory plan and synthetic
+real-architecture checkpoints.
 
-The contract under test: a denoiser cut into segments computes exactly what the full graph computes (ONNX Runtime
+The contract under test: a graph cut into segments computes exactly what the full graph computes (ONNX Runtime
 fp32, chained by the runtime backend), on several architectures of the real model at tiny size.
 """
 
@@ -21,7 +22,7 @@ from nucleus_export.costs.build_memory import (
     groups_by_bytes,
     plan_build_memory,
 )
-from nucleus_export.rewrites.segments import block_outputs, even_groups, split_denoiser
+from nucleus_export.rewrites.segments import block_outputs, even_groups, split_segments
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.export import ExportOptions, export_bundle
 from nucleus_export.model.checkpoint import open_checkpoint
@@ -108,7 +109,7 @@ def test_segment_graphs_take_their_text_kv_slice(tiny_checkpoint, tmp_path):
     export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(resolutions=RESOLUTIONS, max_text_len=16))
     model = onnx.load(str(tmp_path / "b" / "denoiser.onnx"), load_external_data=False)
     assert len(block_outputs(model)) == tiny_checkpoint.config.num_layers
-    pieces = split_denoiser(model, [(0, 2), (2, 3), (3, 5)])
+    pieces = split_segments(model, [(0, 2), (2, 3), (3, 5)], "denoiser")
     for seg_model, seg in pieces:
         text_kv = next(v for v in seg_model.graph.input if v.name == "text_kv")
         assert text_kv.type.tensor_type.shape.dim[0].dim_value == seg.blocks[1] - seg.blocks[0]
@@ -119,7 +120,7 @@ def test_segment_graphs_take_their_text_kv_slice(tiny_checkpoint, tmp_path):
         onnx.checker.check_model(seg_model)
     assert pieces[0][1].inputs[0] == "hidden_states" and pieces[-1][1].outputs == ["sample"]
     with pytest.raises(NucleusExportError, match="do not cover"):
-        split_denoiser(model, [(0, 2), (3, 5)])
+        split_segments(model, [(0, 2), (3, 5)], "denoiser")
 
 
 def test_groups_by_bytes_and_memory_plan():
@@ -284,3 +285,49 @@ def test_tensorrt_backend_chains_segments_on_device():
                                           "denoiser.seg1.plan": FileRecord("0" * 64, 300)})
     assert _split_budget(manifest, ["denoiser.seg0", "denoiser.seg1"], 4000) == [1000, 3000]
     assert _split_budget(manifest, ["denoiser.seg0"], None) == [None]
+
+
+@pytest.mark.parametrize("groups", [[(0, 1), (1, 3)], [(0, 1), (1, 2), (2, 3)]], ids=["1+2", "1+1+1"])
+def test_text_encoder_segments_slice_the_past_and_their_key_values(tmp_path, groups):
+    """The text encoder (MHA with biases, every layer and the final norm) cut at its layer outputs: each segment reads
+    past_key_values[first:last] and outputs key_values of its own layers; run in order, they give the full graph's
+    prompt_embeds and (concatenated) key_values exactly, with a past and without."""
+    import onnxruntime as ort
+
+    from nucleus_export.export import write_graph
+    from nucleus_export.graph.precision import GraphPrecision
+    from nucleus_export.graph.text_encoder import build_text_encoder, text_encoder_metadata
+    from nucleus_export.model.text_encoder import open_text_encoder, write_tiny_text_encoder
+
+    text = {"vocab_size": 64, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+            "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 24, "attention_bias": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 3, 3]}}
+    checkpoint = open_text_encoder(write_tiny_text_encoder(tmp_path / "te", text, seed=3), return_index=-1)
+    config = checkpoint.config
+    write_graph(tmp_path, "text_encoder", checkpoint.weights, GraphPrecision("fp32"),
+                lambda g, e: build_text_encoder(g, e, config), False, text_encoder_metadata(config))
+    model = onnx.load(str(tmp_path / "text_encoder.onnx"))
+    pieces = split_segments(model, groups, "text_encoder")
+    full = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for past_len in (0, 6):
+        ids = rng.integers(0, 64, (2, 5))
+        mask = np.ones((2, past_len + 5), np.int64)
+        mask[1, -2:] = 0
+        past = rng.standard_normal((3, 2, 2, past_len, 3, 24)).astype(np.float32)
+        feeds = {"input_ids": ids, "attention_mask": mask, "past_key_values": past}
+        embeds, key_values = full.run(["prompt_embeds", "key_values"], feeds)
+        values, parts = dict(feeds), []
+        for seg_model, seg in pieces:
+            first, last = seg.blocks
+            dims = {v.name: v.type.tensor_type.shape.dim for v in (*seg_model.graph.input, *seg_model.graph.output)}
+            assert dims["past_key_values"][0].dim_value == dims["key_values"][0].dim_value == last - first
+            session = ort.InferenceSession(seg_model.SerializeToString(), providers=["CPUExecutionProvider"])
+            inputs = {n: past[first:last] if n == "past_key_values" else values[n] for n in seg.inputs}
+            outputs = dict(zip(seg.outputs, session.run(seg.outputs, inputs)))
+            parts.append(outputs.pop("key_values"))
+            values.update(outputs)
+        assert np.array_equal(values["prompt_embeds"], embeds)
+        assert np.array_equal(np.concatenate(parts), key_values)
+    with pytest.raises(NucleusExportError, match="vae_decoder stage cannot be cut"):
+        split_segments(model, groups, "vae_decoder")

@@ -18,7 +18,8 @@ from nucleus_export.graph.builder import GraphBuilder
 from nucleus_export.graph.external_data import CheckpointLinks, load_model
 from nucleus_export.graph.layers import LayerEmitter
 from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
-from nucleus_export.graph.vae_decoder import DECODED, FORMS, build_vae_decoder, postprocess, vae_decoder_cost
+from nucleus_export.costs.vae_decoder import vae_decoder_cost
+from nucleus_export.graph.vae_decoder import DECODED, FORMS, build_vae_decoder, postprocess
 from nucleus_export.model.vae import (
     QWEN_IMAGE_VAE,
     VaeConfig,

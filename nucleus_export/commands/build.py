@@ -1,4 +1,5 @@
-"""`nucleus-export build`: export the bundle and build text_kv.plan / denoiser.plan with TensorRT or TensorRT-RTX."""
+"""`nucleus-export build`: export the bundle and build an engine per stage (text_encoder.plan, text_kv.plan,
+denoiser.plan, vae_decoder.plan, or their segments) with TensorRT or TensorRT-RTX."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from nucleus_runtime.bundle import Profiles
-from nucleus_runtime.contract import MOE_NATIVE, MOE_PLUGIN, QUANT_RECIPE_NAME
+from nucleus_runtime.contract import MOE_NATIVE, MOE_PLUGIN, QUANT_RECIPE_NAME, TEXT_ENCODER_GRAPH
 
 from nucleus_export.build import BuildOptions, build_bundle, plan_build, validate_moe_options
 from nucleus_export.cache import cache_root
@@ -21,7 +22,7 @@ from nucleus_export.commands.common import (
 from nucleus_export.costs.combine import COMBINE_CHOICES
 from nucleus_export.engines.flavors import FLAVOR_CHOICES
 from nucleus_export.errors import NucleusExportError, UsageError
-from nucleus_export.export import refuse_existing
+from nucleus_export.export import ExportPlan, refuse_existing
 from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.specs import open_model
@@ -32,10 +33,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "build",
         parents=[common],
         help="export the bundle and build TensorRT / TensorRT-RTX engines (bf16, or --fp8), with a quality report",
-        description="Export text_kv.onnx and denoiser.onnx, lower the MoE ops (native layers or plugins), build "
-        "text_kv.plan and denoiser.plan with one optimization profile over the served resolutions, batch 1..2 and "
-        "the text length range, and compare the graphs with diffusers' float32 forward (parity.json). Written to a "
-        "temporary folder and renamed into place.",
+        description="Export the bundle's stages (text_kv.onnx and denoiser.onnx; from a pipeline root also "
+        "text_encoder.onnx and vae_decoder.onnx, as --stages says), lower the MoE ops (native layers or plugins), "
+        "build one plan per stage (the denoiser and the text encoder cut into segments where --max-build-memory needs) "
+        "with one optimization profile each over the served resolutions, batch 1..2, the text length range and the "
+        "text encoder's cached prefix, and compare the transformer's graphs with diffusers' float32 forward "
+        "(parity.json). Written to a temporary folder and renamed into place.",
     )
     add_model_argument(parser)
     add_out_argument(parser)
@@ -106,6 +109,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     quant.add_argument("--calibration-prompts", type=Path, help="safetensors with prompt_embeds [N,T,D] (+ optional prompt_embeds_mask) for FP8 calibration (docs/fp8.md)")
     quant.add_argument("--calibration-size", type=int, default=8, help="calibration samples (default 8)")
     quant.add_argument(
+        "--fp8-text-encoder",
+        action="store_true",
+        help="with --fp8, also E4M3 Q/DQ on the text encoder's linears, activations calibrated on transformers' "
+        "forward of calibration prompts (opt-in: several times the bf16 text encoder's error, docs/text_encoder.md)",
+    )
+    quant.add_argument(
+        "--calibration-text",
+        type=Path,
+        help="a UTF-8 text file of prompts, one per line, for --fp8-text-encoder's calibration (default: 8 built-in prompts)",
+    )
+    quant.add_argument(
         "--fp8-sensitivity",
         action="store_true",
         help="measure each GEMM group's FP8 cost (error and routing agreement) and choose W8A8, FP8 weights only "
@@ -142,6 +156,20 @@ def quant_recipe(args: argparse.Namespace, checkpoint: Checkpoint, profiles: Pro
     return recipe
 
 
+def text_encoder_recipe(path: Path | None, plan: ExportPlan) -> QuantRecipe:
+    """The text encoder's activation amax on the prompts of `path` (one per line) or the built-in ones."""
+    from nucleus_export.quant.calibrate import TEXT_CALIBRATION_PROMPTS, calibrate_text_encoder_fp8
+
+    prompts, source = TEXT_CALIBRATION_PROMPTS, "built-in prompts"
+    if path is not None:
+        try:
+            prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --calibration-text {path} ({exc}).", "pass a UTF-8 text file, one prompt per line.") from None
+        source = str(path)
+    return calibrate_text_encoder_fp8(plan.components.text_encoder, plan.prompt_tokenizer(), prompts, source)  # type: ignore[arg-type]
+
+
 def run(args: argparse.Namespace) -> int:
     moe = validate_moe_options(args.moe, args.plugins)
     if args.fp8_sensitivity and args.fp8_scales:
@@ -149,8 +177,12 @@ def run(args: argparse.Namespace) -> int:
             "--fp8-sensitivity chooses GEMM modes for fresh scales; --fp8-scales reuses stored ones (with their choice).",
             "drop one of them.",
         )
-    if (args.fp8_scales or args.calibration_prompts or args.fp8_sensitivity) and not args.fp8:
-        raise NucleusExportError("--fp8-scales / --calibration-prompts / --fp8-sensitivity only apply with --fp8.", "add --fp8 or drop them.")
+    if (args.fp8_scales or args.calibration_prompts or args.fp8_sensitivity or args.fp8_text_encoder) and not args.fp8:
+        raise NucleusExportError("--fp8-scales / --calibration-prompts / --fp8-sensitivity / --fp8-text-encoder only "
+                                 "apply with --fp8.", "add --fp8 or drop them.")
+    if args.calibration_text and (not args.fp8_text_encoder or args.fp8_scales):
+        raise NucleusExportError("--calibration-text calibrates a fresh --fp8-text-encoder.",
+                                 "add --fp8-text-encoder (without --fp8-scales), or drop --calibration-text.")
     build = BuildOptions(
         flavor=args.backend,
         moe=moe,
@@ -182,8 +214,15 @@ def run(args: argparse.Namespace) -> int:
     if build.timing_cache is None:
         build.timing_cache = cache_root() / "timing" / f"{flavor.name}-{flavor.version}.cache"
         build.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    if args.fp8_text_encoder and TEXT_ENCODER_GRAPH not in plan.export.stages:
+        raise UsageError("--fp8-text-encoder needs a text_encoder stage, and this model has none.",
+                         "build from a pipeline root with the text encoder, or drop --fp8-text-encoder.")
     if args.fp8:
-        options.precision = GraphPrecision(args.precision, quant_recipe(args, checkpoint, plan.export.profiles))
+        recipe = quant_recipe(args, checkpoint, plan.export.profiles)
+        if args.fp8_text_encoder and not args.fp8_scales:
+            recipe = recipe.merge(text_encoder_recipe(args.calibration_text, plan.export))
+        options.precision = GraphPrecision(args.precision, recipe)
+        options.quantize_text_encoder = args.fp8_text_encoder
     manifest, reports, parity = build_bundle(checkpoint, out, options, build, force=args.force, plan=plan)
     total = sum(r.build_seconds for r in reports)
     print(

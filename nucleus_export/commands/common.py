@@ -10,6 +10,7 @@ from nucleus_runtime.bundle import check_sha256_hex
 from nucleus_runtime.contract import CHECKPOINT_LINKS_DIR, OPTIONAL_STAGES
 from nucleus_runtime.errors import NucleusError
 
+from nucleus_export.errors import NucleusExportError
 from nucleus_export.export import INLINE_WEIGHTS_MAX_BYTES, ExportOptions
 from nucleus_export.graph.precision import COMPUTE_DTYPES, GraphPrecision
 from nucleus_export.model.components import parse_stages
@@ -27,6 +28,13 @@ def _sha256_argument(value: str) -> str:
         return check_sha256_hex(value)
     except NucleusError as exc:
         raise argparse.ArgumentTypeError(exc.problem) from None
+
+
+def _stages_argument(value: str) -> tuple[str, ...]:
+    try:
+        return parse_stages(value)
+    except NucleusExportError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem} {exc.fix}") from None
 
 
 def add_expect_manifest_argument(parser: argparse.ArgumentParser) -> None:
@@ -78,15 +86,15 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_precision: str
         help=f"side of the square the default aspect ratios are scaled around (default {DEFAULT_BASE})",
     )
     group.add_argument("--opt-resolution", type=lambda s: parse_resolutions(s)[0], help="HxW engines are tuned for")
+    group.add_argument(
+        "--stages",
+        type=_stages_argument,
+        help="stages to export and build, comma-separated among text_encoder,text_kv,denoiser,vae_decoder (the "
+        "transformer's text_kv and denoiser always; default: every stage the model provides: a pipeline root or Hub id gives all four)",
+    )
     group.add_argument("--max-batch", type=int, default=2, help="largest batch (2: prompt + negative prompt)")
     group.add_argument("--max-text-len", type=int, default=1024, help="longest prompt in tokens (default 1024)")
     group.add_argument("--opt-text-len", type=int, help="typical prompt length (default: 128, or --max-text-len if smaller)")
-    group.add_argument(
-        "--stages",
-        type=parse_stages,
-        help="stages to export, comma-separated, of text_encoder,text_kv,denoiser,vae_decoder (the transformer's "
-        "text_kv and denoiser always; default: every stage the model provides: a pipeline root or Hub id gives all four)",
-    )
     group.add_argument(
         "--return-index",
         type=int,

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="a checkpoint (layers, experts, capacities, parameters, shards) or a bundle (FLOPs, bytes, roofline time)",
         description="With --model: validate a checkpoint (headers only, no weights loaded) and summarize it. With "
-        "--bundle: per served resolution, the denoiser step's FLOPs and bytes as built, by op class, next to the "
+        "--bundle: every stage with its precision, files, engines and profiles, the text encoder's and the VAE "
+        "decoder's FLOPs and bytes per prompt case and served resolution; per served resolution, the denoiser step's "
+        "FLOPs and bytes as built, by op class, next to the "
         "model's intrinsic FLOPs, a roofline step time on --gpu from its published peaks, and the layer types "
         "TensorRT parses (fused attention layers counted) when tensorrt or tensorrt_rtx is importable.",
     )
@@ -127,6 +129,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def print_stages(out: Console, stages: list, gpu: str) -> None:
+    """The stage table, each stage's profile per input and the text encoder's / VAE decoder's costs."""
+    table = Table(title="stages")
+    for column in ("stage", "precision", "engine units", "ONNX Runtime loads", "TensorRT loads"):
+        table.add_column(column, justify="left" if column in ("stage", "precision", "engine units") else "right")
+    for stage in stages:
+        units = ", ".join(
+            f"{u.name}" + (f" (layers {u.layers[0]}-{u.layers[1] - 1})" if u.layers else "")
+            + (f" {u.plan_bytes / 2**20:.1f} MiB {u.flavor}" if u.plan_bytes is not None else " (no plan)")
+            for u in stage.units
+        )
+        engine = "-" if stage.engine_bytes is None else f"{stage.engine_bytes / 1e6:.1f} MB"
+        table.add_row(stage.name, stage.precision, units, f"{stage.onnx_bytes / 1e6:.1f} MB in {len(stage.files)} files", engine)
+    out.print(table)
+    for stage in stages:
+        profile = "; ".join(f"{name} {_shape(lo)} / {_shape(opt)} / {_shape(hi)}" for name, (lo, opt, hi) in stage.profiles.items())
+        out.print(f"  {stage.name} profile (min / opt / max): {profile}", highlight=False)
+    for stage in (s for s in stages if s.costs):
+        table = Table(title=f"{stage.name}: one call, batch 1, {stage.precision} (from its config)")
+        for column in ("case", "GFLOP", "weights GB", "GB moved", f"ms on {gpu}"):
+            table.add_column(column, justify="left" if column == "case" else "right")
+        for row in stage.costs:
+            table.add_row(row.case, f"{row.flops / 1e9:.2f}", f"{row.weight_bytes / 1e9:.3f}", f"{row.bytes / 1e9:.3f}",
+                          f"{row.seconds * 1e3:.3f}")
+        out.print(table)
+
+
 def run_bundle(args: argparse.Namespace) -> int:
     from nucleus_export.costs.bundle_cost import bundle_cost
 
@@ -136,6 +169,7 @@ def run_bundle(args: argparse.Namespace) -> int:
         return 0
     out = Console()
     out.print(f"[bold]{report.bundle}[/bold]: {report.precision}, combine {report.combine}, counted on {report.engine_onnx}")
+    print_stages(out, report.stages, args.gpu)
     for r in report.resolutions:
         table = Table(
             title=f"{r.resolution[0]}x{r.resolution[1]}: one denoiser step, batch {r.batch}, {r.tokens} image tokens, "

@@ -1,4 +1,5 @@
-"""How much host memory an engine build takes, and the denoiser segmentation that keeps it under a budget.
+"""How much host memory an engine build takes, and the segmentation (of the denoiser's blocks, of the text encoder's
+layers) that keeps it under a budget.
 
 The model is measured, not assumed (benchmarks/bench_build_memory.py on real-dimension synthetic checkpoints,
 tensorrt-rtx 1.7.1, 2 CPU cores): the peak RSS of `build` is a base (the Python process with torch, onnx and
@@ -12,6 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import psutil
+from nucleus_runtime.contract import DENOISER_GRAPH, TEXT_ENCODER_GRAPH
 
 from nucleus_export.errors import UsageError
 
@@ -22,6 +24,8 @@ BUILD_BASE_BYTES = int(1.0 * GB)
 BUILD_BYTES_PER_WEIGHT_BYTE = 2.5
 
 
+# What a stage's cut points separate, for messages.
+_UNITS = {DENOISER_GRAPH: "blocks", TEXT_ENCODER_GRAPH: "layers"}
 # The default budget leaves a fifth of the available memory to the model's error and to the machine's other users.
 DEFAULT_BUDGET_FRACTION = 0.8
 
@@ -37,11 +41,12 @@ def predicted_peak(weight_bytes: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BuildMemoryPlan:
-    """Block groups [first, last) of the denoiser's engines and the peak the model predicts for the largest."""
+    """Block (or layer) groups [first, last) of a stage's engines and the peak the model predicts for the largest."""
 
     groups: list[tuple[int, int]]
     group_bytes: list[int]
     budget: int
+    graph: str = DENOISER_GRAPH
 
     @property
     def predicted_peak(self) -> int:
@@ -49,7 +54,7 @@ class BuildMemoryPlan:
 
     def describe(self) -> str:
         return (
-            f"build memory: {len(self.groups)} denoiser engine(s) of blocks "
+            f"build memory: {len(self.groups)} {self.graph} engine(s) of {_UNITS.get(self.graph, 'blocks')} "
             + ", ".join(f"{a}-{b - 1}" for a, b in self.groups)
             + f"; largest {max(self.group_bytes) / GB:.2f} GB of weights, predicted peak "
             f"{self.predicted_peak / GB:.1f} GB of {self.budget / GB:.1f} GB allowed"
@@ -69,13 +74,16 @@ def groups_by_bytes(block_bytes: Sequence[int], budget: int) -> list[tuple[int, 
     return groups
 
 
-def plan_build_memory(block_bytes: Sequence[int], other_bytes: int, budget: int) -> BuildMemoryPlan:
+def plan_build_memory(block_bytes: Sequence[int], other_bytes: int, budget: int,
+                      graph: str = DENOISER_GRAPH) -> BuildMemoryPlan:
     """The fewest consecutive block groups whose predicted build peak fits `budget`.
 
     Args:
-        block_bytes: weight bytes per block (the first block's count includes what precedes the blocks).
+        block_bytes: weight bytes per block (the first block's count includes what precedes the blocks, such as the
+            text encoder's embedding table).
         other_bytes: weights after the last block (they go with the last group).
         budget: host memory the build may use.
+        graph: the stage being cut (for messages).
 
     Raises:
         UsageError: even one block per engine would not fit.
@@ -85,9 +93,10 @@ def plan_build_memory(block_bytes: Sequence[int], other_bytes: int, budget: int)
     per_group = (budget - BUILD_BASE_BYTES) / BUILD_BYTES_PER_WEIGHT_BYTE
     if per_group < max(per_block):
         raise UsageError(
-            f"--max-build-memory {budget / GB:.1f} GB is too small: one block of {max(per_block) / GB:.2f} GB of weights "
+            f"--max-build-memory {budget / GB:.1f} GB is too small: one {graph} {_UNITS.get(graph, 'blocks')[:-1]} of "
+            f"{max(per_block) / GB:.2f} GB of weights "
             f"needs about {predicted_peak(max(per_block)) / GB:.1f} GB to build.",
             "raise --max-build-memory (or free memory on this machine).",
         )
     groups = groups_by_bytes(per_block, int(per_group))
-    return BuildMemoryPlan(groups, [sum(per_block[a:b]) for a, b in groups], budget)
+    return BuildMemoryPlan(groups, [sum(per_block[a:b]) for a, b in groups], budget, graph)

@@ -72,8 +72,9 @@ def make_progress_monitor(flavor: TensorRTFlavor, on_event: Callable[[str, str, 
 # ---- loaders ----------------------------------------------------------------------------------------------------
 
 
-# TensorRT warnings that the exported graphs trigger by design (int64 mask input, empty shape constants).
-_BENIGN_WARNINGS = ("has Int64 binding", "Empty initializer")
+# TensorRT warnings that the exported graphs trigger by design (int64 mask input, empty shape constants, a text
+# encoder segment after the first reading input_ids only for its shape).
+_BENIGN_WARNINGS = ("has Int64 binding", "Empty initializer", "is unused or used only at compile-time")
 
 
 @functools.lru_cache(maxsize=None)

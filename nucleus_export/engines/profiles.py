@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 from nucleus_runtime import contract
-from nucleus_runtime.bundle import Profiles
+from nucleus_runtime.bundle import Manifest, Profiles
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.model.config import ModelConfig
@@ -21,14 +21,15 @@ DimRange = tuple[int, int, int]
 
 
 def validate_dim_ranges(ranges: dict[str, DimRange]) -> None:
-    """Every symbolic dim range must satisfy 1 <= min <= opt <= max."""
+    """Every symbolic dim range must satisfy 1 <= min <= opt <= max (0 <= min for contract.ZERO_ALLOWED_DIMS)."""
     for dim, rng in ranges.items():
         if len(rng) != 3 or any(int(v) != v for v in rng):
             raise NucleusExportError(f"profile range for '{dim}' must be three integers (min, opt, max), got {rng}.")
         lo, opt, hi = rng
-        if not 1 <= lo <= opt <= hi:
+        floor = 0 if dim in contract.ZERO_ALLOWED_DIMS else 1
+        if not floor <= lo <= opt <= hi:
             raise NucleusExportError(
-                f"impossible profile range for '{dim}': min={lo}, opt={opt}, max={hi} (need 1 <= min <= opt <= max).",
+                f"impossible profile range for '{dim}': min={lo}, opt={opt}, max={hi} (need {floor} <= min <= opt <= max).",
                 "fix the range (--max-batch, --max-text-len, --resolutions) so the opt value lies inside it.",
             )
 
@@ -48,7 +49,7 @@ def onnx_input_shapes(onnx_path: Path) -> dict[str, list[int | str]]:
 
 def profile_shapes(input_shapes: dict[str, list[int | str]], ranges: dict[str, DimRange]) -> dict[str, ShapeTriple]:
     """Min/opt/max shape per graph input: static dims as they are, symbolic dims from `ranges` (batch, text_len, ...),
-    which dim_ranges_from_profiles has validated.
+    which dim_ranges_from_manifest has validated.
 
     Raises:
         NucleusExportError: an input has a symbolic dim with no range.
@@ -88,6 +89,44 @@ def dim_ranges_from_profiles(profiles: Profiles) -> dict[str, DimRange]:
         contract.TEXT_LEN_DIM: tuple(int(v) for v in profiles.text_len),
         contract.IMAGE_TOKENS_DIM: tuple(int(v) for v in profiles.image_tokens),
     }
+    validate_dim_ranges(ranges)
+    return ranges
+
+
+def dim_ranges_from_manifest(manifest: Manifest) -> dict[str, DimRange]:
+    """The symbolic-dim ranges of every stage of a bundle, derived from what its manifest records: the transformer's
+    (dim_ranges_from_profiles) and, where the bundle has those stages,
+
+    - text encoder: past_len 0..prefix_tokens (a runtime encodes the template prefix once and sends its K/V as the
+      past, or sends an empty past for a full forward), opt at the cached prefix; text_len as the transformer's (the
+      new tokens: at most the longest prompt); total_len = past_len + text_len at min, opt and max, so the three
+      profile points are shapes the graph can actually be given;
+    - VAE decoder: latent_height / latent_width over the served resolutions divided by the VAE's scale factor, opt at
+      the optimization resolution.
+
+    Raises:
+        NucleusExportError: a range is impossible, or a served resolution is off the VAE's latent grid.
+    """
+    ranges = dim_ranges_from_profiles(manifest.profiles)
+    text_encoder = manifest.stages.get(contract.TEXT_ENCODER_GRAPH)
+    if text_encoder is not None:
+        prefix = int(text_encoder.config.get("prefix_tokens", 0))
+        past = (0, prefix, prefix)
+        ranges[contract.PAST_LEN_DIM] = past
+        ranges[contract.TOTAL_LEN_DIM] = tuple(p + t for p, t in zip(past, ranges[contract.TEXT_LEN_DIM]))  # type: ignore[assignment]
+    vae = manifest.stages.get(contract.VAE_DECODER_GRAPH)
+    if vae is not None:
+        scale = int(vae.config["scale_factor"])
+        profiles = manifest.profiles
+        off_grid = [f"{h}x{w}" for h, w in profiles.resolutions if h % scale or w % scale]
+        if off_grid:
+            raise NucleusExportError(
+                f"resolutions {', '.join(off_grid)} are not multiples of the VAE's scale factor {scale}.",
+                f"serve resolutions whose sides are multiples of {scale} (--resolutions).",
+            )
+        for dim, axis in ((contract.LATENT_HEIGHT_DIM, 0), (contract.LATENT_WIDTH_DIM, 1)):
+            sides = [r[axis] // scale for r in profiles.resolutions]
+            ranges[dim] = (min(sides), profiles.opt_resolution[axis] // scale, max(sides))
     validate_dim_ranges(ranges)
     return ranges
 
@@ -147,4 +186,26 @@ def check_profile_limits(config: ModelConfig, profiles: Profiles, float32: bool,
         f"TensorRT cannot build {height}x{width} (batch {batch}): " + "; ".join(problems(grid[0] * grid[1])[:3]) + ".",
         f"{served}square sizes fit up to {side * step}x{side * step}: drop the larger --resolutions"
         + ("" if combine != "onehot" else ", or use --combine chain") + ".",
+    )
+
+
+def check_vae_limits(profiles: Profiles, scale_factor: int) -> None:
+    """Refuse, before any work, served resolutions whose VAE decoder TensorRT cannot build: its mid-block attention
+    has one head over every latent pixel, so its scores [batch, N, N] (N = latent height x width, no fused kernel
+    for a head that wide: docs/vae_decoder.md) must stay within 2^31 elements.
+
+    Raises:
+        NucleusExportError: some served resolution exceeds the limit.
+    """
+    batch = profiles.batch[2]
+    too_big = [(h, w) for h, w in profiles.resolutions if batch * ((h // scale_factor) * (w // scale_factor)) ** 2 > MAX_TENSOR_ELEMENTS]
+    if not too_big:
+        return
+    h, w = max(too_big, key=lambda r: r[0] * r[1])
+    pixels = int((MAX_TENSOR_ELEMENTS / batch) ** 0.5)  # latent pixels that fit
+    raise NucleusExportError(
+        f"TensorRT cannot build the VAE decoder at {h}x{w} (batch {batch}): its attention scores "
+        f"[{batch}, {(h // scale_factor) * (w // scale_factor)}, {(h // scale_factor) * (w // scale_factor)}] exceed 2^31 elements.",
+        f"serve resolutions of at most {pixels * scale_factor ** 2 / 1e6:.2f} MP at batch {batch} (--resolutions, "
+        "--max-batch), or leave vae_decoder out of --stages.",
     )

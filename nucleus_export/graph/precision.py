@@ -66,6 +66,15 @@ class QuantRecipe:
     def with_modes(self, modes: dict[str, GemmMode]) -> QuantRecipe:
         return dataclasses.replace(self, modes=dict(modes))
 
+    def merge(self, other: QuantRecipe) -> QuantRecipe:
+        """One recipe with both recipes' activation amax and calibration records (for GEMMs of different models:
+        the transformer's and the text encoder's); this recipe's modes and default mode are kept."""
+        overlap = sorted(set(self.activation_amax) & set(other.activation_amax))
+        if overlap:
+            raise NucleusExportError(f"two quantization recipes both calibrate {overlap[0]}.", "report this as a bug.")
+        return dataclasses.replace(self, activation_amax={**self.activation_amax, **other.activation_amax},
+                                   calibration={**self.calibration, **other.calibration})
+
     def to_json(self) -> str:
         return json.dumps(
             {

@@ -177,6 +177,17 @@ class TextEncoderConfig:
         out["mrope_section"] = list(self.mrope_section)
         return out
 
+    @classmethod
+    def from_fields(cls, raw: dict[str, Any], source: str = "text encoder config") -> TextEncoderConfig:
+        """The config back from `to_dict` (as a bundle's manifest records it), checked like a config.json."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != known:
+            raise NucleusExportError(f"{source} has fields {sorted(raw) if isinstance(raw, dict) else raw!r}; expected "
+                                     f"{sorted(known)}.", "export the bundle again with this version of nucleus-export.")
+        config = cls(**{**raw, "mrope_section": tuple(raw["mrope_section"])})
+        config.validate(source)
+        return config
+
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -1,13 +1,19 @@
-"""Per-tensor activation ranges for FP8 GEMM inputs, measured on diffusers' forward along real sampling runs.
+"""Per-tensor activation ranges for FP8 GEMM inputs, measured on the PyTorch references.
 
-Each calibration sample is a short denoising run (the runtime's FlowMatch schedule, so timesteps spread from noise to
-image) of the PyTorch reference at one of the served resolutions; forward pre-hooks record the largest |x| entering
-every quantized GEMM: attention projections, dense MLPs, shared experts and the routed experts' two grouped GEMMs.
+Transformer: each calibration sample is a short denoising run (the runtime's FlowMatch schedule, so timesteps spread
+from noise to image) of diffusers' model at one of the served resolutions; forward pre-hooks record the largest |x|
+entering every quantized GEMM: attention projections, dense MLPs, shared experts and the routed experts' two grouped
+GEMMs.
+
+Text encoder (`--fp8-text-encoder`): transformers' Qwen3VLForConditionalGeneration, the pipeline's own text encoder,
+runs on calibration prompts formatted and tokenized exactly as the pipeline does (the bundle's prompt template),
+with forward pre-hooks on the seven linears of every kept layer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,11 +25,13 @@ from nucleus_export.graph.precision import QuantRecipe
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
+from nucleus_export.model.text_encoder import LANGUAGE_MODEL, TextEncoderCheckpoint, TextEncoderConfig, layer_prefix
 from nucleus_export.quant.gemms import gemm_groups
 
 if TYPE_CHECKING:
     import torch
     from nucleus_runtime.bundle import Profiles
+    from nucleus_runtime.tokenizer import PromptTokenizer
 
 logger = logging.getLogger("nucleus_export")
 
@@ -175,3 +183,79 @@ def calibrate_fp8(
             "seed": seed,
         },
     )
+
+
+# ---- the text encoder ------------------------------------------------------------------------------------------------
+
+# Prompts of the kinds users write (short, detailed scenes, text to render, counts and positions, other languages),
+# the default when no --calibration-text is given. Held out from the prompts the FP8 error is measured on
+# (benchmarks/bench_text_encoder.py).
+TEXT_CALIBRATION_PROMPTS = (
+    "a photo of a dog",
+    "An oil painting of a stormy sea at night, a small sailboat lit by a single lantern, dramatic clouds.",
+    "A neon sign above a ramen shop that reads 'OPEN 24 HOURS' in pink letters, rainy street, reflections.",
+    "Three red apples and two green pears on a wooden table, soft window light from the left.",
+    "isometric 3d render of a tiny cozy bedroom, pastel colors, plants on the shelf, warm evening light",
+    "一座被雪覆盖的山村，炊烟袅袅，远处是日出时的群山",
+    "Portrait of an elderly fisherman with a white beard, weathered skin, 85mm lens, shallow depth of field.",
+    "A minimalist logo of a fox made of simple geometric shapes, orange on a white background",
+)
+# Prompts per forward pass (padded to the longest, as the pipeline pads a batch).
+TEXT_CALIBRATION_BATCH = 4
+TEXT_ENCODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def text_encoder_linears(config: TextEncoderConfig) -> list[str]:
+    """Module paths of the text encoder's linears that get FP8 Q/DQ (graph/text_encoder.py quantizes exactly these):
+    the seven of every kept layer."""
+    return [f"{layer_prefix(i)}.{name}" for i in range(config.kept_layers) for name in TEXT_ENCODER_LINEARS]
+
+
+def calibrate_text_encoder_fp8(
+    text_encoder: TextEncoderCheckpoint, tokenizer: PromptTokenizer, prompts: Sequence[str] = TEXT_CALIBRATION_PROMPTS,
+    source: str = "built-in prompts",
+) -> QuantRecipe:
+    """Activation amax of every quantized linear of the text encoder on `prompts`.
+
+    The model is transformers' own class, loaded in the checkpoint's dtype with only the kept layers (later layers
+    cannot change what the kept ones see); `tokenizer` renders and pads the prompts as the pipeline does.
+
+    Returns:
+        A recipe holding only the text encoder's amax (merge it into the transformer's with `QuantRecipe.merge`).
+    """
+    import torch
+    import transformers
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if not prompts:
+        raise NucleusExportError("no text encoder calibration prompts.", "give at least one prompt (one per line).")
+    config = text_encoder.config
+    model_config = Qwen3VLConfig.from_pretrained(text_encoder.folder)
+    model_config.text_config.num_hidden_layers = config.kept_layers
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the unread layers' weights are reported as unused: expected here
+    try:
+        model = Qwen3VLForConditionalGeneration.from_pretrained(text_encoder.folder, config=model_config, dtype="auto").eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    modules = dict(model.named_modules())
+    amax: dict[str, float] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        amax[name] = max(amax.get(name, 0.0), float(x.detach().abs().max()))
+
+    handles = [modules[name].register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+               for name in text_encoder_linears(config)]
+    batches = range(0, len(prompts), TEXT_CALIBRATION_BATCH)
+    try:
+        for start in track(batches, f"text encoder FP8 calibration ({len(prompts)} prompts)"):
+            ids, mask = tokenizer.encode(list(prompts[start:start + TEXT_CALIBRATION_BATCH]))
+            with torch.no_grad():
+                model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return QuantRecipe(amax, calibration={"text_encoder": {"prompts": source, "count": len(prompts),
+                                                           "model": LANGUAGE_MODEL, "kept_layers": config.kept_layers}})
+

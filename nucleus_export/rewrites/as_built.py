@@ -18,20 +18,23 @@ from nucleus_export.rewrites.moe_lowering import lower_moe_native, prepare_for_p
 
 
 def engine_graph(
-    model: onnx.ModelProto, lowering: LoweringRecord, num_experts: int, runnable_on_cpu: bool = False
+    model: onnx.ModelProto, lowering: LoweringRecord | None, num_experts: int, runnable_on_cpu: bool = False
 ) -> onnx.ModelProto:
     """The graph an engine with this MoE lowering is built from.
 
     Args:
         model: a graph as exported (its MoE ops as `nucleus` nodes with function bodies; parity variants of it are
             fine: they only touch the router nodes); not modified.
-        lowering: native layers (with the combine formulation) or plugins.
+        lowering: native layers (with the combine formulation) or plugins; None for a graph without MoE ops (the
+            text encoder, the VAE decoder).
         num_experts: the model's expert count.
         runnable_on_cpu: the same computation for ONNX Runtime's CPU provider instead of TensorRT: plugin builds
             keep the reference bodies the plugins implement (the combine inlined, so bf16 emulation rounds its
             contributions), every bf16 tensor is emulated in float32, attention masks stay expanded.
     """
-    if lowering.moe == MOE_NATIVE:
+    if lowering is None:
+        moe = model
+    elif lowering.moe == MOE_NATIVE:
         moe = lower_moe_native(model, lowering.combine, num_experts)
     elif lowering.moe != MOE_PLUGIN:
         raise ValueError(f"unknown MoE lowering {lowering.moe!r}")

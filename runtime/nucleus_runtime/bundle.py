@@ -29,6 +29,7 @@ from nucleus_runtime.contract import (
     MOE_PLUGIN,
     OPTIONAL_STAGES,
     SCHEME_SUFFIXES,
+    SEGMENT_SLICED_INPUTS,
     STAGES,
     TENSORRT_MODULES,
     checkpoint_links_dir,
@@ -125,6 +126,7 @@ class EngineRecord:
     Attributes:
         flavor: the TensorRT that built it ("tensorrt" or "tensorrt-rtx"); a plan loads only in that library.
         version: that library's version.
+        lowering: how it computes the MoE ops; None for a stage that has none (text encoder, VAE decoder).
         compute_capabilities: the targets it was built for ("SM89", ...); None: the builder's GPU (full TensorRT).
         stripped: a weight-stripped plan, refit at load from its engine ONNX.
         weight_streaming: built with streamable weights.
@@ -132,7 +134,7 @@ class EngineRecord:
 
     flavor: str
     version: str
-    lowering: LoweringRecord
+    lowering: LoweringRecord | None
     compute_capabilities: list[str] | None = None
     stripped: bool = False
     weight_streaming: bool = False
@@ -163,14 +165,17 @@ class SegmentRecord:
 class StageRecord:
     """One stage of the pipeline (contract.STAGES): its graph `<stage>.onnx`, the identity of exactly the bytes that
     graph reads (`digest`: the graph and every weight range of its external data or linked shards), its segments
-    ([]: one piece), its engines by unit (the stage, or each segment) and the facts about it a runtime needs
-    (`config`; the text encoder's and the VAE decoder's, see docs/contract.md)."""
+    ([]: one piece), its engines by unit (the stage, or each segment), the facts about it a runtime needs
+    (`config`; the text encoder's and the VAE decoder's, see docs/contract.md) and its own precision label
+    (`precision`: stages differ, text_kv and the VAE decoder are never quantized; None in bundles written before
+    stages recorded it, whose stages share the manifest's)."""
 
     io: GraphIO
     digest: str
     segments: list[SegmentRecord] = dataclasses.field(default_factory=list)
     engines: dict[str, EngineRecord] = dataclasses.field(default_factory=dict)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    precision: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +239,8 @@ class Manifest:
             names = {seg.name for seg in stage.segments}
             if any(graph_of_unit(s) != graph for s in names) or set(stage.engines) - ({graph} | names):
                 _refuse(f"stages.{graph} names segments or engines of another stage ({sorted(names | set(stage.engines))}).")
-        uses_plugins = any(e.lowering.moe == MOE_PLUGIN for s in self.stages.values() for e in s.engines.values())
+        uses_plugins = any(e.lowering is not None and e.lowering.moe == MOE_PLUGIN
+                           for s in self.stages.values() for e in s.engines.values())
         if uses_plugins and self.plugins is None:
             _refuse("the engines use TensorRT plugins (lowering 'plugin') but there is no plugins record, so the plugin "
                     "library cannot be verified.")
@@ -259,6 +265,22 @@ class Manifest:
 
     def graph_segments(self, graph: str) -> list[SegmentRecord]:
         return list(self.stages[graph].segments)
+
+    def unit_records(self, graph: str, segments: bool = True) -> list[SegmentRecord]:
+        """What a runtime runs of a stage that can be cut (contract.SEGMENT_SLICED_INPUTS), in order: its segments
+        (unless `segments` is False), or one record of the whole graph (all its layers, its own inputs and outputs),
+        so one loop runs both."""
+        stage = self.stages[graph]
+        if stage.segments and segments:
+            return list(stage.segments)
+        layers = stage.io.inputs[SEGMENT_SLICED_INPUTS[graph][0]].shape[0]
+        if type(layers) is not int:
+            _refuse(f"stages.{graph}.io gives {SEGMENT_SLICED_INPUTS[graph][0]} a symbolic layer count {layers!r}.")
+        return [SegmentRecord(graph, (0, layers), list(stage.io.inputs), list(stage.io.outputs), stage.digest)]
+
+    def stage_precision(self, graph: str) -> str:
+        """A stage's precision label ('bf16', 'bf16+fp8', ...): its own, or the bundle's for older manifests."""
+        return self.stages[graph].precision or self.precision_label
 
     def engine(self, unit: str) -> EngineRecord | None:
         return self.stages[graph_of_unit(unit)].engines.get(unit)

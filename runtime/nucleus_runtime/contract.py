@@ -245,13 +245,22 @@ def is_weight_data(relpath: str) -> bool:
     return relpath.endswith(EXTERNAL_DATA_SUFFIX) or relpath.startswith(CHECKPOINT_LINKS_DIR + "/")
 
 
-# -- denoiser segments (consecutive block groups built and run as separate engines; docs/contract.md) -----------
-# Graph metadata key: JSON list of the residual-stream tensor after each block (where a graph may be cut).
+# -- segments (consecutive block / layer groups built and run as separate engines; docs/contract.md) -------------
+# Graph metadata key: JSON list of the residual-stream tensor after each block or layer (where a graph may be cut).
 BLOCK_OUTPUTS_METADATA = "nucleus.block_outputs"
 
 
+# What a segment of consecutive layers [first, last) reads and writes of the tensors stacked over every layer on
+# axis 0: each such input is sliced to the segment's layers (a runtime passes tensor[first:last], on the GPU a pointer
+# offset), and each such output holds only the segment's layers (a runtime writes it at offset `first` of one buffer
+# of all layers). Per stage that can be cut: the denoiser reads text_kv; the text encoder reads the past K/V and
+# writes the new tokens' K/V.
+SEGMENT_SLICED_INPUTS: dict[str, tuple[str, ...]] = {DENOISER_GRAPH: (TEXT_KV,), TEXT_ENCODER_GRAPH: (PAST_KEY_VALUES,)}
+SEGMENT_SLICED_OUTPUTS: dict[str, tuple[str, ...]] = {DENOISER_GRAPH: (), TEXT_ENCODER_GRAPH: (KEY_VALUES,)}
+
+
 def segment_name(graph: str, index: int) -> str:
-    """'denoiser.seg0': the stem of a segment's ONNX graph and engine files."""
+    """'denoiser.seg0', 'text_encoder.seg1': the stem of a segment's ONNX graph and engine files."""
     return f"{graph}.seg{index}"
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from nucleus_runtime import contract
 from nucleus_runtime.bundle import Manifest
 from nucleus_runtime.contract import AUTO
+from nucleus_runtime.errors import NucleusError
 
 # The denoiser inputs fed from the host each step: all but text_kv, which backends keep where they computed it.
 DENOISER_HOST_INPUTS = tuple(n for n in contract.DENOISER_INPUTS if n != contract.TEXT_KV)
@@ -46,6 +47,61 @@ def denoiser_host_inputs(
     """The denoiser's host-side inputs (all but `text_kv`) by contract name, contiguous, in the contract's dtypes."""
     arrays = (hidden_states, timestep, img_rope_cos, img_rope_sin, encoder_hidden_states_mask)
     return {name: host_array(name, a) for name, a in zip(DENOISER_HOST_INPUTS, arrays, strict=True)}
+
+
+def text_encoder_inputs(
+    manifest: Manifest, input_ids: np.ndarray, attention_mask: np.ndarray, past_shape: tuple[int, ...] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask for the text encoder, contiguous int64, checked against each other and against
+    the past K/V's shape [L, 2, B, P, Hkv, Dh] (None: no past), so a mismatch is one clear error, not a failed run."""
+    ids = host_array(contract.INPUT_IDS, input_ids)
+    mask = host_array(contract.ATTENTION_MASK, attention_mask)
+    if ids.ndim != 2 or mask.ndim != 2:
+        raise NucleusError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must both be 2-D [batch, tokens].",
+                           "pass token ids [batch, text_len] and a mask [batch, past_len + text_len].")
+    batch, text_len = ids.shape
+    past_len = 0
+    if past_shape is not None:
+        layers = manifest.stages[contract.TEXT_ENCODER_GRAPH].io.inputs[contract.PAST_KEY_VALUES].shape[0]
+        if len(past_shape) != 6 or past_shape[0] != layers or past_shape[2] != batch:
+            raise NucleusError(
+                f"the past K/V has shape {list(past_shape)}; this text encoder takes [{layers}, 2, {batch}, past_len, ...] "
+                f"for a batch of {batch}.",
+                "pass the key_values of an earlier encode_prompt call, repeated over the batch (axis 2), or no past.",
+            )
+        past_len = past_shape[3]
+    if mask.shape != (batch, past_len + text_len):
+        raise NucleusError(
+            f"attention_mask has shape {list(mask.shape)}; with {past_len} past and {text_len} new tokens it must be "
+            f"[{batch}, {past_len + text_len}].",
+            "give the mask over [past ; new] tokens (1 real, 0 padding).",
+        )
+    return ids, mask
+
+
+def vae_decoder_input(manifest: Manifest, latents: np.ndarray) -> np.ndarray:
+    """Latents [B, z_dim, h, w] for the VAE decoder, contiguous float32, checked against the stage's latent channels
+    and the bundle's served resolutions (h, w = height, width / the VAE's scale factor)."""
+    array = host_array(contract.LATENTS, latents)
+    stage = manifest.stages[contract.VAE_DECODER_GRAPH]
+    z_dim, scale = stage.io.inputs[contract.LATENTS].shape[1], int(stage.config["scale_factor"])
+    if array.ndim != 4 or array.shape[1] != z_dim:
+        raise NucleusError(f"latents have shape {list(array.shape)}; the VAE decoder takes [batch, {z_dim}, height, width].",
+                           "pass the unpacked latents without their frame axis (nucleus_runtime.latents.unpack_latents(...)[:, :, 0]).")
+    manifest.grid_for(array.shape[2] * scale, array.shape[3] * scale)  # a clear error for a size the bundle does not serve
+    return array
+
+
+def raise_stage_not_loaded(backend: Backend, graph: str) -> None:
+    """The one error for a stage a backend was not opened with: the fix depends on whether the bundle has it."""
+    manifest: Manifest = backend.manifest  # type: ignore[attr-defined]
+    if graph in manifest.stages:
+        raise NucleusError(f"this {backend.name} backend was opened without the {graph} stage.",
+                           f"open a backend with {graph} in BackendOptions.stages (None loads every stage).")
+    raise NucleusError(
+        f"the bundle has no {graph} stage (it has {', '.join(manifest.stage_names)}).",
+        f"export the bundle from a pipeline root with --stages including {graph}.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,20 +153,25 @@ class Backend(abc.ABC):
     # ---- what the registry asks before opening one --------------------------------------------------------------
 
     @classmethod
+    def stage_files(cls, manifest: Manifest, graph: str) -> list[str]:
+        """Bundle-relative paths this backend reads to load one stage of the bundle."""
+        raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
+
+    @classmethod
     def files(cls, manifest: Manifest) -> list[str]:
-        """Bundle-relative paths this backend reads besides the manifest and scheduler config."""
-        raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
+        """Bundle-relative paths this backend reads besides the manifest and scheduler config: every stage's."""
+        return list(dict.fromkeys(f for graph in manifest.stage_names for f in cls.stage_files(manifest, graph)))
 
     @classmethod
-    def stage_files(cls, manifest: Manifest, stage: str) -> list[str]:
-        """Bundle-relative paths this backend reads to load one stage (`files` is their union, and more)."""
-        raise NotImplementedError(f"{cls.__name__} does not open bundles by itself")
-
-    @classmethod
-    def stage_bytes(cls, manifest: Manifest, stage: str) -> int:
-        """The recorded bytes of what loading one stage reads: the memory its weights take where it runs, before
-        activations (conservative where a linked shard also holds tensors no graph reads)."""
-        return sum(manifest.files[f].bytes for f in cls.stage_files(manifest, stage) if f in manifest.files)
+    def stage_bytes(cls, manifest: Manifest, graph: str) -> int:
+        """What loading one stage costs in this backend, from the manifest alone (nothing is opened): the recorded
+        bytes of the files it reads for the stage (stage_files). A memory planner compares this with the free host
+        or device memory before opening a backend on some stages (BackendOptions.stages). Activations and
+        workspaces come on top."""
+        if graph not in manifest.stages:
+            raise NucleusError(f"the bundle has no {graph} stage (it has {', '.join(manifest.stage_names)}).",
+                               "ask for one of its stages, or export the bundle with --stages including it.")
+        return sum(manifest.files[f].bytes for f in cls.stage_files(manifest, graph) if f in manifest.files)
 
     @classmethod
     def memory_available(cls, options: BackendOptions) -> int | None:

@@ -3,6 +3,11 @@
 Text K/V stays an `OrtValue` where the text_kv session put it (host memory on CPU, device memory on the CUDA EP)
 and is bound to the denoiser with IOBinding, so it is neither copied nor converted per step; a bfloat16/float16
 text_kv passes through as is. The custom MoE ops run through their model-local function bodies.
+
+Segmented stages (the denoiser, the text encoder) run their segment graphs one after the other with the same
+binding the TensorRT backend uses: a tensor stacked over layers is bound by address, each segment its slice
+[first:last] of it (the cached text K/V, the past K/V) or its layers' part of one output buffer (the new tokens'
+key_values), and what one segment hands to the next stays an OrtValue on the session's device.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from nucleus_runtime.backends.base import (
     Backend,
     BackendOptions,
     TensorHandle,
-    host_array,
+    raise_stage_not_loaded,
+    text_encoder_inputs,
     text_kv_inputs,
+    vae_decoder_input,
 )
-from nucleus_runtime.bundle import Manifest, load_manifest, stage_files, verify_files
+from nucleus_runtime.bundle import Manifest, SegmentRecord, TensorSpec, load_manifest, stage_files, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
     ATTENTION_MASK,
@@ -35,11 +42,12 @@ from nucleus_runtime.contract import (
     LATENTS,
     ONNXRUNTIME,
     PAST_KEY_VALUES,
+    PAST_LEN_DIM,
     PROMPT_EMBEDS,
     SAMPLE,
     TEXT_ENCODER_GRAPH,
-    TEXT_ENCODER_INPUTS,
     TEXT_KV_INPUTS,
+    TEXT_LEN_DIM,
     VAE_DECODER_GRAPH,
     onnx_file,
 )
@@ -51,9 +59,10 @@ from nucleus_runtime.memory import host_available_bytes
 logger = logging.getLogger("nucleus_runtime")
 
 CUDA_EP = "CUDAExecutionProvider"
-ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, without importing onnx
 CPU_EP = "CPUExecutionProvider"
-
+# onnx.TensorProto element types of the compute dtypes a manifest names, without importing onnx (numpy has no
+# bfloat16, so buffers are made from the ONNX type).
+ONNX_ELEMENT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}
 
 
 @dataclasses.dataclass
@@ -69,7 +78,8 @@ class OrtOptions:
         device: "auto" (CUDA EP when onnxruntime-gpu provides it, else CPU), "cpu" or "cuda".
         optimization: graph optimization level: "all", "extended", "basic" or "disabled".
         verify_checksums: check the ONNX files against the manifest before loading them.
-        segments: run the denoiser's segment graphs in sequence when the bundle has them (False: the full graph).
+        segments: run the segment graphs of the denoiser and the text encoder in sequence when the bundle has them
+            (False: the full graphs).
         stages: the stages to load (None: every stage of the bundle).
     """
 
@@ -97,12 +107,6 @@ class OrtTensor(TensorHandle):
 
     def to_numpy(self) -> np.ndarray:
         return self.value.numpy()
-
-    def layers(self, first: int, last: int) -> np.ndarray:
-        """text_kv[first:last] as a host array (a view of one host copy, made on first use), for a segment."""
-        if getattr(self, "_host", None) is None:
-            self._host = self.value.numpy()
-        return self._host[first:last]
 
 
 def _import_ort() -> Any:
@@ -144,22 +148,12 @@ class OrtBackend(Backend):
     name = ONNXRUNTIME
 
     @classmethod
-    def files(cls, manifest: Manifest) -> list[str]:
-        """The exported graphs, their segments and weights (data files, linked checkpoint shards), in manifest order;
-        not the engines' graphs (*.engine.onnx). The contract's graph files always: a manifest that lost their records
-        must not silently serve without them."""
-        return cls._union(manifest, manifest.stage_names)
-
-    @classmethod
-    def stage_files(cls, manifest: Manifest, stage: str) -> list[str]:
-        return stage_files(manifest, stage)
-
-    @classmethod
-    def _union(cls, manifest: Manifest, stages: list[str]) -> list[str]:
-        names: list[str] = []
-        for graph in stages:
-            names += [f for f in cls.stage_files(manifest, graph) if f not in names]
-        return names
+    def stage_files(cls, manifest: Manifest, graph: str) -> list[str]:
+        """The stage's exported graph, its segments and weights (data files, linked checkpoint shards); not the
+        engines' graphs (*.engine.onnx). The contract's graph files always: a manifest that lost their records must
+        not silently serve without them. (Linked shards count whole: they may hold tensors no graph reads, such as
+        the text encoder's vision tower, so stage_bytes is an upper bound for them.)"""
+        return stage_files(manifest, graph)
 
     @classmethod
     def memory_available(cls, options: BackendOptions) -> int | None:
@@ -189,7 +183,8 @@ class OrtBackend(Backend):
         self.stages = [g for g in self.manifest.stage_names if self.options.stages is None or g in self.options.stages]
         if self.options.verify_checksums:
             # The graphs, their segments and external data (what this backend reads), each of which must be recorded.
-            verify_files(self.bundle_dir, self.manifest, self._union(self.manifest, self.stages))
+            names = dict.fromkeys(f for graph in self.stages for f in self.stage_files(self.manifest, graph))
+            verify_files(self.bundle_dir, self.manifest, list(names))
         self.providers = _providers(ort, self.options.device)
         self._device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
         session_options = ort.SessionOptions()
@@ -210,7 +205,11 @@ class OrtBackend(Backend):
         def session(graph: str, inputs: tuple[str, ...]) -> Any:
             return self._session(graph, session_options, inputs) if graph in self.stages else None
 
-        self._text_encoder = session(TEXT_ENCODER_GRAPH, TEXT_ENCODER_INPUTS)
+        # The text encoder always runs as units (its segments, or the whole graph as one), through `_run_units`.
+        self._text_encoder = [
+            (unit, self._session(unit.name, session_options, tuple(unit.inputs)))
+            for unit in self.manifest.unit_records(TEXT_ENCODER_GRAPH, self.options.segments)
+        ] if TEXT_ENCODER_GRAPH in self.stages else None
         self._vae_decoder = session(VAE_DECODER_GRAPH, (LATENTS,))
         self._text_kv = session(TEXT_KV, TEXT_KV_INPUTS)
         # A segmented bundle runs its segment graphs one after the other (same weights, same results as the full
@@ -257,36 +256,75 @@ class OrtBackend(Backend):
     def encode_prompt(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: OrtTensor | None
     ) -> tuple[np.ndarray, OrtTensor]:  # type: ignore[override]
-        session = self._stage(self._text_encoder, TEXT_ENCODER_GRAPH)
-        binding = session.io_binding()
-        binding.bind_cpu_input(INPUT_IDS, host_array(INPUT_IDS, input_ids))
-        binding.bind_cpu_input(ATTENTION_MASK, host_array(ATTENTION_MASK, attention_mask))
-        binding.bind_ortvalue_input(PAST_KEY_VALUES, past.value if past is not None else self._empty_past(input_ids.shape[0]))
-        binding.bind_output(PROMPT_EMBEDS)
-        binding.bind_output(KEY_VALUES, self._device)
-        session.run_with_iobinding(binding)
-        embeds, key_values = binding.get_outputs()
-        return embeds.numpy(), OrtTensor(key_values)
+        units = self._stage(self._text_encoder, TEXT_ENCODER_GRAPH)
+        if past is not None and not isinstance(past, OrtTensor):
+            raise TypeError(f"OrtBackend.encode_prompt needs its own key_values as past, got {type(past).__name__}")
+        ids, mask = text_encoder_inputs(self.manifest, input_ids, attention_mask, None if past is None else past.shape)
+        io = self.manifest.stages[TEXT_ENCODER_GRAPH].io
+        sizes = {BATCH_DIM: ids.shape[0], TEXT_LEN_DIM: ids.shape[1], PAST_LEN_DIM: 0}
+        past_value = past.value if past is not None else self._buffer(io.inputs[PAST_KEY_VALUES], sizes)
+        key_values = self._buffer(io.outputs[KEY_VALUES], sizes)  # every segment writes its layers into it
+        values = self._run_units(units, {INPUT_IDS: ids, ATTENTION_MASK: mask}, {PAST_KEY_VALUES: past_value},
+                                 {KEY_VALUES: key_values})
+        return values[PROMPT_EMBEDS].numpy(), OrtTensor(key_values)
 
-    def _empty_past(self, batch: int) -> Any:
-        """past_key_values with past_len 0, in the graph's dtype (bf16 as its raw bits: numpy has no bfloat16)."""
-        spec = self.manifest.stages[TEXT_ENCODER_GRAPH].io.inputs[PAST_KEY_VALUES]
-        shape = [batch if d == BATCH_DIM else 0 if isinstance(d, str) else d for d in spec.shape]
-        if spec.dtype == "bfloat16":
-            return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np.uint16), ONNX_BFLOAT16)
-        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(spec.dtype)))
+    def _buffer(self, spec: TensorSpec, sizes: dict[str, int]) -> Any:
+        """An OrtValue of a graph tensor's dtype on the session's device, its symbolic dims given by `sizes`."""
+        shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, ONNX_ELEMENT_TYPES[spec.dtype], self._device)
+
+    def _run_units(
+        self,
+        units: list[tuple[SegmentRecord, Any]],
+        host: dict[str, np.ndarray],
+        stacked_inputs: dict[str, Any],
+        stacked_outputs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Run a stage's units (its segments in order, or the whole graph as one unit of all its layers).
+
+        Args:
+            units: (unit record, session) pairs.
+            host: inputs fed from numpy, by name (bound again for every unit that reads them).
+            stacked_inputs: OrtValues stacked over all layers on axis 0 (contract.SEGMENT_SLICED_INPUTS): each unit
+                binds the slice of its layers by address.
+            stacked_outputs: preallocated OrtValues of all layers: each unit writes its layers at their offset.
+
+        Returns:
+            every other output of every unit, as OrtValues on the session's device.
+        """
+        values: dict[str, Any] = {}  # tensors produced by earlier units
+        for unit, session in units:
+            binding = session.io_binding()
+            for name in unit.inputs:
+                if name in stacked_inputs:
+                    binding.bind_input(name, *self._layers(stacked_inputs[name], *unit.blocks))
+                elif name in values:
+                    binding.bind_ortvalue_input(name, values[name])
+                else:
+                    binding.bind_cpu_input(name, host[name])
+            for name in unit.outputs:
+                if name in stacked_outputs:
+                    binding.bind_output(name, *self._layers(stacked_outputs[name], *unit.blocks))
+                else:
+                    binding.bind_output(name, self._device)
+            session.run_with_iobinding(binding)
+            values.update((n, v) for n, v in zip(unit.outputs, binding.get_outputs()) if n not in stacked_outputs)
+        return values
+
+    def _layers(self, value: Any, first: int, last: int) -> tuple[Any, ...]:
+        """IOBinding's (device, device id, element type, shape, address) of value[first:last]: layers are contiguous
+        on axis 0, so the slice is a pointer offset (an empty past has address 0 and no bytes, which ORT accepts)."""
+        shape = list(value.shape())
+        layer_bytes = value.tensor_size_in_bytes() // shape[0]
+        return self._device, 0, value.element_type(), [last - first, *shape[1:]], value.data_ptr() + first * layer_bytes
 
     def decode_image(self, latents: np.ndarray) -> np.ndarray:
         session = self._stage(self._vae_decoder, VAE_DECODER_GRAPH)
-        return session.run([IMAGE], {LATENTS: host_array(LATENTS, latents)})[0]
+        return session.run([IMAGE], {LATENTS: vae_decoder_input(self.manifest, latents)})[0]
 
     def _stage(self, session: Any, graph: str) -> Any:
         if session is None:
-            raise NucleusError(
-                f"this ONNX Runtime backend of {self.bundle_dir} did not load the {graph} stage"
-                + ("" if graph in self.manifest.stages else " (the bundle has none)") + ".",
-                f"export the bundle from a pipeline root with --stages including {graph}, or open it with that stage.",
-            )
+            raise_stage_not_loaded(self, graph)
         return session
 
     def _denoise(self, inputs: dict[str, np.ndarray], text_kv: OrtTensor) -> np.ndarray:  # type: ignore[override]
@@ -301,21 +339,8 @@ class OrtBackend(Backend):
         return binding.copy_outputs_to_cpu()[0]
 
     def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: OrtTensor) -> np.ndarray:
-        values: dict[str, Any] = {}  # tensors produced by earlier segments, as OrtValues
-        for seg, session in zip(self.segments, self._segment_sessions):
-            binding = session.io_binding()
-            for name in seg.inputs:
-                if name == TEXT_KV_TENSOR:
-                    binding.bind_cpu_input(name, text_kv.layers(*seg.blocks))
-                elif name in values:
-                    binding.bind_ortvalue_input(name, values[name])
-                else:
-                    binding.bind_cpu_input(name, inputs[name])
-            for name in seg.outputs:
-                binding.bind_output(name, self._device)
-            session.run_with_iobinding(binding)
-            values.update(zip(seg.outputs, binding.get_outputs()))
-        return values[SAMPLE].numpy()
+        units = list(zip(self.segments, self._segment_sessions))
+        return self._run_units(units, inputs, {TEXT_KV_TENSOR: text_kv.value}, {})[SAMPLE].numpy()
 
     def close(self) -> None:
         """Drop every session: their weights are freed now, not when this object is collected."""

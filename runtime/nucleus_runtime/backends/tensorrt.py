@@ -1,10 +1,14 @@
-"""TensorRT backend: the bundle's `text_kv.plan` and `denoiser.plan` on one GPU.
+"""TensorRT backend: the bundle's engines (`<unit>.plan` of the text encoder, text_kv, the denoiser, the VAE decoder,
+or their segments) on one GPU.
 
 Works with full TensorRT (`tensorrt`) or TensorRT-RTX (`tensorrt_rtx`), same Python API; device memory and the
 stream come from cuda-python (`cuda.bindings.runtime`). Tensors are bound by address (`set_tensor_address`) and run
 with `execute_async_v3`. The text_kv engine writes its output into a device buffer that becomes the cache handle;
 the denoiser binds that same buffer as its `text_kv` input, rebinding only when the handle changes, so the K/V is
-never copied per step. The nucleus plugin library is loaded when the engines were built with plugins.
+never copied per step. The text encoder writes the new tokens' key_values into a device buffer that becomes a
+handle too, and a later call binds it as its past (a cached template prefix) in place. The nucleus plugin library is
+loaded when the engines were built with plugins. A backend loads only the stages it is opened with, and `close`
+frees their engines, so stages can take turns on a small GPU.
 
 Import-guarded and untested in CI (no GPU there): nothing here is imported until `TensorRTBackend` is constructed,
 and the logic is kept to binding and copying; the loop, cache and checks are shared with the ONNX Runtime backend.
@@ -12,9 +16,11 @@ and the logic is kept to binding and copying; the loop, cache and checks are sha
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +31,33 @@ from nucleus_runtime.backends.base import (
     Backend,
     BackendOptions,
     TensorHandle,
+    raise_stage_not_loaded,
+    text_encoder_inputs,
     text_kv_inputs,
+    vae_decoder_input,
 )
-from nucleus_runtime.bundle import EngineRecord, Manifest, load_manifest, stage_files, verify_files
+from nucleus_runtime.bundle import EngineRecord, Manifest, SegmentRecord, load_manifest, stage_files, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
+    ATTENTION_MASK,
+    BATCH_DIM,
     HOST_INPUT_DTYPES,
+    IMAGE,
+    INPUT_IDS,
+    KEY_VALUES,
+    LATENTS,
+    MOE_PLUGIN,
+    PAST_KEY_VALUES,
+    PAST_LEN_DIM,
+    PROMPT_EMBEDS,
     RUNTIME_DISTRIBUTION,
     SAMPLE,
     TENSORRT,
     TENSORRT_MODULES,
     TENSORRT_RTX,
+    TEXT_ENCODER_GRAPH,
+    TEXT_LEN_DIM,
+    VAE_DECODER_GRAPH,
     engine_onnx_file,
     plan_file,
 )
@@ -116,7 +138,8 @@ class DeviceBuffer:
 
 
 class TrtTensor(TensorHandle):
-    """Text K/V in device memory, written by the text_kv engine and read in place by the denoiser."""
+    """A tensor in device memory: text K/V written by the text_kv engine and read in place by the denoiser, or the
+    text encoder's key_values, read in place as the past of a later encode_prompt."""
 
     def __init__(self, buffer: DeviceBuffer, shape: tuple[int, ...], dtype: np.dtype, backend: TensorRTBackend):
         self.buffer = buffer
@@ -194,6 +217,12 @@ class _Engine:
         self.cudart = cudart
         self.buffers: dict[str, DeviceBuffer] = {}
 
+    def release(self) -> None:
+        """Free the buffers, then the execution context, then the engine (its weights on the GPU)."""
+        self.buffers.clear()
+        self.context = None
+        self.engine = None
+
     def buffer(self, name: str, nbytes: int) -> DeviceBuffer:
         current = self.buffers.get(name)
         if current is None or current.nbytes < nbytes:
@@ -223,20 +252,42 @@ def _split_budget(manifest: Manifest, units: list[str], budget: int | None) -> l
     return [budget * size // sum(sizes) for size in sizes]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+    """A device tensor stacked over layers on axis 0 (contract.SEGMENT_SLICED_INPUTS / _OUTPUTS): its address, shape
+    and element size. Layers are contiguous, so a unit's slice [first:last] is a pointer offset."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    itemsize: int
+
+    def layers(self, first: int, last: int) -> tuple[int, tuple[int, ...]]:
+        layer_bytes = math.prod(self.shape[1:]) * self.itemsize
+        return self.ptr + first * layer_bytes, (last - first, *self.shape[1:])
+
+
+# Bytes of the buffer whose address empty tensors (an empty past) are bound to: TensorRT wants a valid address for
+# every input, whatever its volume.
+_EMPTY_BUFFER_BYTES = 256
+
+
 class TensorRTBackend(Backend):
-    """Runs a bundle's TensorRT engines.
+    """Runs a bundle's TensorRT engines: the text encoder, text_kv, the denoiser and the VAE decoder, or the stages
+    `stages` names (so a caller short of GPU memory can load the text encoder, close it, then load the denoiser).
 
     Args:
-        bundle_dir: the bundle folder, holding text_kv.plan and denoiser.plan.
+        bundle_dir: the bundle folder, holding `<unit>.plan` for every engine unit.
         manifest: the bundle's manifest, when the caller has it loaded already.
         verify_checksums: check the engine files against the manifest before loading them.
         weight_streaming_budget: bytes of denoiser weights to keep on the GPU (TensorRT weight streaming, engines
             built with --weight-streaming), shared among its segments in proportion to their streamable weights;
             None keeps all weights resident. Written against the documented API; not run on a GPU here.
+        stages: the stages to load (None: every stage of the bundle).
 
-    A segmented bundle (manifest `segments`) runs its denoiser engines in order: every tensor one segment hands to
-    the next stays in that segment's device buffer, and each segment binds its slice of the cached text K/V by
-    address (text_kv[first:last] is contiguous), so nothing crosses to the host between segments.
+    A segmented stage (manifest `segments`: the denoiser, the text encoder) runs its engines in order: every tensor
+    one segment hands to the next stays in that segment's device buffer; a tensor stacked over layers is bound by
+    address, each segment its slice (text_kv[first:last], past_key_values[first:last]) or its layers' part of one
+    output buffer (key_values), so nothing crosses to the host between segments.
     """
 
     tensor_type = TrtTensor
@@ -244,25 +295,22 @@ class TensorRTBackend(Backend):
 
     @property
     def supports_device_io(self) -> bool:
-        return not self.segments  # segments pass hidden states between engines in the backend's own buffers
+        # Segments pass hidden states between engines in the backend's own buffers.
+        return bool(self._denoisers) and not self.segments
 
     @classmethod
-    def files(cls, manifest: Manifest) -> list[str]:
-        """Every stage's `stage_files` and the plugin library when the engines use one."""
-        names = [f for stage in manifest.stage_names for f in cls.stage_files(manifest, stage)]
-        if manifest.plugins is not None:
-            names.append(manifest.plugins.library)
-        return list(dict.fromkeys(names))
-
-    @classmethod
-    def stage_files(cls, manifest: Manifest, stage: str) -> list[str]:
-        """The stage's plans, and for weight-stripped plans the engine graphs they are refit from with the weights
-        those read."""
-        units = manifest.units(stage)
+    def stage_files(cls, manifest: Manifest, graph: str) -> list[str]:
+        """The plan of each of the stage's units; for weight-stripped plans the engine graphs they are refit from and
+        the weights those read; the plugin library when the stage's engines use it."""
+        units = manifest.units(graph)
+        records = [manifest.engine(u) for u in units]
         names = [plan_file(u) for u in units]
-        if any((r := manifest.engine(u)) is not None and r.stripped for u in units):
+        if any(r is not None and r.stripped for r in records):
             names += [engine_onnx_file(u) for u in units]
-            names += [f for f in stage_files(manifest, stage) if not f.endswith(".onnx")]
+            names += [f for f in stage_files(manifest, graph) if not f.endswith(".onnx")]
+        if manifest.plugins is not None and any(r is not None and r.lowering is not None and r.lowering.moe == MOE_PLUGIN
+                                                for r in records):
+            names.append(manifest.plugins.library)
         return names
 
     @classmethod
@@ -287,7 +335,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Manifest, options: BackendOptions) -> TensorRTBackend:
-        return cls(bundle_dir, manifest, options.verify_checksums, options.weight_streaming_budget)
+        return cls(bundle_dir, manifest, options.verify_checksums, options.weight_streaming_budget, options.stages)
 
     def unit_identity(self, manifest: Manifest, unit: str) -> str:
         """The plan's bytes (and, for a weight-stripped plan, the weights it is refit from)."""
@@ -301,11 +349,21 @@ class TensorRTBackend(Backend):
         manifest: Manifest | None = None,
         verify_checksums: bool = True,
         weight_streaming_budget: int | None = None,
+        stages: tuple[str, ...] | None = None,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or load_manifest(self.bundle_dir)
-        self.segments = self.manifest.graph_segments(DENOISER)
-        units = self.manifest.engine_units()
+        self.stages = [g for g in self.manifest.stage_names if stages is None or g in stages]
+        # Nothing is loaded yet: close() (and a failed open) find empty slots.
+        self._text_encoders: list[tuple[SegmentRecord, _Engine]] = []
+        self._text_kv: _Engine | None = None
+        self._denoisers: list[_Engine] = []
+        self._vae_decoder: _Engine | None = None
+        self._empty: DeviceBuffer | None = None
+        self._stream = None
+        self._bound_text_kv: TrtTensor | None = None
+        self.segments = self.manifest.graph_segments(DENOISER) if DENOISER in self.stages else []
+        units = self.manifest.engine_units(tuple(self.stages))
         records = [self.manifest.engine(unit) for unit in units]
         missing = [plan_file(u) for u, r in zip(units, records) if r is None or not (self.bundle_dir / plan_file(u)).is_file()]
         if missing:
@@ -320,13 +378,16 @@ class TensorRTBackend(Backend):
                 "library that built it.",
                 f"run with --backend {flavors[0]} (or --backend auto).",
             )
+        files = list(dict.fromkeys(f for graph in self.stages for f in self.stage_files(self.manifest, graph)))
         # The plugin library is native code that runs in this process: verified whatever verify_checksums says,
-        # before TensorRT is even imported, and loaded from the path the manifest records.
+        # before TensorRT is even imported, and loaded from the path the manifest records (only for stages using it).
         from nucleus_runtime import plugins
 
         library = plugins.bundle_plugin_library(self.bundle_dir, self.manifest)
+        if library is not None and self.manifest.plugins is not None and self.manifest.plugins.library not in files:
+            library = None
         if verify_checksums:
-            verify_files(self.bundle_dir, self.manifest, [f for f in self.files(self.manifest) if f in self.manifest.files])
+            verify_files(self.bundle_dir, self.manifest, [f for f in files if f in self.manifest.files])
         self.trt = _import_tensorrt(self.name)
         self.cudart = _import_cudart()
         self._check_gpu()
@@ -339,19 +400,25 @@ class TensorRTBackend(Backend):
             return _Engine(self.trt, self._runtime, self.bundle_dir / plan_file(unit), self.cudart,
                            self.manifest.engine(unit), budget, self._logger)  # type: ignore[arg-type]
 
-        denoiser_units = self.manifest.units(DENOISER)
-        self._text_kv = engine(TEXT_KV)
-        budgets = _split_budget(self.manifest, denoiser_units, weight_streaming_budget)
-        self._denoisers = [engine(unit, budget) for unit, budget in zip(denoiser_units, budgets)]
+        if TEXT_ENCODER_GRAPH in self.stages:
+            self._text_encoders = [(unit, engine(unit.name)) for unit in self.manifest.unit_records(TEXT_ENCODER_GRAPH)]
+        if TEXT_KV in self.stages:
+            self._text_kv = engine(TEXT_KV)
+        if DENOISER in self.stages:
+            denoiser_units = self.manifest.units(DENOISER)
+            budgets = _split_budget(self.manifest, denoiser_units, weight_streaming_budget)
+            self._denoisers = [engine(unit, budget) for unit, budget in zip(denoiser_units, budgets)]
+        if VAE_DECODER_GRAPH in self.stages:
+            self._vae_decoder = engine(VAE_DECODER_GRAPH)
         self._stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._bound_text_kv: TrtTensor | None = None
 
     def _check_gpu(self) -> None:
         device = _check(self.cudart.cudaGetDevice(), "cudaGetDevice")
         props = _check(self.cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
         gpu = (int(props.major), int(props.minor))
         self.gpu_name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        for graph in self.manifest.engine_units():
+        stages = getattr(self, "stages", None)
+        for graph in self.manifest.engine_units(None if stages is None else tuple(stages)):
             targets = engine_compute_capabilities(self.manifest, graph)
             if targets and gpu not in targets:
                 built = ", ".join(f"SM{a}{b}" for a, b in targets)
@@ -359,6 +426,12 @@ class TensorRTBackend(Backend):
                     f"{plan_file(graph)} was built for {built}, but this GPU ({self.gpu_name}) is SM{gpu[0]}{gpu[1]}.",
                     f"build the engines for SM{gpu[0]}{gpu[1]} (`nucleus-export build` on this GPU or with its target).",
                 )
+
+    def _loaded(self, engines: Any, graph: str) -> Any:
+        """The engine(s) of a stage, or the one error for a stage this backend was not opened with."""
+        if not engines:
+            raise_stage_not_loaded(self, graph)
+        return engines
 
     # ---- host <-> device ----------------------------------------------------------------------------------------
 
@@ -380,12 +453,97 @@ class TensorRTBackend(Backend):
         if not engine.context.execute_async_v3(int(self._stream)):
             raise NucleusError(f"TensorRT failed to run {graph}.plan (see the TensorRT log above).", "rerun with --verbose.")
 
+    def _empty_address(self) -> int:
+        if self._empty is None:
+            self._empty = DeviceBuffer(self.cudart, _EMPTY_BUFFER_BYTES)
+        return self._empty.ptr
+
+    def _run_units(
+        self,
+        units: list[tuple[SegmentRecord, _Engine]],
+        host: dict[str, np.ndarray],
+        stacked_inputs: dict[str, _Stacked],
+        stacked_outputs: dict[str, _Stacked],
+    ) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Enqueue a stage's units on the stream, in order (its segments, or the whole graph as one unit).
+
+        Args:
+            units: (unit record, engine) pairs.
+            host: inputs fed from numpy, uploaded once each (later units reading the same input bind that copy: one
+                stream, so it stays valid until the caller's synchronize).
+            stacked_inputs: device tensors stacked over all layers: each unit binds the slice of its layers.
+            stacked_outputs: device buffers of all layers: each unit writes its layers at their offset.
+
+        Returns:
+            name -> (device address, shape) of every tensor the units produced or uploaded.
+        """
+        produced: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for unit, engine in units:
+            for name in unit.inputs:
+                if name in stacked_inputs:
+                    ptr, shape = stacked_inputs[name].layers(*unit.blocks)
+                    engine.context.set_input_shape(name, shape)
+                    engine.context.set_tensor_address(name, ptr if math.prod(shape) else self._empty_address())
+                elif name in produced:
+                    ptr, shape = produced[name]
+                    engine.context.set_input_shape(name, shape)
+                    engine.context.set_tensor_address(name, ptr)
+                else:
+                    produced[name] = (self._upload(engine, name, host[name]), host[name].shape)
+            for name in unit.outputs:
+                if name in stacked_outputs:
+                    ptr, _ = stacked_outputs[name].layers(*unit.blocks)
+                    engine.context.set_tensor_address(name, ptr)
+                    continue
+                shape, dtype = engine.output_shape(name), engine.output_dtype(name)
+                produced[name] = (engine.buffer(name, int(np.prod(shape)) * dtype.itemsize).ptr, shape)
+            self._execute(engine, unit.name)
+        return produced
+
+    def _host_output(self, engine: _Engine, name: str, ptr: int) -> np.ndarray:
+        """Copy an output to the host (waits for the stream)."""
+        host = np.empty(engine.output_shape(name), dtype=engine.output_dtype(name))
+        self.copy_to_host(host, ptr)
+        return host
+
     # ---- Backend ------------------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: TensorHandle | None
+    ) -> tuple[np.ndarray, TrtTensor]:
+        units = self._loaded(self._text_encoders, TEXT_ENCODER_GRAPH)
+        if past is not None and not isinstance(past, TrtTensor):
+            raise TypeError(f"{type(self).__name__}.encode_prompt needs its own key_values as past, got {type(past).__name__}")
+        ids, mask = text_encoder_inputs(self.manifest, input_ids, attention_mask, None if past is None else past.shape)
+        io = self.manifest.stages[TEXT_ENCODER_GRAPH].io
+        sizes = {BATCH_DIM: ids.shape[0], TEXT_LEN_DIM: ids.shape[1], PAST_LEN_DIM: 0}
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in io.outputs[KEY_VALUES].shape)
+        dtype = units[0][1].output_dtype(KEY_VALUES)
+        # A fresh buffer per call: the handle outlives it (a cached prefix), the engines' own buffers do not.
+        key_values = DeviceBuffer(self.cudart, math.prod(shape) * dtype.itemsize)
+        if past is None:
+            empty = tuple(sizes[d] if isinstance(d, str) else d for d in io.inputs[PAST_KEY_VALUES].shape)
+            past_stacked = _Stacked(self._empty_address(), empty, dtype.itemsize)
+        else:
+            past_stacked = _Stacked(past.buffer.ptr, past.shape, past.nbytes // max(1, math.prod(past.shape)))
+        produced = self._run_units(units, {INPUT_IDS: ids, ATTENTION_MASK: mask}, {PAST_KEY_VALUES: past_stacked},
+                                   {KEY_VALUES: _Stacked(key_values.ptr, shape, dtype.itemsize)})
+        embeds = self._host_output(units[-1][1], PROMPT_EMBEDS, produced[PROMPT_EMBEDS][0])
+        return embeds.astype(np.float32, copy=False), TrtTensor(key_values, shape, dtype, self)
+
+    def decode_image(self, latents: np.ndarray) -> np.ndarray:
+        engine = self._loaded(self._vae_decoder, VAE_DECODER_GRAPH)
+        array = vae_decoder_input(self.manifest, latents)
+        self._upload(engine, LATENTS, array)
+        shape = engine.output_shape(IMAGE)
+        out = engine.buffer(IMAGE, int(np.prod(shape)) * engine.output_dtype(IMAGE).itemsize)
+        self._execute(engine, VAE_DECODER_GRAPH)
+        return self._host_output(engine, IMAGE, out.ptr)
 
     def compute_text_kv(
         self, encoder_hidden_states: np.ndarray, txt_rope_cos: np.ndarray, txt_rope_sin: np.ndarray
     ) -> TrtTensor:
-        engine = self._text_kv
+        engine = self._loaded(self._text_kv, TEXT_KV)
         for name, array in text_kv_inputs(encoder_hidden_states, txt_rope_cos, txt_rope_sin).items():
             self._upload(engine, name, array)
         shape, dtype = engine.output_shape(TEXT_KV_TENSOR), engine.output_dtype(TEXT_KV_TENSOR)
@@ -397,6 +555,7 @@ class TensorRTBackend(Backend):
         return TrtTensor(out, shape, dtype, self)
 
     def _denoise(self, inputs: dict[str, np.ndarray], text_kv: TrtTensor) -> np.ndarray:  # type: ignore[override]
+        self._loaded(self._denoisers, DENOISER)
         if self.segments:
             return self._denoise_segments(inputs, text_kv)
         engine = self._denoisers[0]
@@ -424,6 +583,7 @@ class TensorRTBackend(Backend):
                     f"{name} is {view.dtype} in {view.device} memory; the engine binds {HOST_INPUT_DTYPES[name]} on the GPU.",
                     "pass contiguous CUDA tensors in the contract's dtypes, or use `denoise` with host arrays.",
                 )
+        self._loaded(self._denoisers, DENOISER)
         if self.segments:
             raise NucleusError(
                 "denoise_device serves single-engine bundles; this bundle's denoiser is segmented.",
@@ -447,42 +607,26 @@ class TensorRTBackend(Backend):
             raise NucleusError(f"TensorRT failed to run {DENOISER}.plan (see the TensorRT log above).", "rerun with --verbose.")
 
     def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: TrtTensor) -> np.ndarray:
-        produced: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (device address, shape)
-        layer_bytes = text_kv.nbytes // text_kv.shape[0]
-        for seg, engine in zip(self.segments, self._denoisers):
-            for name in seg.inputs:
-                if name == TEXT_KV_TENSOR:
-                    first, last = seg.blocks
-                    engine.context.set_input_shape(name, (last - first, *text_kv.shape[1:]))
-                    engine.context.set_tensor_address(name, text_kv.buffer.ptr + first * layer_bytes)
-                elif name in produced:
-                    ptr, shape = produced[name]
-                    engine.context.set_input_shape(name, shape)
-                    engine.context.set_tensor_address(name, ptr)
-                else:
-                    # Uploaded once per step: later segments reading the same host input bind this copy (one
-                    # stream, so it stays valid until the step's final synchronize).
-                    produced[name] = (self._upload(engine, name, inputs[name]), inputs[name].shape)
-            for name in seg.outputs:
-                shape, dtype = engine.output_shape(name), engine.output_dtype(name)
-                produced[name] = (engine.buffer(name, int(np.prod(shape)) * dtype.itemsize).ptr, shape)
-            self._execute(engine, seg.name)
-        last = self._denoisers[-1]
-        shape, dtype = last.output_shape(SAMPLE), last.output_dtype(SAMPLE)
-        host = np.empty(shape, dtype=dtype)
-        self.copy_to_host(host, produced[SAMPLE][0])
-        return host.astype(np.float32, copy=False)
+        stacked = _Stacked(text_kv.buffer.ptr, text_kv.shape, text_kv.nbytes // max(1, math.prod(text_kv.shape)))
+        produced = self._run_units(list(zip(self.segments, self._denoisers)), inputs, {TEXT_KV_TENSOR: stacked}, {})
+        return self._host_output(self._denoisers[-1], SAMPLE, produced[SAMPLE][0]).astype(np.float32, copy=False)
 
     def close(self) -> None:
+        """Free every engine, execution context and device buffer of this backend, and its stream (handles it
+        returned keep their own buffers until they are dropped)."""
         self._bound_text_kv = None
-        for engine in (self._text_kv, *self._denoisers):
-            engine.buffers.clear()
+        engines = [e for _, e in self._text_encoders] + self._denoisers + [e for e in (self._text_kv, self._vae_decoder) if e]
+        for engine in engines:
+            engine.release()
+        self._text_encoders, self._denoisers, self._text_kv, self._vae_decoder = [], [], None, None
+        self._empty = None
         if getattr(self, "_stream", None) is not None:
             self.cudart.cudaStreamDestroy(self._stream)
             self._stream = None
+        self._runtime = None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "version": self.trt.__version__, "gpu": self.gpu_name}
+        return {"backend": self.name, "version": self.trt.__version__, "gpu": self.gpu_name, "stages": list(self.stages)}
 
 
 class TensorRTRtxBackend(TensorRTBackend):
