@@ -77,3 +77,23 @@ def checkpoint_copy(tiny_checkpoint_dir, tmp_path) -> Path:
     dst = tmp_path / "transformer"
     shutil.copytree(tiny_checkpoint_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def triton_install(tmp_path_factory):
+    """A real tritonserver from the nvidia-pytriton wheel (nucleus_export.triton.local_server), or a skip where the
+    wheel cannot be installed; a failure where it can but is missing."""
+    import importlib.util
+
+    from nucleus_export.errors import NucleusExportError
+    from nucleus_export.triton.local_server import find_local_triton, wheel_unavailable_reason
+
+    if importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("tritonclient") is None:
+        reason = wheel_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        pytest.fail("nvidia-pytriton (or tritonclient) is not installed but installs here: pip install -e '.[dev]'.")
+    try:
+        return find_local_triton(tmp_path_factory.mktemp("triton_backends"))
+    except NucleusExportError as exc:
+        pytest.skip(str(exc))
