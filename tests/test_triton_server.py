@@ -86,29 +86,34 @@ def readme_client(folder: Path, url: str, protocol: str, prompt: np.ndarray, neg
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "prompt_embeds.npy", prompt)
     np.save(folder / "negative_embeds.npy", negative)
-    code = serving.client_code(PIPELINE, url, protocol, steps=STEPS, **request)
+    return run_client_code(folder, serving.client_code(PIPELINE, url, protocol, steps=STEPS, **request))["latents"]
+
+
+def run_client_code(folder: Path, code: str) -> dict:
+    """Execute client code (`serving.client_code`, as the README shows it) in `folder`; its variables."""
+    folder.mkdir(parents=True, exist_ok=True)
     namespace: dict = {}
     cwd = Path.cwd()
     os.chdir(folder)
     try:
-        exec(compile(code, f"<README client code, {protocol}>", "exec"), namespace)
+        exec(compile(code, "<README client code>", "exec"), namespace)
     finally:
         os.chdir(cwd)
         if "client" in namespace:
             namespace["client"].close()
-    return namespace["latents"]
+    return namespace
 
 
-def infer(url: str, protocol: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """One request with tritonclient; thread-safe (a client per call)."""
+def infer(url: str, protocol: str, inputs: dict[str, np.ndarray], output: str = "latents", **options) -> np.ndarray:
+    """One request with tritonclient, `options` passed to its infer (e.g. timeout); thread-safe (a client per call)."""
     module = tritonclient_http if protocol == "http" else tritonclient_grpc
     tensors = []
     for name, value in inputs.items():
-        tensor = module.InferInput(name, list(value.shape), {"float32": "FP32", "int64": "INT64"}[value.dtype.name])
+        tensor = module.InferInput(name, list(value.shape), serving.CLIENT_TYPES[value.dtype.name])
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     with contextlib.closing(module.InferenceServerClient(url)) as client:
-        return client.infer(PIPELINE, tensors).as_numpy("latents")
+        return client.infer(PIPELINE, tensors, **options).as_numpy(output)
 
 
 def request_inputs(prompt: np.ndarray, negative: np.ndarray | None, height: int, width: int, guidance: float, seed: int) -> dict[str, np.ndarray]:

@@ -198,7 +198,8 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     plan = RepositoryPlan(
         names=names, platform=options.platform, files=files, plugin_library=plugin_relpath, layout=options.layout
     )
-    files.append(RepoFile(README_NAME, text=serving.serving_notes(names, options.layout, options.platform, plugin_relpath, manifest)))
+    files.append(RepoFile(README_NAME, text=serving.serving_notes(names, options.layout, options.platform, plugin_relpath,
+                                                                manifest, options.stream_progress)))
     return plan
 
 

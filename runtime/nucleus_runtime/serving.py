@@ -225,6 +225,8 @@ class StepBatcher:
         self._step_totals = collections.Counter[str]()  # stats of steppers already dropped
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Called on the worker after every round (the Triton model publishes its metrics from it).
+        self.on_round: Callable[[], None] | None = None
 
     # ---- the caller's side (any thread) ---------------------------------------------------------------------
 
@@ -249,6 +251,12 @@ class StepBatcher:
                 return
             self._requests[error.failure.value] += 1
         raise error
+
+    def refused(self, failure: Failure) -> None:
+        """Count a request refused before it became a Job (it failed validation)."""
+        with self._lock:
+            self._requests["received"] += 1
+            self._requests[failure.value] += 1
 
     def start(self) -> None:
         """Serve on a worker thread until `stop`."""
@@ -305,6 +313,8 @@ class StepBatcher:
                     return
             try:
                 self.step_once()
+                if self.on_round is not None:
+                    self.on_round()
             except Exception:  # noqa: BLE001 - the worker must outlive any one round; step_once fails the jobs
                 logger.exception("step batcher round failed")
 

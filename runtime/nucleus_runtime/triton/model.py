@@ -31,16 +31,19 @@ import json
 import math
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
-if (_HERE / "nucleus_runtime").is_dir() and str(_HERE) not in sys.path:
+if (_HERE / "nucleus_runtime").is_dir():
     # In a generated repository: import the runtime copied next to this file, whatever else is installed. No
-    # bytecode is written next to it: the repository stays exactly as generated, whatever the server does.
+    # bytecode is written next to it: the repository stays as generated, whatever the server does (only the stub's
+    # own import of this file may cache it in __pycache__/ before this line runs).
     sys.dont_write_bytecode = True
-    sys.path.insert(0, str(_HERE))
+    if sys.path[:1] != [str(_HERE)]:
+        sys.path.insert(0, str(_HERE))
 
 import numpy as np  # noqa: E402
 
@@ -359,8 +362,12 @@ class PipelineCore:
     def submit(self, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], reply: Reply,
                outputs: set[str] | None = None, timeout: float | None = None) -> None:
         """Validate a request and queue it; raises NucleusError (nothing queued) for a bad or refused request."""
-        request = parse_request(tensors, parameters, self.manifest, self.inputs)
-        self.batcher.submit(self.job(request, reply, outputs, timeout))
+        try:
+            job = self.job(parse_request(tensors, parameters, self.manifest, self.inputs), reply, outputs, timeout)
+        except NucleusError:
+            self.batcher.refused(Failure.INVALID)
+            raise
+        self.batcher.submit(job)
 
     def __call__(self, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """One request served on the calling thread (in-process use and tests): its response tensors."""
@@ -567,7 +574,10 @@ METRIC_PENDING = "nucleus_requests_pending"
 
 
 class TritonMetrics:
-    """The batcher's ServingStats as Triton custom metrics (counters advanced by their change since the last call)."""
+    """The batcher's ServingStats as Triton custom metrics (counters advanced by their change since the last call):
+    after every request, and between requests at most every PUBLISH_INTERVAL_S (gauges such as active requests)."""
+
+    PUBLISH_INTERVAL_S = 0.25
 
     def __init__(self, pb_utils: Any, instance: str):
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -576,6 +586,7 @@ class TritonMetrics:
         self._last: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
         self._pb, self._instance = pb_utils, instance
+        self._published = 0.0
         for name, kind, what in (
             (METRIC_REQUESTS, counter, "requests by outcome"),
             (METRIC_DENOISER_CALLS, counter, "denoiser calls"),
@@ -591,7 +602,11 @@ class TritonMetrics:
         ):
             self._families[name] = pb_utils.MetricFamily(name=name, description=f"nucleus_pipeline: {what}", kind=kind)
 
+    def due(self) -> bool:
+        return time.monotonic() - self._published >= self.PUBLISH_INTERVAL_S
+
     def publish(self, stats: ServingStats) -> None:
+        self._published = time.monotonic()
         values: list[tuple[str, str, str, float]] = [
             *((METRIC_REQUESTS, "outcome", k, v) for k, v in stats.requests.items()),
             (METRIC_DENOISER_CALLS, "", "", stats.denoiser_calls),
@@ -661,7 +676,12 @@ class TritonPythonModel:
         self.input_specs = served_specs(PIPELINE_INPUTS, self.core.stages)
         self.instance = args.get("model_instance_name", "nucleus_pipeline")
         self.metrics = TritonMetrics(pb_utils, self.instance)
+        self.core.batcher.on_round = self._round_done
         self.core.batcher.start()
+
+    def _round_done(self) -> None:
+        if self.metrics.due():
+            self.metrics.publish(self.core.batcher.stats())
 
     def execute(self, requests: list[Any]) -> None:
         """Queue every request (a bad one gets its error response now) and return: responses come from the worker.
