@@ -130,7 +130,7 @@ def test_text_kv_cache_stays_within_its_bound(backend):
 
 
 def test_a_cancelled_request_leaves_at_the_next_step(backend):
-    core = make_core(backend)
+    core = make_core(backend, cancel_check_interval=0)
     kept, dropped = request(20, 7, 3, (128, 128), 4, 4.0), request(21, 5, 5, (128, 128), 5, 4.0)
     keep, drop = submit(core, kept), submit(core, dropped)
     core.batcher.step_once()

@@ -204,15 +204,13 @@ def test_bad_requests_among_good_ones_fail_alone(fault_server, reference):
                 future.result()
         for future, inputs in zip(served, good):
             assert np.array_equal(future.result(), reference(inputs))
-    after = read_metrics(fault_server.metrics_url)
 
     def delta(name: str, **labels: str) -> float:
-        def total(metrics: dict) -> float:
-            return sum(v for k, v in metrics.get(name, {}).items() if set(labels.items()) <= set(k))
+        return metric(fault_server, name, **labels) - sum(
+            v for k, v in before.get(name, {}).items() if set(labels.items()) <= set(k))
 
-        return total(after) - total(before)
-
-    assert delta(pipeline_model.METRIC_REQUESTS, outcome="completed") == len(good)
+    # The model publishes its metrics when it goes idle (and every quarter second while busy).
+    wait_for(lambda: delta(pipeline_model.METRIC_REQUESTS, outcome="completed") == len(good), "the metrics settle")
     assert delta(pipeline_model.METRIC_REQUESTS, outcome="invalid") == len(bad) - 1  # the dtype one never reached it
     rows = [(2 if g["guidance_scale"][0] > 1 else 1) * int(g["num_inference_steps"][0]) for g in good]
     assert delta(pipeline_model.METRIC_DENOISER_ROWS) == sum(rows)
@@ -224,7 +222,8 @@ def test_the_text_kv_cache_is_filled_past_its_bound(fault_server, serving_bundle
         infer(fault_server.url("grpc"), "grpc", request(seed, 10, 10, 96, 160, steps=1))
     bound = int((fault_server.log_path.parent / "repo" / PIPELINE / "config.pbtxt").read_text()
                 .split(f'key: "{pipeline_model.PARAM_TEXT_KV_CACHE_BYTES}"')[1].split('"')[1])  # fmt: skip
-    assert metric(fault_server, pipeline_model.METRIC_TEXT_KV_CACHE, event="evictions") >= 3
+    wait_for(lambda: metric(fault_server, pipeline_model.METRIC_TEXT_KV_CACHE, event="evictions") >= 3,
+             "six entries of about a third of the bound each evict at least three")
     assert 0 < metric(fault_server, pipeline_model.METRIC_TEXT_KV_CACHE_BYTES) <= bound
     assert metric(fault_server, pipeline_model.METRIC_TEXT_KV_CACHE_ENTRIES) <= 3
 

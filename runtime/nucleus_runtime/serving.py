@@ -138,6 +138,7 @@ class Job:
     timeout: float | None = None
     received: float = dataclasses.field(default_factory=time.monotonic)
     admitted: float | None = None
+    checked: float = 0.0  # when its cancellation was last checked
 
     @property
     def step(self) -> int:
@@ -155,6 +156,8 @@ class BatchSettings:
         max_pending: requests waiting for admission; more are refused at once (the queue is bounded).
         queue_delay: seconds a request may wait for admission before it is refused (0: no limit).
         timeout: default deadline of a request in seconds from its arrival (0: none; a request may bring its own).
+        cancel_check_interval: seconds between two cancellation checks of one request. A check is a round trip to
+            the server process in Triton; steps shorter than this interval skip it (0: before every step).
     """
 
     max_rows: int
@@ -162,6 +165,7 @@ class BatchSettings:
     max_pending: int = 64
     queue_delay: float = 0.0
     timeout: float = 0.0
+    cancel_check_interval: float = 0.05
 
 
 @dataclasses.dataclass
@@ -225,8 +229,9 @@ class StepBatcher:
         self._step_totals = collections.Counter[str]()  # stats of steppers already dropped
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # Called on the worker after every round (the Triton model publishes its metrics from it).
-        self.on_round: Callable[[], None] | None = None
+        # Called on the worker after every round with whether the batcher is now idle (the Triton model publishes
+        # its metrics from it).
+        self.on_round: Callable[[bool], None] | None = None
 
     # ---- the caller's side (any thread) ---------------------------------------------------------------------
 
@@ -314,7 +319,9 @@ class StepBatcher:
             try:
                 self.step_once()
                 if self.on_round is not None:
-                    self.on_round()
+                    with self._lock:
+                        idle = not self._pending and not self._active
+                    self.on_round(idle)
             except Exception:  # noqa: BLE001 - the worker must outlive any one round; step_once fails the jobs
                 logger.exception("step batcher round failed")
 
@@ -350,8 +357,10 @@ class StepBatcher:
 
     def _why_drop(self, job: Job, now: float) -> ServingError | None:
         where = f"after {job.step} of {job.steps} steps" if job.admitted is not None else "before its first step"
-        if _safely(job.reply.cancelled, default=True):
-            return ServingError(Failure.CANCELLED, f"the request was cancelled by its client {where}.")
+        if now - job.checked >= self.settings.cancel_check_interval:
+            job.checked = now
+            if _safely(job.reply.cancelled, default=True):
+                return ServingError(Failure.CANCELLED, f"the request was cancelled by its client {where}.")
         waited = now - job.received
         if job.timeout is not None and waited > job.timeout:
             return ServingError(

@@ -574,8 +574,9 @@ METRIC_PENDING = "nucleus_requests_pending"
 
 
 class TritonMetrics:
-    """The batcher's ServingStats as Triton custom metrics (counters advanced by their change since the last call):
-    after every request, and between requests at most every PUBLISH_INTERVAL_S (gauges such as active requests)."""
+    """The batcher's ServingStats as Triton custom metrics (counters advanced by their change since the last call),
+    published from the batcher's worker at most every PUBLISH_INTERVAL_S and whenever it goes idle: each metric
+    update is a round trip to the server process, too slow for every step or request."""
 
     PUBLISH_INTERVAL_S = 0.25
 
@@ -679,8 +680,8 @@ class TritonPythonModel:
         self.core.batcher.on_round = self._round_done
         self.core.batcher.start()
 
-    def _round_done(self) -> None:
-        if self.metrics.due():
+    def _round_done(self, idle: bool) -> None:
+        if idle or self.metrics.due():
             self.metrics.publish(self.core.batcher.stats())
 
     def execute(self, requests: list[Any]) -> None:
@@ -710,9 +711,8 @@ class TritonPythonModel:
         return None
 
     def request_ended(self, error: ServingError | None = None) -> None:
-        """After each response: metrics, and (tritonserver --log-verbose=1) the caches and batching in the log."""
+        """After each response (tritonserver --log-verbose=1): the caches and batching in the log."""
         stats = self.core.batcher.stats()
-        self.metrics.publish(stats)
         cache = stats.text_kv_cache
         self.pb.Logger.log_verbose(
             f"{self.instance}: text K/V cache hits {cache['hits']}, misses {cache['misses']}, evictions "
