@@ -10,7 +10,8 @@ perf_analyzer does not run on these machines (the `perf-analyzer` package on the
 the binary, and the wheel's tritonserver ships none), so the load comes from a bounded-concurrency tritonclient
 generator: `c` threads, each with its own gRPC client, each sending its next request as soon as the previous one
 returns (closed loop, as perf_analyzer's --concurrency-range), `--requests` requests per level after a warm-up. Every
-request has its own prompt embeddings (no text K/V cache hits across requests) and seed.
+request has its own prompt embeddings (no text K/V cache hits across requests) and seed. Both repositories are served
+at once and measured in turns, `--rounds` times, so that other load on a shared machine falls on both alike.
 
 Per level: throughput (requests/s over the level's wall time), client latency p50/p95/p99, the model's own per-stage
 time per request and mean denoiser batch (its nucleus_* metrics on Triton's metrics endpoint), and the peak RSS of the
@@ -178,47 +179,74 @@ def load(server: Server, manifest: Any, args: argparse.Namespace, concurrency: i
     return time.perf_counter() - started, latencies
 
 
-def run_mode(triton: Any, bundle: Path, work: Path, mode: str, args: argparse.Namespace) -> tuple[list[Level], dict[str, Any]]:
+def measure_level(server: Server, manifest: Any, args: argparse.Namespace, mode: str, concurrency: int,
+                  seed: int) -> Level:  # fmt: skip
+    """One level on one server: throughput, latencies, the model's per-stage seconds and batch, peak RSS."""
+    before = model_counters(server)
+    with RssSampler(server) as sampler:
+        seconds, latencies = load(server, manifest, args, concurrency, args.requests, seed)
+    after = settled_counters(server, before["completed"] + len(latencies))
+    done = max(1.0, after["completed"] - before["completed"])
+    return Level(
+        mode, concurrency, len(latencies), seconds, latencies,
+        {s: (after[f"stage:{s}"] - before[f"stage:{s}"]) / done for s in STAGES},
+        (after["rows"] - before["rows"]) / max(1.0, after["calls"] - before["calls"]), sampler.peak / 2**20,
+    )  # fmt: skip
+
+
+def merge(levels: list[Level]) -> Level:
+    """The rounds of one (mode, concurrency) as one level: all requests over all seconds, the peak of the peaks."""
+    first = levels[0]
+    requests = sum(lv.requests for lv in levels)
+    stages = {s: sum(lv.stage_seconds[s] * lv.requests for lv in levels) / requests for s in STAGES}
+    rows = sum(lv.mean_rows for lv in levels) / len(levels)
+    return Level(first.mode, first.concurrency, requests, sum(lv.seconds for lv in levels),
+                 [t for lv in levels for t in lv.latencies], stages, rows, max(lv.peak_rss_mib for lv in levels))  # fmt: skip
+
+
+def soak_test(server: Server, manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """RSS over --soak requests at concurrency 4, sampled every tenth of them."""
+    samples: list[tuple[int, float]] = []
+    with RssSampler(server) as sampler:
+
+        def sample(done: int) -> None:
+            if done % max(1, args.soak // 10) == 0:
+                samples.append((done, sampler.now() / 2**20))
+
+        seconds, latencies = load(server, manifest, args, 4, args.soak, 20_000_000, on_done=sample)
+    first, last = samples[0][1], samples[-1][1]
+    print(f"  soak: {len(latencies)} requests in {seconds:.1f} s, RSS {first:.1f} -> {last:.1f} MiB "
+          f"({100 * (last - first) / first:+.2f} %)", flush=True)  # fmt: skip
+    return {"requests": len(latencies), "seconds": seconds, "rss_mib": samples, "growth": (last - first) / first,
+            "p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99))}  # fmt: skip
+
+
+def run_all(triton: Any, bundle: Path, work: Path, args: argparse.Namespace) -> tuple[list[Level], dict[str, Any]]:
+    """Both repositories served at once (an idle server waits without using the CPU), the levels measured in turns,
+    mode after mode and round after round, so that other load on the machine falls on both alike."""
     manifest = load_manifest(bundle)
-    repo = work / f"repo-{mode}"
-    options = TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME, onnxruntime_threads=args.threads,
-                            max_batch_requests=MODES[mode], max_pending_requests=4 * max(args.concurrency))  # fmt: skip
-    write_repository(plan_repository(bundle, options), repo)
-    levels: list[Level] = []
-    soak: dict[str, Any] = {}
-    with running_server(triton, repo, work / f"server-{mode}.log", metrics=True) as server:
-        load(server, manifest, args, 4, args.warmup, 10_000_000)  # sessions, allocator, caches warm
+    servers: dict[str, Server] = {}
+    with contextlib.ExitStack() as stack:
+        for mode in args.modes:
+            repo = work / f"repo-{mode}"
+            options = TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME, onnxruntime_threads=args.threads,
+                                    max_batch_requests=MODES[mode], max_pending_requests=4 * max(args.concurrency))  # fmt: skip
+            write_repository(plan_repository(bundle, options), repo)
+            servers[mode] = stack.enter_context(running_server(triton, repo, work / f"server-{mode}.log", metrics=True))
+            load(servers[mode], manifest, args, 4, args.warmup, 10_000_000)  # sessions, allocator, caches warm
+        rounds: dict[tuple[str, int], list[Level]] = {}
         seed = 0
-        for concurrency in args.concurrency:
-            before = model_counters(server)
-            with RssSampler(server) as sampler:
-                seconds, latencies = load(server, manifest, args, concurrency, args.requests, seed)
-            seed += args.requests
-            after = settled_counters(server, before["completed"] + len(latencies))
-            done = after["completed"] - before["completed"]
-            level = Level(
-                mode, concurrency, len(latencies), seconds, latencies,
-                {s: (after[f"stage:{s}"] - before[f"stage:{s}"]) / done for s in STAGES},
-                (after["rows"] - before["rows"]) / max(1.0, after["calls"] - before["calls"]), sampler.peak / 2**20,
-            )  # fmt: skip
-            levels.append(level)
-            print(f"  {mode:>13} c={concurrency}: {level.throughput:6.2f} req/s, p50 {level.percentile(50) * 1e3:7.1f} ms, "
-                  f"p99 {level.percentile(99) * 1e3:7.1f} ms, mean rows {level.mean_rows:.2f}", flush=True)  # fmt: skip
-        if mode == "batched" and args.soak:
-            samples: list[tuple[int, float]] = []
-            with RssSampler(server) as sampler:
-
-                def sample(done: int) -> None:
-                    if done % max(1, args.soak // 10) == 0:
-                        samples.append((done, sampler.now() / 2**20))
-
-                seconds, latencies = load(server, manifest, args, 4, args.soak, 20_000_000, on_done=sample)
-            first, last = samples[0][1], samples[-1][1]
-            soak = {"requests": len(latencies), "seconds": seconds, "rss_mib": samples, "growth": (last - first) / first,
-                    "p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99))}  # fmt: skip
-            print(f"  soak: {len(latencies)} requests in {seconds:.1f} s, RSS {first:.1f} -> {last:.1f} MiB "
-                  f"({100 * soak['growth']:+.2f} %)", flush=True)  # fmt: skip
-    return levels, soak
+        for round_ in range(args.rounds):
+            for concurrency in args.concurrency:
+                for mode, server in servers.items():
+                    level = measure_level(server, manifest, args, mode, concurrency, seed)
+                    seed += args.requests
+                    rounds.setdefault((mode, concurrency), []).append(level)
+                    print(f"  round {round_ + 1}: {mode:>13} c={concurrency}: {level.throughput:6.2f} req/s, "
+                          f"p50 {level.percentile(50) * 1e3:7.1f} ms, p99 {level.percentile(99) * 1e3:7.1f} ms, "
+                          f"mean rows {level.mean_rows:.2f}", flush=True)  # fmt: skip
+        soak = soak_test(servers["batched"], manifest, args) if args.soak and "batched" in servers else {}
+    return [merge(rounds[mode, c]) for mode in servers for c in args.concurrency], soak
 
 
 def export_tiny(out: Path, args: argparse.Namespace) -> Path:
@@ -275,7 +303,8 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="batch profile of the exported tiny bundle (rows)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the instance (0: one per core)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over every level and mode, taken in turns")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--soak", type=int, default=500, help="requests of the RSS soak (batched, c=4; 0 = none)")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
@@ -288,12 +317,7 @@ def main() -> int:
         bundle = args.bundle or export_tiny(work / "bundle", args)
         print(f"bundle {bundle}: {args.height}x{args.width}, {args.steps} steps, CFG {args.guidance}, text "
               f"{args.text_len}/{args.negative_len}, {args.threads} ONNX Runtime threads, one instance", flush=True)  # fmt: skip
-        levels: list[Level] = []
-        soak: dict[str, Any] = {}
-        for mode in args.modes:
-            mode_levels, mode_soak = run_mode(triton, bundle, work, mode, args)
-            levels += mode_levels
-            soak = soak or mode_soak
+        levels, soak = run_all(triton, bundle, work, args)
     summary = report(levels, soak)
     if args.json:
         args.json.write_text(json.dumps({
