@@ -215,9 +215,12 @@ def soak_test(server: Server, manifest: Any, args: argparse.Namespace) -> dict[s
 
         seconds, latencies = load(server, manifest, args, 4, args.soak, 20_000_000, on_done=sample)
     first, last = samples[0][1], samples[-1][1]
+    cache_mib = read_metrics(server.metrics_url).get(pipeline_model.METRIC_TEXT_KV_CACHE_BYTES, {})
+    cache_mib = sum(cache_mib.values()) / 2**20
     print(f"  soak: {len(latencies)} requests in {seconds:.1f} s, RSS {first:.1f} -> {last:.1f} MiB "
-          f"({100 * (last - first) / first:+.2f} %)", flush=True)  # fmt: skip
+          f"({100 * (last - first) / first:+.2f} %), text K/V cache {cache_mib:.1f} MiB at the end", flush=True)  # fmt: skip
     return {"requests": len(latencies), "seconds": seconds, "rss_mib": samples, "growth": (last - first) / first,
+            "text_kv_cache_mib": cache_mib,
             "p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99))}  # fmt: skip
 
 
@@ -230,7 +233,8 @@ def run_all(triton: Any, bundle: Path, work: Path, args: argparse.Namespace) -> 
         for mode in args.modes:
             repo = work / f"repo-{mode}"
             options = TritonOptions(layout=INPROCESS, platform=ONNXRUNTIME, onnxruntime_threads=args.threads,
-                                    max_batch_requests=MODES[mode], max_pending_requests=4 * max(args.concurrency))  # fmt: skip
+                                    max_batch_requests=MODES[mode], max_pending_requests=4 * max(args.concurrency),
+                                    text_kv_cache_bytes=args.text_kv_cache_mib << 20)  # fmt: skip
             write_repository(plan_repository(bundle, options), repo)
             servers[mode] = stack.enter_context(running_server(triton, repo, work / f"server-{mode}.log", metrics=True))
             load(servers[mode], manifest, args, 4, args.warmup, 10_000_000)  # sessions, allocator, caches warm
@@ -307,6 +311,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds over every level and mode, taken in turns")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--soak", type=int, default=500, help="requests of the RSS soak (batched, c=4; 0 = none)")
+    parser.add_argument("--text-kv-cache-mib", type=int, default=16,
+                        help="the text K/V cache bound of each instance: every request here has new text, so the cache "
+                        "only fills up to it (and the RSS with it)")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()

@@ -121,9 +121,9 @@ def client_code(
     if prompt is not None:
         rows.append('    ("return_png", np.array([True])),')
     types = ", ".join(f'"{np_type}": "{t}"' for np_type, t in CLIENT_TYPES.items())
-    code = f"""import numpy as np
+    code = f"""{'import queue' + chr(10) if stream else ''}import numpy as np
 import tritonclient.{protocol} as tritonclient
-{'import queue' + chr(10) if stream else ''}
+
 client = tritonclient.InferenceServerClient("{url}")
 {read}triton_types = {{{types}}}
 inputs = []

@@ -309,9 +309,11 @@ class GridStepper:
     so rows of different requests never interact: each request's latents are the ones it gets alone.
 
     Text K/V is computed for the batch's rows whenever the set of requests changes (a request joined or left) and
-    reused for every step until then: from `cache` when one is given (keyed by the rows' content, so the same text on
-    the same grid is computed once across requests), else computed and kept only here. So a stepper holds at most one
-    batch's text K/V.
+    reused for every step until then, so a stepper holds at most one batch's text K/V. A request stepped alone takes
+    it from `cache` when one is given (keyed by the rows' content: the same text on the same grid is computed once
+    across requests); the text K/V of several requests together is not cached: that set of rows hardly ever comes
+    back, and its entries would only push out the ones that do (computing it costs one text_kv call per join or
+    leave, a small fraction of one denoiser step).
 
     Args:
         backend, manifest: the bundle's graphs and manifest.
@@ -374,7 +376,7 @@ class GridStepper:
             return self.cache.get_or_compute(text_kv_key(self.namespace, embeddings, mask, self.grid), compute)  # type: ignore[union-attr]
 
         self._members, self._mask = states, mask
-        self._compute = compute if self.cache is None or self.recompute_text_kv else cached
+        self._compute = cached if self.cache is not None and len(states) == 1 and not self.recompute_text_kv else compute
         self._text_kv = None  # the previous set's K/V goes before this one is made
         if not self.recompute_text_kv:
             self._text_kv = self._fetch_text_kv()

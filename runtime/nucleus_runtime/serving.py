@@ -15,7 +15,7 @@ the batcher's one worker thread runs the denoising of all admitted requests, one
 
 Everything that runs a graph runs on the worker thread, so a backend is only ever used by one thread. Requests join
 and leave between steps; text K/V is computed once per set of requests of a grid (GridStepper), from the bounded
-text K/V cache when the same rows were seen before.
+text K/V cache for a request that runs alone and whose text was seen before.
 
 Nothing here knows Triton: a request arrives as a `Job` whose `reply` receives progress, the result or the error.
 """
@@ -201,7 +201,7 @@ class StepBatcher:
         backend: the bundle's graphs (every stage the requests need).
         manifest, scheduler_config: the bundle's.
         settings: admission rules.
-        cache: the cross-request text K/V cache (bounded; its entries are the text K/V of a grid's set of rows).
+        cache: the cross-request text K/V cache (bounded; it keeps the text K/V of requests that ran alone).
         encoder: the prompt encoder, where the bundle has a text encoder (text requests).
     """
 
