@@ -370,7 +370,8 @@ class PipelineCore:
         self.batcher.submit(job)
 
     def __call__(self, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """One request served on the calling thread (in-process use and tests): its response tensors."""
+        """One request served on the calling thread (in-process use and tests; not while the batcher's worker thread
+        runs): its response tensors."""
         reply = WaitingReply()
         self.submit(tensors, parameters or {}, reply)
         self.batcher.run_until_idle()
