@@ -77,3 +77,55 @@ def checkpoint_copy(tiny_checkpoint_dir, tmp_path) -> Path:
     dst = tmp_path / "transformer"
     shutil.copytree(tiny_checkpoint_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def triton_install(tmp_path_factory):
+    """A real tritonserver from the nvidia-pytriton wheel (nucleus_export.triton.local_server), or a skip where the
+    wheel cannot be installed; a failure where it can but is missing."""
+    import importlib.util
+
+    from nucleus_export.errors import NucleusExportError
+    from nucleus_export.triton.local_server import find_local_triton, wheel_unavailable_reason
+
+    if importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("tritonclient") is None:
+        reason = wheel_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        pytest.fail("nvidia-pytriton (or tritonclient) is not installed but installs here: pip install -e '.[dev]'.")
+    try:
+        return find_local_triton(tmp_path_factory.mktemp("triton_backends"))
+    except NucleusExportError as exc:
+        pytest.skip(str(exc))
+
+
+# Served sizes of the batching bundles: two grids, so requests of different sizes run side by side.
+SERVING_RESOLUTIONS = [(128, 128), (96, 160)]
+TOY_RESOLUTIONS = "64x64,64x128"
+
+
+@pytest.fixture(scope="session")
+def serving_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """fp32 bundle of the tiny model whose batch profile holds 8 rows: four CFG requests in one denoiser call."""
+    from nucleus_export.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-batch8"
+    export_bundle(tiny_checkpoint, out, ExportOptions(resolutions=SERVING_RESOLUTIONS, max_text_len=64, opt_text_len=16,
+                                                      max_batch=8))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(tmp_path_factory) -> Path:
+    """fp32 bundle with every stage (text encoder, text K/V, denoiser, VAE decoder) of the toy pipeline
+    (tests/toy_pipeline.py), batch up to 8; the toy tokenizer is character-level, hence 512 text tokens."""
+    from toy_pipeline import allow_processor_without_torchvision, ensure_toy_pipeline
+
+    from nucleus_export.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "toy-batch8"
+    with allow_processor_without_torchvision():
+        root = ensure_toy_pipeline()
+        assert main(["export", "--model", str(root), "--out", str(out), "--precision", "fp32", "--resolutions",
+                     TOY_RESOLUTIONS, "--max-batch", "8", "--max-text-len", "512"]) == 0  # fmt: skip
+    return out

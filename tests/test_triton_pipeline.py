@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,7 @@ class StandInPbUtils:
     """The triton_python_backend_utils calls model.py makes; BLS answered by ONNX Runtime on the repository's models."""
 
     TRITONSERVER_MEMORY_CPU = 1
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
     def __init__(self, repo: Path):
         self.repo = repo
@@ -228,6 +230,28 @@ class StandInPbUtils:
     def PreferredMemory(self, kind: int, device: int) -> tuple[int, int]:  # noqa: N802 - pb_utils' name
         return (kind, device)
 
+    class MetricFamily:
+        """Custom metrics: each metric keeps its value, by (family name, labels)."""
+
+        COUNTER, GAUGE = "counter", "gauge"
+        values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+        def __init__(self, name: str, description: str, kind: str):
+            self.name = name
+
+        def Metric(self, labels: dict[str, str]) -> Any:  # noqa: N802 - pb_utils' name
+            values, key = self.values, (self.name, tuple(sorted(labels.items())))
+            values[key] = 0.0
+
+            class Metric:
+                def increment(self, value: float) -> None:
+                    values[key] += value
+
+                def set(self, value: float) -> None:
+                    values[key] = value
+
+            return Metric()
+
     class Logger:
         messages: list[str] = []
 
@@ -245,14 +269,39 @@ class StandInPbUtils:
 
 
 class ClientRequest:
-    """An incoming request as the Python backend hands it to execute()."""
+    """An incoming request as the Python backend hands it to execute(), and its response sender, which keeps what
+    the model sends (from the batcher's worker thread) until the final flag."""
 
     def __init__(self, pb: StandInPbUtils, tensors: dict[str, np.ndarray], parameters: dict[str, Any] | None = None):
         self.inputs = [pb.Tensor(k, v) for k, v in tensors.items()]
         self._parameters = json.dumps(parameters or {})
+        self.responses: list[Any] = []
+        self._final = threading.Event()
 
     def parameters(self) -> str:
         return self._parameters
+
+    def timeout(self) -> int:
+        return 0
+
+    def requested_output_names(self) -> list[str]:
+        return []
+
+    def get_response_sender(self) -> ClientRequest:
+        return self
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def send(self, response: Any = None, flags: int = 0) -> None:
+        if response is not None:
+            self.responses.append(response)
+        if flags & StandInPbUtils.TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self._final.set()
+
+    def final_response(self, timeout: float = 120) -> Any:
+        assert self._final.wait(timeout), "no final response"
+        return self.responses[-1]
 
 
 def load_generated_model(repo: Path, pb: StandInPbUtils, monkeypatch, model_name: str = "nucleus_pipeline") -> Any:
@@ -281,8 +330,9 @@ def test_generated_model_py_serves_requests_through_bls(core, bundle, texts, tmp
 
     good = {**texts, **scalars(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)}
     bad = {k: v for k, v in good.items() if k != "prompt_embeds"}
-    responses = model.execute([ClientRequest(pb, good), ClientRequest(pb, bad)])
-    assert len(responses) == 2
+    requests = [ClientRequest(pb, good), ClientRequest(pb, bad)]
+    assert model.execute(requests) is None  # the batcher's worker thread sends the responses
+    responses = [r.final_response() for r in requests]
 
     assert not responses[0].has_error()
     latents = pb.get_output_tensor_by_name(responses[0], OUTPUT_LATENTS).as_numpy()
@@ -299,9 +349,14 @@ def test_generated_model_py_serves_requests_through_bls(core, bundle, texts, tmp
     assert set(denoiser_calls[0][1]) == {"hidden_states", "timestep", "img_rope_cos", "img_rope_sin", "text_kv", "encoder_hidden_states_mask"}
 
     # The same prompt again: text K/V comes from the instance's cache, no second text_kv call.
-    again = model.execute([ClientRequest(pb, good)])
-    assert np.array_equal(pb.get_output_tensor_by_name(again[0], OUTPUT_LATENTS).as_numpy(), latents)
+    again = ClientRequest(pb, good)
+    model.execute([again])
+    assert np.array_equal(pb.get_output_tensor_by_name(again.final_response(), OUTPUT_LATENTS).as_numpy(), latents)
     assert len([c for c in pb.calls if c[0] == "t_nucleus_text_kv"]) == 1
+    hits = [v for (name, labels), v in pb.MetricFamily.values.items()
+            if name == pipeline_model.METRIC_TEXT_KV_CACHE and ("event", "hits") in labels]  # fmt: skip
+    assert hits == [1.0]
+    model.finalize()
 
 
 @pytest.mark.skipif(not schema.available(), reason="tritonclient is not installed")
@@ -311,7 +366,9 @@ def test_failed_bls_call_becomes_an_error_response(bundle, texts, tmp_path, monk
     pb = StandInPbUtils(repo)
     model = load_generated_model(repo, pb, monkeypatch)
     model.core.backend.denoiser_model = "missing_denoiser"
-    request = {**texts, **scalars(height=HEIGHT, width=WIDTH, num_inference_steps=1)}
-    (response,) = model.execute([ClientRequest(pb, request)])
+    request = ClientRequest(pb, {**texts, **scalars(height=HEIGHT, width=WIDTH, num_inference_steps=1)})
+    model.execute([request])
+    response = request.final_response()
+    model.finalize()
     assert response.has_error()
     assert "Triton model missing_denoiser failed" in response.error().message()

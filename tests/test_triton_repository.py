@@ -140,7 +140,9 @@ def test_configs_parse_and_match_onnx_graphs(request, tmp_path, compute, platfor
 
     pipeline = configs["nucleus_pipeline"]
     assert pipeline.backend == "python" and pipeline.max_batch_size == 0
-    assert [t.name for t in pipeline.input] == [s.name for s in pipeline_model.PIPELINE_INPUTS]
+    # Embeddings in, latents out: the bundle has no text encoder or VAE (and bls runs neither).
+    assert [t.name for t in pipeline.input] == [s.name for s in pipeline_model.served_specs(pipeline_model.PIPELINE_INPUTS, set())]
+    assert "prompt" not in [t.name for t in pipeline.input]
     assert [t.name for t in pipeline.output] == [pipeline_model.OUTPUT_LATENTS]
     assert {t.name for t in pipeline.input if not t.optional} == {"prompt_embeds"}
     assert list({t.name: t for t in pipeline.input}["prompt_embeds"].dims) == [-1, -1, 64]

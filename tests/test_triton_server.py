@@ -1,9 +1,10 @@
 """A real Triton Inference Server on generated repositories.
 
 The `nvidia-pytriton` wheel (in the `dev` and `triton` extras) ships a real `tritonserver` (2.51), its Python backend
-and per-Python stubs. The tests assemble a backend folder from them, start the server on free loopback ports with
-the command `nucleus_export.triton.serving.server_command` builds (the one the repository's README shows), and talk
-to it with tritonclient over HTTP and gRPC by running the README's client code (`serving.client_code`).
+and per-Python stubs. `nucleus_export.triton.local_server` assembles a backend folder from them and starts the server
+on free loopback ports with the command `nucleus_export.triton.serving.server_command` builds (the one the
+repository's README shows); the tests talk to it with tritonclient over HTTP and gRPC by running the README's client
+code (`serving.client_code`). Load, faults, progress and text in: tests/test_triton_serving.py.
 
 - inprocess on ONNX Runtime (CPU): latents equal `nucleus-export run` bit for bit, over HTTP and gRPC; four
   concurrent requests with different prompts, sizes and guidance are all correct; bad requests get Triton error
@@ -22,14 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import platform
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +35,7 @@ from safetensors.numpy import load_file, save_file
 from nucleus_export.cli import main
 from nucleus_export.triton import serving
 from nucleus_export.triton.configs import BLS, INPROCESS, ONNXRUNTIME
+from nucleus_export.triton.local_server import LocalTriton, Server, running_server
 from nucleus_export.triton.repository import (
     TritonOptions,
     plan_repository,
@@ -49,7 +44,6 @@ from nucleus_export.triton.repository import (
 
 PIPELINE = "nucleus_pipeline"
 THREADS = 1
-READY_TIMEOUT_S = 120.0
 STEPS = 3
 JOINT_DIM = 64  # the tiny model's text width
 
@@ -60,128 +54,6 @@ try:
 except ImportError:  # reported by the triton_install fixture, which every test here uses
     tritonclient_grpc = tritonclient_http = None
     InferenceServerException = Exception
-
-
-# ---- the server from the nvidia-pytriton wheel -----------------------------------------------------------------------
-
-
-def _wheel_installable() -> str | None:
-    """Why the nvidia-pytriton wheel cannot be installed here, or None where it can (manylinux_2_35 x86_64)."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return f"nvidia-pytriton ships for Linux x86_64 only (this is {sys.platform} {platform.machine()})"
-    libc, version = platform.libc_ver()
-    if libc != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
-        return f"nvidia-pytriton needs glibc >= 2.35 (this is {libc} {version})"
-    return None
-
-
-@pytest.fixture(scope="session")
-def triton_install(tmp_path_factory) -> dict[str, Path]:
-    """tritonserver, a backend folder holding the Python backend with this Python's stub, and the wheel's libraries."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations or tritonclient_http is None:
-        reason = _wheel_installable()
-        if reason:
-            pytest.skip(reason)
-        pytest.fail("nvidia-pytriton (or tritonclient) is not installed but installs here: pip install -e '.[dev]'.")
-    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-    python_tag = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / python_tag / "triton_python_backend_stub"
-    if not stub.is_file():
-        pytest.skip(f"nvidia-pytriton has no Python backend stub for Python {python_tag}")
-    backends = tmp_path_factory.mktemp("triton_backends")
-    python_backend = backends / "python"
-    shutil.copytree(root / "backends" / "python", python_backend, ignore=shutil.ignore_patterns("__pycache__"))
-    # The Python backend looks for its stub next to libtriton_python.so.
-    shutil.copy2(stub, python_backend / stub.name)
-    return {
-        "server": root / "bin" / "tritonserver",
-        "backends": backends,
-        "libs": root.parent.parent / "nvidia_pytriton.libs",
-    }
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server_env(install: dict[str, Path]) -> dict[str, str]:
-    env = dict(os.environ)
-    libs = [str(install["libs"]), sysconfig.get_config_var("LIBDIR")]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
-    # The 2.51 stub embeds Python with the environment variables ignored (PYTHONPATH has no effect there); it takes
-    # its prefix from the first `python3` on PATH, so this interpreter's bin folder first gives the stub this
-    # environment's site-packages (numpy, onnxruntime).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-class Server:
-    """A running tritonserver on loopback ports; `url(protocol)` for clients; `log()` for failures."""
-
-    def __init__(self, process: subprocess.Popen, http_port: int, grpc_port: int, log_path: Path):
-        self.process, self.http_port, self.grpc_port, self.log_path = process, http_port, grpc_port, log_path
-        self.start_seconds = 0.0
-
-    def url(self, protocol: str) -> str:
-        return f"127.0.0.1:{self.http_port if protocol == 'http' else self.grpc_port}"
-
-    def log(self, tail: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-tail:])
-
-    def stop(self) -> None:
-        """Stop the server (it unloads the models, ending their stub processes), then kill whatever is left of its
-        process group."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=15)
-
-
-@contextlib.contextmanager
-def running_server(install: dict[str, Path], repo: Path, log_path: Path, wait_ready: bool = True, **extra: str) -> Iterator[Server]:
-    """Start tritonserver on `repo`; wait until it is ready (or only live, with wait_ready=False); always stop it."""
-    http_port, grpc_port = _free_port(), _free_port()
-    command = serving.server_command(
-        str(repo),
-        executable=str(install["server"]),
-        backend_directory=str(install["backends"]),
-        address="127.0.0.1",
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics=False,
-    )
-    argv = command.argv + [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
-    env = {**_server_env(install), **command.env}
-    start = time.perf_counter()
-    with open(log_path, "wb") as log:
-        # Its own process group, so that stop() reaches the Python stubs it forks too.
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(process, http_port, grpc_port, log_path)
-    try:
-        # Closed when done: the server's shutdown waits (up to its exit timeout) for open HTTP connections.
-        with contextlib.closing(tritonclient_http.InferenceServerClient(server.url("http"))) as client:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while True:
-                if process.poll() is not None:
-                    raise AssertionError(f"tritonserver exited with {process.returncode}:\n{server.log()}")
-                with contextlib.suppress(Exception):  # connection refused until the HTTP endpoint is up
-                    if client.is_server_ready() if wait_ready else client.is_server_live():
-                        break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"tritonserver not ready after {READY_TIMEOUT_S:.0f} s:\n{server.log()}")
-                time.sleep(0.1)
-        server.start_seconds = time.perf_counter() - start
-        yield server
-    finally:
-        server.stop()
 
 
 # ---- requests and references -----------------------------------------------------------------------------------------
@@ -214,29 +86,34 @@ def readme_client(folder: Path, url: str, protocol: str, prompt: np.ndarray, neg
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "prompt_embeds.npy", prompt)
     np.save(folder / "negative_embeds.npy", negative)
-    code = serving.client_code(PIPELINE, url, protocol, steps=STEPS, **request)
+    return run_client_code(folder, serving.client_code(PIPELINE, url, protocol, steps=STEPS, **request))["latents"]
+
+
+def run_client_code(folder: Path, code: str) -> dict:
+    """Execute client code (`serving.client_code`, as the README shows it) in `folder`; its variables."""
+    folder.mkdir(parents=True, exist_ok=True)
     namespace: dict = {}
     cwd = Path.cwd()
     os.chdir(folder)
     try:
-        exec(compile(code, f"<README client code, {protocol}>", "exec"), namespace)
+        exec(compile(code, "<README client code>", "exec"), namespace)
     finally:
         os.chdir(cwd)
         if "client" in namespace:
             namespace["client"].close()
-    return namespace["latents"]
+    return namespace
 
 
-def infer(url: str, protocol: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """One request with tritonclient; thread-safe (a client per call)."""
+def infer(url: str, protocol: str, inputs: dict[str, np.ndarray], output: str = "latents", **options) -> np.ndarray:
+    """One request with tritonclient, `options` passed to its infer (e.g. timeout); thread-safe (a client per call)."""
     module = tritonclient_http if protocol == "http" else tritonclient_grpc
     tensors = []
     for name, value in inputs.items():
-        tensor = module.InferInput(name, list(value.shape), {"float32": "FP32", "int64": "INT64"}[value.dtype.name])
+        tensor = module.InferInput(name, list(value.shape), serving.CLIENT_TYPES[value.dtype.name])
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     with contextlib.closing(module.InferenceServerClient(url)) as client:
-        return client.infer(PIPELINE, tensors).as_numpy("latents")
+        return client.infer(PIPELINE, tensors, **options).as_numpy(output)
 
 
 def request_inputs(prompt: np.ndarray, negative: np.ndarray | None, height: int, width: int, guidance: float, seed: int) -> dict[str, np.ndarray]:
@@ -366,7 +243,7 @@ def test_bad_request_gets_an_error_and_the_server_keeps_serving(inprocess_server
 # ---- every layout through the server's own config validation -------------------------------------------------------
 
 
-def _model_states(install: dict[str, Path], repo: Path, log_path: Path) -> tuple[dict[str, dict], str]:
+def _model_states(install: LocalTriton, repo: Path, log_path: Path) -> tuple[dict[str, dict], str]:
     """The server's repository index (name -> state, reason) for `repo`, and its log."""
     # exit-on-error off: the server stays up to report each model, also the ones that cannot load here. Without
     # model control it loads every model before it opens its endpoints, so one query sees the final states.

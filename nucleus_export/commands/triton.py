@@ -58,16 +58,45 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         type=int,
         default=0,
         metavar="N",
-        help="longest a pipeline request may wait in Triton's queue before it is rejected, in microseconds "
-        "(0 = no limit). The models are not batched across requests (max_batch_size 0), so this bounds queueing "
-        "instead of forming batches.",
+        help="longest a pipeline request may wait, in Triton's queue and then for a place in a batch, before it is "
+        "rejected, in microseconds (0 = no limit)",
+    )
+    p.add_argument(
+        "--max-batch-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="requests whose rows share one denoiser call per step (0 = as many as the bundle's batch profile holds, "
+        "default; 1 = one request at a time, no batching across requests)",
+    )
+    p.add_argument(
+        "--max-pending-requests",
+        type=int,
+        default=configs.PipelineSettings.max_pending_requests,
+        metavar="N",
+        help="requests an instance holds waiting for a place in a batch; more are refused at once "
+        f"(default {configs.PipelineSettings.max_pending_requests})",
+    )
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="default deadline of a request from its arrival, in seconds; a request past it fails with an error "
+        "naming it (0 = none, default; a client's own request timeout takes precedence)",
+    )
+    p.add_argument(
+        "--stream-progress",
+        action="store_true",
+        help="decoupled pipeline model: a progress response (step, total_steps, elapsed_seconds) after every step, "
+        "then the result; clients use gRPC streaming",
     )
     p.add_argument("--name-prefix", default="", help="prefix for the three model names, to serve several bundles at once")
     p.add_argument(
         "--text-kv-cache-mib",
         type=int,
         default=DEFAULT_MAX_BYTES >> 20,
-        help="per pipeline instance, text K/V kept across requests (MiB; 0 = only within a request)",
+        help="per pipeline instance, text K/V kept across requests (MiB, LRU; 0 = only while its requests run)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the tree and every config.pbtxt; write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing model repository at --repo")
@@ -84,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         queue_timeout_us=args.max_queue_delay_us,
         name_prefix=args.name_prefix,
         text_kv_cache_bytes=max(0, args.text_kv_cache_mib) << 20,
+        max_batch_requests=args.max_batch_requests,
+        max_pending_requests=args.max_pending_requests,
+        request_timeout_s=args.request_timeout_s,
+        stream_progress=args.stream_progress,
         expect_manifest_sha256=args.expect_manifest_sha256,
     )
     # Refuse a non-empty --repo before reading (and checksumming) a possibly large bundle.

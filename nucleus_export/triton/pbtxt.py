@@ -21,6 +21,7 @@ TRITON_DTYPES: dict[str, str] = {
     "int8": "TYPE_INT8",
     "uint8": "TYPE_UINT8",
     "bool": "TYPE_BOOL",
+    "string": "TYPE_STRING",  # Triton's bytes type: numpy object arrays of bytes (prompts, PNG files)
 }
 
 KIND_GPU = "KIND_GPU"
@@ -66,6 +67,9 @@ class TritonModelConfig:
     max_batch_size: int = 0
     default_model_filename: str | None = None
     queue_policy: QueuePolicy | None = None
+    # Decoupled transaction policy: any number of responses per request (the pipeline's progress stream); clients
+    # then use gRPC streaming (Triton's HTTP infer endpoint refuses decoupled models).
+    decoupled: bool = False
     parameters: dict[str, str] = dataclasses.field(default_factory=dict)
     comment: str | None = None
 
@@ -103,6 +107,8 @@ class TritonModelConfig:
                 "  }",
                 "}",
             ]
+        if self.decoupled:
+            lines += ["model_transaction_policy {", "  decoupled: true", "}"]
         for key, value in self.parameters.items():
             lines += ["parameters {", f"  key: {_quote(key)}", f"  value {{ string_value: {_quote(value)} }}", "}"]
         return "\n".join(lines) + "\n"

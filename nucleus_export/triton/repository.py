@@ -139,6 +139,14 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
         raise UsageError(f"--instances must be at least 1, got {options.instances}.", "pass --instances 1 or more.")
     if options.queue_timeout_us < 0:
         raise UsageError(f"--max-queue-delay-us must be 0 or more, got {options.queue_timeout_us}.", "pass 0 for no limit.")
+    if options.max_batch_requests < 0:
+        raise UsageError(f"--max-batch-requests must be 0 or more, got {options.max_batch_requests}.",
+                         "pass 0 to batch as many requests as the bundle's batch profile holds, 1 for one at a time.")
+    if options.max_pending_requests < 1:
+        raise UsageError(f"--max-pending-requests must be at least 1, got {options.max_pending_requests}.",
+                         "pass how many requests an instance may hold waiting, e.g. 64.")
+    if options.request_timeout_s < 0:
+        raise UsageError(f"--request-timeout-s must be 0 or more, got {options.request_timeout_s}.", "pass 0 for no deadline.")
     if options.onnxruntime_threads < 0:
         raise UsageError(f"--onnxruntime-threads must be 0 or more, got {options.onnxruntime_threads}.", "pass 0 for one per core.")
     if options.platform not in configs.PLATFORMS:
@@ -190,7 +198,8 @@ def plan_repository(bundle_dir: Path, options: TritonOptions) -> RepositoryPlan:
     plan = RepositoryPlan(
         names=names, platform=options.platform, files=files, plugin_library=plugin_relpath, layout=options.layout
     )
-    files.append(RepoFile(README_NAME, text=serving.serving_notes(names, options.layout, options.platform, plugin_relpath, manifest)))
+    files.append(RepoFile(README_NAME, text=serving.serving_notes(names, options.layout, options.platform, plugin_relpath,
+                                                                manifest, options.stream_progress)))
     return plan
 
 

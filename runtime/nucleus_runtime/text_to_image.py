@@ -167,6 +167,24 @@ def load_prompt_tokenizer(bundle_dir: Path, manifest: Manifest, verify_checksums
     return PromptTokenizer.from_files(Path(bundle_dir) / TOKENIZER_FILE, Path(bundle_dir) / PROMPT_TEMPLATE_FILE)
 
 
+def prompt_groups(prompt: str | Sequence[str], negative: str | Sequence[str] | None,
+                  guidance: float) -> tuple[list[str], list[str] | None]:
+    """The prompts, and the negative prompts the pipeline encodes for them: none without CFG (guidance <= 1), else
+    one per prompt ("" where none is given, as the pipeline does)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise NucleusError("prompt must be a string or a non-empty list of strings.", "pass the prompt as text.")
+    if guidance <= 1:
+        return prompts, None  # the pipeline encodes no negative prompt without CFG
+    negatives = [""] * len(prompts) if negative is None else [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+        raise NucleusError(
+            f"{len(negatives)} negative prompts for {len(prompts)} prompts.",
+            "pass one negative prompt for all, or one string per prompt.",
+        )
+    return prompts, negatives
+
+
 # ---- latents -> pixels ------------------------------------------------------------------------------------------
 
 
@@ -352,7 +370,7 @@ class TextToImage:
             progress: wraps the denoising step range, e.g. in a progress bar.
         """
         started = time.perf_counter()
-        prompts, negatives = self._prompts(prompt, negative_prompt, check_guidance(guidance))
+        prompts, negatives = prompt_groups(prompt, negative_prompt, check_guidance(guidance))
         height, width = (height, width) if height and width else self.manifest.profiles.opt_resolution
         self.manifest.grid_for(height, width)
         check_batch(self.manifest, len(prompts) * (2 if negatives else 1), bool(negatives))
@@ -379,22 +397,6 @@ class TextToImage:
         timings.total = time.perf_counter() - started
         logger.info("%s", timings.summary())
         return TextToImageResult(images, final, timings, self.memory, self.backend_name)
-
-    @staticmethod
-    def _prompts(prompt: str | Sequence[str], negative: str | Sequence[str] | None,
-                 guidance: float) -> tuple[list[str], list[str] | None]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise NucleusError("prompt must be a string or a non-empty list of strings.", "pass the prompt as text.")
-        if guidance <= 1:
-            return prompts, None  # the pipeline encodes no negative prompt without CFG
-        negatives = [""] * len(prompts) if negative is None else [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-        if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
-            raise NucleusError(
-                f"{len(negatives)} negative prompts for {len(prompts)} prompts.",
-                "pass one negative prompt for all, or one string per prompt.",
-            )
-        return prompts, negatives
 
 
 class _StageScope:

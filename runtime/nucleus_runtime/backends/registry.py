@@ -14,7 +14,15 @@ from nucleus_runtime.backends.base import Backend, BackendOptions
 from nucleus_runtime.backends.onnxruntime import OrtBackend
 from nucleus_runtime.backends.tensorrt import TensorRTBackend, TensorRTRtxBackend
 from nucleus_runtime.bundle import Manifest, load_manifest
-from nucleus_runtime.contract import AUTO, MANIFEST_NAME, ONNXRUNTIME, SCHEDULER_CONFIG_NAME
+from nucleus_runtime.contract import (
+    AUTO,
+    MANIFEST_NAME,
+    ONNXRUNTIME,
+    PROMPT_TEMPLATE_FILE,
+    SCHEDULER_CONFIG_NAME,
+    TEXT_ENCODER_GRAPH,
+    TOKENIZER_FILE,
+)
 from nucleus_runtime.errors import NucleusError
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (OrtBackend, TensorRTBackend, TensorRTRtxBackend)}
@@ -33,8 +41,10 @@ def backend_files(manifest: Manifest, name: str) -> list[str]:
 
 
 def serving_files(manifest: Manifest, name: str) -> list[str]:
-    """Everything a folder needs so that `open_backend(folder, name)` and the denoising loop can serve it."""
-    return [MANIFEST_NAME, SCHEDULER_CONFIG_NAME, *backend_files(manifest, name)]
+    """Everything a folder needs so that `open_backend(folder, name)`, the denoising loop and, where the bundle has a
+    text encoder, the prompt tokenizer (`text_to_image.load_prompt_tokenizer`) can serve it."""
+    tokenizer = [TOKENIZER_FILE, PROMPT_TEMPLATE_FILE] if TEXT_ENCODER_GRAPH in manifest.stages else []
+    return [MANIFEST_NAME, SCHEDULER_CONFIG_NAME, *backend_files(manifest, name), *tokenizer]
 
 
 def resolve_backend(choice: str, bundle_dir: Path, manifest: Manifest) -> str:
