@@ -30,6 +30,7 @@ from nucleus_runtime.scheduler import SchedulerConfig
 
 from nucleus_export.errors import NucleusExportError, UsageError
 from nucleus_export.log import track
+from nucleus_export.model.components import loading_errors
 from nucleus_export.model.hub import (
     MODEL_INDEX,
     PIPELINE_FOLDERS,
@@ -212,20 +213,9 @@ def load_pipeline(root: Path, device: Any, dtype: Any) -> Any:
     """NucleusMoEImagePipeline without its transformer (the bundle replaces it)."""
     from diffusers import NucleusMoEImagePipeline
 
-    try:
+    with loading_errors(f"the diffusers pipeline from {root}",
+                        "pass a complete NucleusMoEImagePipeline folder (text_encoder/, processor/, vae/, scheduler/)."):
         pipe = NucleusMoEImagePipeline.from_pretrained(root, transformer=None, dtype=dtype)
-    except ImportError as exc:
-        if "torchvision" in str(exc).lower():
-            raise NucleusExportError(
-                "loading the pipeline's processor (transformers' Qwen3VLProcessor) needs torchvision.",
-                "pip install torchvision (the build matching your torch).",
-            ) from None
-        raise
-    except (OSError, ValueError) as exc:
-        raise NucleusExportError(
-            f"cannot load the diffusers pipeline from {root}: {str(exc).splitlines()[0]}",
-            "pass a complete NucleusMoEImagePipeline folder (text_encoder/, processor/, vae/, scheduler/).",
-        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

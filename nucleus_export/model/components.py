@@ -7,7 +7,9 @@ VAE decoder (`vae/`). `--stages` chooses among them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,17 @@ def load_processor(pipeline_root: Path) -> Any:
             f"{pipeline_root} has no {PROCESSOR_FOLDER}/ folder, which the text_encoder stage's tokenizer comes from.",
             "pass the complete pipeline root, or leave text_encoder out of --stages.",
         )
-    try:
+    with loading_errors(f"the processor from {folder}", "pass the complete pipeline root (processor/ as "
+                        "NucleusMoEImagePipeline saves it)."):
         return AutoProcessor.from_pretrained(folder)
+
+
+@contextlib.contextmanager
+def loading_errors(what: str, fix: str) -> Iterator[None]:
+    """Loading a pipeline component with transformers / diffusers: an unreadable folder and the processor's
+    torchvision import become one-line errors."""
+    try:
+        yield
     except ImportError as exc:
         if "torchvision" in str(exc).lower():
             raise NucleusExportError(
@@ -84,7 +95,4 @@ def load_processor(pipeline_root: Path) -> Any:
             ) from None
         raise
     except (OSError, ValueError) as exc:
-        raise NucleusExportError(
-            f"cannot load the processor from {folder}: {str(exc).splitlines()[0]}",
-            "pass the complete pipeline root (processor/ as NucleusMoEImagePipeline saves it).",
-        ) from None
+        raise NucleusExportError(f"cannot load {what}: {str(exc).splitlines()[0]}", fix) from None

@@ -17,6 +17,7 @@ import shutil
 import struct
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,22 +126,24 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> list[li
     return plan
 
 
-def write_synthetic_checkpoint(
-    out_dir: Path, config: dict[str, Any], seed: int = SYNTHETIC_SEED, shard_bytes: int = SHARD_BYTES
+def write_random_checkpoint(
+    out_dir: Path,
+    shapes: dict[str, tuple[int, ...]],
+    config: dict[str, Any],
+    shard_name: Callable[[int, int], str],
+    index_name: str,
+    what: str,
+    seed: int = SYNTHETIC_SEED,
+    shard_bytes: int = SHARD_BYTES,
 ) -> Path:
-    """Write a random bf16 checkpoint of `config` in diffusers' layout, tensor by tensor (constant memory).
+    """Write random bf16 tensors of `shapes` as a sharded safetensors checkpoint with its index and config.json,
+    tensor by tensor in constant memory (random_bf16), through a temporary sibling renamed into place when complete.
 
     Args:
-        out_dir: destination; written through a temporary sibling folder and renamed into place when complete.
-        config: the architecture (a config.json dict).
-        seed: weight seed.
-        shard_bytes: shard size limit.
-
-    Returns:
-        out_dir.
+        shard_name: (shard number from 1, shard count) -> file name, the library's naming (diffusers, transformers).
+        index_name: the index file written when there is more than one shard.
+        what: what is written, for the log and the disk-space refusal.
     """
-    model_config = ModelConfig.from_dict(config)
-    shapes = expected_parameter_shapes(model_config)
     plan = plan_shards(shapes, shard_bytes)
     total_bytes = sum(math.prod(s) * 2 for s in shapes.values())
     out_dir = Path(out_dir)
@@ -148,23 +151,16 @@ def write_synthetic_checkpoint(
     free = shutil.disk_usage(out_dir.parent).free
     if free < total_bytes * 1.02:
         raise UsageError(
-            f"a synthetic checkpoint of {total_bytes / 1e9:.1f} GB does not fit in the {free / 1e9:.1f} GB free "
-            f"under {out_dir.parent}.",
+            f"{what} of {total_bytes / 1e9:.1f} GB does not fit in the {free / 1e9:.1f} GB free under {out_dir.parent}.",
             "free disk space, or point NUCLEUS_EXPORT_CACHE at a larger disk.",
         )
-    logger.info(
-        "writing a synthetic %d-block checkpoint (%.2f B parameters, %.2f GB bf16, %d shards) to %s",
-        model_config.num_layers, total_bytes / 2e9, total_bytes / 1e9, len(plan), out_dir,
-    )
+    logger.info("writing %s (%.2f B parameters, %.2f GB bf16, %d shards) to %s",
+                what, total_bytes / 2e9, total_bytes / 1e9, len(plan), out_dir)
     started, written = time.perf_counter(), 0
     with atomic_dir(out_dir) as tmp:
         weight_map: dict[str, str] = {}
         for k, names in enumerate(plan):
-            file_name = (
-                f"diffusion_pytorch_model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
-                if len(plan) > 1
-                else "diffusion_pytorch_model.safetensors"
-            )
+            file_name = shard_name(k + 1, len(plan))
             header, offset = {}, 0
             for name in names:
                 nbytes = math.prod(shapes[name]) * 2
@@ -185,9 +181,24 @@ def write_synthetic_checkpoint(
             )
         if len(plan) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
+            (tmp / index_name).write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def _diffusers_shard(k: int, count: int) -> str:
+    return f"diffusion_pytorch_model-{k:05d}-of-{count:05d}.safetensors" if count > 1 else "diffusion_pytorch_model.safetensors"
+
+
+def write_synthetic_checkpoint(
+    out_dir: Path, config: dict[str, Any], seed: int = SYNTHETIC_SEED, shard_bytes: int = SHARD_BYTES
+) -> Path:
+    """Write a random bf16 checkpoint of `config` (a config.json dict) in diffusers' layout (write_random_checkpoint)."""
+    model_config = ModelConfig.from_dict(config)
+    return write_random_checkpoint(
+        out_dir, expected_parameter_shapes(model_config), model_config.to_dict(), _diffusers_shard, INDEX_NAME,
+        f"a synthetic {model_config.num_layers}-block checkpoint", seed, shard_bytes,
+    )
 
 
 def synthetic_checkpoint_path(spec: str) -> Path:

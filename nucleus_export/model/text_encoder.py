@@ -18,9 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import shutil
-import struct
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -477,51 +474,19 @@ def full_model_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+def _transformers_shard(k: int, count: int) -> str:
+    return f"model-{k:05d}-of-{count:05d}.safetensors" if count > 1 else WEIGHTS_NAME
+
+
 def write_synthetic_text_encoder(out_dir: Path, config: dict[str, Any], seed: int = SYNTHETIC_SEED,
                                  shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write a random bf16 checkpoint of `config` (a config.json dict) in transformers' sharded layout, tensor by
-    tensor in constant memory (nucleus_export.model.synthetic's chunked writer).
-
-    Returns:
-        out_dir (written through a temporary sibling and renamed into place when complete).
-    """
-    from nucleus_export.model.synthetic import plan_shards, random_bf16
+    """Write a random bf16 checkpoint of `config` (a config.json dict) in transformers' sharded layout
+    (nucleus_export.model.synthetic.write_random_checkpoint: constant memory, atomic)."""
+    from nucleus_export.model.synthetic import write_random_checkpoint
 
     TextEncoderConfig.from_dict(config, source="synthetic config")  # refuse what the graph could not read anyway
-    shapes = full_model_shapes(config)
-    plan = plan_shards(shapes, shard_bytes)
-    total = sum(math.prod(s) * 2 for s in shapes.values())
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out_dir.parent).free
-    if free < total * 1.02:
-        raise UsageError(
-            f"a synthetic text encoder of {total / 1e9:.1f} GB does not fit in the {free / 1e9:.1f} GB free under "
-            f"{out_dir.parent}.",
-            "free disk space, or point NUCLEUS_EXPORT_CACHE at a larger disk.",
-        )
-    with atomic_dir(out_dir) as tmp:
-        weight_map: dict[str, str] = {}
-        for k, names in enumerate(plan):
-            file_name = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" if len(plan) > 1 else WEIGHTS_NAME
-            header, offset = {}, 0
-            for name in names:
-                nbytes = math.prod(shapes[name]) * 2
-                header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-            header["__metadata__"] = {"format": "pt"}
-            blob = json.dumps(header).encode()
-            blob += b" " * (-len(blob) % 8)
-            with open(tmp / file_name, "wb", buffering=8 << 20) as f:
-                f.write(struct.pack("<Q", len(blob)) + blob)
-                for name in names:
-                    random_bf16(name, shapes[name], seed, f)
-                    weight_map[name] = file_name
-        if len(plan) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir
+    return write_random_checkpoint(out_dir, full_model_shapes(config), config, _transformers_shard, INDEX_NAME,
+                                   "a synthetic text encoder", seed, shard_bytes)
 
 
 def synthetic_text_encoder_path(spec: str) -> Path:
