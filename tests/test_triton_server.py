@@ -201,23 +201,35 @@ def test_segmented_bundle_is_served_the_same_way(triton_install, tiny_checkpoint
     assert np.array_equal(latents, expected)
 
 
-def _cache_hits(log: str) -> dict[str, int]:
-    """Each instance's latest text K/V cache hit count, from the model's verbose log lines."""
-    return {m[0]: int(m[1]) for m in re.findall(r"(\w+): text K/V cache hits (\d+)", log)}
+def _cache_stats(log: str) -> dict[str, tuple[int, int]]:
+    """Each instance's latest (text K/V cache hits, completed requests), from the model's verbose log lines."""
+    pattern = r"(\w+): text K/V cache hits (\d+).*?'completed': (\d+)"
+    return {m[0]: (int(m[1]), int(m[2])) for m in re.findall(pattern, log)}
 
 
 def test_text_kv_is_reused_across_requests(inprocess_server):
     prompt, negative = texts(21, 7, 3)
     inputs = request_inputs(prompt, negative, 160, 96, 4.0, 0)
-    before = _cache_hits(inprocess_server.log(tail=100_000))
-    lines_before = len(inprocess_server.log(tail=100_000).splitlines())
+    before = _cache_stats(inprocess_server.log(tail=100_000))
     results = [infer(inprocess_server.url("http"), "http", inputs) for _ in range(3)]
     assert all(np.array_equal(r, results[0]) for r in results)
-    new_lines = "\n".join(inprocess_server.log(tail=100_000).splitlines()[lines_before:])
-    after = _cache_hits(new_lines)
+
+    def served(stats: dict[str, tuple[int, int]]) -> dict[str, int]:
+        """Requests each instance completed since `before`."""
+        return {i: done - before.get(i, (0, 0))[1] for i, (_, done) in stats.items() if done != before.get(i, (0, 0))[1]}
+
+    # The model publishes its statistics a moment after a request (every 250 ms, and when idle): wait for all three.
+    deadline = time.monotonic() + 10
+    while True:
+        after = _cache_stats(inprocess_server.log(tail=100_000))
+        completed = served(after)
+        if sum(completed.values()) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sum(completed.values()) == 3, after
     # A new prompt: each instance that served it computed its text K/V once, every other request was a hit.
-    new_hits = sum(hits - before.get(instance, 0) for instance, hits in after.items())
-    assert after and new_hits == 3 - len(after), new_lines
+    new_hits = sum(after[i][0] - before.get(i, (0, 0))[0] for i in completed)
+    assert new_hits == 3 - len(completed), after
 
 
 @pytest.mark.parametrize(
