@@ -28,6 +28,8 @@ from nucleus_export.graph.external_data import load_external_data, load_model
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.parity.check import GraphVariants, ParityReport, Tolerance, variants_of
+from nucleus_export.parity.streamed import SegmentGraphs, parity_segments
+from nucleus_export.rewrites.segments import block_weight_bytes, split_denoiser
 from nucleus_export.rewrites.as_built import engine_graph
 from nucleus_export.rewrites.bf16_emulation import EMULATION_LABEL, emulate_bf16_in_fp32, has_bf16
 
@@ -41,20 +43,65 @@ if TYPE_CHECKING:
 BASELINE_MARGIN = 0.15
 
 
-def check_quality_memory(checkpoint: Checkpoint) -> None:
-    """Fail before any work when the CPU report cannot fit: the reference holds the weights in float32 and its bf16
-    copy in bf16, and ONNX Runtime holds the (float32-widened) graph variants while building their sessions."""
+# The report's graph segments hold at most this many weight bytes as the bundle stores them (ONNX Runtime holds them
+# widened to float32 beside them): one block of the real model each, the whole graph for small models.
+REPORT_SEGMENT_BYTES = 1 << 30
+# Batch rows per run: bounds the activations of one block (the real model at 1024x1024 materializes attention scores
+# of ~1.1 GB per row in ONNX Runtime and torch on the CPU).
+REPORT_MAX_ROWS = 1
 
+
+def report_groups(denoiser: onnx.ModelProto, segment_bytes: int = REPORT_SEGMENT_BYTES) -> list[tuple[int, int]]:
+    """Consecutive block groups of at most `segment_bytes` weights each (a block larger than that alone)."""
+    per_block, _rest = block_weight_bytes(denoiser)
+    groups, start, filled = [], 0, 0
+    for idx, nbytes in enumerate(per_block):
+        if idx > start and filled + nbytes > segment_bytes:
+            groups.append((start, idx))
+            start, filled = idx, 0
+        filled += nbytes
+    groups.append((start, len(per_block)))
+    return groups
+
+
+def quality_memory_estimate(checkpoint: Checkpoint, max_image_tokens: int, max_rows: int = REPORT_MAX_ROWS) -> int:
+    """Predicted peak bytes of the streamed report: the larger of the reference side (one block in float32, the
+    shell, a block's activations) and the graph side (one segment's weights as stored plus widened to float32, its
+    activations), over the process's base. Activations: ~24 float32 tensors of [rows, S, H] live at the MoE
+    block's peak (routed copies at capacity factor 4 included)."""
+    config = checkpoint.config
+    weights = checkpoint.weights
+    per_block = [0] * config.num_layers
+    shell = 0
+    for name in weights:
+        info = weights.info(name)
+        count = info.nbytes // max(weights.dtype(name).itemsize, 1)
+        if name.startswith("transformer_blocks."):
+            per_block[int(name.split(".")[1])] += count
+        else:
+            shell += count
+    largest = max(per_block, default=0)
+    activations = 24 * max_rows * max_image_tokens * config.hidden_size * 4
+    reference = (largest + shell) * 4 + activations
+    stored = max(weights.dtype(n).itemsize for n in weights) if len(weights) else 2
+    graph = max(largest * (stored + 4), REPORT_SEGMENT_BYTES * 3) + activations
+    return max(reference, graph) + (600 << 20)
+
+
+def check_quality_memory(checkpoint: Checkpoint, max_image_tokens: int = 4096, max_rows: int = REPORT_MAX_ROWS) -> None:
+    """Fail before any work when the streamed report cannot fit in the memory available (module docstring)."""
     import psutil
 
     from nucleus_export.errors import NucleusExportError
 
-    needed = checkpoint.weights.num_parameters * (4 + 2 + 4 * 3)
+    needed = quality_memory_estimate(checkpoint, max_image_tokens, max_rows)
     available = psutil.virtual_memory().available
     if needed > available:
         raise NucleusExportError(
-            f"the CPU quality report needs about {needed / 1e9:.0f} GB of memory for this model; {available / 1e9:.0f} GB is free.",
-            "build with --skip-quality, then run `nucleus-export check` on the ONNX bundle on a machine with more memory.",
+            f"the CPU quality report needs about {needed / 1e9:.1f} GB of memory for this model (one block at a time); "
+            f"{available / 1e9:.1f} GB is free.",
+            "free memory or build with --skip-quality, then run `nucleus-export check --cases quick` on the bundle on a "
+            "machine with more memory.",
         )
 
 
@@ -100,6 +147,50 @@ def built_variants(bundle_dir: Path, lowering: LoweringRecord | None) -> tuple[G
     return variants, f"ONNX Runtime CPU vs diffusers float32; {how}; {EMULATION_LABEL if emulated else 'run as exported'}"
 
 
+def built_segments(
+    bundle_dir: Path, lowering: LoweringRecord | None, groups: list[tuple[int, int]] | None = None
+) -> tuple[list[SegmentGraphs], onnx.ModelProto | Path, str]:
+    """The graphs the engines compute, cut into report segments (`groups`, default report_groups: one block each
+    for the real model), as parity variants whose weights stay in the bundle's files until a session opens; and the
+    text_kv graph to run, and a note for the report."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    num_experts = manifest.model_config["num_experts"]
+    denoiser = onnx.load(str(bundle_dir / onnx_file(DENOISER)), load_external_data=False)
+    emulated = has_bf16(denoiser)
+    computed = lowering or LoweringRecord(MOE_PLUGIN)
+    groups = groups or report_groups(denoiser)
+    pieces = split_denoiser(denoiser, groups)
+    del denoiser
+
+    def rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
+        return engine_graph(model, computed, num_experts, runnable_on_cpu=True, keep_weights=True)
+
+    segments = parity_segments(pieces, checkpoint_config(manifest), rewrite)
+    text_kv_path = bundle_dir / onnx_file(TEXT_KV)
+    text_kv: onnx.ModelProto | Path = text_kv_path
+    light = onnx.load(str(text_kv_path), load_external_data=False)
+    if has_bf16(light):
+        text_kv = emulate_bf16_in_fp32(light, keep_weights=True)
+    if lowering is None:
+        how = "MoE as custom nodes (as exported)"
+    elif lowering.combine is not None:
+        how = f"MoE lowered ({lowering.moe}, {lowering.combine} combine)"
+    else:
+        how = "MoE as custom nodes (plugin semantics)"
+    cut = f"{len(groups)} segments, one ONNX Runtime session at a time" if len(groups) > 1 else "one graph"
+    return segments, text_kv, (
+        f"ONNX Runtime CPU vs diffusers float32 (block by block); {how}; {cut}; "
+        f"{EMULATION_LABEL if emulated else 'run as exported'}"
+    )
+
+
+def checkpoint_config(manifest: Manifest):
+    from nucleus_export.model.config import ModelConfig
+
+    return ModelConfig.from_dict(manifest.model_config)
+
+
 def quality_report(
     checkpoint: Checkpoint,
     bundle_dir: Path,
@@ -108,28 +199,36 @@ def quality_report(
     reference: torch.nn.Module | None = None,
     tolerance: Tolerance | None = None,
     case_set: str = "full",
+    groups: list[tuple[int, int]] | None = None,
+    max_rows: int | None = REPORT_MAX_ROWS,
 ) -> ParityReport:
     """Check the bundle's graphs as built against diffusers' float32 forward, with diffusers-bf16 as the baseline for
-    low-precision graphs.
+    low-precision graphs; segment by segment and block by block (parity.streamed), so it runs on the 17B model
+    within about one block's memory.
 
     Args:
         precision: how the graphs compute (its label names the report; fp32 without quantization gets the exact gate).
         lowering: how the engines compute the MoE ops (None: the graphs as exported).
+        reference: a whole diffusers model already in memory (small models, tests); default: streamed.
+        groups: the report's segments (default report_groups).
+        max_rows: batch rows per run.
 
     Returns:
         nucleus_export.parity.check.ParityReport labelled with the graph precision, lowering and emulation.
     """
     from nucleus_export.parity.check import check_parity
 
-    variants, note = built_variants(bundle_dir, lowering)
+    segments, text_kv, note = built_segments(bundle_dir, lowering, groups)
     return check_parity(
         checkpoint,
         bundle_dir,
         tolerance or tolerance_for(precision),
-        variants=variants,
         graph_precision=precision.label,
         reference=reference,
         case_set=case_set,
         note=note,
         baseline=not precision.exact,
+        segments=segments,
+        text_kv=text_kv,
+        max_rows=max_rows,
     )
