@@ -26,6 +26,36 @@ from pathlib import Path
 from nucleus_export.model.synthetic import NUCLEUS_IMAGE, SYNTHETIC_PREFIX, checkpoint_bytes, ensure_synthetic_checkpoint
 
 
+def _sample_memory(seconds: float = 15.0) -> None:
+    """Log this process's RSS with the report's current phase (its debug lines) every few seconds, to stderr."""
+    import logging
+    import threading
+
+    import psutil
+
+    phase = {"now": "start"}
+
+    class _Phase(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            phase["now"] = record.getMessage()
+
+    log = logging.getLogger("nucleus_export")
+    handler = _Phase(level=logging.DEBUG)
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    for other in log.handlers:
+        if other is not handler:
+            other.setLevel(logging.INFO)
+    process = psutil.Process()
+
+    def beat() -> None:
+        while True:
+            time.sleep(seconds)
+            print(f"[memory] {process.memory_info().rss / 1e9:.2f} GB RSS during: {phase['now']}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=beat, daemon=True).start()
+
+
 def child(args: argparse.Namespace) -> int:
     from nucleus_runtime.bundle import LoweringRecord
 
@@ -36,6 +66,7 @@ def child(args: argparse.Namespace) -> int:
     from nucleus_export.parity.quality import quality_report
 
     setup_logging()
+    _sample_memory()
     checkpoint = open_checkpoint(args.checkpoint)
     started = time.perf_counter()
     report = quality_report(checkpoint, args.bundle, GraphPrecision(args.precision), LoweringRecord("native", args.combine),

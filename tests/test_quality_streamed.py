@@ -83,22 +83,12 @@ def test_segmented_report_is_the_whole_graph_report(tiny_checkpoint, tiny_refere
     assert whole.passed == cut.passed
 
 
-def test_report_groups_keep_segments_small():
-    import onnx  # noqa: F401
-
+def test_report_groups_keep_segments_small(monkeypatch):
     from nucleus_export.parity import quality
 
-    class _Fake:
-        pass
-
-    sizes = [100, 100, 100, 900, 900, 50]
-    original = quality.block_weight_bytes
-    quality.block_weight_bytes = lambda _m: (sizes, 10)
-    try:
-        assert report_groups(_Fake(), 1000) == [(0, 3), (3, 4), (4, 6)]
-        assert report_groups(_Fake(), 10**9) == [(0, 6)]
-    finally:
-        quality.block_weight_bytes = original
+    monkeypatch.setattr(quality, "block_weight_bytes", lambda _m: ([100, 100, 900, 50], 10))
+    assert report_groups(None, 2000) == [(0, 4)]
+    assert report_groups(None, 1000) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 def _header_only_checkpoint(layers: int) -> Checkpoint:

@@ -287,6 +287,9 @@ def run_segmented_parity(
     details = not cached
     steps: Iterator[SegmentGraphs] = track(segments, "parity, segment by segment") if progress and len(segments) > 1 else iter(segments)
     started = time.perf_counter()
+    # What each batch's graph state must keep after segment k: what later segments read (the rest is dropped, or the
+    # residual streams of every block would pile up: ~0.1 GB per block and batch row at 1024x1024).
+    later = [set().union(*(s.segment.inputs for s in segments[k + 1:]), {SAMPLE}) for k in range(len(segments))]
     for number, seg in enumerate(steps, 1):
         first, last = seg.segment.blocks
         if progress and len(segments) > 1:
@@ -296,6 +299,7 @@ def run_segmented_parity(
         traces: dict[int, list[_BlockTrace]] = {}
         gate_weights: dict[int, np.ndarray] = {}
         # 1. the reference's blocks, each loaded once for all batches
+        logger.debug("segment %d..%d: diffusers float32", first, last - 1)
         for idx in range(first, last):
             if cached:
                 for b in state:
@@ -319,6 +323,7 @@ def run_segmented_parity(
             finally:
                 truth.release_block(idx)
         if low is not None:
+            logger.debug("segment %d..%d: diffusers bf16", first, last - 1)
             for idx in range(first, last):
                 low.load_block(idx)
                 try:
@@ -330,6 +335,7 @@ def run_segmented_parity(
                     low.release_block(idx)
         _release_memory()
         # 2. the graph end to end
+        logger.debug("segment %d..%d: graph end to end", first, last - 1)
         session = open_session(seg.model("free"))
         for b in state:
             own = _run_segment(session, seg, b.free, b.text_kv, {}, seg.free_routing)
@@ -338,6 +344,7 @@ def run_segmented_parity(
         del session
         _release_memory()
         # 3. the graph with the reference's routing forced
+        logger.debug("segment %d..%d: graph with routing forced", first, last - 1)
         names = seg.forced_routing
         session = open_session(seg.model("forced"))
         forced_out: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
@@ -369,6 +376,10 @@ def run_segmented_parity(
                                                  flips, near, margin, ratio))
                 b.routing[idx] = per_case
         del traces, forced_out
+        for b in state:
+            for graph_state in (b.free, b.forced):
+                for name in [n for n in graph_state if n not in later[number - 1] and not n.startswith("__selections.")]:
+                    del graph_state[name]
     # The output projection and the results.
     results = []
     for b in state:
