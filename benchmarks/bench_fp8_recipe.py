@@ -97,21 +97,21 @@ def costs(args) -> int:
                              "where": position(checkpoint.config, group),
                              **{m.value: c / unit for m, c in cost.cost.items()}})
             table[name] = rows
+            if args.out:  # written as it goes: a long run keeps what it measured
+                Path(args.out).write_text(json.dumps(table, indent=2))
             print(f"{name}: bf16 {sens.bf16.relative_error:.3e}, all W8A8 {sens.all_fp8.relative_error:.3e}, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
     pooled: dict[tuple[str, str], dict[str, list[float]]] = {}
     for rows in table.values():
         for row in rows:
             entry = pooled.setdefault((row["kind"], row["where"]), {})
-            for mode in ("fp8", "fp8_weights"):
+            for mode in ("fp8", "fp8-weights"):
                 entry.setdefault(mode, []).append(row[mode])
     print("| kind | position | groups | W8A8 cost (mean, max) | FP8 weights cost (mean, max) |")
     print("| --- | --- | --- | --- | --- |")
     for (kind, where), entry in sorted(pooled.items()):
-        w8a8, wo = np.array(entry["fp8"]), np.array(entry["fp8_weights"])
+        w8a8, wo = np.array(entry["fp8"]), np.array(entry["fp8-weights"])
         print(f"| {kind} | {where} | {len(w8a8)} | {w8a8.mean():.3f}, {w8a8.max():.3f} | {wo.mean():.3f}, {wo.max():.3f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(table, indent=2))
     return 0
 
 
@@ -152,7 +152,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     c = sub.add_parser("costs")
-    c.add_argument("--out", type=Path)
+    c.add_argument("--out", type=Path, default=Path("fp8-costs.json"))
     c.add_argument("--resolution", type=int, default=256)
     e = sub.add_parser("evaluate")
     e.add_argument("--sensitivity", action="store_true")

@@ -60,37 +60,44 @@ def report_groups(denoiser: onnx.ModelProto, segment_bytes: int = REPORT_SEGMENT
     return [(i, i + 1) for i in range(len(per_block))]
 
 
-def quality_memory_estimate(checkpoint: Checkpoint, max_image_tokens: int, max_rows: int = REPORT_MAX_ROWS) -> int:
-    """Predicted peak bytes of the streamed report: the larger of the reference side (one block in float32, the
-    shell, a block's activations) and the graph side (one segment's weights as stored plus widened to float32, its
-    activations), over the process's base. Activations: ~24 float32 tensors of [rows, S, H] live at the MoE
-    block's peak (routed copies at capacity factor 4 included)."""
+# Held between the report's phases, measured on the real dimensions at 1024x1024 (docs/quality.md): libraries, the
+# reference's shells in float32 and bf16, every batch's reference and graph state.
+REPORT_BASE_BYTES = 2 << 30
+
+
+def quality_memory_estimate(checkpoint: Checkpoint, image_tokens: int = 4096, text_tokens: int = 128,
+                            max_rows: int = REPORT_MAX_ROWS) -> int:
+    """Predicted peak bytes of the streamed report (docs/quality.md has the measured parts): the base, plus the
+    larger of the reference side (one block in float32 and its activations) and the graph side (one block's weights
+    as stored, their float32 casts while they run, and the attention scores and probabilities ONNX Runtime
+    materializes: 2 x rows x heads x S x (S + T) float32)."""
     config = checkpoint.config
     weights = checkpoint.weights
     per_block = [0] * config.num_layers
-    shell = 0
+    stored = [0] * config.num_layers
     for name in weights:
-        info = weights.info(name)
-        count = info.nbytes // max(weights.dtype(name).itemsize, 1)
         if name.startswith("transformer_blocks."):
-            per_block[int(name.split(".")[1])] += count
-        else:
-            shell += count
-    largest = max(per_block, default=0)
-    activations = 24 * max_rows * max_image_tokens * config.hidden_size * 4
-    reference = (largest + shell) * 4 + activations
-    stored = max(weights.dtype(n).itemsize for n in weights) if len(weights) else 2
-    graph = max(largest * (stored + 4), REPORT_SEGMENT_BYTES * 3) + activations
-    return max(reference, graph) + (600 << 20)
+            idx = int(name.split(".")[1])
+            info = weights.info(name)
+            per_block[idx] += info.nbytes // weights.dtype(name).itemsize
+            stored[idx] += info.nbytes
+    block = max(range(config.num_layers), key=lambda i: per_block[i])
+    rows_tokens = max_rows * image_tokens
+    activations = 8 * rows_tokens * config.hidden_size * 4
+    attention = 2 * max_rows * config.num_attention_heads * image_tokens * (image_tokens + text_tokens) * 4
+    reference = per_block[block] * 4 + activations
+    graph = stored[block] + per_block[block] * 4 + attention + activations
+    return REPORT_BASE_BYTES + max(reference, graph)
 
 
-def check_quality_memory(checkpoint: Checkpoint, max_image_tokens: int = 4096, max_rows: int = REPORT_MAX_ROWS) -> None:
-    """Fail before any work when the streamed report cannot fit in the memory available (module docstring)."""
+def check_quality_memory(checkpoint: Checkpoint, image_tokens: int = 4096, text_tokens: int = 128,
+                         max_rows: int = REPORT_MAX_ROWS) -> None:
+    """Fail before any work when the streamed report cannot fit in the memory available (quality_memory_estimate)."""
     import psutil
 
     from nucleus_export.errors import NucleusExportError
 
-    needed = quality_memory_estimate(checkpoint, max_image_tokens, max_rows)
+    needed = quality_memory_estimate(checkpoint, image_tokens, text_tokens, max_rows)
     available = psutil.virtual_memory().available
     if needed > available:
         raise NucleusExportError(
