@@ -123,6 +123,8 @@ def evaluate(args) -> int:
     worst = {"default": 0.0, "measured": 0.0}
     with tempfile.TemporaryDirectory(prefix="fp8-eval-") as tmp:
         for name, spec in HELD_OUT.items():
+            if args.only and name not in args.only:
+                continue
             checkpoint = _checkpoint(Path(tmp), name, spec)
             reference = load_reference(checkpoint)
             scales = _scales(checkpoint, reference)
@@ -130,7 +132,8 @@ def evaluate(args) -> int:
                           "default": GraphPrecision("bf16", apply_default_recipe(scales, checkpoint.config))}
             if args.sensitivity:
                 with quiet():
-                    chosen, _ = select_fp8_modes(checkpoint, scales, reference=reference, resolution=(512, 512))
+                    chosen, _ = select_fp8_modes(checkpoint, scales, reference=reference,
+                                                 resolution=(args.probe_resolution, args.probe_resolution))
                 precisions["measured"] = GraphPrecision("bf16", chosen)
             pooled = {}
             for label, precision in precisions.items():
@@ -156,6 +159,8 @@ def main() -> int:
     c.add_argument("--resolution", type=int, default=256)
     e = sub.add_parser("evaluate")
     e.add_argument("--sensitivity", action="store_true")
+    e.add_argument("--probe-resolution", type=int, default=512)
+    e.add_argument("--only", nargs="*", help="held-out configurations to run (default: all)")
     args = parser.parse_args()
     return costs(args) if args.what == "costs" else evaluate(args)
 
