@@ -271,7 +271,9 @@ def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOp
     if options.quality:
         from nucleus_export.parity.quality import check_quality_memory
 
-        check_quality_memory(checkpoint)
+        _, opt_tokens, max_tokens = plan.export.profiles.image_tokens
+        check_quality_memory(checkpoint, max_tokens if options.quality_cases == "full" else opt_tokens,
+                             max(plan.export.profiles.text_len[1], 8))
     plugin_library = None
     if plan.lowering.moe == MOE_PLUGIN:
         assert options.plugin_library is not None

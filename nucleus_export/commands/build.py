@@ -102,8 +102,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     quant.add_argument(
         "--fp8",
         action="store_true",
-        help="E4M3 Q/DQ on both inputs of attention, dense MLP and expert GEMMs (router, norms stay high): fastest, "
-        "about 2x the bf16 build's error; add --fp8-sensitivity to stay within 1.25x of it",
+        help="FP8 (E4M3) GEMMs with the default recipe (quant/default_recipe.py: edge blocks bf16, experts and MoE "
+        "attention FP8 weights, dense blocks W8A8; router and norms stay high); add --fp8-sensitivity to choose "
+        "per GEMM group by measurement (within 1.25x bf16's error)",
     )
     quant.add_argument("--fp8-scales", type=Path, help=f"reuse a quantization recipe ({QUANT_RECIPE_NAME} of an earlier bundle) instead of calibrating")
     quant.add_argument("--calibration-prompts", type=Path, help="safetensors with prompt_embeds [N,T,D] (+ optional prompt_embeds_mask) for FP8 calibration (docs/fp8.md)")
@@ -148,7 +149,9 @@ def quant_recipe(args: argparse.Namespace, checkpoint: Checkpoint, profiles: Pro
         ) from None
     recipe = calibrate_fp8(checkpoint, profiles, prompts=args.calibration_prompts, size=args.calibration_size)
     if not args.fp8_sensitivity:
-        return recipe
+        from nucleus_export.quant.default_recipe import apply_default_recipe
+
+        return apply_default_recipe(recipe, checkpoint.config)  # per-GEMM modes by position and kind, no probes
     from nucleus_export.quant.sensitivity import select_fp8_modes
 
     recipe, sensitivity = select_fp8_modes(checkpoint, recipe, compute=args.precision)

@@ -14,7 +14,7 @@ from nucleus_export.commands.common import add_expect_manifest_argument
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.model.specs import open_model
-from nucleus_export.parity.cases import CASE_SETS
+from nucleus_export.parity.cases import CASE_SETS, make_cases
 from nucleus_export.parity.check import write_report
 from nucleus_export.parity.quality import built_lowering, quality_report, tolerance_for
 from nucleus_export.parity.stages import check_stages
@@ -48,6 +48,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--max-forced-rel-error", type=float, help="relative error with routing forced")
     parser.add_argument("--min-cosine", type=float, help="minimum cosine similarity")
     parser.add_argument("--min-routing-agreement", type=float, help="minimum end-to-end routing agreement, 0..1")
+    parser.add_argument(
+        "--backend",
+        choices=("onnxruntime", "tensorrt", "tensorrt-rtx"),
+        default="onnxruntime",
+        help="onnxruntime (default): the graph the engines were built from, on the CPU, with routing and forced "
+        "error; tensorrt / tensorrt-rtx: the bundle's plans themselves on this machine's GPU against diffusers on "
+        "the same GPU, plus a Polygraphy comparison of one engine against ONNX Runtime (needs a GPU)",
+    )
+    parser.add_argument("--polygraphy-unit", default="text_kv", help="engine unit Polygraphy compares (default text_kv)")
     add_expect_manifest_argument(parser)
     parser.set_defaults(func=run)
 
@@ -60,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     precision = GraphPrecision(manifest.precision, recipe)
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     tolerance = dataclasses.replace(tolerance_for(precision), **overrides)
+    if args.backend != "onnxruntime":
+        return run_engines(args, manifest, precision, tolerance)
     checkpoint = open_model(args.model, tuple(s for s in manifest.stage_names if s in OPTIONAL_STAGES))
     report = quality_report(
         checkpoint, args.bundle, precision, built_lowering(manifest), tolerance=tolerance, case_set=args.cases
@@ -75,5 +86,36 @@ def run(args: argparse.Namespace) -> int:
         raise NucleusExportError(
             f"the bundle's graphs differ from the model over tolerance ({'; '.join(failures)}; details in {path}).",
             "check that --model is the checkpoint the bundle was exported from; if it is, export the bundle again.",
+        )
+    return 0
+
+
+def run_engines(args: argparse.Namespace, manifest, precision: GraphPrecision, tolerance) -> int:
+    """`check --backend tensorrt|tensorrt-rtx`: the plans on the GPU (parity.engines; unverified without a GPU)."""
+    from nucleus_export.parity.engines import check_engines, open_engine_backend, polygraphy_compare
+
+    checkpoint = open_model(args.model)
+    backend = open_engine_backend(args.bundle, args.backend)
+    try:
+        label = f"{precision.label} ({args.backend})"
+        report = check_engines(checkpoint, args.bundle, backend, tolerance, label, case_set=args.cases)
+    finally:
+        backend.close()
+    case = make_cases(checkpoint.config, manifest.profiles, case_set="quick")[0]
+    unit_inputs = case.text_kv_inputs(checkpoint.config) if args.polygraphy_unit == "text_kv" else None
+    if unit_inputs is None:
+        raise NucleusExportError(f"Polygraphy compares text_kv only in this version, not {args.polygraphy_unit}.",
+                                 "drop --polygraphy-unit.")
+    comparison = polygraphy_compare(args.bundle, args.polygraphy_unit, args.backend, unit_inputs)
+    report.note += "; " + comparison.summary_line()
+    path = write_report(args.bundle, {label: report})
+    for line in [*report.summary_lines(), comparison.summary_line()]:
+        print(line)
+    print(f"wrote {path}")
+    if not report.passed or not comparison.passed:
+        raise NucleusExportError(
+            f"the {args.backend} engines differ from the model over tolerance "
+            f"({'; '.join(report.failures()) or comparison.summary_line()}; details in {path}).",
+            "check the ONNX graphs without --backend first; if they pass, rebuild the engines.",
         )
     return 0

@@ -83,28 +83,36 @@ def make_cases(
     return cases
 
 
-def batch_by_resolution(cases: list[ParityCase]) -> list[tuple[ParityCase, list[tuple[ParityCase, slice]]]]:
-    """Stack the cases of each resolution into one case; returns (stacked case, [(case, its rows)]) per resolution,
-    in first-seen order. Cases of one resolution must share the text length (make_cases' do)."""
-    groups: dict[tuple[int, int], list[ParityCase]] = {}
+def batch_by_resolution(
+    cases: list[ParityCase], max_rows: int | None = None
+) -> list[tuple[ParityCase, list[tuple[ParityCase, slice]]]]:
+    """Stack the cases of each resolution into one case; returns (stacked case, [(case, its rows)]) per stack, in
+    first-seen order. Cases of one resolution must share the text length (make_cases' do). With `max_rows`, a stack
+    holds whole cases of at most that many rows (one case per stack if it alone is larger): the activations of one
+    run stay bounded while the results stay the same (every op is per batch row)."""
+    groups: dict[tuple[int, int], list[list[ParityCase]]] = {}
     for case in cases:
-        groups.setdefault(case.resolution, []).append(case)
+        stacks = groups.setdefault(case.resolution, [[]])
+        if max_rows is not None and stacks[-1] and sum(c.batch for c in stacks[-1]) + case.batch > max_rows:
+            stacks.append([])
+        stacks[-1].append(case)
     batches = []
-    for resolution, members in groups.items():
-        if len({c.mask.shape[1] for c in members}) != 1:
+    for resolution, stacks in groups.items():
+        if len({c.mask.shape[1] for members in stacks for c in members}) != 1:
             raise ValueError(f"cases at {resolution} have different text lengths; they cannot share a batch")
-        rows, start = [], 0
-        for case in members:
-            rows.append((case, slice(start, start + case.batch)))
-            start += case.batch
-        stacked = ParityCase(
-            name=f"{resolution[0]}x{resolution[1]}",
-            resolution=resolution,
-            grid=members[0].grid,
-            hidden_states=np.concatenate([c.hidden_states for c in members]),
-            timestep=np.concatenate([c.timestep for c in members]),
-            encoder_hidden_states=np.concatenate([c.encoder_hidden_states for c in members]),
-            mask=np.concatenate([c.mask for c in members]),
-        )
-        batches.append((stacked, rows))
+        for part, members in enumerate(stacks):
+            rows, start = [], 0
+            for case in members:
+                rows.append((case, slice(start, start + case.batch)))
+                start += case.batch
+            stacked = ParityCase(
+                name=f"{resolution[0]}x{resolution[1]}" + (f"/part{part}" if len(stacks) > 1 else ""),
+                resolution=resolution,
+                grid=members[0].grid,
+                hidden_states=np.concatenate([c.hidden_states for c in members]),
+                timestep=np.concatenate([c.timestep for c in members]),
+                encoder_hidden_states=np.concatenate([c.encoder_hidden_states for c in members]),
+                mask=np.concatenate([c.mask for c in members]),
+            )
+            batches.append((stacked, rows))
     return batches

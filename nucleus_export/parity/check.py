@@ -34,17 +34,17 @@ from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, PARITY_NAME,
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 
 from nucleus_export.graph.external_data import load_model
-from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
-from nucleus_export.moe.expert_choice import reference_scores, reference_selection, score_bounds
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
-from nucleus_export.parity.routing import LayerRouting, agreement, classify_flips
+from nucleus_export.parity.routing import LayerRouting
 from nucleus_export.rewrites.forced_routing import RoutingNames, with_forced_routing, with_router_outputs
 
 if TYPE_CHECKING:
     import onnxruntime
     import torch
+
+    from nucleus_export.parity.streamed import SegmentGraphs, TruthCache
 
 BASELINE_LABEL = "diffusers bf16"
 
@@ -282,6 +282,10 @@ def cpu_session(model: onnx.ModelProto | Path, directory: Path, threads: int | N
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # No arena and no memory patterns: one block of the real model materializes attention scores of ~1.1 GB per batch
+    # row, and an arena sized for every variant's peak would stay held between the report's sessions.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
     if isinstance(model, Path):
@@ -350,96 +354,8 @@ class GraphOutput:
 
 
 # ---- PyTorch side --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ReferenceOutput:
-    sample: np.ndarray
-    selections: list[np.ndarray]  # per MoE block [B, E, C]
-    scores: list[np.ndarray]  # per MoE block [B, S, E], as the model computed them
-    gate_inputs: list[np.ndarray]  # per MoE block [B, S, 2H]
-
-
-class ReferenceRunner:
-    """diffusers' forward on a case, with the text K/V and, per MoE layer, the router's input, scores and selections
-    exactly as diffusers computes them (scores rounded to the model's dtype before its topk)."""
-
-    def __init__(self, model: torch.nn.Module, config: ModelConfig):
-        self.model, self.config = model, config
-
-    def gate_weights(self) -> list[np.ndarray]:
-        return [
-            self.model.transformer_blocks[idx].img_mlp.gate.weight.detach().float().cpu().numpy()
-            for idx in self.config.moe_layers
-        ]
-
-    def text_kv(self, case: ParityCase) -> np.ndarray:
-        """Per-block text K/V exactly as diffusers' TextKVCache hook computes them."""
-        import torch
-        from diffusers.models.transformers.transformer_nucleusmoe_image import (
-            _apply_rotary_emb_nucleus,
-        )
-
-        from nucleus_export.model.reference import to_model
-
-        c, m = self.config, self.model
-        with torch.no_grad():
-            text = m.txt_norm(to_model(m, case.encoder_hidden_states))
-            _, txt_freqs = m.pos_embed([(1, *case.grid)], max_txt_seq_len=text.shape[1], device=text.device)
-            layers = []
-            for block in m.transformer_blocks:
-                context = block.encoder_proj(text)
-                key = block.attn.add_k_proj(context).unflatten(-1, (c.kv_heads, -1))
-                value = block.attn.add_v_proj(context).unflatten(-1, (c.kv_heads, -1))
-                key = _apply_rotary_emb_nucleus(block.attn.norm_added_k(key), txt_freqs, use_real=False)
-                layers.append(torch.stack([key, value]))
-        return torch.stack(layers).float().cpu().numpy()
-
-    def forward(self, case: ParityCase, details: bool = True) -> ReferenceOutput:
-        """The sample and per-MoE-block selections; with `details`, also the scores and gate inputs (host copies of
-        [B, S, E] and [B, S, 2H] per block, which only the truth run's flip classification reads)."""
-        import torch
-
-        from nucleus_export.model.reference import to_model
-
-        dtype = next(self.model.parameters()).dtype
-
-        def given(array: np.ndarray) -> torch.Tensor:
-            # Float inputs in the model's dtype: the bf16 baseline takes bf16 inputs, as diffusers served in bf16 does.
-            tensor = to_model(self.model, array)
-            return tensor.to(dtype) if tensor.is_floating_point() else tensor
-
-        # Gate hooks live for this forward only: a shared model (and its bf16 deepcopy) never carries stale ones.
-        gates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        hooks = [
-            self.model.transformer_blocks[idx].img_mlp.gate.register_forward_hook(
-                lambda _m, args, out, idx=idx: gates.__setitem__(idx, (args[0].detach(), out.detach()))
-            )
-            for idx in self.config.moe_layers
-        ]
-        try:
-            with torch.no_grad():
-                sample = self.model(
-                    hidden_states=given(case.hidden_states),
-                    img_shapes=[(1, *case.grid)] * case.batch,
-                    encoder_hidden_states=given(case.encoder_hidden_states),
-                    encoder_hidden_states_mask=given(case.mask),
-                    timestep=given(case.timestep),
-                    return_dict=False,
-                )[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
-        with torch.no_grad():
-            selections, scores, inputs = [], [], []
-            for idx in self.config.moe_layers:
-                gate_input, logits = gates[idx]
-                score = reference_scores(logits, self.config.score_function)
-                selections.append(reference_selection(score, self.config.capacity(idx, logits.shape[1])))
-                if details:
-                    scores.append(score.float().cpu().numpy())
-                    inputs.append(gate_input.float().cpu().numpy())
-        return ReferenceOutput(sample.float().cpu().numpy(), selections, scores, inputs)
+# diffusers' forward runs block by block (model.reference.BlockwiseReference, the router captured per block by
+# parity.streamed): streamed from the checkpoint, or a whole model already in memory.
 
 
 def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -458,6 +374,17 @@ def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
         diffusers_logging.set_verbosity(verbosity)
 
 
+def whole_graph_segment(variants: GraphVariants, config: ModelConfig) -> SegmentGraphs:
+    """Whole-graph variants as the one segment of the segment-by-segment loop."""
+    from nucleus_export.parity.streamed import SegmentGraphs
+    from nucleus_export.rewrites.segments import Segment
+
+    inputs = [i.name for i in variants.free.graph.input]
+    segment = Segment(0, DENOISER, (0, config.num_layers), inputs, [SAMPLE])
+    return SegmentGraphs(segment, variants.free, variants.free_routing, variants.forced, variants.forced_routing,
+                         list(config.moe_layers), sliced_text_kv=False)
+
+
 def check_parity(
     checkpoint: Checkpoint,
     bundle_dir: Path,
@@ -470,7 +397,10 @@ def check_parity(
     note: str = "",
     baseline: bool = False,
     threads: int | None = None,
-    truth: ReferenceRunner | None = None,
+    truth: TruthCache | None = None,
+    segments: list[SegmentGraphs] | None = None,
+    text_kv: onnx.ModelProto | Path | None = None,
+    max_rows: int | None = None,
 ) -> ParityReport:
     """Compare a bundle's graphs (or the given variants, e.g. lowered and emulated) with diffusers' forward.
 
@@ -478,20 +408,24 @@ def check_parity(
         checkpoint: the model the bundle was exported from (its config hash must match the manifest).
         bundle_dir: bundle folder (profiles and default graph paths).
         tolerance: pass criteria.
-        variants: graphs to check instead of the bundle's own (as exported).
+        variants: whole-graph variants to check instead of the bundle's own (as exported).
         graph_precision: label for the report (default: the manifest's precision).
-        reference: an already loaded diffusers model (float32), to share across checks.
+        reference: an already loaded diffusers model (float32), to share across checks; without it diffusers runs
+            streamed from the checkpoint, one block's weights at a time (model.reference.BlockwiseReference).
         cases: inputs (default: make_cases over the bundle's profiles, `case_set` "full" or "quick").
         baseline: also run diffusers in bf16 on every case and report it against the same float32 truth.
         threads: ONNX Runtime intra-op threads (results do not depend on it).
-        truth: the float32 reference runner to use (e.g. one that remembers its outputs across checks of the
-            same cases); default: one over `reference`.
+        truth: float32 reference traces to reuse across checks of the same cases (filled on first use).
+        segments: the denoiser as segment variants run one session at a time (parity.streamed.parity_segments)
+            instead of `variants`; `text_kv` is then the text_kv graph to run (default: the bundle's).
+        max_rows: at most this many batch rows per run (bounds activation memory; results do not depend on it).
 
     Returns:
         The report; nothing is written.
     """
     from nucleus_export.errors import NucleusExportError
-    from nucleus_export.model.reference import load_reference
+    from nucleus_export.model.reference import BlockwiseReference
+    from nucleus_export.parity.streamed import run_segmented_parity, session_opener
 
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
@@ -502,45 +436,24 @@ def check_parity(
             f"this model {config.config_hash()}).",
             "pass the --model the bundle was exported from.",
         )
-    if variants is None:
-        variants = variants_of(bundle_dir / onnx_file(TEXT_KV), load_model(bundle_dir / onnx_file(DENOISER)))
-    graphs = OnnxGraphs(variants, threads)
-    model = reference if reference is not None else load_reference(checkpoint)
-    truth = truth or ReferenceRunner(model, config)
-    weights = truth.gate_weights()
-    low = ReferenceRunner(bf16_copy(model), config) if baseline else None
-    layers = [str(k) for k in config.moe_layers]
-    results = []
-    for batch, members in track(batch_by_resolution(cases or make_cases(config, manifest.profiles, case_set=case_set)), "parity batches"):
-        ref = truth.forward(batch)
-        out = graphs.run(batch, config, ref.selections)
-        expected_kv = truth.text_kv(batch)
-        bounds = [
-            score_bounds(x, w, s, config.score_function, input_error=graph_x - x)
-            for x, graph_x, w, s in zip(ref.gate_inputs, out.gate_inputs, weights, ref.scores)
-        ]
-        base = low.forward(batch, details=False) if low is not None else None
-        for case, rows in members:
-            routing = {}
-            for k, layer in enumerate(layers):
-                expected = ref.selections[k][rows]
-                flips, near, margin, ratio = classify_flips(out.own_selections[k][rows], expected, ref.scores[k][rows], bounds[k][rows])
-                routing[layer] = LayerRouting(
-                    agreement(out.selections[k][rows], expected), agreement(out.own_selections[k][rows], expected), flips, near, margin, ratio
-                )
-            results.append(
-                CaseResult(
-                    case.name,
-                    Comparison.of(out.text_kv[:, :, rows].astype(np.float32), expected_kv[:, :, rows]),
-                    Comparison.of(out.sample[rows], ref.sample[rows]),
-                    Comparison.of(out.forced_sample[rows], ref.sample[rows]),
-                    routing,
-                    None if base is None else Comparison.of(base.sample[rows], ref.sample[rows]),
-                    None
-                    if base is None
-                    else {l: agreement(base.selections[k][rows], ref.selections[k][rows]) for k, l in enumerate(layers)},
-                )
-            )
+    if segments is None:
+        if variants is None:
+            variants = variants_of(bundle_dir / onnx_file(TEXT_KV), load_model(bundle_dir / onnx_file(DENOISER)))
+        segments = [whole_graph_segment(variants, config)]
+        text_kv, directory = variants.text_kv, variants.directory
+    else:
+        text_kv, directory = (text_kv if text_kv is not None else bundle_dir / onnx_file(TEXT_KV)), bundle_dir
+    if reference is not None:
+        truth_model = BlockwiseReference(checkpoint, model=reference)
+        low = BlockwiseReference(checkpoint, model=bf16_copy(reference)) if baseline else None
+    else:
+        import torch
+
+        truth_model = BlockwiseReference(checkpoint)
+        low = BlockwiseReference(checkpoint, dtype=torch.bfloat16) if baseline else None
+    opener = session_opener(directory, threads)
+    batches = batch_by_resolution(cases or make_cases(config, manifest.profiles, case_set=case_set), max_rows)
+    results = run_segmented_parity(config, batches, lambda: opener(text_kv), segments, opener, truth_model, low, truth)
     return ParityReport(graph_precision or manifest.precision, tolerance, results, note)
 
 

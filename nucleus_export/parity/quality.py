@@ -28,6 +28,8 @@ from nucleus_export.graph.external_data import load_external_data, load_model
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.parity.check import GraphVariants, ParityReport, Tolerance, variants_of
+from nucleus_export.parity.streamed import SegmentGraphs, parity_segments
+from nucleus_export.rewrites.segments import block_weight_bytes, split_segments
 from nucleus_export.rewrites.as_built import engine_graph
 from nucleus_export.rewrites.bf16_emulation import EMULATION_LABEL, emulate_bf16_in_fp32, has_bf16
 
@@ -41,20 +43,68 @@ if TYPE_CHECKING:
 BASELINE_MARGIN = 0.15
 
 
-def check_quality_memory(checkpoint: Checkpoint) -> None:
-    """Fail before any work when the CPU report cannot fit: the reference holds the weights in float32 and its bf16
-    copy in bf16, and ONNX Runtime holds the (float32-widened) graph variants while building their sessions."""
+# A graph of at most this many weight bytes (as the bundle stores them) is checked as one segment; a larger one is
+# cut into one segment per block. Measured on the real dimensions (docs/quality.md): opening an ONNX Runtime session
+# peaks at ~1.4 GB for one dense block and ~3.1 GB for three, so finer segments keep the report's peak low.
+REPORT_SEGMENT_BYTES = 1 << 30
+# Batch rows per run: bounds the activations of one block (the real model at 1024x1024 materializes attention scores
+# of ~1.1 GB per row in ONNX Runtime and torch on the CPU).
+REPORT_MAX_ROWS = 1
 
+
+def report_groups(denoiser: onnx.ModelProto, segment_bytes: int = REPORT_SEGMENT_BYTES) -> list[tuple[int, int]]:
+    """The report's segments: the whole graph when its weights are at most `segment_bytes`, else one block each."""
+    per_block, rest = block_weight_bytes(denoiser)
+    if sum(per_block) + rest <= segment_bytes:
+        return [(0, len(per_block))]
+    return [(i, i + 1) for i in range(len(per_block))]
+
+
+# Held between the report's phases, measured on the real dimensions at 1024x1024 (docs/quality.md): libraries, the
+# reference's shells in float32 and bf16, every batch's reference and graph state.
+REPORT_BASE_BYTES = 2 << 30
+
+
+def quality_memory_estimate(checkpoint: Checkpoint, image_tokens: int = 4096, text_tokens: int = 128,
+                            max_rows: int = REPORT_MAX_ROWS) -> int:
+    """Predicted peak bytes of the streamed report (docs/quality.md has the measured parts): the base, plus the
+    larger of the reference side (one block in float32 and its activations) and the graph side (one block's weights
+    as stored, their float32 casts while they run, and the attention scores and probabilities ONNX Runtime
+    materializes: 2 x rows x heads x S x (S + T) float32)."""
+    config = checkpoint.config
+    weights = checkpoint.weights
+    per_block = [0] * config.num_layers
+    stored = [0] * config.num_layers
+    for name in weights:
+        if name.startswith("transformer_blocks."):
+            idx = int(name.split(".")[1])
+            info = weights.info(name)
+            per_block[idx] += info.nbytes // weights.dtype(name).itemsize
+            stored[idx] += info.nbytes
+    block = max(range(config.num_layers), key=lambda i: per_block[i])
+    rows_tokens = max_rows * image_tokens
+    activations = 8 * rows_tokens * config.hidden_size * 4
+    attention = 2 * max_rows * config.num_attention_heads * image_tokens * (image_tokens + text_tokens) * 4
+    reference = per_block[block] * 4 + activations
+    graph = stored[block] + per_block[block] * 4 + attention + activations
+    return REPORT_BASE_BYTES + max(reference, graph)
+
+
+def check_quality_memory(checkpoint: Checkpoint, image_tokens: int = 4096, text_tokens: int = 128,
+                         max_rows: int = REPORT_MAX_ROWS) -> None:
+    """Fail before any work when the streamed report cannot fit in the memory available (quality_memory_estimate)."""
     import psutil
 
     from nucleus_export.errors import NucleusExportError
 
-    needed = checkpoint.weights.num_parameters * (4 + 2 + 4 * 3)
+    needed = quality_memory_estimate(checkpoint, image_tokens, text_tokens, max_rows)
     available = psutil.virtual_memory().available
     if needed > available:
         raise NucleusExportError(
-            f"the CPU quality report needs about {needed / 1e9:.0f} GB of memory for this model; {available / 1e9:.0f} GB is free.",
-            "build with --skip-quality, then run `nucleus-export check` on the ONNX bundle on a machine with more memory.",
+            f"the CPU quality report needs about {needed / 1e9:.1f} GB of memory for this model (one block at a time); "
+            f"{available / 1e9:.1f} GB is free.",
+            "free memory or build with --skip-quality, then run `nucleus-export check --cases quick` on the bundle on a "
+            "machine with more memory.",
         )
 
 
@@ -100,6 +150,50 @@ def built_variants(bundle_dir: Path, lowering: LoweringRecord | None) -> tuple[G
     return variants, f"ONNX Runtime CPU vs diffusers float32; {how}; {EMULATION_LABEL if emulated else 'run as exported'}"
 
 
+def built_segments(
+    bundle_dir: Path, lowering: LoweringRecord | None, groups: list[tuple[int, int]] | None = None
+) -> tuple[list[SegmentGraphs], onnx.ModelProto | Path, str]:
+    """The graphs the engines compute, cut into report segments (`groups`, default report_groups: one block each
+    for the real model), as parity variants whose weights stay in the bundle's files until a session opens; and the
+    text_kv graph to run, and a note for the report."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    num_experts = manifest.model_config["num_experts"]
+    denoiser = onnx.load(str(bundle_dir / onnx_file(DENOISER)), load_external_data=False)
+    emulated = has_bf16(denoiser)
+    computed = lowering or LoweringRecord(MOE_PLUGIN)
+    groups = groups or report_groups(denoiser)
+    pieces = split_segments(denoiser, groups, DENOISER)
+    del denoiser
+
+    def rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
+        return engine_graph(model, computed, num_experts, runnable_on_cpu=True, keep_weights=True)
+
+    segments = parity_segments(pieces, checkpoint_config(manifest), rewrite)
+    text_kv_path = bundle_dir / onnx_file(TEXT_KV)
+    text_kv: onnx.ModelProto | Path = text_kv_path
+    light = onnx.load(str(text_kv_path), load_external_data=False)
+    if has_bf16(light):
+        text_kv = emulate_bf16_in_fp32(light, keep_weights=True)
+    if lowering is None:
+        how = "MoE as custom nodes (as exported)"
+    elif lowering.combine is not None:
+        how = f"MoE lowered ({lowering.moe}, {lowering.combine} combine)"
+    else:
+        how = "MoE as custom nodes (plugin semantics)"
+    cut = f"{len(groups)} segments, one ONNX Runtime session at a time" if len(groups) > 1 else "one graph"
+    return segments, text_kv, (
+        f"ONNX Runtime CPU vs diffusers float32 (block by block); {how}; {cut}; "
+        f"{EMULATION_LABEL if emulated else 'run as exported'}"
+    )
+
+
+def checkpoint_config(manifest: Manifest):
+    from nucleus_export.model.config import ModelConfig
+
+    return ModelConfig.from_dict(manifest.model_config)
+
+
 def quality_report(
     checkpoint: Checkpoint,
     bundle_dir: Path,
@@ -108,28 +202,36 @@ def quality_report(
     reference: torch.nn.Module | None = None,
     tolerance: Tolerance | None = None,
     case_set: str = "full",
+    groups: list[tuple[int, int]] | None = None,
+    max_rows: int | None = REPORT_MAX_ROWS,
 ) -> ParityReport:
     """Check the bundle's graphs as built against diffusers' float32 forward, with diffusers-bf16 as the baseline for
-    low-precision graphs.
+    low-precision graphs; segment by segment and block by block (parity.streamed), so it runs on the 17B model
+    within about one block's memory.
 
     Args:
         precision: how the graphs compute (its label names the report; fp32 without quantization gets the exact gate).
         lowering: how the engines compute the MoE ops (None: the graphs as exported).
+        reference: a whole diffusers model already in memory (small models, tests); default: streamed.
+        groups: the report's segments (default report_groups).
+        max_rows: batch rows per run.
 
     Returns:
         nucleus_export.parity.check.ParityReport labelled with the graph precision, lowering and emulation.
     """
     from nucleus_export.parity.check import check_parity
 
-    variants, note = built_variants(bundle_dir, lowering)
+    segments, text_kv, note = built_segments(bundle_dir, lowering, groups)
     return check_parity(
         checkpoint,
         bundle_dir,
         tolerance or tolerance_for(precision),
-        variants=variants,
         graph_precision=precision.label,
         reference=reference,
         case_set=case_set,
         note=note,
         baseline=not precision.exact,
+        segments=segments,
+        text_kv=text_kv,
+        max_rows=max_rows,
     )

@@ -123,10 +123,8 @@ def calibrate_fp8(
     Returns:
         The scales, with a record of how they were measured.
     """
-    import torch
-
     from nucleus_export.export import scheduler_config
-    from nucleus_export.model.reference import load_reference, to_model
+    from nucleus_export.model.reference import BlockwiseReference
 
     if size < 1 or steps < 1:
         raise NucleusExportError(f"calibration needs at least one sample and one step (got {size}, {steps}).", "pass --calibration-size 1 or more.")
@@ -145,9 +143,11 @@ def calibrate_fp8(
         embeds = rng.standard_normal((size, profiles.text_len[1], config.joint_attention_dim)).astype(np.float32)
         masks = np.ones(embeds.shape[:2], dtype=np.int64)
         source = "random"
-    model = reference if reference is not None else load_reference(checkpoint)
+    # Block by block: streamed from the checkpoint (one block's weights in memory: the 17B model calibrates on any
+    # machine that holds a block), or a whole model already in memory; the outputs are the same.
+    runner = BlockwiseReference(checkpoint, model=reference)
     scheduler = SchedulerConfig.from_dict(scheduler_config(checkpoint))
-    recorder = _AmaxRecorder(model, config)
+    recorder = _AmaxRecorder(runner.model, config)
     timesteps: set[float] = set()
     try:
         for sample in track(range(size), f"FP8 calibration ({size} samples x {steps} steps)"):
@@ -155,20 +155,11 @@ def calibrate_fp8(
             tokens = grid[0] * grid[1]
             schedule = make_schedule(scheduler, steps, tokens)
             latents = rng.standard_normal((1, tokens, config.in_channels)).astype(np.float32)
-            prompt = to_model(model, embeds[sample % len(embeds)][None])
-            mask = to_model(model, masks[sample % len(masks)][None])
+            prompt, mask = embeds[sample % len(embeds)][None], masks[sample % len(masks)][None]
             for step in range(len(schedule)):
                 timestep = schedule.model_timestep(step, 1)
                 timesteps.add(round(float(timestep[0]), 4))
-                with torch.no_grad():
-                    velocity = model(
-                        hidden_states=to_model(model, latents),
-                        img_shapes=[(1, *grid)],
-                        encoder_hidden_states=prompt,
-                        encoder_hidden_states_mask=mask,
-                        timestep=to_model(model, timestep),
-                        return_dict=False,
-                    )[0].float().cpu().numpy()
+                velocity = runner.forward(latents, grid, prompt, mask, np.asarray(timestep, dtype=np.float32))
                 latents = schedule.step(-velocity, step, latents)
     finally:
         recorder.remove()

@@ -26,20 +26,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
 from nucleus_runtime.bundle import LoweringRecord
 from nucleus_runtime.contract import COMBINE_ONEHOT, MOE_NATIVE, GemmMode
 
 from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.log import quiet, track
-from nucleus_export.model.config import ModelConfig
-from nucleus_export.parity.cases import ParityCase
-from nucleus_export.parity.check import ReferenceOutput, ReferenceRunner
+from nucleus_export.parity.streamed import TruthCache
 from nucleus_export.quant.gemms import GemmGroup, fp8_share, gemm_groups
 
 if TYPE_CHECKING:
@@ -139,27 +137,6 @@ def choose_modes(groups: list[GemmGroup], costs: dict[str, dict[GemmMode, float]
     return modes
 
 
-class _RememberedTruth(ReferenceRunner):
-    """diffusers' float32 outputs on the probe cases, computed once: every probe checks the same cases, so only the
-    graph under test changes (keyed by the stacked case's name, unique within one fixed case list)."""
-
-    def __init__(self, model: torch.nn.Module, config: ModelConfig):
-        super().__init__(model, config)
-        self._forward: dict[tuple[str, bool], ReferenceOutput] = {}
-        self._text_kv: dict[str, np.ndarray] = {}
-
-    def forward(self, case: ParityCase, details: bool = True) -> ReferenceOutput:
-        key = (case.name, details)
-        if key not in self._forward:
-            self._forward[key] = super().forward(case, details)
-        return self._forward[key]
-
-    def text_kv(self, case: ParityCase) -> np.ndarray:
-        if case.name not in self._text_kv:
-            self._text_kv[case.name] = super().text_kv(case)
-        return self._text_kv[case.name]
-
-
 class _Prober:
     """Exports and measures graphs of one checkpoint at the probe resolution."""
 
@@ -170,7 +147,9 @@ class _Prober:
         self.checkpoint, self.compute, self.reference, self.workdir = checkpoint, compute, reference, workdir
         self.options = {"resolutions": [resolution], "max_text_len": 16}
         profiles = build_profiles(checkpoint.config, ExportOptions(**self.options))
-        self.truth = _RememberedTruth(reference, checkpoint.config)
+        # diffusers' float32 traces on the probe cases, computed once: every probe checks the same cases, so only the
+        # graph under test changes.
+        self.truth = TruthCache()
         self.cases = [
             dataclasses.replace(case, name=f"{case.name}/seed{seed}")
             for seed in PROBE_CASE_SEEDS
@@ -180,14 +159,19 @@ class _Prober:
     def __call__(self, scales: QuantRecipe | None) -> Probe:
         from nucleus_export.export import ExportOptions, export_bundle
         from nucleus_export.parity.check import Comparison, check_parity
-        from nucleus_export.parity.quality import built_variants
+        from nucleus_export.parity.quality import REPORT_MAX_ROWS, built_segments
 
-        out = Path(tempfile.mkdtemp(prefix="probe-", dir=self.workdir)) / "bundle"
-        with quiet():
-            export_bundle(self.checkpoint, out, ExportOptions(GraphPrecision(self.compute, scales), **self.options))
-            variants, _ = built_variants(out, LoweringRecord(MOE_NATIVE, COMBINE_ONEHOT))
-            report = check_parity(self.checkpoint, out, variants=variants, reference=self.reference, cases=self.cases,
-                                  truth=self.truth)
+        folder = Path(tempfile.mkdtemp(prefix="probe-", dir=self.workdir))
+        out = folder / "bundle"
+        try:
+            with quiet():
+                export_bundle(self.checkpoint, out, ExportOptions(GraphPrecision(self.compute, scales), **self.options))
+                # Segment by segment and block by block, like the quality report: the real model's probes fit too.
+                segments, text_kv, _ = built_segments(out, LoweringRecord(MOE_NATIVE, COMBINE_ONEHOT))
+                report = check_parity(self.checkpoint, out, reference=self.reference, cases=self.cases, truth=self.truth,
+                                      segments=segments, text_kv=text_kv, max_rows=REPORT_MAX_ROWS)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # an FP8 probe of the real model writes ~17 GB
         pooled = report.pooled["graph"]
         forced = Comparison.pooled([c.forced for c in report.cases])["relative_error"]
         per_set = [
@@ -211,9 +195,7 @@ def select_fp8_modes(
         The recipe with each GEMM group's mode chosen (QuantRecipe.modes) and the measurements under
         calibration["sensitivity"], and the measurements.
     """
-    from nucleus_export.model.reference import load_reference
-
-    reference = reference if reference is not None else load_reference(checkpoint)
+    # Without a model in memory, diffusers runs block by block from the checkpoint (once: the truth is cached).
     groups = gemm_groups(checkpoint.config)
     all_bf16 = {g.name: GemmMode.COMPUTE for g in groups}
     with tempfile.TemporaryDirectory(prefix="nucleus-fp8-sensitivity-") as tmp:

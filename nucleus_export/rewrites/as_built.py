@@ -18,7 +18,8 @@ from nucleus_export.rewrites.moe_lowering import lower_moe_native, prepare_for_p
 
 
 def engine_graph(
-    model: onnx.ModelProto, lowering: LoweringRecord | None, num_experts: int, runnable_on_cpu: bool = False
+    model: onnx.ModelProto, lowering: LoweringRecord | None, num_experts: int, runnable_on_cpu: bool = False,
+    keep_weights: bool = False,
 ) -> onnx.ModelProto:
     """The graph an engine with this MoE lowering is built from.
 
@@ -31,6 +32,8 @@ def engine_graph(
         runnable_on_cpu: the same computation for ONNX Runtime's CPU provider instead of TensorRT: plugin builds
             keep the reference bodies the plugins implement (the combine inlined, so bf16 emulation rounds its
             contributions), every bf16 tensor is emulated in float32, attention masks stay expanded.
+        keep_weights: with runnable_on_cpu, bf16 weights are widened by Cast nodes instead of in the graph, so a
+            graph whose weights are external data is rewritten without reading them (rewrites.bf16_emulation).
     """
     if lowering is None:
         moe = model
@@ -45,5 +48,5 @@ def engine_graph(
     else:
         moe = model
     if runnable_on_cpu:
-        return emulate_bf16_in_fp32(moe) if has_bf16(moe) else moe
+        return emulate_bf16_in_fp32(moe, keep_weights) if has_bf16(moe) else moe
     return broadcast_attention_masks(moe)

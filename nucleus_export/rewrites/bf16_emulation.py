@@ -49,7 +49,7 @@ def _bf16_values(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def emulate_bf16_in_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+def emulate_bf16_in_fp32(model: onnx.ModelProto, keep_weights: bool = False) -> onnx.ModelProto:
     """Rewrite a graph holding bfloat16 tensors into a float32 graph that rounds them to bf16 (see module docstring).
 
     Graph inputs and outputs typed bf16 become float32 (inputs are rounded to bf16 on entry). The nucleus custom
@@ -57,7 +57,10 @@ def emulate_bf16_in_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     bf16 outputs are rounded like any other.
 
     Args:
-        model: a bundle graph with its weights loaded; not modified.
+        model: a bundle graph with its weights loaded, or any graph with `keep_weights`; not modified.
+        keep_weights: leave bf16 initializers as they are (loaded or external data, never read here) and widen each
+            with a Cast to float32 where the graph starts: the same exact values, and a graph whose weights stay
+            in the bundle's files (ONNX Runtime reads and folds them when it opens a session).
 
     Returns:
         A float32 graph runnable by ONNX Runtime on the CPU. A graph without bf16 comes back unchanged.
@@ -66,12 +69,17 @@ def emulate_bf16_in_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     bf16 = _bf16_values(model)
     graph = model.graph
 
-    for i, init in enumerate(graph.initializer):
-        if init.data_type == BF16:
-            graph.initializer[i].CopyFrom(_widen(init))
-
     rename: dict[str, str] = {}
     entry_nodes: list[onnx.NodeProto] = []
+    for i, init in enumerate(graph.initializer):
+        if init.data_type != BF16:
+            continue
+        if keep_weights:
+            widened = f"{init.name}__f32"
+            entry_nodes.append(helper.make_node("Cast", [init.name], [widened], to=F32, name=f"{init.name}/widen_f32"))
+            rename[init.name] = widened
+        else:
+            graph.initializer[i].CopyFrom(_widen(init))
     for value in graph.input:
         if value.type.tensor_type.elem_type == BF16:
             value.type.tensor_type.elem_type = F32
