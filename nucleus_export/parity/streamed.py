@@ -440,6 +440,6 @@ def _dropped(own: np.ndarray, expected: np.ndarray) -> int:
 def session_opener(directory: Path, threads: int | None = None) -> Callable[[onnx.ModelProto], Any]:
     """ONNX Runtime CPU sessions of graph variants saved next to the bundle's graphs (relative external data
     resolves; weights left external stay in the bundle's files)."""
-    from nucleus_export.parity.check import _session
+    from nucleus_export.parity.check import cpu_session
 
-    return lambda model: _session(model, Path(directory), threads)
+    return lambda model: cpu_session(model, Path(directory), threads)
