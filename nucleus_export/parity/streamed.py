@@ -76,7 +76,7 @@ def parity_segments(
     pieces: list[tuple[onnx.ModelProto, Segment]], config: ModelConfig, rewrite: Callable[[onnx.ModelProto], onnx.ModelProto],
     sliced_text_kv: bool = True,
 ) -> list[SegmentGraphs]:
-    """The parity variants of denoiser pieces (split_denoiser's output, or one whole graph), `rewrite` applied after
+    """The parity variants of denoiser pieces (split_segments's output, or one whole graph), `rewrite` applied after
     the parity rewrites (as parity.check.variants_of does). Variants are built when their session opens."""
     out = []
     moe = iter(config.moe_layers)
