@@ -356,6 +356,17 @@ def test_generated_model_py_serves_requests_through_bls(core, bundle, texts, tmp
     hits = [v for (name, labels), v in pb.MetricFamily.values.items()
             if name == pipeline_model.METRIC_TEXT_KV_CACHE and ("event", "hits") in labels]  # fmt: skip
     assert hits == [1.0]
+
+    # A refusal reaches no worker round, so while the worker is idle the refusal itself publishes the metrics.
+    def invalid() -> float:
+        return sum(v for (name, labels), v in pb.MetricFamily.values.items()
+                   if name == pipeline_model.METRIC_REQUESTS and ("outcome", "invalid") in labels)  # fmt: skip
+
+    refused_before = invalid()
+    late = ClientRequest(pb, bad)
+    model.execute([late])
+    assert late.final_response().has_error()
+    assert invalid() == refused_before + 1
     model.finalize()
 
 

@@ -576,8 +576,9 @@ METRIC_PENDING = "nucleus_requests_pending"
 
 class TritonMetrics:
     """The batcher's ServingStats as Triton custom metrics (counters advanced by their change since the last call),
-    published from the batcher's worker at most every PUBLISH_INTERVAL_S and whenever it goes idle: each metric
-    update is a round trip to the server process, too slow for every step or request."""
+    published from the batcher's worker at most every PUBLISH_INTERVAL_S and whenever it goes idle (and after a
+    refusal while it is idle): each metric update is a round trip to the server process, too slow for every step or
+    request."""
 
     PUBLISH_INTERVAL_S = 0.25
 
@@ -630,12 +631,14 @@ class TritonMetrics:
                     labels = {"instance": self._instance, **({label: value_label} if label else {})}
                     metric = self._metrics[key] = self._families[name].Metric(labels=labels)
                 if name.endswith("_total"):
+                    # Two threads publish (the worker, and execute after a refusal): an older snapshot arriving
+                    # second must not lower the mark, or the next one would count its difference twice.
                     delta = float(value) - self._last.get(key, 0.0)
                     if delta > 0:
                         metric.increment(delta)
+                        self._last[key] = float(value)
                 else:
                     metric.set(float(value))
-                self._last[key] = float(value)
 
 
 class TritonPythonModel:
@@ -691,6 +694,7 @@ class TritonPythonModel:
         Inputs are copied: Triton frees a request's tensors when execute returns (the response sender stays valid).
         """
         pb = self.pb
+        queued = 0
         for request in requests:
             reply = TritonReply(self, request)
             try:
@@ -703,12 +707,19 @@ class TritonPythonModel:
                 timeout_us = request.timeout()  # the client's request timeout, microseconds (0: none)
                 outputs = set(request.requested_output_names())
                 self.core.submit(tensors, parameters, reply, outputs or None, timeout_us / 1e6 if timeout_us else None)
+                queued += 1
             except ServingError as exc:
                 reply.failed(exc)
             except NucleusError as exc:
                 reply.failed(ServingError(Failure.INVALID, exc.problem, exc.fix))
             except Exception as exc:  # noqa: BLE001 - one failed request must not take the instance down
                 reply.failed(ServingError(Failure.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        if queued < len(requests):
+            # A refusal never reaches the worker, whose rounds publish the metrics: when it has gone idle already,
+            # no round would publish this one.
+            stats = self.core.batcher.stats()
+            if not stats.active and not stats.pending:
+                self.metrics.publish(stats)
         return None
 
     def request_ended(self, error: ServingError | None = None) -> None:
