@@ -123,6 +123,15 @@ def built_lowering(manifest: Manifest) -> LoweringRecord | None:
     return records[0].lowering if records and records[0] is not None else None
 
 
+def moe_label(lowering: LoweringRecord | None) -> str:
+    """How the report's graph computes the MoE blocks, for its note."""
+    if lowering is None:
+        return "MoE as custom nodes (as exported)"
+    if lowering.combine is not None:
+        return f"MoE lowered ({lowering.moe}, {lowering.combine} combine)"
+    return "MoE as custom nodes (plugin semantics)"
+
+
 def built_variants(bundle_dir: Path, lowering: LoweringRecord | None) -> tuple[GraphVariants, str]:
     """Parity variants of the bundle's graphs as the engines compute them (as exported without engines), and a note
     for the report."""
@@ -141,12 +150,7 @@ def built_variants(bundle_dir: Path, lowering: LoweringRecord | None) -> tuple[G
     if has_bf16(text_kv):
         load_external_data(text_kv, bundle_dir)
         variants.text_kv = emulate_bf16_in_fp32(text_kv)
-    if lowering is None:
-        how = "MoE as custom nodes (as exported)"
-    elif lowering.combine is not None:
-        how = f"MoE lowered ({lowering.moe}, {lowering.combine} combine)"
-    else:
-        how = "MoE as custom nodes (plugin semantics)"
+    how = moe_label(lowering)
     return variants, f"ONNX Runtime CPU vs diffusers float32; {how}; {EMULATION_LABEL if emulated else 'run as exported'}"
 
 
@@ -175,12 +179,7 @@ def built_segments(
     light = onnx.load(str(text_kv_path), load_external_data=False)
     if has_bf16(light):
         text_kv = emulate_bf16_in_fp32(light, keep_weights=True)
-    if lowering is None:
-        how = "MoE as custom nodes (as exported)"
-    elif lowering.combine is not None:
-        how = f"MoE lowered ({lowering.moe}, {lowering.combine} combine)"
-    else:
-        how = "MoE as custom nodes (plugin semantics)"
+    how = moe_label(lowering)
     cut = f"{len(groups)} segments, one ONNX Runtime session at a time" if len(groups) > 1 else "one graph"
     return segments, text_kv, (
         f"ONNX Runtime CPU vs diffusers float32 (block by block); {how}; {cut}; "

@@ -50,10 +50,14 @@ def denoiser_host_inputs(
 
 
 def text_encoder_inputs(
-    manifest: Manifest, input_ids: np.ndarray, attention_mask: np.ndarray, past_shape: tuple[int, ...] | None
-) -> tuple[np.ndarray, np.ndarray]:
+    backend: Backend, input_ids: np.ndarray, attention_mask: np.ndarray, past: TensorHandle | None
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """input_ids and attention_mask for the text encoder, contiguous int64, checked against each other and against
-    the past K/V's shape [L, 2, B, P, Hkv, Dh] (None: no past), so a mismatch is one clear error, not a failed run."""
+    the past K/V's shape [L, 2, B, P, Hkv, Dh] (None: no past), so a mismatch is one clear error, not a failed run;
+    and the sizes of the new tokens' dynamic dims. The past must be the backend's own key_values."""
+    if past is not None and not isinstance(past, backend.tensor_type):
+        raise TypeError(f"{type(backend).__name__}.encode_prompt needs its own key_values as past, got {type(past).__name__}")
+    manifest, past_shape = backend.manifest, None if past is None else past.shape
     ids = host_array(contract.INPUT_IDS, input_ids)
     mask = host_array(contract.ATTENTION_MASK, attention_mask)
     if ids.ndim != 2 or mask.ndim != 2:
@@ -76,7 +80,7 @@ def text_encoder_inputs(
             f"[{batch}, {past_len + text_len}].",
             "give the mask over [past ; new] tokens (1 real, 0 padding).",
         )
-    return ids, mask
+    return ids, mask, {contract.BATCH_DIM: batch, contract.TEXT_LEN_DIM: text_len, contract.PAST_LEN_DIM: 0}
 
 
 def vae_decoder_input(manifest: Manifest, latents: np.ndarray) -> np.ndarray:

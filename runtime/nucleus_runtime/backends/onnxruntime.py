@@ -33,7 +33,6 @@ from nucleus_runtime.bundle import Manifest, SegmentRecord, TensorSpec, load_man
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
     ATTENTION_MASK,
-    BATCH_DIM,
     DENOISER_INPUTS,
     GRAPHS,
     IMAGE,
@@ -42,12 +41,10 @@ from nucleus_runtime.contract import (
     LATENTS,
     ONNXRUNTIME,
     PAST_KEY_VALUES,
-    PAST_LEN_DIM,
     PROMPT_EMBEDS,
     SAMPLE,
     TEXT_ENCODER_GRAPH,
     TEXT_KV_INPUTS,
-    TEXT_LEN_DIM,
     VAE_DECODER_GRAPH,
     onnx_file,
 )
@@ -257,11 +254,8 @@ class OrtBackend(Backend):
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: OrtTensor | None
     ) -> tuple[np.ndarray, OrtTensor]:  # type: ignore[override]
         units = self._stage(self._text_encoder, TEXT_ENCODER_GRAPH)
-        if past is not None and not isinstance(past, OrtTensor):
-            raise TypeError(f"OrtBackend.encode_prompt needs its own key_values as past, got {type(past).__name__}")
-        ids, mask = text_encoder_inputs(self.manifest, input_ids, attention_mask, None if past is None else past.shape)
+        ids, mask, sizes = text_encoder_inputs(self, input_ids, attention_mask, past)
         io = self.manifest.stages[TEXT_ENCODER_GRAPH].io
-        sizes = {BATCH_DIM: ids.shape[0], TEXT_LEN_DIM: ids.shape[1], PAST_LEN_DIM: 0}
         past_value = past.value if past is not None else self._buffer(io.inputs[PAST_KEY_VALUES], sizes)
         key_values = self._buffer(io.outputs[KEY_VALUES], sizes)  # every segment writes its layers into it
         values = self._run_units(units, {INPUT_IDS: ids, ATTENTION_MASK: mask}, {PAST_KEY_VALUES: past_value},

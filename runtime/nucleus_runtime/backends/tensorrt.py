@@ -40,7 +40,6 @@ from nucleus_runtime.bundle import EngineRecord, Manifest, SegmentRecord, load_m
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
     ATTENTION_MASK,
-    BATCH_DIM,
     HOST_INPUT_DTYPES,
     IMAGE,
     INPUT_IDS,
@@ -48,7 +47,6 @@ from nucleus_runtime.contract import (
     LATENTS,
     MOE_PLUGIN,
     PAST_KEY_VALUES,
-    PAST_LEN_DIM,
     PROMPT_EMBEDS,
     RUNTIME_DISTRIBUTION,
     SAMPLE,
@@ -56,7 +54,6 @@ from nucleus_runtime.contract import (
     TENSORRT_MODULES,
     TENSORRT_RTX,
     TEXT_ENCODER_GRAPH,
-    TEXT_LEN_DIM,
     VAE_DECODER_GRAPH,
     engine_onnx_file,
     plan_file,
@@ -512,11 +509,8 @@ class TensorRTBackend(Backend):
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: TensorHandle | None
     ) -> tuple[np.ndarray, TrtTensor]:
         units = self._loaded(self._text_encoders, TEXT_ENCODER_GRAPH)
-        if past is not None and not isinstance(past, TrtTensor):
-            raise TypeError(f"{type(self).__name__}.encode_prompt needs its own key_values as past, got {type(past).__name__}")
-        ids, mask = text_encoder_inputs(self.manifest, input_ids, attention_mask, None if past is None else past.shape)
+        ids, mask, sizes = text_encoder_inputs(self, input_ids, attention_mask, past)
         io = self.manifest.stages[TEXT_ENCODER_GRAPH].io
-        sizes = {BATCH_DIM: ids.shape[0], TEXT_LEN_DIM: ids.shape[1], PAST_LEN_DIM: 0}
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in io.outputs[KEY_VALUES].shape)
         dtype = units[0][1].output_dtype(KEY_VALUES)
         # A fresh buffer per call: the handle outlives it (a cached prefix), the engines' own buffers do not.
