@@ -227,42 +227,14 @@ def test_tensorrt_backend_chains_segments_on_device():
         _split_budget,
     )
     from nucleus_runtime.bundle import Manifest
-
-    class Buffer:
-        def __init__(self, ptr, nbytes):
-            self.ptr, self.nbytes = ptr, nbytes
-
-    class Context:
-        def __init__(self):
-            self.shapes, self.addresses = {}, {}
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
-
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
-
-    class Engine:
-        def __init__(self, base):
-            self.context, self.base, self.buffers = Context(), base, {}
-
-        def buffer(self, name, nbytes):
-            self.buffers[name] = Buffer(self.base + len(self.buffers) * 4096, nbytes)
-            self.context.set_tensor_address(name, self.buffers[name].ptr)
-            return self.buffers[name]
-
-        def output_shape(self, name):
-            return (2, 16, 8)
-
-        def output_dtype(self, name):
-            return np.dtype(np.float32)
+    from trt_stand_ins import Buffer, Engine
 
     backend = object.__new__(TensorRTBackend)
     backend.segments = [
         SegmentRecord("denoiser.seg0", (0, 2), ["hidden_states", "text_kv"], ["x"], "sha256:0"),
         SegmentRecord("denoiser.seg1", (2, 5), ["x", "timestep", "text_kv"], ["sample"], "sha256:1"),
     ]
-    backend._denoisers = [Engine(10_000), Engine(20_000)]
+    backend._denoisers = [Engine(10_000, (2, 16, 8)), Engine(20_000, (2, 16, 8))]
     uploads, executed = [], []
     backend._upload = lambda engine, name, array: uploads.append((engine, name))
     backend._execute = lambda engine, name: executed.append(name)

@@ -346,6 +346,7 @@ def test_tensorrt_text_encoder_binds_slices_by_address(fp32_segmented):
     offset of one buffer, takes the residual stream from the previous segment's buffer and uploads input_ids and
     attention_mask once."""
     from nucleus_runtime.backends.tensorrt import TensorRTRtxBackend, TrtTensor
+    from trt_stand_ins import Engine
 
     _, manifest, _ = fp32_segmented
     config = manifest.stages["text_encoder"].io.outputs[KEY_VALUES].shape  # [L, 2, batch, text_len, Hkv, Dh]
@@ -360,35 +361,10 @@ def test_tensorrt_text_encoder_binds_slices_by_address(fp32_segmented):
         def cudaFree(self, ptr):
             return (0,)
 
-    class Context:
-        def __init__(self):
-            self.shapes, self.addresses = {}, {}
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
-
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
-
-    class Engine:
-        def __init__(self, base):
-            self.context, self.base, self.buffers = Context(), base, {}
-
-        def buffer(self, name, nbytes):
-            self.buffers[name] = type("B", (), {"ptr": self.base + 4096 * len(self.buffers), "nbytes": nbytes})
-            self.context.set_tensor_address(name, self.buffers[name].ptr)
-            return self.buffers[name]
-
-        def output_shape(self, name):
-            return (2, 9, 64)
-
-        def output_dtype(self, name):
-            return np.dtype(np.float32)
-
     backend = object.__new__(TensorRTRtxBackend)
     backend.manifest, backend.cudart, backend._empty = manifest, Cudart(), None
     units = manifest.unit_records("text_encoder")
-    backend._text_encoders = [(unit, Engine(10_000 * (k + 1))) for k, unit in enumerate(units)]
+    backend._text_encoders = [(unit, Engine(10_000 * (k + 1), (2, 9, 64))) for k, unit in enumerate(units)]
     uploads, executed = [], []
     backend._upload = lambda engine, name, array: uploads.append(name) or engine.buffer(name, array.nbytes).ptr
     backend._execute = lambda engine, name: executed.append(name)
