@@ -147,7 +147,7 @@ def test_decoder_layout_is_diffusers(config):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"_class_name": "AutoencoderKLWan"}, "not an AutoencoderKLQwenImage"),
+        ({"_class_name": "AutoencoderKLWan"}, "not AutoencoderKLQwenImage"),
         ({"scaling_factor": 0.5}, "fields AutoencoderKLQwenImage does not take: scaling_factor"),
         ({"temperal_downsample": [False, True]}, "2 entries for 4 dim_mult levels"),
         ({"input_channels": 4}, "RGB"),

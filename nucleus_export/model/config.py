@@ -29,6 +29,36 @@ DENSE_MOE_STRATEGIES = {
 DEFAULT_VAE_SCALE_FACTOR = 8
 
 
+def read_config_json(path: Path, missing_fix: str, restore_fix: str) -> dict[str, Any]:
+    """A diffusers config.json as a dict; missing, unparsable or not an object is one error naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NucleusExportError(f"{path} does not exist.", missing_fix) from None
+    except json.JSONDecodeError as exc:
+        raise NucleusExportError(f"{path} is not valid JSON ({exc}).", restore_fix) from None
+    if not isinstance(raw, dict):
+        raise NucleusExportError(f"{path} is not a JSON object.", restore_fix)
+    return raw
+
+
+def diffusers_config_values(
+    cls: type, raw: dict[str, Any], source: str, class_name: str, wrong_class_fix: str, unknown_fix: str
+) -> dict[str, Any]:
+    """The fields of a diffusers config dict that the dataclass `cls` takes, refusing another `_class_name` and any
+    architecture field `cls` does not know (a field we ignored would silently change the model); `_`-keys are
+    diffusers' bookkeeping."""
+    found = raw.get("_class_name", class_name)
+    if found != class_name:
+        raise NucleusExportError(f"{source} describes a '{found}', not {class_name}.", wrong_class_fix)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
+    if unknown:
+        raise NucleusExportError(f"{source} has fields {class_name} does not take: {', '.join(unknown)}; this toolkit "
+                                 "does not support them.", unknown_fix)
+    return {k: v for k, v in raw.items() if k in known}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a `NucleusMoEImageTransformer2DModel`, field for field as in its config.json."""
@@ -56,21 +86,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        class_name = raw.get("_class_name", MODEL_CLASS_NAME)
-        if class_name != MODEL_CLASS_NAME:
-            raise NucleusExportError(
-                f"{source} describes a '{class_name}', not a {MODEL_CLASS_NAME}.",
-                "point --model at the Nucleus-Image transformer folder (or the pipeline root holding transformer/).",
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
-        if unknown:
-            raise NucleusExportError(
-                f"{source} has architecture fields this toolkit does not support: {', '.join(unknown)}.",
-                "use a checkpoint made for diffusers' NucleusMoEImageTransformer2DModel, or extend "
-                "nucleus_export.model.config.ModelConfig and the graph builders for the new fields.",
-            )
-        values = {k: v for k, v in raw.items() if k in known}
+        values = diffusers_config_values(
+            cls, raw, source, MODEL_CLASS_NAME,
+            "point --model at the Nucleus-Image transformer folder (or the pipeline root holding transformer/).",
+            "use a checkpoint made for diffusers' NucleusMoEImageTransformer2DModel, or extend "
+            "nucleus_export.model.config.ModelConfig and the graph builders for the new fields.",
+        )  # fmt: skip
         if "axes_dims_rope" in values:
             values["axes_dims_rope"] = tuple(int(a) for a in values["axes_dims_rope"])
         if isinstance(values.get("capacity_factors"), list):
@@ -81,12 +102,7 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: Path) -> ModelConfig:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise NucleusExportError(f"{path} does not exist.", "the transformer folder must hold config.json.") from None
-        except json.JSONDecodeError as exc:
-            raise NucleusExportError(f"{path} is not valid JSON ({exc}).", "restore config.json from the checkpoint.") from None
+        raw = read_config_json(path, "the transformer folder must hold config.json.", "restore config.json from the checkpoint.")
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 from nucleus_runtime.bundle import inside
 
 from nucleus_export.errors import NucleusExportError
+from nucleus_export.model.config import diffusers_config_values, read_config_json
 from nucleus_export.model.checkpoint import (
     INDEX_NAME,
     WEIGHTS_NAME,
@@ -104,20 +105,10 @@ class VaeConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "vae/config.json") -> VaeConfig:
-        class_name = raw.get("_class_name", VAE_CLASS_NAME)
-        if class_name != VAE_CLASS_NAME:
-            raise NucleusExportError(
-                f"{source} describes a '{class_name}', not an {VAE_CLASS_NAME}.",
-                "point at the vae/ folder of a Nucleus-Image (or Qwen-Image) pipeline.",
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
-        if unknown:
-            raise NucleusExportError(
-                f"{source} has fields {VAE_CLASS_NAME} does not take: {', '.join(unknown)}.",
-                "use the config.json that belongs to the VAE weights (diffusers' AutoencoderKLQwenImage).",
-            )
-        values = {k: v for k, v in raw.items() if k in known}
+        values = diffusers_config_values(
+            cls, raw, source, VAE_CLASS_NAME, "point at the vae/ folder of a Nucleus-Image (or Qwen-Image) pipeline.",
+            "use the config.json that belongs to the VAE weights (diffusers' AutoencoderKLQwenImage).",
+        )
         try:
             for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
                 if name in values:
@@ -130,14 +121,7 @@ class VaeConfig:
 
     @classmethod
     def from_json_file(cls, path: Path) -> VaeConfig:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise NucleusExportError(f"{path} does not exist.", "the VAE folder must hold config.json.") from None
-        except json.JSONDecodeError as exc:
-            raise NucleusExportError(f"{path} is not valid JSON ({exc}).", "restore the VAE's config.json.") from None
-        if not isinstance(raw, dict):
-            raise NucleusExportError(f"{path} is not a JSON object.", "restore the VAE's config.json.")
+        raw = read_config_json(path, "the VAE folder must hold config.json.", "restore the VAE's config.json.")
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
