@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,18 +28,18 @@ import onnx
 from nucleus_runtime.atomic import write_atomic
 from nucleus_runtime.bundle import load_manifest
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
-from nucleus_runtime.contract import EXTERNAL_DATA_THRESHOLD_BYTES, PARITY_NAME, SAMPLE, onnx_file
+from nucleus_runtime.contract import PARITY_NAME, SAMPLE, onnx_file
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 
 from nucleus_export.graph.external_data import load_model
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
-from nucleus_export.parity.routing import LayerRouting
+from nucleus_export.parity.compare import CaseResult, Comparison
+from nucleus_export.parity.sessions import cpu_session
 from nucleus_export.rewrites.forced_routing import RoutingNames, with_forced_routing, with_router_outputs
 
 if TYPE_CHECKING:
-    import onnxruntime
     import torch
 
     from nucleus_export.parity.streamed import SegmentGraphs, TruthCache
@@ -71,56 +69,6 @@ class Tolerance:
     min_routing_agreement: float = 0.0
     near_ties_only: bool = True
     baseline_margin: float | None = None
-
-
-@dataclasses.dataclass
-class Comparison:
-    max_abs_error: float
-    relative_error: float
-    cosine: float
-    # Norms, so comparisons pool over cases exactly (relative error and cosine of all cases' outputs together).
-    actual_norm: float = 0.0
-    expected_norm: float = 0.0
-
-    @classmethod
-    def of(cls, actual: np.ndarray, expected: np.ndarray) -> Comparison:
-        a, e = actual.astype(np.float64).ravel(), expected.astype(np.float64).ravel()
-        diff = a - e
-        norm_e, norm_a = float(np.linalg.norm(e)), float(np.linalg.norm(a))
-        return cls(
-            max_abs_error=float(np.abs(diff).max()) if diff.size else 0.0,
-            relative_error=float(np.linalg.norm(diff) / max(norm_e, 1e-30)),
-            cosine=float(a @ e / max(norm_a * norm_e, 1e-30)),
-            actual_norm=norm_a,
-            expected_norm=norm_e,
-        )
-
-    @staticmethod
-    def pooled(parts: list[Comparison]) -> dict[str, float]:
-        """Relative error and cosine of the concatenation of all parts."""
-        sq_e = sum(p.expected_norm**2 for p in parts)
-        sq_diff = sum((p.relative_error * p.expected_norm) ** 2 for p in parts)
-        dot = sum(p.cosine * p.actual_norm * p.expected_norm for p in parts)
-        sq_a = sum(p.actual_norm**2 for p in parts)
-        return {
-            "relative_error": float(np.sqrt(sq_diff / max(sq_e, 1e-30))),
-            "cosine": float(dot / max(np.sqrt(sq_a * sq_e), 1e-30)),
-        }
-
-
-@dataclasses.dataclass
-class CaseResult:
-    name: str
-    text_kv: Comparison
-    sample: Comparison  # end to end
-    forced: Comparison  # with the reference's routing forced
-    routing: dict[str, LayerRouting]
-    baseline: Comparison | None = None  # diffusers bf16 against the same float32 truth
-    baseline_routing: dict[str, float] | None = None
-
-    @property
-    def routing_agreed(self) -> bool:
-        return all(r.flips == 0 and r.agreement == 1.0 for r in self.routing.values())
 
 
 def _pooled_agreement(per_case: list[dict[str, float]]) -> float:
@@ -274,30 +222,6 @@ class ParityReport:
 
 
 # ---- ONNX Runtime side ---------------------------------------------------------------------------------------------
-
-
-def cpu_session(model: onnx.ModelProto | Path, directory: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
-    """A CPU session; a ModelProto is saved next to the bundle's graphs first, so relative external data resolves."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # No arena and no memory patterns: one block of the real model materializes attention scores of ~1.1 GB per batch
-    # row, and an arena sized for every variant's peak would stay held between the report's sessions.
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    if threads:
-        options.intra_op_num_threads = threads
-    if isinstance(model, Path):
-        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=".parity-", dir=directory)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp, save_as_external_data=model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES, location=Path(tmp).name + ".data")
-        return ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        Path(tmp + ".data").unlink(missing_ok=True)
 
 
 @dataclasses.dataclass

@@ -28,7 +28,8 @@ from nucleus_export.errors import NucleusExportError
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
-from nucleus_export.parity.check import BASELINE_LABEL, CaseResult, Comparison, ParityReport, Tolerance
+from nucleus_export.parity.check import BASELINE_LABEL, ParityReport, Tolerance
+from nucleus_export.parity.compare import CaseResult, Comparison
 from nucleus_export.parity.streamed import _Accumulated, _prologue, _text_kv_of_block
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from nucleus_runtime.tokenizer import common_prefix_length
 from nucleus_export.graph.external_data import load_external_data
 from nucleus_export.model.text_encoder import TEXT_ENCODER_FOLDER
 from nucleus_export.model.vae import VAE_FOLDER
-from nucleus_export.parity.check import cpu_session
+from nucleus_export.parity.sessions import cpu_session
 from nucleus_export.parity.quality import BASELINE_MARGIN
 from nucleus_export.rewrites.bf16_emulation import EMULATION_LABEL, emulate_bf16_in_fp32, has_bf16
 

@@ -34,7 +34,9 @@ from nucleus_export.log import track
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.moe.expert_choice import reference_scores, reference_selection, score_bounds
 from nucleus_export.parity.cases import ParityCase
+from nucleus_export.parity.compare import CaseResult, Comparison
 from nucleus_export.parity.routing import LayerRouting, agreement, classify_flips
+from nucleus_export.parity.sessions import cpu_session
 from nucleus_export.rewrites.forced_routing import RoutingNames, router_nodes, with_forced_routing, with_router_outputs
 from nucleus_export.rewrites.segments import Segment
 
@@ -216,8 +218,6 @@ class _Accumulated:
         self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
 
     def comparison(self):
-        from nucleus_export.parity.check import Comparison
-
         norm_e, norm_a = float(np.sqrt(self.sq_e)), float(np.sqrt(self.sq_a))
         return Comparison(self.max_abs, float(np.sqrt(self.sq_diff) / max(norm_e, 1e-30)),
                           float(self.dot / max(norm_a * norm_e, 1e-30)), norm_a, norm_e)
@@ -257,7 +257,7 @@ def run_segmented_parity(
     cache: TruthCache | None = None,
     progress: bool = True,
 ) -> list[Any]:
-    """The parity loop (module docstring); returns parity.check.CaseResult per case, in case order.
+    """The parity loop (module docstring); returns parity.compare.CaseResult per case, in case order.
 
     Args:
         config: the model.
@@ -270,8 +270,6 @@ def run_segmented_parity(
         cache: float32 traces to reuse (filled on first use): the reference then runs only once per case list.
         progress: log per-segment progress (`track`).
     """
-    from nucleus_export.parity.check import CaseResult, Comparison
-
     session = text_kv_session()
     state = [_Batch(case, rows, session.run(None, case.text_kv_inputs(config))[0]) for case, rows in batches]
     del session
@@ -440,6 +438,4 @@ def _dropped(own: np.ndarray, expected: np.ndarray) -> int:
 def session_opener(directory: Path, threads: int | None = None) -> Callable[[onnx.ModelProto], Any]:
     """ONNX Runtime CPU sessions of graph variants saved next to the bundle's graphs (relative external data
     resolves; weights left external stay in the bundle's files)."""
-    from nucleus_export.parity.check import cpu_session
-
     return lambda model: cpu_session(model, Path(directory), threads)

@@ -158,7 +158,8 @@ class _Prober:
 
     def __call__(self, scales: QuantRecipe | None) -> Probe:
         from nucleus_export.export import ExportOptions, export_bundle
-        from nucleus_export.parity.check import Comparison, check_parity
+        from nucleus_export.parity.check import check_parity
+        from nucleus_export.parity.compare import Comparison
         from nucleus_export.parity.quality import REPORT_MAX_ROWS, built_segments
 
         folder = Path(tempfile.mkdtemp(prefix="probe-", dir=self.workdir))
