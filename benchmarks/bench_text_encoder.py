@@ -49,6 +49,7 @@ from nucleus_export.graph.external_data import CheckpointLinks
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.graph.text_encoder import build_text_encoder, text_encoder_metadata
 from nucleus_export.model.text_encoder import (
+    TINY_TEXT_CONFIGS,
     TINY_VISION_CONFIG,
     TextEncoderCheckpoint,
     open_text_encoder,
@@ -198,16 +199,8 @@ def ort_real_layer(workdir: Path, counts: dict, repeats: int) -> dict:
 
 # ---- FP8 quality ----------------------------------------------------------------------------------------------------
 
-# Tiny configurations of the real class (as tests/test_text_encoder.py): GQA 2:1 with the pipeline's return_index, and
-# MHA with biases, heads x head_dim != hidden and the final norm.
-TINY_TEXT = {
-    "tiny-gqa": ({"vocab_size": 128, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 9,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                  "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2]}}, -8),
-    "tiny-mha": ({"vocab_size": 128, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
-                  "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 24, "attention_bias": True,
-                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 3, 3]}}, -1),
-}
+# The tiny configurations the tests use.
+TINY_TEXT = {f"tiny-{name}": config for name, config in TINY_TEXT_CONFIGS.items()}
 
 
 def fp8_quality(workdir: Path) -> dict:

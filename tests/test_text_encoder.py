@@ -47,6 +47,7 @@ from nucleus_export.model.text_encoder import (
     TextEncoderConfig,
     language_model_shapes,
     open_text_encoder,
+    TINY_TEXT_CONFIGS,
     qwen3_vl_8b_config,
     write_tiny_text_encoder,
 )
@@ -54,16 +55,6 @@ from nucleus_export.model.text_encoder import (
 PROMPTS = {
     "short+long": ["a red cube", "two cats on a sofa, the left one black, the right one white, under a lamp"],
     "one char+mid": ["x", "a watercolor of a lighthouse at dusk"],
-}
-# GQA 2:1 with the pipeline's default return_index (-8 of 9 layers: 2 kept, as in the toy pipeline); MHA with
-# head_dim * heads != hidden, attention biases, other mrope sections and return_index -1 (every layer + final norm).
-CONFIGS = {
-    "gqa": ({"vocab_size": 128, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 9,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-             "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2]}}, -8),
-    "mha": ({"vocab_size": 128, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
-             "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 24, "attention_bias": True,
-             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 3, 3]}}, -1),
 }
 
 
@@ -105,10 +96,10 @@ def encode(processor, prompts: list[str], padding_side: str = "right") -> dict[s
     return {k: np.asarray(v) for k, v in inputs.items()}
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=sorted(TINY_TEXT_CONFIGS))
 def case(request, tmp_path_factory):
     """(checkpoint, transformers model, ORT session of the fp32 graph read from linked checkpoint shards)."""
-    text_config, return_index = CONFIGS[request.param]
+    text_config, return_index = TINY_TEXT_CONFIGS[request.param]
     root = tmp_path_factory.mktemp(f"text-encoder-{request.param}")
     folder = write_tiny_text_encoder(root / "text_encoder", text_config, seed=1)
     checkpoint = open_text_encoder(folder, return_index)
@@ -178,7 +169,7 @@ def test_language_model_names_and_shapes_are_the_real_class(case):
 
 
 def test_sharded_checkpoint_opens_and_bad_ones_are_refused(tmp_path):
-    text_config, return_index = CONFIGS["mha"]
+    text_config, return_index = TINY_TEXT_CONFIGS["mha"]
     folder = write_tiny_text_encoder(tmp_path / "te", text_config, dtype="bfloat16", max_shard_size="40KB")
     assert (folder / INDEX_NAME).is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
     root = tmp_path / "pipeline"
@@ -350,7 +341,7 @@ def test_fp8_linears_stay_close_to_fp32(case, processor, tmp_path):
 @pytest.fixture(scope="module")
 def bf16_bundle(tmp_path_factory):
     """A bf16 sharded checkpoint exported in bf16 with external data and links: (checkpoint, graph path)."""
-    text_config, return_index = CONFIGS["gqa"]
+    text_config, return_index = TINY_TEXT_CONFIGS["gqa"]
     root = tmp_path_factory.mktemp("text-encoder-bf16")
     folder = write_tiny_text_encoder(root / "text_encoder", text_config, dtype="bfloat16", max_shard_size="100KB")
     checkpoint = open_text_encoder(folder, return_index)
@@ -405,7 +396,7 @@ def test_synthetic_writer_streams_the_real_layout(tmp_path):
     assert config["text_config"]["num_hidden_layers"] == 3 and config["text_config"]["hidden_size"] == 4096 and seed == 4
     with pytest.raises(NucleusExportError, match="unknown synthetic text encoder"):
         parse_synthetic_spec("synthetic:nucleus-image?layers=3")
-    tiny_text = {k: v for k, v in CONFIGS["gqa"][0].items() if k != "rope_parameters"}  # keep the legacy rope form
+    tiny_text = {k: v for k, v in TINY_TEXT_CONFIGS["gqa"][0].items() if k != "rope_parameters"}  # keep the legacy rope form
     small = {**config, "text_config": {**config["text_config"], **tiny_text},
              "vision_config": {**config["vision_config"], **TINY_VISION_CONFIG, "out_hidden_size": 64}}
     folder = write_synthetic_text_encoder(tmp_path / "te", small, shard_bytes=64 << 10)

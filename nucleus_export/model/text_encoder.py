@@ -369,6 +369,19 @@ TINY_VISION_CONFIG: dict[str, Any] = {
 }
 
 
+# Tiny configurations of the real class for tests and benchmarks, with the return_index each is read at: GQA 2:1
+# with the pipeline's default (-8 of 9 layers: 2 kept, as in the toy pipeline); MHA with head_dim * heads != hidden,
+# attention biases, other mrope sections and return_index -1 (every layer + the final norm).
+TINY_TEXT_CONFIGS: dict[str, tuple[dict[str, Any], int]] = {
+    "gqa": ({"vocab_size": 128, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 9,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2]}}, -8),
+    "mha": ({"vocab_size": 128, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+             "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 24, "attention_bias": True,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 3, 3]}}, -1),
+}  # fmt: skip
+
+
 def write_tiny_text_encoder(out_dir: Path, text_config: dict[str, Any], seed: int = 0, dtype: str = "float32",
                             max_shard_size: str | int | None = None) -> Path:
     """A random Qwen3VLForConditionalGeneration of `text_config` (Qwen3VLTextConfig fields), saved by transformers'
