@@ -408,12 +408,13 @@ def run_segmented_parity(
 def _release_memory() -> None:
     """Collect, and hand freed heap back to the system (glibc keeps it otherwise, and the next session's peak adds)."""
     gc.collect()
-    try:
-        import ctypes
+    import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    # CDLL(None) is dlopen(NULL): the symbols of what the process has loaded already (glibc's malloc_trim), so no
+    # library file is opened and no native code is loaded here. Other C libraries have no malloc_trim: nothing to do.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _peak_rss() -> int:
