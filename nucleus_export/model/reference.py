@@ -58,13 +58,6 @@ def load_reference(
     return model.eval().requires_grad_(False)
 
 
-def to_model(model: torch.nn.Module, array: np.ndarray) -> torch.Tensor:
-    """A numpy input on the reference model's device."""
-    import torch
-
-    return torch.from_numpy(array).to(next(model.parameters()).device)
-
-
 # ---- the reference one block at a time -----------------------------------------------------------------------------
 
 
@@ -162,25 +155,6 @@ class BlockwiseReference:
         """Free block `idx`'s weights (streamed only; a whole model keeps them)."""
         if self.streamed:
             self.block_module(idx).to_empty(device="meta")
-
-    def to_dtype(self, dtype: torch.dtype, blocks: range = range(0)) -> None:
-        """Convert the shell and the given loaded blocks in place (e.g. float32 truth -> the bf16 baseline: torch's
-        rounding, the same as `model.to(torch.bfloat16)`); parameter by parameter, so the peak is one tensor more."""
-        if not self.streamed:
-            raise ValueError("to_dtype converts a streamed reference; copy a whole model with parity.check.bf16_copy")
-        from diffusers.utils import logging as diffusers_logging
-
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # diffusers warns on .to(dtype) about fp32 modules; this model has none
-        try:
-            for name, module in self.model.named_children():
-                if name != "transformer_blocks":
-                    module.to(dtype)
-            for idx in blocks:
-                self.block_module(idx).to(dtype)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-        self.dtype = dtype
 
     # -- forward, in diffusers' order --
 

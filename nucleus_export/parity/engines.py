@@ -193,7 +193,7 @@ def polygraphy_compare(
     comparator = _polygraphy(flavor)
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
-    engine = manifest.engine(unit) if hasattr(manifest, "engine") else None
+    engine = manifest.engine(unit)
     lowering = getattr(engine, "lowering", None)
     with tempfile.TemporaryDirectory(prefix=".polygraphy-", dir=bundle_dir) as tmp:
         onnx_path = cpu_runnable_onnx(bundle_dir, unit, lowering, manifest.model_config["num_experts"], Path(tmp))

@@ -24,10 +24,9 @@ from nucleus_runtime.contract import MOE_PLUGIN
 from nucleus_runtime.contract import TEXT_KV_GRAPH as TEXT_KV
 from nucleus_runtime.contract import onnx_file
 
-from nucleus_export.graph.external_data import load_external_data, load_model
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import Checkpoint
-from nucleus_export.parity.check import GraphVariants, ParityReport, Tolerance, variants_of
+from nucleus_export.parity.check import ParityReport, Tolerance
 from nucleus_export.parity.streamed import SegmentGraphs, parity_segments
 from nucleus_export.rewrites.segments import block_weight_bytes, split_segments
 from nucleus_export.rewrites.as_built import engine_graph
@@ -130,28 +129,6 @@ def moe_label(lowering: LoweringRecord | None) -> str:
     if lowering.combine is not None:
         return f"MoE lowered ({lowering.moe}, {lowering.combine} combine)"
     return "MoE as custom nodes (plugin semantics)"
-
-
-def built_variants(bundle_dir: Path, lowering: LoweringRecord | None) -> tuple[GraphVariants, str]:
-    """Parity variants of the bundle's graphs as the engines compute them (as exported without engines), and a note
-    for the report."""
-    bundle_dir = Path(bundle_dir)
-    manifest = load_manifest(bundle_dir)
-    text_kv_path = bundle_dir / onnx_file(TEXT_KV)
-    denoiser = load_model(bundle_dir / onnx_file(DENOISER))
-    emulated = has_bf16(denoiser)
-    num_experts = manifest.model_config["num_experts"]
-
-    # As exported, the custom nodes run their reference bodies, which is what plugin engines compute.
-    computed = lowering or LoweringRecord(MOE_PLUGIN)
-    variants = variants_of(text_kv_path, denoiser, lambda m: engine_graph(m, computed, num_experts, runnable_on_cpu=True))
-    # Its weights are loaded only where it must be rewritten: ONNX Runtime runs any other text_kv from its path.
-    text_kv = onnx.load(str(text_kv_path), load_external_data=False)
-    if has_bf16(text_kv):
-        load_external_data(text_kv, bundle_dir)
-        variants.text_kv = emulate_bf16_in_fp32(text_kv)
-    how = moe_label(lowering)
-    return variants, f"ONNX Runtime CPU vs diffusers float32; {how}; {EMULATION_LABEL if emulated else 'run as exported'}"
 
 
 def built_segments(

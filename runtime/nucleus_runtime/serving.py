@@ -520,10 +520,6 @@ class WaitingReply:
         self.error = error
         self._done.set()
 
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
     def wait(self, timeout: float | None = None) -> Result:
         """The result; raises the request's ServingError, or TimeoutError when it is still running after `timeout`."""
         if not self._done.wait(timeout):

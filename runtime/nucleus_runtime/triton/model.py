@@ -317,7 +317,8 @@ class PipelineCore:
         self.manifest = manifest
         self.scheduler_config = scheduler_config
         self.stages = {stage for stage, served in ((TEXT_ENCODER_GRAPH, tokenizer), (VAE_DECODER_GRAPH, images)) if served}
-        self.inputs = tuple(spec.name for spec in served_specs(PIPELINE_INPUTS, self.stages))
+        self.input_specs = served_specs(PIPELINE_INPUTS, self.stages)
+        self.inputs = tuple(spec.name for spec in self.input_specs)
         # With a zero bound every entry is "larger than the bound": computed once per set of requests, never kept.
         self.cache = TextKVCache(max_bytes=cache_bytes)
         max_rows = manifest.profiles.batch[2]
@@ -678,7 +679,6 @@ class TritonPythonModel:
         cache_bytes = int(params.get(PARAM_TEXT_KV_CACHE_BYTES) or DEFAULT_MAX_BYTES)
         images = layout == LAYOUT_INPROCESS and VAE_DECODER_GRAPH in manifest.stages
         self.core = PipelineCore(backend, manifest, scheduler, cache_bytes, settings, tokenizer, images)
-        self.input_specs = served_specs(PIPELINE_INPUTS, self.core.stages)
         self.instance = args.get("model_instance_name", "nucleus_pipeline")
         self.metrics = TritonMetrics(pb_utils, self.instance)
         self.core.batcher.on_round = self._round_done
@@ -699,7 +699,7 @@ class TritonPythonModel:
             reply = TritonReply(self, request)
             try:
                 tensors = {}
-                for spec in self.input_specs:
+                for spec in self.core.input_specs:
                     tensor = pb.get_input_tensor_by_name(request, spec.name)
                     if tensor is not None:
                         tensors[spec.name] = np.array(from_triton(tensor, text=spec.dtype == "string"), copy=True)
