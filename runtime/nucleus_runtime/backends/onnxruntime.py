@@ -32,8 +32,8 @@ from nucleus_runtime.backends.base import (
 from nucleus_runtime.bundle import Manifest, SegmentRecord, TensorSpec, load_manifest, stage_files, verify_files
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
 from nucleus_runtime.contract import (
-    ATTENTION_MASK,
     DENOISER_INPUTS,
+    ATTENTION_MASK,
     GRAPHS,
     IMAGE,
     INPUT_IDS,
@@ -44,6 +44,7 @@ from nucleus_runtime.contract import (
     PROMPT_EMBEDS,
     SAMPLE,
     TEXT_ENCODER_GRAPH,
+    TEXT_ENCODER_INPUTS,
     TEXT_KV_INPUTS,
     VAE_DECODER_GRAPH,
     onnx_file,
@@ -202,18 +203,24 @@ class OrtBackend(Backend):
         def session(graph: str, inputs: tuple[str, ...]) -> Any:
             return self._session(graph, session_options, inputs) if graph in self.stages else None
 
-        # The text encoder always runs as units (its segments, or the whole graph as one), through `_run_units`.
-        self._text_encoder = [
-            (unit, self._session(unit.name, session_options, tuple(unit.inputs)))
-            for unit in self.manifest.unit_records(TEXT_ENCODER_GRAPH, self.options.segments)
-        ] if TEXT_ENCODER_GRAPH in self.stages else None
+        def units(graph: str) -> list[tuple[SegmentRecord, Any]] | None:
+            """A stage that can be cut runs as units (its segments in order, or the whole graph as one unit of all its
+            layers) through `_run_units`: same weights, same results (tests/test_segments.py); intermediates stay
+            OrtValues on the session's device between them."""
+            if graph not in self.stages:
+                return None
+            records = self.manifest.unit_records(graph, self.options.segments)
+            # A whole graph must have the contract's inputs; a segment, those its record names.
+            contract_inputs = {DENOISER: DENOISER_INPUTS, TEXT_ENCODER_GRAPH: TEXT_ENCODER_INPUTS}[graph]
+            return [
+                (unit, self._session(unit.name, session_options, contract_inputs if unit.name == graph else tuple(unit.inputs)))
+                for unit in records
+            ]
+
+        self._text_encoder = units(TEXT_ENCODER_GRAPH)
+        self._denoiser = units(DENOISER)
         self._vae_decoder = session(VAE_DECODER_GRAPH, (LATENTS,))
         self._text_kv = session(TEXT_KV, TEXT_KV_INPUTS)
-        # A segmented bundle runs its segment graphs one after the other (same weights, same results as the full
-        # graph: tests/test_segments.py); intermediates stay OrtValues on the session's device between them.
-        self.segments = self.manifest.graph_segments(DENOISER) if self.options.segments and DENOISER in self.stages else []
-        self._segment_sessions = [self._session(seg.name, session_options, tuple(seg.inputs)) for seg in self.segments]
-        self._denoiser = None if self.segments else session(DENOISER, DENOISER_INPUTS)
         logger.debug("onnxruntime %s, providers %s, stages %s", ort.__version__, self.providers, ", ".join(self.stages))
 
     def _session(self, graph: str, session_options: Any, expected: tuple[str, ...]) -> Any:
@@ -322,24 +329,12 @@ class OrtBackend(Backend):
         return session
 
     def _denoise(self, inputs: dict[str, np.ndarray], text_kv: OrtTensor) -> np.ndarray:  # type: ignore[override]
-        if self.segments:
-            return self._denoise_segments(inputs, text_kv)
-        binding = self._stage(self._denoiser, DENOISER).io_binding()
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_ortvalue_input(TEXT_KV_TENSOR, text_kv.value)
-        binding.bind_output(SAMPLE)
-        self._denoiser.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
-
-    def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: OrtTensor) -> np.ndarray:
-        units = list(zip(self.segments, self._segment_sessions))
+        units = self._stage(self._denoiser, DENOISER)
         return self._run_units(units, inputs, {TEXT_KV_TENSOR: text_kv.value}, {})[SAMPLE].numpy()
 
     def close(self) -> None:
         """Drop every session: their weights are freed now, not when this object is collected."""
         self._text_encoder = self._vae_decoder = self._text_kv = self._denoiser = None
-        self._segment_sessions = []
 
     def describe(self) -> dict[str, Any]:
         return {
