@@ -8,7 +8,10 @@ the chain combine, bf16 emulated) against diffusers float32, with diffusers bf16
 (parity.streamed). The report runs in a child process whose peak RSS is the kernel's high-water mark (os.wait4).
 
     python benchmarks/bench_quality_memory.py --layers 6 [--workdir /tmp/nucleus-bench] [--precision bf16]
-        [--combine chain] [--cases quick]
+        [--combine chain] [--cases quick] [--images]
+
+With --images the model is given as a pipeline root (the checkpoint as transformer/, a random VAE of the released
+Qwen-Image dimensions as vae/), so the report also decodes every case's x0 estimate for PSNR/SSIM (parity.images).
 
 Goal (issue 22): peak RSS <= 0.5 x checkpoint bytes + 2 GB, like the build.
 """
@@ -70,13 +73,30 @@ def child(args: argparse.Namespace) -> int:
     checkpoint = open_checkpoint(args.checkpoint)
     started = time.perf_counter()
     report = quality_report(checkpoint, args.bundle, GraphPrecision(args.precision), LoweringRecord("native", args.combine),
-                            case_set=args.cases)
+                            case_set=args.cases, images=args.images)
     write_report(args.bundle, {report.graph_precision: report})
     for line in report.summary_lines():
         print(line, flush=True)
     print(json.dumps({"report_seconds": time.perf_counter() - started, "passed": report.passed,
-                      "pooled": report.pooled}), flush=True)
+                      "pooled": report.pooled, "images": report.images}), flush=True)
     return 0
+
+
+def pipeline_root(workdir: Path, transformer: Path) -> Path:
+    """A pipeline root around the synthetic transformer: transformer/ links to it, vae/ is a random VAE of the
+    released dimensions (written once)."""
+    from nucleus_export.model.vae import QWEN_IMAGE_VAE, write_random_vae
+
+    vae = workdir / "vae-qwen-image"
+    if not (vae / "config.json").is_file():
+        write_random_vae(vae, QWEN_IMAGE_VAE)
+    root = workdir / f"pipeline-{transformer.name}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "NucleusMoEImagePipeline"}))
+    for name, target in (("transformer", transformer), ("vae", vae)):
+        if not (root / name).exists():
+            (root / name).symlink_to(target.resolve())
+    return root
 
 
 def main() -> int:
@@ -86,6 +106,7 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--combine", default="chain")
     parser.add_argument("--cases", default="quick")
+    parser.add_argument("--images", action="store_true", help="give the model as a pipeline root with a real-size VAE")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
@@ -99,8 +120,9 @@ def main() -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "nucleus_export.cli", "export", "--model", spec, "--precision",
                         args.precision, "--out", str(bundle)], check=True)
-    argv = [sys.executable, __file__, "--child", "--checkpoint", str(ckpt), "--bundle", str(bundle), "--precision",
-            args.precision, "--combine", args.combine, "--cases", args.cases]
+    model = pipeline_root(args.workdir, ckpt) if args.images else ckpt
+    argv = [sys.executable, __file__, "--child", "--checkpoint", str(model), "--bundle", str(bundle), "--precision",
+            args.precision, "--combine", args.combine, "--cases", args.cases, *(["--images"] if args.images else [])]
     started = time.perf_counter()
     proc = subprocess.Popen(argv)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -74,6 +74,7 @@ class BuildOptions:
         quality: run the CPU quality report (parity.json).
         combine: native MoE combine formulation: "auto" (costs/combine.py chooses per profile), "onehot" or "chain".
         quality_cases: its case set: "quick" (the optimization resolution, the default) or "full" (every served resolution).
+        image_scores: the report also decodes each case's x0 estimate with the pipeline's VAE (PSNR, SSIM).
         segments: cut the denoiser into this many engines of consecutive blocks (None: as --max-build-memory needs).
         max_build_memory: host memory the build may use, in bytes (None: what is available when the build starts);
             picks the segmentation of the denoiser (without --segments) and of the text encoder through the measured
@@ -92,6 +93,7 @@ class BuildOptions:
     quality: bool = True
     combine: str = contract.AUTO
     quality_cases: str = "quick"
+    image_scores: bool = True
     segments: int | None = None
     max_build_memory: int | None = None
     strip_weights: bool = False
@@ -273,7 +275,7 @@ def build_bundle(checkpoint: Checkpoint, out_dir: Path, export_options: ExportOp
 
         _, opt_tokens, max_tokens = plan.export.profiles.image_tokens
         check_quality_memory(checkpoint, max_tokens if options.quality_cases == "full" else opt_tokens,
-                             max(plan.export.profiles.text_len[1], 8))
+                             max(plan.export.profiles.text_len[1], 8), images=options.image_scores)
     plugin_library = None
     if plan.lowering.moe == MOE_PLUGIN:
         assert options.plugin_library is not None
@@ -354,7 +356,8 @@ def run_quality_report(
     precision = export_options.precision
     started = time.perf_counter()
     with stage(f"quality report ({options.quality_cases} cases; ONNX Runtime CPU vs diffusers float32 and bf16)"):
-        report = quality_report(checkpoint, bundle_dir, precision, lowering, case_set=options.quality_cases)
+        report = quality_report(checkpoint, bundle_dir, precision, lowering, case_set=options.quality_cases,
+                                images=options.image_scores)
     write_report(bundle_dir, {precision.label: report})
     for line in report.summary_lines():
         console.print(line, highlight=False)

@@ -73,6 +73,7 @@ def test_segmented_report_is_the_whole_graph_report(tiny_checkpoint, tiny_refere
     per_block = [(i, i + 1) for i in range(tiny_checkpoint.config.num_layers)]
     cut = quality_report(tiny_checkpoint, bf16_bundle, precision, NATIVE, groups=per_block, max_rows=1)
     assert "5 segments" in cut.note and "block by block" in cut.note
+    assert cut.images == {} and "no image scores" in cut.note  # a transformer folder alone has no VAE
     for a, b in zip(whole.cases, cut.cases, strict=True):
         assert a.name == b.name
         for field in ("sample", "forced", "text_kv", "baseline"):
@@ -163,6 +164,28 @@ def test_engine_check_runs_a_backend_against_diffusers(tiny_checkpoint, tiny_bun
     assert "not observable from plans" in report.note
 
 
+def test_engine_check_scores_the_engines_images(toy_bundle):
+    """With the pipeline's VAE, the engine check decodes the engines' x0 estimates too (the ONNX Runtime backend
+    standing in for TensorRT): an fp32 bundle's images are float32's, diffusers bf16's are not."""
+    from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+    from nucleus_runtime.bundle import load_manifest
+    from toy_pipeline import allow_processor_without_torchvision, ensure_toy_pipeline
+
+    from nucleus_export.model.specs import open_model
+    from nucleus_export.parity.cases import make_cases
+    from nucleus_export.parity.engines import check_engines
+
+    with allow_processor_without_torchvision():
+        checkpoint = open_model(ensure_toy_pipeline())
+    cases = make_cases(checkpoint.config, load_manifest(toy_bundle).profiles, case_set="quick")
+    backend = OrtBackend(toy_bundle, OrtOptions(threads=2, device="cpu"))
+    report = check_engines(checkpoint, toy_bundle, backend, Tolerance(), "fp32 (stand-in)", cases=cases, device="cpu")
+    graph, baseline = report.images["graph"], report.images["diffusers bf16"]
+    assert (graph["psnr"] is None or graph["psnr"] > 48) and graph["ssim"] > 0.9999
+    assert baseline["psnr"] is not None and baseline["psnr"] < (graph["psnr"] or math.inf)
+    assert "decoded by diffusers' float32 VAE" in report.note
+
+
 def test_engine_check_refuses_clearly_without_engines_or_gpu(tiny_bundle):
     from nucleus_export.parity.engines import open_engine_backend
 
@@ -203,18 +226,79 @@ def test_check_backend_cli_without_engines_is_one_line(tiny_bundle, capsys):
 # ---- images ----------------------------------------------------------------------------------------------------------
 
 
-def test_psnr_and_ssim():
-    from nucleus_export.parity.images import psnr, ssim, x0_estimate
+def test_x0_estimate_is_the_pipelines_step_to_sigma_zero():
+    """diffusers' pipeline negates the transformer's output before the FlowMatch Euler step; one step from sigma to 0
+    is the clean-latent estimate the images are decoded from."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nucleus_export.parity.images import x0_estimate
 
     rng = np.random.default_rng(0)
-    image = np.clip(rng.standard_normal((1, 3, 32, 32)) * 0.3, -1, 1)
-    assert psnr(image, image) == float("inf") and ssim(image, image) == pytest.approx(1.0)
-    noisy = image + 0.01 * rng.standard_normal(image.shape)
-    assert psnr(noisy, image) == pytest.approx(10 * np.log10(4 / np.mean((noisy - image) ** 2)))
-    other = np.clip(rng.standard_normal(image.shape) * 0.3, -1, 1)
-    assert 0.9 < ssim(noisy, image) < 1.0 and abs(ssim(other, image)) < 0.1
-    x, v = rng.standard_normal((2, 4, 8)), rng.standard_normal((2, 4, 8))
-    np.testing.assert_allclose(x0_estimate(x, v, np.array([0.5, 0.25])), x - np.array([0.5, 0.25])[:, None, None] * v)
+    for sigma in (0.95, 0.5, 0.05):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+        scheduler.set_timesteps(sigmas=[sigma])
+        x, output = (torch.from_numpy(rng.standard_normal((2, 6, 8)).astype(np.float32)) for _ in range(2))
+        step = scheduler.step(-output, scheduler.timesteps[0], x, return_dict=False)[0].numpy()
+        timestep = (scheduler.timesteps[:1] / scheduler.config.num_train_timesteps).numpy().repeat(2)
+        np.testing.assert_allclose(x0_estimate(x.numpy(), output.numpy(), timestep), step, rtol=1e-6, atol=1e-6)
+
+
+def test_psnr_ssim_and_their_pooling():
+    from nucleus_export.parity.compare import ImageScore
+    from nucleus_export.parity.images import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (2, 24, 32, 3)).astype(np.uint8)
+    smooth = np.repeat(np.repeat(image[:, ::4, ::4], 4, axis=1), 4, axis=2)
+    first = lambda x: np.moveaxis(x, -1, -3)  # noqa: E731  (ssim takes channel-first images)
+    assert psnr(image, image) is None and ssim(first(image), first(image)) == pytest.approx(1.0)
+    noisy = np.clip(smooth.astype(np.int16) + rng.integers(-3, 4, smooth.shape), 0, 255).astype(np.uint8)
+    assert psnr(noisy, smooth) == pytest.approx(10 * np.log10(255**2 / np.mean((noisy - smooth.astype(float)) ** 2)))
+    assert 0.8 < ssim(first(noisy), first(smooth)) < 1.0 and abs(ssim(first(image), first(smooth[::-1]))) < 0.2
+    # Pooled over cases: the PSNR of all pixels together and the pixel-weighted SSIM, as one score of everything.
+    parts = [ImageScore.of(noisy[:1], smooth[:1]), ImageScore.of(noisy[1:], smooth[1:])]
+    whole = ImageScore.of(noisy, smooth)
+    assert ImageScore.pooled(parts) == pytest.approx({"psnr": whole.psnr, "ssim": whole.ssim})
+
+
+@pytest.fixture(scope="module")
+def other_pipeline():
+    """The toy pipeline of other dimensions (sigmoid routing, 6 experts, a VAE scaling by 4): a model with a VAE."""
+    from toy_pipeline import allow_processor_without_torchvision, ensure_toy_pipeline
+
+    from nucleus_export.model.specs import open_model
+
+    with allow_processor_without_torchvision():
+        return open_model(ensure_toy_pipeline("other"))
+
+
+def test_report_scores_decoded_images_next_to_diffusers_bf16(other_pipeline, tmp_path):
+    """With a VAE beside the transformer, the report decodes every case's x0 estimate (graph, diffusers float32 and
+    bf16) and gives PSNR and SSIM against float32's images, per case and pooled, in parity.json too."""
+    import json
+
+    from nucleus_runtime.contract import PARITY_NAME
+
+    from nucleus_export.parity.check import write_report
+
+    out = tmp_path / "bf16"
+    export_bundle(other_pipeline, out, ExportOptions(GraphPrecision("bf16"), resolutions=[(64, 64)], max_text_len=16,
+                                                     stages=("denoiser",)))  # fmt: skip
+    report = quality_report(other_pipeline, out, GraphPrecision("bf16"), NATIVE, case_set="quick")
+    assert "decoded by diffusers' float32 VAE" in report.note
+    assert set(report.images) == {"graph", "diffusers bf16"}
+    for label, score in report.images.items():
+        # bf16 moves the latents by ~1e-2: visible in 8-bit images, far from noise.
+        assert score["psnr"] is not None and 20 < score["psnr"] < 90, (label, score)
+        assert 0.5 < score["ssim"] < 1.0, (label, score)
+    for case in report.cases:  # every row of every case decoded to a 64x64 RGB image per side
+        rows = 1 if "/b1/" in case.name else 2
+        assert case.images is not None and {s.values for s in case.images.values()} == {rows * 64 * 64 * 3}
+    assert any(line.startswith("decoded x0 estimates vs float32's") for line in report.summary_lines())
+    written = json.loads(write_report(out, {"bf16": report}).read_text())["bf16"]
+    assert written["images"] == report.images and (out / PARITY_NAME).is_file()
+    skipped = quality_report(other_pipeline, out, GraphPrecision("bf16"), NATIVE, case_set="quick", images=False)
+    assert skipped.images == {} and "image scores skipped" in skipped.note
 
 
 def test_streamed_calibration_measures_what_the_whole_model_does(tiny_checkpoint, tiny_reference):

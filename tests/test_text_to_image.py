@@ -228,8 +228,12 @@ def test_bad_requests_get_one_line_errors(text_to_image, bundle, tmp_path, capsy
 def test_check_covers_the_pipeline_stages(pipeline_root, bundle, capsys):
     assert main(["check", "--model", str(pipeline_root), "--bundle", str(bundle), "--cases", "quick"]) == 0
     printed = capsys.readouterr().out
-    assert "text_encoder:" in printed and "vae_decoder:" in printed
-    stages = json.loads((bundle / PARITY_NAME).read_text())["stages"]
+    assert "text_encoder:" in printed and "vae_decoder:" in printed and "decoded x0 estimates" in printed
+    parity = json.loads((bundle / PARITY_NAME).read_text())
+    # fp32 graph: its decoded images are float32's up to a level at a rounding boundary, at most.
+    graph = parity["fp32"]["images"]["graph"]
+    assert (graph["psnr"] is None or graph["psnr"] > 48) and graph["ssim"] > 0.9999
+    stages = parity["stages"]
     assert stages[TEXT_ENCODER_GRAPH]["passed"] and stages[TEXT_ENCODER_GRAPH]["value"] <= 1e-5
     assert stages[TEXT_ENCODER_GRAPH]["cases"] >= 6
     assert stages[VAE_DECODER_GRAPH]["passed"] and stages[VAE_DECODER_GRAPH]["value"] <= 1

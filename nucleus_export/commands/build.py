@@ -13,6 +13,7 @@ from nucleus_export.build import BuildOptions, build_bundle, plan_build, validat
 from nucleus_export.cache import cache_root
 from nucleus_export.commands.common import (
     add_export_arguments,
+    add_image_scores_argument,
     add_model_argument,
     add_out_argument,
     bundle_path,
@@ -133,6 +134,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         default="quick",
         help="quality report cases: the optimization resolution (quick, default) or every served resolution (full)",
     )
+    add_image_scores_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -196,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         quality=not args.skip_quality,
         combine=args.combine,
         quality_cases=args.quality,
+        image_scores=not args.skip_image_scores,
         segments=args.segments,
         max_build_memory=None if args.max_build_memory is None else int(args.max_build_memory * 1e9),
         strip_weights=args.strip_weights,

@@ -10,7 +10,7 @@ from pathlib import Path
 from nucleus_runtime.bundle import load_manifest, verify_files
 from nucleus_runtime.contract import GRAPHS, OPTIONAL_STAGES, QUANT_RECIPE_NAME, onnx_file
 
-from nucleus_export.commands.common import add_expect_manifest_argument
+from nucleus_export.commands.common import add_expect_manifest_argument, add_image_scores_argument
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.graph.precision import GraphPrecision, QuantRecipe
 from nucleus_export.model.specs import open_model
@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "error; tensorrt / tensorrt-rtx: the bundle's plans themselves on this machine's GPU against diffusers on "
         "the same GPU, plus a Polygraphy comparison of one engine against ONNX Runtime (needs a GPU)",
     )
+    add_image_scores_argument(parser)
     parser.add_argument("--polygraphy-unit", default="text_kv", help="engine unit Polygraphy compares (default text_kv)")
     add_expect_manifest_argument(parser)
     parser.set_defaults(func=run)
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         return run_engines(args, manifest, precision, tolerance)
     checkpoint = open_model(args.model, tuple(s for s in manifest.stage_names if s in OPTIONAL_STAGES))
     report = quality_report(
-        checkpoint, args.bundle, precision, built_lowering(manifest), tolerance=tolerance, case_set=args.cases
+        checkpoint, args.bundle, precision, built_lowering(manifest), tolerance=tolerance, case_set=args.cases,
+        images=not args.skip_image_scores,
     )
     resolutions = [tuple(manifest.profiles.opt_resolution)] if args.cases == "quick" else manifest.profiles.resolutions
     stages = check_stages(checkpoint.pipeline_root, args.bundle, manifest, precision.exact, resolutions)
@@ -98,7 +100,8 @@ def run_engines(args: argparse.Namespace, manifest, precision: GraphPrecision, t
     backend = open_engine_backend(args.bundle, args.backend)
     try:
         label = f"{precision.label} ({args.backend})"
-        report = check_engines(checkpoint, args.bundle, backend, tolerance, label, case_set=args.cases)
+        report = check_engines(checkpoint, args.bundle, backend, tolerance, label, case_set=args.cases,
+                               images=not args.skip_image_scores)
     finally:
         backend.close()
     case = make_cases(checkpoint.config, manifest.profiles, case_set="quick")[0]

@@ -47,6 +47,15 @@ def add_expect_manifest_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_image_scores_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--skip-image-scores",
+        action="store_true",
+        help="skip the PSNR/SSIM of decoded images in the quality report (each case's x0 estimate decoded by the "
+        "pipeline's VAE in float32: about a minute per 1024x1024 image on a CPU)",
+    )
+
+
 def add_model_argument(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, required: bool = True) -> None:
     parser.add_argument("--model", required=required, help=MODEL_HELP)
 

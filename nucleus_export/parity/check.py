@@ -7,7 +7,8 @@ Three numbers per case (docs/commands.md, `check`):
   can explain);
 - the error with routing forced: the graph run with the reference's token selections (rewrites/forced_routing.py), which
   isolates everything but routing;
-- the end-to-end error.
+- the end-to-end error;
+and, with an image decoder (a pipeline root's VAE), PSNR and SSIM of each case's decoded x0 estimate (parity.images).
 fp32 bundles pass when the forced error is float32 noise, every flip is a near-tie and the end-to-end error is
 within tolerance wherever routing agreed. Low-precision graphs (the build's quality report) are held, in the same
 report, against diffusers itself run in bf16 on the same cases (`baseline`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,16 +37,15 @@ from nucleus_export.graph.external_data import load_model
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
-from nucleus_export.parity.compare import CaseResult, Comparison
+from nucleus_export.parity.compare import BASELINE_LABEL, GRAPH_LABEL, CaseResult, Comparison, ImageScore
 from nucleus_export.parity.sessions import cpu_session
 from nucleus_export.rewrites.forced_routing import RoutingNames, with_forced_routing, with_router_outputs
 
 if TYPE_CHECKING:
     import torch
 
+    from nucleus_export.parity.images import ImageDecoder
     from nucleus_export.parity.streamed import SegmentGraphs, TruthCache
-
-BASELINE_LABEL = "diffusers bf16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ class ParityReport:
     def pooled(self) -> dict[str, dict[str, float]]:
         """Over all cases: the graph, and diffusers bf16 where measured, against float32 truth."""
         out = {
-            "graph": {
+            GRAPH_LABEL: {
                 **Comparison.pooled([c.sample for c in self.cases]),
                 "routing_agreement": _pooled_agreement(
                     [{k: r.agreement for k, r in c.routing.items()} for c in self.cases]
@@ -129,6 +130,14 @@ class ParityReport:
                 "routing_agreement": _pooled_agreement([c.baseline_routing or {} for c in self.cases]),
             }
         return out
+
+    @property
+    def images(self) -> dict[str, dict[str, float | None]]:
+        """PSNR and SSIM of each side's decoded images against float32's, over all cases (empty: not decoded)."""
+        if not self.cases or any(c.images is None for c in self.cases):
+            return {}
+        labels = self.cases[0].images or {}
+        return {label: ImageScore.pooled([c.images[label] for c in self.cases if c.images]) for label in labels}
 
     @property
     def routing_by_layer(self) -> dict[str, float]:
@@ -164,7 +173,7 @@ class ParityReport:
             if BASELINE_LABEL not in pooled:
                 out.append("no diffusers bf16 baseline to compare with")
             else:
-                g, b, k = pooled["graph"], pooled[BASELINE_LABEL], 1 + t.baseline_margin
+                g, b, k = pooled[GRAPH_LABEL], pooled[BASELINE_LABEL], 1 + t.baseline_margin
                 for name, gv, bv in (
                     ("relative error", g["relative_error"], b["relative_error"]),
                     ("1 - cosine", 1 - g["cosine"], 1 - b["cosine"]),
@@ -187,6 +196,7 @@ class ParityReport:
             "worst": self.worst,
             "routing_flips": self.flips,
             "pooled": self.pooled,
+            "images": self.images,
             "routing_agreement_by_layer": self.routing_by_layer,
             "note": self.note,
             "cases": [dataclasses.asdict(c) for c in self.cases],
@@ -211,6 +221,11 @@ class ParityReport:
                 f"vs float32, all cases: {label}: rel err {p['relative_error']:.3e}, cosine {p['cosine']:.6f}, "
                 f"routing agreement {100 * p['routing_agreement']:.2f}%"
             )
+        if self.images:
+            lines.append(
+                "decoded x0 estimates vs float32's, all cases: "
+                + "; ".join(f"{label}: {_image_line(score)}" for label, score in self.images.items())
+            )
         if self.routing_by_layer:
             lines.append(
                 "routing agreement per MoE layer: "
@@ -219,6 +234,11 @@ class ParityReport:
         failures = self.failures()
         lines.append("PASS" if not failures else "FAIL: " + "; ".join(failures))
         return lines
+
+
+def _image_line(score: dict[str, float | None]) -> str:
+    psnr = "identical" if score["psnr"] is None else f"PSNR {score['psnr']:.2f} dB"
+    return f"{psnr}, SSIM {score['ssim']:.5f}"
 
 
 # ---- ONNX Runtime side ---------------------------------------------------------------------------------------------
@@ -325,6 +345,7 @@ def check_parity(
     segments: list[SegmentGraphs] | None = None,
     text_kv: onnx.ModelProto | Path | None = None,
     max_rows: int | None = None,
+    open_decoder: Callable[[], ImageDecoder] | None = None,
 ) -> ParityReport:
     """Compare a bundle's graphs (or the given variants, e.g. lowered and emulated) with diffusers' forward.
 
@@ -343,6 +364,7 @@ def check_parity(
         segments: the denoiser as segment variants run one session at a time (parity.streamed.parity_segments)
             instead of `variants`; `text_kv` is then the text_kv graph to run (default: the bundle's).
         max_rows: at most this many batch rows per run (bounds activation memory; results do not depend on it).
+        open_decoder: opens the image decoder that also scores each case's decoded x0 estimate (parity.images).
 
     Returns:
         The report; nothing is written.
@@ -377,7 +399,8 @@ def check_parity(
         low = BlockwiseReference(checkpoint, dtype=torch.bfloat16) if baseline else None
     opener = session_opener(directory, threads)
     batches = batch_by_resolution(cases or make_cases(config, manifest.profiles, case_set=case_set), max_rows)
-    results = run_segmented_parity(config, batches, lambda: opener(text_kv), segments, opener, truth_model, low, truth)
+    results = run_segmented_parity(config, batches, lambda: opener(text_kv), segments, opener, truth_model, low, truth,
+                                   open_decoder=open_decoder)
     return ParityReport(graph_precision or manifest.precision, tolerance, results, note)
 
 

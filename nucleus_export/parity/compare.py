@@ -6,7 +6,13 @@ import dataclasses
 
 import numpy as np
 
+from nucleus_export.parity.cases import ParityCase
+from nucleus_export.parity.images import ImageDecoder, psnr_of_mse, ssim, x0_estimate
 from nucleus_export.parity.routing import LayerRouting
+
+# The sides every report compares with diffusers float32: the graph (or engines) under test, and diffusers in bf16.
+GRAPH_LABEL = "graph"
+BASELINE_LABEL = "diffusers bf16"
 
 
 @dataclasses.dataclass
@@ -45,6 +51,32 @@ class Comparison:
 
 
 @dataclasses.dataclass
+class ImageScore:
+    """Decoded 8-bit images [B, H, W, 3] of one side against float32's (parity.images): PSNR in dB (None: identical)
+    and mean SSIM, with what pools them over cases exactly."""
+
+    psnr: float | None
+    ssim: float
+    mse: float  # in levels squared
+    values: int  # pixel values compared
+
+    @classmethod
+    def of(cls, image: np.ndarray, reference: np.ndarray) -> ImageScore:
+        mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+        channels_first = (np.moveaxis(x, -1, -3) for x in (image, reference))
+        return cls(psnr_of_mse(mse), ssim(*channels_first), mse, int(image.size))
+
+    @staticmethod
+    def pooled(parts: list[ImageScore]) -> dict[str, float | None]:
+        """PSNR of all parts' pixels together, and SSIM averaged over them."""
+        values = sum(p.values for p in parts)
+        return {
+            "psnr": psnr_of_mse(sum(p.mse * p.values for p in parts) / values),
+            "ssim": float(sum(p.ssim * p.values for p in parts) / values),
+        }
+
+
+@dataclasses.dataclass
 class CaseResult:
     name: str
     text_kv: Comparison
@@ -53,7 +85,20 @@ class CaseResult:
     routing: dict[str, LayerRouting]
     baseline: Comparison | None = None  # diffusers bf16 against the same float32 truth
     baseline_routing: dict[str, float] | None = None
+    images: dict[str, ImageScore] | None = None  # per side (GRAPH_LABEL, BASELINE_LABEL), when a decoder ran
 
     @property
     def routing_agreed(self) -> bool:
         return all(r.flips == 0 and r.agreement == 1.0 for r in self.routing.values())
+
+
+def case_image_scores(decode: ImageDecoder, batch: ParityCase, rows: list[slice], truth: np.ndarray,
+                      sides: dict[str, np.ndarray]) -> list[dict[str, ImageScore]]:
+    """Each side's decoded x0 estimate against float32 truth's, per case (`rows` of the stacked `batch`)."""
+
+    def images(output: np.ndarray) -> np.ndarray:
+        return decode(x0_estimate(batch.hidden_states, output, batch.timestep), batch.grid)
+
+    reference = images(truth)
+    decoded = {label: images(output) for label, output in sides.items()}
+    return [{label: ImageScore.of(image[r], reference[r]) for label, image in decoded.items()} for r in rows]

@@ -28,8 +28,9 @@ from nucleus_export.errors import NucleusExportError
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
-from nucleus_export.parity.check import BASELINE_LABEL, ParityReport, Tolerance
-from nucleus_export.parity.compare import CaseResult, Comparison
+from nucleus_export.parity.check import ParityReport, Tolerance
+from nucleus_export.parity.compare import BASELINE_LABEL, GRAPH_LABEL, CaseResult, Comparison, case_image_scores
+from nucleus_export.parity.quality import image_decoder
 from nucleus_export.parity.streamed import _Accumulated, _prologue, _text_kv_of_block
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def check_engines(
     case_set: str = "quick",
     max_rows: int | None = 1,
     device: str | None = None,
+    images: bool = True,
 ) -> ParityReport:
     """The engines (an opened backend) against diffusers float32 and bf16 (block by block, on `device`: the GPU
     by default where PyTorch sees one) on the parity cases.
@@ -76,6 +78,8 @@ def check_engines(
         backend: an opened runtime backend (open_engine_backend), any backend with compute_text_kv/denoise.
         tolerance: pass criteria (quality.tolerance_for).
         label: the report's graph precision label.
+        images: also score each case's decoded x0 estimate (PSNR, SSIM; parity.images) with the pipeline's VAE on
+            the reference's device, where the model's pipeline has one.
     """
     import torch
 
@@ -114,16 +118,20 @@ def check_engines(
                     states[b] = (new, states[b][1], states[b][2]) if which == 0 else (states[b][0], new, states[b][2])
             finally:
                 ref.release_block(idx)
+    open_decoder, images_note = image_decoder(checkpoint, str(truth.device)) if images else (None, "image scores skipped")
+    decode = open_decoder() if open_decoder is not None else None
     results = []
     for b, (case, rows) in enumerate(batches):
         sample = truth.epilogue(states[b][0]).float().cpu().numpy()
         base = low.epilogue(states[b][1]).float().cpu().numpy()
+        images = None if decode is None else case_image_scores(
+            decode, case, [r for _m, r in rows], sample, {GRAPH_LABEL: engine_out[b][1], BASELINE_LABEL: base})
         for c, (member, r) in enumerate(rows):
             end_to_end = Comparison.of(engine_out[b][1][r], sample[r])
             results.append(CaseResult(member.name, states[b][2][c].comparison(), end_to_end, end_to_end, {},
-                                      Comparison.of(base[r], sample[r]), {}))
-    device_name = str(truth.device)
-    return ParityReport(label, tolerance, results, ENGINE_NOTE.format(backend=backend.name, device=device_name))
+                                      Comparison.of(base[r], sample[r]), {}, None if images is None else images[c]))
+    note = ENGINE_NOTE.format(backend=backend.name, device=truth.device)
+    return ParityReport(label, tolerance, results, f"{note}; {images_note}")
 
 
 # ---- Polygraphy: one engine against ONNX Runtime on the same inputs -------------------------------------------------
@@ -221,4 +229,4 @@ def polygraphy_compare(
     return PolygraphyComparison(unit, passed, atol, rtol, outputs)
 
 
-__all__ = ["BASELINE_LABEL", "PolygraphyComparison", "check_engines", "open_engine_backend", "polygraphy_compare"]
+__all__ = ["PolygraphyComparison", "check_engines", "open_engine_backend", "polygraphy_compare"]

@@ -1,35 +1,47 @@
-"""Quality in the unit users see: PSNR and SSIM of decoded images.
+"""Quality in the unit users see: PSNR and SSIM of decoded 8-bit images.
 
-The denoiser predicts a velocity; with flow matching, x_t = (1 - sigma) x0 + sigma noise and v = noise - x0, so each
-parity case's clean-latent estimate is x0 = x_t - sigma v, sigma being the timestep input (t / 1000). Decoding the
-x0 of the graph (or engine), of diffusers float32 and of diffusers bf16 with the same VAE gives images compared with
-PSNR and SSIM against float32's, so a report can say "bf16 graph: 41.2 dB, diffusers bf16: 41.0 dB".
-
-The decoder is a hook (`ImageDecoder`): diffusers' AutoencoderKLQwenImage (`diffusers_decoder`) for both sides when
-the bundle has no VAE stage; a bundle's own vae_decoder graph can be passed once that stage lands in bundles.
+Each parity case is one denoiser step at timestep sigma (the timestep input, t / 1000). diffusers' pipeline negates
+the transformer's output before the FlowMatch Euler step (x_next = x_t + (sigma_next - sigma) * (-output)), so the
+step to sigma = 0 is the case's clean-latent estimate x0 = x_t + sigma * output. Decoding the x0 of the graph (or the
+engines), of diffusers float32 and of diffusers bf16 with one decoder, diffusers' float32 AutoencoderKLQwenImage
+through the pipeline's own tail (de-normalize, decode, post-process, round to uint8 as numpy_to_pil does), gives the
+images a user would see after that step; each side is scored against float32's. One decoder for every side keeps the
+scores about the denoiser: the VAE stage is checked on its own (parity.stages).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from nucleus_runtime.latents import unpack_latents
 
-# latents [B, S, C * 4] (packed 2x2 patches) and the patch grid -> images [B, 3, H, W] in [-1, 1]
+# packed latents [B, S, C * p * p] on a patch grid -> uint8 RGB images [B, H, W, 3]
 ImageDecoder = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
+LEVELS = 255.0  # the data range of 8-bit images
 
-def x0_estimate(hidden_states: np.ndarray, velocity: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-    """Flow matching's clean-latent estimate x0 = x_t - sigma v, per batch row (sigma = the timestep input)."""
-    return hidden_states - timestep.reshape(-1, 1, 1).astype(np.float32) * velocity
+# Peak bytes of diffusers' float32 decode on the CPU per output pixel and per channel of the decoder's full-resolution
+# stage, measured on the released VAE (96 channels) beyond the process's 0.38 GB: 8.8 GB for one 1024x1024 image,
+# 2.6 GB at 512x512 (docs/quality.md). The causal 3D convolutions pad and cache copies of those activations.
+DECODE_BYTES_PER_PIXEL_CHANNEL = 100
 
 
-def psnr(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB (inf for identical images); images in [-1, 1] by default."""
+def x0_estimate(hidden_states: np.ndarray, output: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    """The clean-latent estimate x_t + sigma * output per batch row (module docstring; sigma = the timestep input)."""
+    return hidden_states + timestep.reshape(-1, 1, 1).astype(np.float32) * output
+
+
+def psnr(image: np.ndarray, reference: np.ndarray, data_range: float = LEVELS) -> float | None:
+    """Peak signal-to-noise ratio in dB, None for identical images (no finite value, and none JSON can hold)."""
     mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+    return psnr_of_mse(mse, data_range)
+
+
+def psnr_of_mse(mse: float, data_range: float = LEVELS) -> float | None:
+    return None if mse == 0 else float(10 * np.log10(data_range**2 / mse))
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -45,11 +57,12 @@ def _filter(image: np.ndarray, window: np.ndarray) -> np.ndarray:
     return sum(window[i] * out[..., :, i : out.shape[-1] - k + 1 + i] for i in range(k))
 
 
-def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> float:
-    """Mean structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) over
-    [..., H, W] images, channels averaged."""
+def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = LEVELS) -> float:
+    """Mean structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) of channel-
+    first images [..., H, W], channels averaged."""
     x, y = image.astype(np.float64), reference.astype(np.float64)
-    w = _gaussian_window()
+    # Images smaller than the window (toy models' thumbnails) get the largest odd window that fits.
+    w = _gaussian_window(min(11, (min(x.shape[-2:]) - 1) | 1))
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_x, mu_y = _filter(x, w), _filter(y, w)
     sxx = _filter(x * x, w) - mu_x**2
@@ -60,55 +73,38 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> f
     return float(np.mean(num / den))
 
 
-@dataclasses.dataclass
-class ImageQuality:
-    """PSNR (dB) and SSIM of decoded images against diffusers float32's, per side."""
+def pipeline_images(vae: Any, latents: np.ndarray) -> np.ndarray:
+    """diffusers' pipeline tail on normalized latents [B, C, h, w] (or [B, C, 1, h, w]) in the VAE's dtype:
+    de-normalize, decode frame 0, post-process, round to uint8 as numpy_to_pil does -> [B, H, W, 3]."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
 
-    psnr: dict[str, float]
-    ssim: dict[str, float]
-
-    def summary_line(self) -> str:
-        return "decoded images vs diffusers float32: " + ", ".join(
-            f"{k}: PSNR {self.psnr[k]:.2f} dB, SSIM {self.ssim[k]:.5f}" for k in self.psnr
-        )
-
-
-def image_quality(decode: ImageDecoder, grid: tuple[int, int], hidden_states: np.ndarray, timestep: np.ndarray,
-                  truth: np.ndarray, others: dict[str, np.ndarray]) -> ImageQuality:
-    """Decode the x0 estimates of float32 truth and of each other side (e.g. "graph", "diffusers bf16") and compare.
-
-    Args:
-        decode: latents -> images (ImageDecoder).
-        hidden_states, timestep: the case's denoiser inputs.
-        truth: diffusers float32's velocity; others: label -> velocity.
-    """
-    reference = decode(x0_estimate(hidden_states, truth, timestep), grid)
-    scores_psnr, scores_ssim = {}, {}
-    for label, velocity in others.items():
-        image = decode(x0_estimate(hidden_states, velocity, timestep), grid)
-        scores_psnr[label], scores_ssim[label] = psnr(image, reference), ssim(image, reference)
-    return ImageQuality(scores_psnr, scores_ssim)
+    z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+    z = (z if z.ndim == 5 else z[:, :, None]).to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z.dtype)
+    with torch.no_grad():
+        image = vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
+    # postprocess only denormalizes [-1, 1] to [0, 1] and moves channels last; the scale factor plays no part.
+    return (VaeImageProcessor().postprocess(image.float(), output_type="np") * LEVELS).round().astype(np.uint8)
 
 
-def diffusers_decoder(vae_dir: Path, device: str = "cpu") -> ImageDecoder:
-    """diffusers' AutoencoderKLQwenImage (float32) as the decoder of both sides: packed latents [B, S, C*4] on a
-    patch grid are unpacked to [B, C, 1, 2h, 2w], de-normalized with the VAE's latents_mean / latents_std, decoded,
-    and the single frame returned in [-1, 1]."""
+def diffusers_decoder(vae_dir: Path, patch_size: int, device: str = "cpu") -> ImageDecoder:
+    """diffusers' AutoencoderKLQwenImage in float32 as an ImageDecoder, one image at a time (the decode's activations
+    of one 1024x1024 image alone peak at ~9 GB on the CPU)."""
     import torch
     from diffusers import AutoencoderKLQwenImage
 
     vae = AutoencoderKLQwenImage.from_pretrained(str(vae_dir), torch_dtype=torch.float32).to(device).eval()
-    channels = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1)
 
-    def decode(latents: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-        h, w = grid
-        x = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
-        b = x.shape[0]
-        x = x.view(b, h, w, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, 1, h * 2, w * 2)
-        with torch.no_grad():
-            image = vae.decode(x * std + mean, return_dict=False)[0]
-        return image[:, :, 0].clamp(-1, 1).cpu().numpy()
+    def decode(packed: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        latents = unpack_latents(np.asarray(packed, np.float32), grid, patch_size)
+        return np.concatenate([pipeline_images(vae, latents[row : row + 1]) for row in range(latents.shape[0])])
 
     return decode
+
+
+def decode_bytes(pixels: int, channels: int) -> int:
+    """Predicted peak activation bytes of one image's float32 decode on the CPU (DECODE_BYTES_PER_PIXEL_CHANNEL);
+    `channels`: the decoder's width at full resolution."""
+    return pixels * channels * DECODE_BYTES_PER_PIXEL_CHANNEL

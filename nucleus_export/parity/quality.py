@@ -10,10 +10,13 @@ lowering chose.
 
 Default gate for bf16, fp16 and FP8 graphs: against float32 truth, pooled over all cases, relative error, 1 - cosine
 and 1 - routing agreement at most (1 + BASELINE_MARGIN) x those of diffusers in bf16 (parity.check.Tolerance).
+When the model is a pipeline root, the report also gives PSNR and SSIM of each case's decoded x0 estimate
+(parity.images), reported beside the gate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +29,9 @@ from nucleus_runtime.contract import onnx_file
 
 from nucleus_export.graph.precision import GraphPrecision
 from nucleus_export.model.checkpoint import Checkpoint
+from nucleus_export.model.vae import VAE_FOLDER, open_vae
 from nucleus_export.parity.check import ParityReport, Tolerance
+from nucleus_export.parity.images import ImageDecoder, decode_bytes, diffusers_decoder
 from nucleus_export.parity.streamed import SegmentGraphs, parity_segments
 from nucleus_export.rewrites.segments import block_weight_bytes, split_segments
 from nucleus_export.rewrites.as_built import engine_graph
@@ -64,12 +69,40 @@ def report_groups(denoiser: onnx.ModelProto, segment_bytes: int = REPORT_SEGMENT
 REPORT_BASE_BYTES = 2 << 30
 
 
+def pipeline_vae_dir(checkpoint: Checkpoint) -> Path | None:
+    """The VAE beside the transformer when the model was given as a pipeline root, else None."""
+    root = checkpoint.pipeline_root
+    return root / VAE_FOLDER if root is not None and (root / VAE_FOLDER / "config.json").is_file() else None
+
+
+def image_decoder(checkpoint: Checkpoint, device: str = "cpu") -> tuple[Callable[[], ImageDecoder] | None, str]:
+    """What opens the report's image decoder (diffusers' float32 VAE of the model's pipeline), and a note."""
+    vae_dir = pipeline_vae_dir(checkpoint)
+    if vae_dir is None:
+        return None, "no image scores (the model has no vae/ folder beside its transformer: pass the pipeline root)"
+    patch = checkpoint.config.patch_size
+    return lambda: diffusers_decoder(vae_dir, patch, device), "images: x0 estimates decoded by diffusers' float32 VAE"
+
+
+def decode_memory_estimate(checkpoint: Checkpoint, image_tokens: int) -> int:
+    """Predicted peak bytes of decoding one image of `image_tokens` tokens with the pipeline's VAE in float32 (its
+    weights and the decode's activations); 0 without a VAE."""
+    vae_dir = pipeline_vae_dir(checkpoint)
+    if vae_dir is None:
+        return 0
+    vae = open_vae(vae_dir)
+    weights = sum(vae.weights.info(n).nbytes // vae.weights.dtype(n).itemsize * 4 for n in vae.weights)
+    pixels = image_tokens * (checkpoint.config.patch_size * vae.config.scale_factor) ** 2
+    return weights + decode_bytes(pixels, vae.config.out_dim)
+
+
 def quality_memory_estimate(checkpoint: Checkpoint, image_tokens: int = 4096, text_tokens: int = 128,
-                            max_rows: int = REPORT_MAX_ROWS) -> int:
+                            max_rows: int = REPORT_MAX_ROWS, images: bool = True) -> int:
     """Predicted peak bytes of the streamed report (docs/quality.md has the measured parts): the base, plus the
-    larger of the reference side (one block in float32 and its activations) and the graph side (one block's weights
+    largest of the reference side (one block in float32 and its activations), the graph side (one block's weights
     as stored, their float32 casts while they run, and the attention scores and probabilities ONNX Runtime
-    materializes: 2 x rows x heads x S x (S + T) float32)."""
+    materializes: 2 x rows x heads x S x (S + T) float32) and, with `images`, the decode of one image after the
+    last block."""
     config = checkpoint.config
     weights = checkpoint.weights
     per_block = [0] * config.num_layers
@@ -86,17 +119,18 @@ def quality_memory_estimate(checkpoint: Checkpoint, image_tokens: int = 4096, te
     attention = 2 * max_rows * config.num_attention_heads * image_tokens * (image_tokens + text_tokens) * 4
     reference = per_block[block] * 4 + activations
     graph = stored[block] + per_block[block] * 4 + attention + activations
-    return REPORT_BASE_BYTES + max(reference, graph)
+    decode = decode_memory_estimate(checkpoint, image_tokens) if images else 0
+    return REPORT_BASE_BYTES + max(reference, graph, decode)
 
 
 def check_quality_memory(checkpoint: Checkpoint, image_tokens: int = 4096, text_tokens: int = 128,
-                         max_rows: int = REPORT_MAX_ROWS) -> None:
+                         max_rows: int = REPORT_MAX_ROWS, images: bool = True) -> None:
     """Fail before any work when the streamed report cannot fit in the memory available (quality_memory_estimate)."""
     import psutil
 
     from nucleus_export.errors import NucleusExportError
 
-    needed = quality_memory_estimate(checkpoint, image_tokens, text_tokens, max_rows)
+    needed = quality_memory_estimate(checkpoint, image_tokens, text_tokens, max_rows, images)
     available = psutil.virtual_memory().available
     if needed > available:
         raise NucleusExportError(
@@ -180,6 +214,7 @@ def quality_report(
     case_set: str = "full",
     groups: list[tuple[int, int]] | None = None,
     max_rows: int | None = REPORT_MAX_ROWS,
+    images: bool = True,
 ) -> ParityReport:
     """Check the bundle's graphs as built against diffusers' float32 forward, with diffusers-bf16 as the baseline for
     low-precision graphs; segment by segment and block by block (parity.streamed), so it runs on the 17B model
@@ -191,6 +226,8 @@ def quality_report(
         reference: a whole diffusers model already in memory (small models, tests); default: streamed.
         groups: the report's segments (default report_groups).
         max_rows: batch rows per run.
+        images: also score each case's decoded x0 estimate (PSNR, SSIM; parity.images) where the model's pipeline
+            has a VAE.
 
     Returns:
         nucleus_export.parity.check.ParityReport labelled with the graph precision, lowering and emulation.
@@ -198,6 +235,7 @@ def quality_report(
     from nucleus_export.parity.check import check_parity
 
     segments, text_kv, note = built_segments(bundle_dir, lowering, groups)
+    open_decoder, images_note = image_decoder(checkpoint) if images else (None, "image scores skipped")
     return check_parity(
         checkpoint,
         bundle_dir,
@@ -205,9 +243,10 @@ def quality_report(
         graph_precision=precision.label,
         reference=reference,
         case_set=case_set,
-        note=note,
+        note=f"{note}; {images_note}",
         baseline=not precision.exact,
         segments=segments,
         text_kv=text_kv,
         max_rows=max_rows,
+        open_decoder=open_decoder,
     )

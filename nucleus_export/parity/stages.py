@@ -39,8 +39,9 @@ from nucleus_runtime.tokenizer import common_prefix_length
 from nucleus_export.graph.external_data import load_external_data
 from nucleus_export.model.text_encoder import TEXT_ENCODER_FOLDER
 from nucleus_export.model.vae import VAE_FOLDER
-from nucleus_export.parity.sessions import cpu_session
+from nucleus_export.parity.images import pipeline_images
 from nucleus_export.parity.quality import BASELINE_MARGIN
+from nucleus_export.parity.sessions import cpu_session
 from nucleus_export.rewrites.bf16_emulation import EMULATION_LABEL, emulate_bf16_in_fp32, has_bf16
 
 PROMPTS = (
@@ -159,33 +160,21 @@ def check_vae_decoder(pipeline_root: Path, bundle_dir: Path, manifest: Manifest,
                       resolutions: list[tuple[int, int]]) -> StageCheck:
     import torch
     from diffusers import AutoencoderKLQwenImage
-    from diffusers.image_processor import VaeImageProcessor
 
     session, emulated = _stage_session(bundle_dir, VAE_DECODER_GRAPH)
     vae = AutoencoderKLQwenImage.from_pretrained(pipeline_root / VAE_FOLDER, torch_dtype=torch.float32).eval()
     vae_bf16 = None if exact else AutoencoderKLQwenImage.from_pretrained(pipeline_root / VAE_FOLDER, torch_dtype=torch.bfloat16).eval()
     scale = manifest.stages[VAE_DECODER_GRAPH].config["scale_factor"]
-    processor = VaeImageProcessor(vae_scale_factor=scale * 2)
-
-    def decode(model: Any, latents: np.ndarray) -> np.ndarray:
-        """The pipeline's tail: de-normalize, decode frame 0, post-process, round to uint8 as numpy_to_pil does."""
-        z = torch.from_numpy(latents)[:, :, None].to(model.dtype)
-        mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1).to(z.dtype)
-        inv_std = 1.0 / torch.tensor(model.config.latents_std).view(1, -1, 1, 1, 1).to(z.dtype)
-        with torch.no_grad():
-            image = model.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
-        return (processor.postprocess(image.float(), output_type="np") * 255).round().astype(np.uint8)
-
     worst, baseline = 0.0, 0.0
     z_dim = manifest.stages[VAE_DECODER_GRAPH].config["z_dim"]
     for k, (height, width) in enumerate(resolutions):
         latents = np.random.default_rng(k).standard_normal((1, z_dim, height // scale, width // scale)).astype(np.float32)
-        expected = decode(vae, latents).astype(np.int16)
+        expected = pipeline_images(vae, latents).astype(np.int16)
         (image,) = session.run([IMAGE], {LATENTS: latents})
         diff = np.abs(image.astype(np.int16) - expected)
         worst = max(worst, float(diff.max() if exact else diff.mean()))
         if vae_bf16 is not None:
-            baseline = max(baseline, float(np.abs(decode(vae_bf16, latents).astype(np.int16) - expected).mean()))
+            baseline = max(baseline, float(np.abs(pipeline_images(vae_bf16, latents).astype(np.int16) - expected).mean()))
     metric = "max difference in levels per pixel" if exact else "mean difference in levels per pixel"
     return StageCheck(
         VAE_DECODER_GRAPH, len(resolutions), metric, worst, _limit(exact, VAE_MAX_LEVELS, baseline),

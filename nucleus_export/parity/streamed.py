@@ -34,7 +34,8 @@ from nucleus_export.log import track
 from nucleus_export.model.config import ModelConfig
 from nucleus_export.moe.expert_choice import reference_scores, reference_selection, score_bounds
 from nucleus_export.parity.cases import ParityCase
-from nucleus_export.parity.compare import CaseResult, Comparison
+from nucleus_export.parity.compare import BASELINE_LABEL, GRAPH_LABEL, CaseResult, Comparison, case_image_scores
+from nucleus_export.parity.images import ImageDecoder
 from nucleus_export.parity.routing import LayerRouting, agreement, classify_flips
 from nucleus_export.parity.sessions import cpu_session
 from nucleus_export.rewrites.forced_routing import RoutingNames, router_nodes, with_forced_routing, with_router_outputs
@@ -256,6 +257,7 @@ def run_segmented_parity(
     low: BlockwiseReference | None = None,
     cache: TruthCache | None = None,
     progress: bool = True,
+    open_decoder: Callable[[], ImageDecoder] | None = None,
 ) -> list[Any]:
     """The parity loop (module docstring); returns parity.compare.CaseResult per case, in case order.
 
@@ -269,6 +271,8 @@ def run_segmented_parity(
         low: diffusers in bf16 for the baseline, or None.
         cache: float32 traces to reuse (filled on first use): the reference then runs only once per case list.
         progress: log per-segment progress (`track`).
+        open_decoder: opens the image decoder (parity.images) that scores each case's decoded x0 estimate, after
+            the last segment has freed its memory; None: latents only.
     """
     session = text_kv_session()
     state = [_Batch(case, rows, session.run(None, case.text_kv_inputs(config))[0]) for case, rows in batches]
@@ -379,8 +383,9 @@ def run_segmented_parity(
                 for name in [n for n in graph_state if n not in later[number - 1] and not n.startswith("__selections.")]:
                     del graph_state[name]
     # The output projection and the results.
+    decode = open_decoder() if open_decoder is not None else None
     results = []
-    for b in state:
+    for batch_number, b in enumerate(state, 1):
         if cached:
             sample = cache.traces[b.case.name].sample
         else:
@@ -388,6 +393,13 @@ def run_segmented_parity(
             if cache is not None:
                 cache.traces[b.case.name] = TruthTrace(sample, dict(b.selections), np.stack(b.expected_text_kv))
         base = low.epilogue(b.low).float().cpu().numpy() if low is not None else None
+        images = None
+        if decode is not None:
+            if progress:
+                # A 1024x1024 decode takes about a minute on the CPU: one line per batch in piped logs too.
+                logger.info("decoding x0 estimates, batch %d/%d (%d images per side)", batch_number, len(state), b.case.batch)
+            sides = {GRAPH_LABEL: b.free[SAMPLE], **({} if base is None else {BASELINE_LABEL: base})}
+            images = case_image_scores(decode, b.case, [rows for _c, rows in b.rows], sample, sides)
         for c, (case, rows) in enumerate(b.rows):
             results.append(
                 CaseResult(
@@ -400,6 +412,7 @@ def run_segmented_parity(
                     None if low is None else {
                         str(idx): agreement(b.low_selections[idx][rows], b.selections[idx][rows]) for idx in config.moe_layers
                     },
+                    None if images is None else images[c],
                 )
             )
     return results
