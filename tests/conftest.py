@@ -17,6 +17,13 @@ if _OWN_CACHE is not None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_OWN_CACHE, "torchinductor"))
 
 
+# Bit-for-bit tests (diffusers block by block against the whole model, streamed calibration) compare two runs of the
+# same float32 math whose operands lie at different addresses; MKL's kernels may round such runs differently unless
+# told to be alignment-independent (seen on AMD EPYC; Intel Xeons happened to agree). Read when MKL loads, so here,
+# before any test imports torch.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest's hook signature
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)

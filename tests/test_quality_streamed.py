@@ -186,6 +186,71 @@ def test_engine_check_scores_the_engines_images(toy_bundle):
     assert "decoded by diffusers' float32 VAE" in report.note
 
 
+@pytest.fixture(scope="module")
+def segmented_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """fp32 bundle of the tiny model with its denoiser cut into three segments."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-3-segments"
+    export_bundle(tiny_checkpoint, out, ExportOptions(resolutions=[(128, 128), (96, 160)], max_text_len=16, segments=3))
+    return out
+
+
+def _segment_check(checkpoint, bundle, backend):
+    from nucleus_runtime.bundle import load_manifest
+
+    from nucleus_export.parity.cases import make_cases
+    from nucleus_export.parity.engines import check_engines
+
+    cases = make_cases(checkpoint.config, load_manifest(bundle).profiles, case_set="quick")
+    return check_engines(checkpoint, bundle, backend, Tolerance(), "fp32 (stand-in)", cases=cases, device="cpu")
+
+
+def test_engine_check_compares_each_segment(tiny_checkpoint, segmented_bundle):
+    """A cut denoiser is compared segment by segment: in sequence (the units chained, which is what `denoise`
+    computes: the last one's output is the end-to-end sample) and alone on float32's residual stream."""
+    import json
+
+    from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+    from nucleus_runtime.bundle import load_manifest
+
+    units = load_manifest(segmented_bundle).unit_records("denoiser")
+    report = _segment_check(tiny_checkpoint, segmented_bundle, OrtBackend(segmented_bundle, OrtOptions(threads=2, device="cpu")))
+    assert report.passed, report.summary_lines()
+    assert [s["name"] for s in report.segments] == [u.name for u in units] and len(units) == 3
+    for case in report.cases:
+        first, last = case.segments[0], case.segments[-1]
+        assert first.alone == first.in_sequence  # the first segment's input is the case's own
+        assert last.in_sequence.relative_error == pytest.approx(case.sample.relative_error, rel=1e-9, abs=1e-12)
+        assert all(s.alone.relative_error < 1e-4 and s.in_sequence.relative_error < 1e-4 for s in case.segments)
+    assert [s["blocks"] for s in json.loads(report.to_json())["segments"]] == [list(u.blocks) for u in units]
+    assert any(line.startswith("per segment vs float32") for line in report.summary_lines())
+
+
+def test_engine_check_places_an_error_in_its_segment(tiny_checkpoint, segmented_bundle):
+    """A backend whose middle segment is off: that segment is off alone, the one after it only in sequence."""
+    from nucleus_runtime.backends.onnxruntime import OrtBackend, OrtOptions
+
+    class OffInTheMiddle(OrtBackend):
+        def run_denoiser_unit(self, index, inputs, text_kv):
+            out = super().run_denoiser_unit(index, inputs, text_kv)
+            return {n: v * 1.01 if index == 1 and v.dtype == np.float32 else v for n, v in out.items()}
+
+    report = _segment_check(tiny_checkpoint, segmented_bundle, OffInTheMiddle(segmented_bundle, OrtOptions(threads=2, device="cpu")))
+    first, middle, last = ({k: s[k]["relative_error"] for k in ("in_sequence", "alone")} for s in report.segments)
+    assert max(first.values()) < 1e-4
+    assert middle["alone"] > 5e-3 and middle["in_sequence"] > 5e-3
+    assert last["in_sequence"] > 1e-3 and last["alone"] < 1e-4
+
+
+def test_bf16_bits_round_to_nearest_even():
+    from nucleus_export.parity.engines import _as_float32, _in_form_of
+
+    values = torch.randn(4096, dtype=torch.float32) * 10
+    expected = values.to(torch.bfloat16).float().numpy()
+    bits = _in_form_of(values.numpy(), np.zeros(1, np.uint16))
+    assert bits.dtype == np.uint16 and np.array_equal(_as_float32(bits), expected)
+    assert np.array_equal(_in_form_of(values.numpy(), np.zeros(1, np.float16)), values.numpy().astype(np.float16))
+
+
 def test_engine_check_refuses_clearly_without_engines_or_gpu(tiny_bundle):
     from nucleus_export.parity.engines import open_engine_backend
 

@@ -259,6 +259,35 @@ def test_tensorrt_backend_chains_segments_on_device():
     assert _split_budget(manifest, ["denoiser.seg0"], None) == [None]
 
 
+def test_tensorrt_backend_runs_one_denoiser_unit_from_the_host():
+    """run_denoiser_unit (check --backend's per-segment comparison): one segment's engine with every input uploaded
+    from the host, its text_kv slice bound by address, each output copied back; the whole graph's cached text_kv
+    binding is dropped, since the unit's run rebinds it."""
+    from nucleus_runtime.backends.tensorrt import TensorRTBackend, TrtTensor
+    from trt_stand_ins import Buffer, Engine
+
+    backend = object.__new__(TensorRTBackend)
+    backend.segments = [
+        SegmentRecord("denoiser.seg0", (0, 2), ["hidden_states", "text_kv"], ["x"], "sha256:0"),
+        SegmentRecord("denoiser.seg1", (2, 5), ["x", "timestep", "text_kv"], ["sample"], "sha256:1"),
+    ]
+    backend._denoisers = [Engine(10_000, (2, 16, 8)), Engine(20_000, (2, 16, 8))]
+    backend._bound_text_kv = object()
+    uploads, executed = [], []
+    backend._upload = lambda engine, name, array: uploads.append((engine, name)) or 7_000_000 + len(uploads)
+    backend._execute = lambda engine, name: executed.append(name)
+    backend.copy_to_host = lambda host, ptr: host.fill(ptr)
+    kv_shape = (5, 2, 2, 8, 2, 4)
+    kv = TrtTensor(Buffer(1_000_000, int(np.prod(kv_shape)) * 2), kv_shape, np.dtype(np.uint16), backend)
+    out = backend.run_denoiser_unit(1, {"x": np.zeros((2, 16, 8), np.float32), "timestep": np.zeros(2, np.float32)}, kv)
+    seg1 = backend._denoisers[1]
+    assert [(e is seg1, n) for e, n in uploads] == [(True, "x"), (True, "timestep")] and executed == ["denoiser.seg1"]
+    layer = int(np.prod(kv_shape[1:])) * 2
+    assert seg1.context.addresses["text_kv"] == 1_000_000 + 2 * layer and seg1.context.shapes["text_kv"] == (3, *kv_shape[1:])
+    assert list(out) == ["sample"] and (out["sample"] == seg1.buffers["sample"].ptr).all()
+    assert backend._bound_text_kv is None
+
+
 @pytest.mark.parametrize("groups", [[(0, 1), (1, 3)], [(0, 1), (1, 2), (2, 3)]], ids=["1+2", "1+1+1"])
 def test_text_encoder_segments_slice_the_past_and_their_key_values(tmp_path, groups):
     """The text encoder (MHA with biases, every layer and the final norm) cut at its layer outputs: each segment reads

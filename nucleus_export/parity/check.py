@@ -140,6 +140,20 @@ class ParityReport:
         return {label: ImageScore.pooled([c.images[label] for c in self.cases if c.images]) for label in labels}
 
     @property
+    def segments(self) -> list[dict]:
+        """Per engine segment, over all cases: its output in sequence and alone against float32 (empty: not
+        measured, e.g. a graph report or a denoiser in one engine)."""
+        if not self.cases or any(c.segments is None for c in self.cases):
+            return []
+        pooled = []
+        for k, seg in enumerate(self.cases[0].segments or []):
+            parts = [c.segments[k] for c in self.cases if c.segments]
+            pooled.append({"name": seg.name, "blocks": list(seg.blocks),
+                           "in_sequence": Comparison.pooled([p.in_sequence for p in parts]),
+                           "alone": Comparison.pooled([p.alone for p in parts])})
+        return pooled
+
+    @property
     def routing_by_layer(self) -> dict[str, float]:
         layers = sorted({k for c in self.cases for k in c.routing}, key=lambda k: int(k))
         return {k: float(np.mean([c.routing[k].agreement for c in self.cases])) for k in layers}
@@ -197,6 +211,7 @@ class ParityReport:
             "routing_flips": self.flips,
             "pooled": self.pooled,
             "images": self.images,
+            "segments": self.segments,
             "routing_agreement_by_layer": self.routing_by_layer,
             "note": self.note,
             "cases": [dataclasses.asdict(c) for c in self.cases],
@@ -205,26 +220,36 @@ class ParityReport:
 
     def summary_lines(self) -> list[str]:
         w, f = self.worst, self.flips
+        measured_routing = any(c.routing for c in self.cases)
+        forced = f"routing forced {w['forced_relative_error']:.3e}, " if measured_routing else ""
         errors = (
             f"{self.graph_precision}: {len(self.cases)} cases, worst end-to-end rel err {w['sample_relative_error']:.3e} "
-            f"(max abs {w['sample_max_abs_error']:.3e}, cosine {w['sample_cosine']:.6f}), routing forced "
-            f"{w['forced_relative_error']:.3e}, text_kv {w['text_kv_relative_error']:.3e}"
+            f"(max abs {w['sample_max_abs_error']:.3e}, cosine {w['sample_cosine']:.6f}), {forced}"
+            f"text_kv {w['text_kv_relative_error']:.3e}"
         )
         routing = (
             f"routing: min agreement {100 * w['routing_agreement']:.2f}% end to end, "
             f"{100 * w['forced_routing_agreement']:.2f}% with upstream routing forced; {f['flips']} flips, "
             f"{f['near_ties']} near-ties (largest flip margin {f['max_flip_margin']:.3e}, {f['max_margin_ratio']:.3g} x bound)"
         )
+        if not measured_routing:
+            # A model without MoE blocks, or engines: a plan keeps its routing inside.
+            routing = "routing: not measured (no MoE block, or engines, whose routing stays inside the plans)"
         lines = [errors, routing]
         for label, p in self.pooled.items():
-            lines.append(
-                f"vs float32, all cases: {label}: rel err {p['relative_error']:.3e}, cosine {p['cosine']:.6f}, "
-                f"routing agreement {100 * p['routing_agreement']:.2f}%"
-            )
+            agreement = f", routing agreement {100 * p['routing_agreement']:.2f}%" if measured_routing else ""
+            lines.append(f"vs float32, all cases: {label}: rel err {p['relative_error']:.3e}, cosine {p['cosine']:.6f}{agreement}")
         if self.images:
             lines.append(
                 "decoded x0 estimates vs float32's, all cases: "
                 + "; ".join(f"{label}: {_image_line(score)}" for label, score in self.images.items())
+            )
+        if self.segments:
+            lines.append(
+                "per segment vs float32, rel err in sequence / alone on float32's input: "
+                + "; ".join(f"{s['name']} (blocks {s['blocks'][0]}..{s['blocks'][1] - 1}) "
+                            f"{s['in_sequence']['relative_error']:.3e} / {s['alone']['relative_error']:.3e}"
+                            for s in self.segments)
             )
         if self.routing_by_layer:
             lines.append(

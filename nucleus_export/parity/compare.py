@@ -77,6 +77,18 @@ class ImageScore:
 
 
 @dataclasses.dataclass
+class SegmentComparison:
+    """One engine segment's output (the residual stream after its last block; the sample for the last segment)
+    against diffusers float32 at the same point: with the segments run in sequence up to it, and with it run alone
+    on float32's residual stream entering it (what places an error in one segment rather than upstream)."""
+
+    name: str
+    blocks: tuple[int, int]  # [first, last)
+    in_sequence: Comparison
+    alone: Comparison
+
+
+@dataclasses.dataclass
 class CaseResult:
     name: str
     text_kv: Comparison
@@ -86,6 +98,7 @@ class CaseResult:
     baseline: Comparison | None = None  # diffusers bf16 against the same float32 truth
     baseline_routing: dict[str, float] | None = None
     images: dict[str, ImageScore] | None = None  # per side (GRAPH_LABEL, BASELINE_LABEL), when a decoder ran
+    segments: list[SegmentComparison] | None = None  # per engine segment (`check --backend` on a cut denoiser)
 
     @property
     def routing_agreed(self) -> bool:

@@ -7,8 +7,11 @@ exercise the control flow, not TensorRT.
 
 What the engine report holds (the same ParityReport as `check`): per case the end-to-end error of the sample and the
 text K/V against diffusers float32, next to diffusers bf16 on the same cases, and the default gate (no worse than
-diffusers bf16 by BASELINE_MARGIN). A plan exposes only its contract outputs, so routing agreement and the error with
-routing forced are measured on the graph the engine was built from (`check` without --backend), not on the plan.
+diffusers bf16 by BASELINE_MARGIN). A denoiser cut into segments is also compared per segment: each segment's output
+with the engines run in sequence up to it, and with it run alone on float32's residual stream entering it, so an
+error is placed in the segment that makes it. A plan exposes only its contract and boundary outputs, so routing
+agreement and the error with routing forced are measured on the graph the engine was built from (`check` without
+--backend), not on the plan.
 """
 
 from __future__ import annotations
@@ -22,19 +25,31 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from nucleus_runtime.bundle import load_manifest
-from nucleus_runtime.contract import TENSORRT_RTX, onnx_file, plan_file
+from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
+from nucleus_runtime.contract import SAMPLE, TENSORRT_RTX, block_output, onnx_file, plan_file
+from nucleus_runtime.contract import TEXT_KV as TEXT_KV_TENSOR
 
 from nucleus_export.errors import NucleusExportError
 from nucleus_export.log import track
 from nucleus_export.model.checkpoint import Checkpoint
 from nucleus_export.parity.cases import ParityCase, batch_by_resolution, make_cases
 from nucleus_export.parity.check import ParityReport, Tolerance
-from nucleus_export.parity.compare import BASELINE_LABEL, GRAPH_LABEL, CaseResult, Comparison, case_image_scores
+from nucleus_export.parity.compare import (
+    BASELINE_LABEL,
+    GRAPH_LABEL,
+    CaseResult,
+    Comparison,
+    SegmentComparison,
+    case_image_scores,
+)
 from nucleus_export.parity.quality import image_decoder
 from nucleus_export.parity.streamed import _Accumulated, _prologue, _text_kv_of_block
 
 if TYPE_CHECKING:
-    from nucleus_runtime.backends.base import Backend
+    from nucleus_runtime.backends.base import Backend, TensorHandle
+    from nucleus_runtime.bundle import SegmentRecord
+
+    from nucleus_export.model.reference import BlockInputs
 
 ENGINE_NOTE = (
     "engines via the runtime's {backend} backend vs diffusers float32 on {device}; routing and the forced error are "
@@ -72,10 +87,12 @@ def check_engines(
     images: bool = True,
 ) -> ParityReport:
     """The engines (an opened backend) against diffusers float32 and bf16 (block by block, on `device`: the GPU
-    by default where PyTorch sees one) on the parity cases.
+    by default where PyTorch sees one) on the parity cases; a denoiser cut into segments is also compared segment by
+    segment (parity.compare.SegmentComparison).
 
     Args:
-        backend: an opened runtime backend (open_engine_backend), any backend with compute_text_kv/denoise.
+        backend: an opened runtime backend (open_engine_backend), any backend with compute_text_kv/denoise (and
+            run_denoiser_unit, for a segmented denoiser).
         tolerance: pass criteria (quality.tolerance_for).
         label: the report's graph precision label.
         images: also score each case's decoded x0 estimate (PSNR, SSIM; parity.images) with the pipeline's VAE on
@@ -93,18 +110,26 @@ def check_engines(
     truth = BlockwiseReference(checkpoint, device=device)
     low = BlockwiseReference(checkpoint, dtype=torch.bfloat16, device=device)
     batches = batch_by_resolution(cases or make_cases(config, manifest.profiles, case_set=case_set), max_rows)
-    # The engines on every batch first (the GPU then holds only the reference's one block at a time).
-    engine_out = []
-    for case, _rows in track(batches, f"engines ({backend.name})"):
+    units = manifest.unit_records(DENOISER)
+    # The engines end to end on every batch first (the GPU then holds only the reference's one block at a time).
+    engine_out, traces = [], []
+    for case, rows in track(batches, f"engines ({backend.name})"):
         kv_inputs = case.text_kv_inputs(config)
         handle = backend.compute_text_kv(*kv_inputs.values())
         inputs = case.denoiser_inputs(config, np.zeros(0, np.float32))
         sample = backend.denoise(inputs["hidden_states"], inputs["timestep"], inputs["img_rope_cos"], inputs["img_rope_sin"],
                                  handle, inputs["encoder_hidden_states_mask"])
         engine_out.append((np.asarray(handle.to_numpy(), np.float32), np.asarray(sample, np.float32)))
+        if len(units) > 1:
+            traces.append(_SegmentTrace(backend, units, {n: v for n, v in inputs.items() if n != TEXT_KV_TENSOR}, handle, rows))
         del handle
+    starts = {unit.blocks[0]: k for k, unit in enumerate(units)} if traces else {}
+    ends = {unit.blocks[1] - 1: k for k, unit in enumerate(units[:-1])} if traces else {}
     states = [(_prologue(truth, case), _prologue(low, case), [_Accumulated() for _ in rows]) for case, rows in batches]
     for idx in track(range(config.num_layers), "diffusers float32 and bf16, block by block"):
+        if idx in starts:
+            for trace, state in zip(traces, states):
+                trace.start(starts[idx], _stream(state[0]) if idx else None)
         for ref, which in ((truth, 0), (low, 1)):
             ref.load_block(idx)
             try:
@@ -118,20 +143,94 @@ def check_engines(
                     states[b] = (new, states[b][1], states[b][2]) if which == 0 else (states[b][0], new, states[b][2])
             finally:
                 ref.release_block(idx)
+        if idx in ends:
+            for trace, state in zip(traces, states):
+                trace.finish(ends[idx], _stream(state[0]))
     open_decoder, images_note = image_decoder(checkpoint, str(truth.device)) if images else (None, "image scores skipped")
     decode = open_decoder() if open_decoder is not None else None
     results = []
     for b, (case, rows) in enumerate(batches):
         sample = truth.epilogue(states[b][0]).float().cpu().numpy()
         base = low.epilogue(states[b][1]).float().cpu().numpy()
+        if traces:
+            traces[b].finish(len(units) - 1, sample)
         images = None if decode is None else case_image_scores(
             decode, case, [r for _m, r in rows], sample, {GRAPH_LABEL: engine_out[b][1], BASELINE_LABEL: base})
         for c, (member, r) in enumerate(rows):
             end_to_end = Comparison.of(engine_out[b][1][r], sample[r])
             results.append(CaseResult(member.name, states[b][2][c].comparison(), end_to_end, end_to_end, {},
-                                      Comparison.of(base[r], sample[r]), {}, None if images is None else images[c]))
+                                      Comparison.of(base[r], sample[r]), {}, None if images is None else images[c],
+                                      traces[b].results[c] if traces else None))
     note = ENGINE_NOTE.format(backend=backend.name, device=truth.device)
     return ParityReport(label, tolerance, results, f"{note}; {images_note}")
+
+
+def _stream(state: BlockInputs) -> np.ndarray:
+    """The reference's residual stream between blocks, as the graph's block outputs carry it."""
+    return state.hidden_states.float().cpu().numpy()
+
+
+class _SegmentTrace:
+    """One batch's denoiser segments against the float32 reference, advanced as the reference reaches each segment:
+    the units chained on the host (each fed what the ones before returned: what `denoise` computes) and each unit
+    run alone on the reference's residual stream entering it."""
+
+    def __init__(self, backend: Backend, units: list[SegmentRecord], inputs: dict[str, np.ndarray], text_kv: TensorHandle,
+                 rows: list[tuple[ParityCase, slice]]):
+        self.backend, self.units, self.values, self.text_kv, self.rows = backend, units, inputs, text_kv, rows
+        # What the units after each one read: the rest of the chain's values is dropped as it goes.
+        self.later = [set().union(*(u.inputs for u in units[k + 1:])) for k in range(len(units))]
+        self.pending: tuple[np.ndarray, np.ndarray] | None = None
+        self.results: list[list[SegmentComparison]] = [[] for _ in rows]
+
+    def start(self, k: int, stream: np.ndarray | None) -> None:
+        """Run unit k in sequence and alone (`stream`: the reference's residual stream entering it; None for the
+        first unit, whose inputs are the case's own)."""
+        unit = self.units[k]
+        feeds = {n: self.values[n] for n in unit.inputs if n != TEXT_KV_TENSOR}
+        chained = self.backend.run_denoiser_unit(k, feeds, self.text_kv)
+        alone = chained
+        if stream is not None:
+            name = block_output(unit.blocks[0] - 1)
+            alone = self.backend.run_denoiser_unit(k, {**feeds, name: _in_form_of(stream, feeds[name])}, self.text_kv)
+        output = _unit_output(unit, k == len(self.units) - 1)
+        self.pending = (_as_float32(chained[output]), _as_float32(alone[output]))
+        self.values.update(chained)
+        self.values = {n: v for n, v in self.values.items() if n in self.later[k]}
+
+    def finish(self, k: int, expected: np.ndarray) -> None:
+        """Compare unit k's pending outputs with the reference's at its end (the stream after its last block, or the
+        sample)."""
+        assert self.pending is not None, "finish() follows start() of the same unit"
+        chained, alone = self.pending
+        unit = self.units[k]
+        for c, (_case, r) in enumerate(self.rows):
+            self.results[c].append(SegmentComparison(unit.name, tuple(unit.blocks), Comparison.of(chained[r], expected[r]),
+                                                     Comparison.of(alone[r], expected[r])))
+        self.pending = None
+
+
+def _unit_output(unit: SegmentRecord, last: bool) -> str:
+    name = SAMPLE if last else block_output(unit.blocks[1] - 1)
+    if name not in unit.outputs:
+        raise NucleusExportError(f"segment {unit.name} of the bundle does not output {name}.",
+                                 "export the bundle again with this version of nucleus-export.")
+    return name
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """A unit's output as float32: bfloat16 comes back from a plan as its raw 16 bits (Backend.run_denoiser_unit)."""
+    if array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32, copy=False)
+
+
+def _in_form_of(values: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """float32 `values` in the form the unit takes `like` in (bfloat16 as raw bits, rounded to nearest even)."""
+    if like.dtype == np.uint16:
+        bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.ascontiguousarray(values, like.dtype)
 
 
 # ---- Polygraphy: one engine against ONNX Runtime on the same inputs -------------------------------------------------

@@ -228,6 +228,17 @@ class Backend(abc.ABC):
         Graph backends implement this; wrappers (timing, test doubles) may override `denoise` itself instead."""
         raise NotImplementedError(f"{type(self).__name__} implements neither denoise nor _denoise")
 
+    def run_denoiser_unit(self, index: int, inputs: dict[str, np.ndarray], text_kv: TensorHandle) -> dict[str, np.ndarray]:
+        """One unit of the denoiser (Manifest.unit_records order: a segment, or the whole graph) on host inputs by
+        the unit record's names (all but text_kv, of which it binds its layers' slice) -> its outputs on the host.
+
+        For checks that place an error in one segment (`check --backend`): chaining the units, each fed what the ones
+        before returned, computes what `denoise` does, with host round trips between them. Outputs keep the unit's
+        own dtypes; a float type numpy lacks comes back as raw bits of its width (bfloat16 as uint16), and an input
+        is taken in the same form.
+        """
+        raise NotImplementedError(f"the {self.name} backend runs the denoiser only whole")
+
     def encode_prompt(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: TensorHandle | None
     ) -> tuple[np.ndarray, TensorHandle]:

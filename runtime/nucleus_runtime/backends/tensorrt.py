@@ -263,6 +263,11 @@ class _Stacked:
         return self.ptr + first * layer_bytes, (last - first, *self.shape[1:])
 
 
+def _stacked_of(tensor: TrtTensor) -> _Stacked:
+    """A handle's K/V (text_kv, past_key_values) as the layer-stacked tensor units slice."""
+    return _Stacked(tensor.buffer.ptr, tensor.shape, tensor.nbytes // max(1, math.prod(tensor.shape)))
+
+
 # Bytes of the buffer whose address empty tensors (an empty past) are bound to: TensorRT wants a valid address for
 # every input, whatever its volume.
 _EMPTY_BUFFER_BYTES = 256
@@ -519,7 +524,7 @@ class TensorRTBackend(Backend):
             empty = tuple(sizes[d] if isinstance(d, str) else d for d in io.inputs[PAST_KEY_VALUES].shape)
             past_stacked = _Stacked(self._empty_address(), empty, dtype.itemsize)
         else:
-            past_stacked = _Stacked(past.buffer.ptr, past.shape, past.nbytes // max(1, math.prod(past.shape)))
+            past_stacked = _stacked_of(past)
         produced = self._run_units(units, {INPUT_IDS: ids, ATTENTION_MASK: mask}, {PAST_KEY_VALUES: past_stacked},
                                    {KEY_VALUES: _Stacked(key_values.ptr, shape, dtype.itemsize)})
         embeds = self._host_output(units[-1][1], PROMPT_EMBEDS, produced[PROMPT_EMBEDS][0])
@@ -601,9 +606,18 @@ class TensorRTBackend(Backend):
             raise NucleusError(f"TensorRT failed to run {DENOISER}.plan (see the TensorRT log above).", "rerun with --verbose.")
 
     def _denoise_segments(self, inputs: dict[str, np.ndarray], text_kv: TrtTensor) -> np.ndarray:
-        stacked = _Stacked(text_kv.buffer.ptr, text_kv.shape, text_kv.nbytes // max(1, math.prod(text_kv.shape)))
-        produced = self._run_units(list(zip(self.segments, self._denoisers)), inputs, {TEXT_KV_TENSOR: stacked}, {})
+        produced = self._run_units(list(zip(self.segments, self._denoisers)), inputs, {TEXT_KV_TENSOR: _stacked_of(text_kv)}, {})
         return self._host_output(self._denoisers[-1], SAMPLE, produced[SAMPLE][0]).astype(np.float32, copy=False)
+
+    def run_denoiser_unit(self, index: int, inputs: dict[str, np.ndarray], text_kv: TensorHandle) -> dict[str, np.ndarray]:
+        if not isinstance(text_kv, TrtTensor):
+            raise TypeError(f"{type(self).__name__}.run_denoiser_unit needs its own text K/V, got {type(text_kv).__name__}")
+        engine = self._loaded(self._denoisers, DENOISER)[index]
+        unit = (self.segments or self.manifest.unit_records(DENOISER))[index]
+        produced = self._run_units([(unit, engine)], inputs, {TEXT_KV_TENSOR: _stacked_of(text_kv)}, {})
+        # The whole graph's context now points at this handle's K/V, whatever `denoise` last bound.
+        self._bound_text_kv = None
+        return {name: self._host_output(engine, name, produced[name][0]) for name in unit.outputs}
 
     def close(self) -> None:
         """Free every engine, execution context and device buffer of this backend, and its stream (handles it
