@@ -96,7 +96,8 @@ class BlockwiseReference:
     so the blocks can run one at a time: with `streamed` only the block being run holds weights, read from the
     safetensors (float32 or bf16, converted by torch exactly as `from_pretrained(torch_dtype=...)` and `.to(dtype)`
     convert), so the 17B model runs with one block's weights in memory. The parts are diffusers' own modules called
-    in the order of its forward, so the outputs are those of the whole model (bitwise on the same device).
+    in the order of its forward, so the outputs are those of the whole model (bitwise on the same device, with a
+    BLAS that rounds independently of alignment: MKL_CBWR=AUTO,STRICT for MKL).
 
     Args:
         checkpoint: the model.
