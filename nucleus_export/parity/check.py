@@ -227,13 +227,13 @@ class ParityReport:
             f"(max abs {w['sample_max_abs_error']:.3e}, cosine {w['sample_cosine']:.6f}), {forced}"
             f"text_kv {w['text_kv_relative_error']:.3e}"
         )
-        routing = (
-            f"routing: min agreement {100 * w['routing_agreement']:.2f}% end to end, "
-            f"{100 * w['forced_routing_agreement']:.2f}% with upstream routing forced; {f['flips']} flips, "
-            f"{f['near_ties']} near-ties (largest flip margin {f['max_flip_margin']:.3e}, {f['max_margin_ratio']:.3g} x bound)"
-        )
-        if not measured_routing:
-            # A model without MoE blocks, or engines: a plan keeps its routing inside.
+        if measured_routing:
+            routing = (
+                f"routing: min agreement {100 * w['routing_agreement']:.2f}% end to end, "
+                f"{100 * w['forced_routing_agreement']:.2f}% with upstream routing forced; {f['flips']} flips, "
+                f"{f['near_ties']} near-ties (largest flip margin {f['max_flip_margin']:.3e}, {f['max_margin_ratio']:.3g} x bound)"
+            )
+        else:  # a model without MoE blocks, or engines: a plan keeps its routing inside
             routing = "routing: not measured (no MoE block, or engines, whose routing stays inside the plans)"
         lines = [errors, routing]
         for label, p in self.pooled.items():
@@ -244,12 +244,13 @@ class ParityReport:
                 "decoded x0 estimates vs float32's, all cases: "
                 + "; ".join(f"{label}: {_image_line(score)}" for label, score in self.images.items())
             )
-        if self.segments:
+        segments = self.segments
+        if segments:
             lines.append(
                 "per segment vs float32, rel err in sequence / alone on float32's input: "
                 + "; ".join(f"{s['name']} (blocks {s['blocks'][0]}..{s['blocks'][1] - 1}) "
                             f"{s['in_sequence']['relative_error']:.3e} / {s['alone']['relative_error']:.3e}"
-                            for s in self.segments)
+                            for s in segments)
             )
         if self.routing_by_layer:
             lines.append(

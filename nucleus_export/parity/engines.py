@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ml_dtypes
 import numpy as np
 from nucleus_runtime.bundle import load_manifest
 from nucleus_runtime.contract import DENOISER_GRAPH as DENOISER
@@ -221,15 +222,14 @@ def _unit_output(unit: SegmentRecord, last: bool) -> str:
 def _as_float32(array: np.ndarray) -> np.ndarray:
     """A unit's output as float32: bfloat16 comes back from a plan as its raw 16 bits (Backend.run_denoiser_unit)."""
     if array.dtype == np.uint16:
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        return array.view(ml_dtypes.bfloat16).astype(np.float32)
     return array.astype(np.float32, copy=False)
 
 
 def _in_form_of(values: np.ndarray, like: np.ndarray) -> np.ndarray:
     """float32 `values` in the form the unit takes `like` in (bfloat16 as raw bits, rounded to nearest even)."""
     if like.dtype == np.uint16:
-        bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.ascontiguousarray(values, ml_dtypes.bfloat16).view(np.uint16)
     return np.ascontiguousarray(values, like.dtype)
 
 

@@ -237,6 +237,12 @@ class Backend(abc.ABC):
         own dtypes; a float type numpy lacks comes back as raw bits of its width (bfloat16 as uint16), and an input
         is taken in the same form.
         """
+        if not isinstance(text_kv, self.tensor_type):
+            raise TypeError(f"{type(self).__name__}.run_denoiser_unit needs its own text K/V, got {type(text_kv).__name__}")
+        return self._run_denoiser_unit(index, inputs, text_kv)
+
+    def _run_denoiser_unit(self, index: int, inputs: dict[str, np.ndarray], text_kv: TensorHandle) -> dict[str, np.ndarray]:
+        """`run_denoiser_unit` with this backend's own text K/V."""
         raise NotImplementedError(f"the {self.name} backend runs the denoiser only whole")
 
     def encode_prompt(

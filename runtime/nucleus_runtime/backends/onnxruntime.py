@@ -332,11 +332,10 @@ class OrtBackend(Backend):
         units = self._stage(self._denoiser, DENOISER)
         return self._run_units(units, inputs, {TEXT_KV_TENSOR: text_kv.value}, {})[SAMPLE].numpy()
 
-    def run_denoiser_unit(self, index: int, inputs: dict[str, np.ndarray], text_kv: TensorHandle) -> dict[str, np.ndarray]:
-        if not isinstance(text_kv, OrtTensor):
-            raise TypeError(f"OrtBackend.run_denoiser_unit needs its own text K/V, got {type(text_kv).__name__}")
-        units = self._stage(self._denoiser, DENOISER)
-        return {name: value.numpy() for name, value in self._run_units([units[index]], inputs, {TEXT_KV_TENSOR: text_kv.value}, {}).items()}
+    def _run_denoiser_unit(self, index: int, inputs: dict[str, np.ndarray], text_kv: OrtTensor) -> dict[str, np.ndarray]:  # type: ignore[override]
+        unit = self._stage(self._denoiser, DENOISER)[index]
+        produced = self._run_units([unit], inputs, {TEXT_KV_TENSOR: text_kv.value}, {})
+        return {name: value.numpy() for name, value in produced.items()}
 
     def close(self) -> None:
         """Drop every session: their weights are freed now, not when this object is collected."""

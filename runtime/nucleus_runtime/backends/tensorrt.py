@@ -609,10 +609,9 @@ class TensorRTBackend(Backend):
         produced = self._run_units(list(zip(self.segments, self._denoisers)), inputs, {TEXT_KV_TENSOR: _stacked_of(text_kv)}, {})
         return self._host_output(self._denoisers[-1], SAMPLE, produced[SAMPLE][0]).astype(np.float32, copy=False)
 
-    def run_denoiser_unit(self, index: int, inputs: dict[str, np.ndarray], text_kv: TensorHandle) -> dict[str, np.ndarray]:
-        if not isinstance(text_kv, TrtTensor):
-            raise TypeError(f"{type(self).__name__}.run_denoiser_unit needs its own text K/V, got {type(text_kv).__name__}")
+    def _run_denoiser_unit(self, index: int, inputs: dict[str, np.ndarray], text_kv: TrtTensor) -> dict[str, np.ndarray]:  # type: ignore[override]
         engine = self._loaded(self._denoisers, DENOISER)[index]
+        # The engines' own segment records (those `denoise` chains); a denoiser in one engine is one unit of all layers.
         unit = (self.segments or self.manifest.unit_records(DENOISER))[index]
         produced = self._run_units([(unit, engine)], inputs, {TEXT_KV_TENSOR: _stacked_of(text_kv)}, {})
         # The whole graph's context now points at this handle's K/V, whatever `denoise` last bound.
