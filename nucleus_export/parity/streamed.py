@@ -423,9 +423,10 @@ def _release_memory() -> None:
     gc.collect()
     import ctypes
 
-    # CDLL(None) is dlopen(NULL): the symbols of what the process has loaded already (glibc's malloc_trim), so no
-    # library file is opened and no native code is loaded here. Other C libraries have no malloc_trim: nothing to do.
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    # ctypes.pythonapi is the interpreter's own handle on what the process has loaded already (glibc's malloc_trim
+    # among it): no library is opened or loaded here, so there is nothing to verify. Other C libraries have no
+    # malloc_trim: nothing to do.
+    trim = getattr(ctypes.pythonapi, "malloc_trim", None)
     if trim is not None:
         trim(0)
 
